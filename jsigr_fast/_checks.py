@@ -1,0 +1,137 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises TypeError (wrong kind of thing) or ValueError (right kind, bad value) with a
+message that names the argument and says what was expected. None of them modifies its input.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+BACKENDS = ("auto", "reference", "fused")
+JACOBIAN_ESTIMATORS = ("exact", "projection", "hutchinson")
+
+
+def check_choice(name: str, value, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return value
+
+
+def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def check_int(name: str, value, *, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def check_model(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "model has no trainable parameters (none with requires_grad=True): a regularized loss "
+            "would have nothing to train"
+        )
+    return model
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def check_input(x, model: nn.Module, name: str = "x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (images scaled to [0, 1], say), got dtype {x.dtype}; "
+            f"convert it first, e.g. {name}.float() / 255"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be batched, shape (N, C, H, W) or (N, D); got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); need at least one sample")
+    if x[0].numel() == 0:
+        raise ValueError(f"{name} has no features per sample (shape {tuple(x.shape)})")
+    dev = model_device(model)
+    if dev is not None and dev != x.device:
+        raise ValueError(f"{name} is on {x.device} but the model is on {dev}; move one of them (e.g. {name}.to({str(dev)!r}))")
+    if not bool(torch.isfinite(x.detach()).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def check_labels(y, n: int, device: torch.device, name: str = "y") -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class indices (torch.long), got dtype {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match the batch, got {tuple(y.shape)}")
+    if y.device != device:
+        raise ValueError(f"{name} is on {y.device} but x is on {device}")
+    return y
+
+
+def check_logits(logits, y: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Check a model's output is (N, K) logits and, when y is given, that every label is in [0, K)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"model must return a tensor of logits, got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[0] != n:
+        raise ValueError(f"model must return (N, K) = ({n}, K) logits, got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"model must return floating-point logits, got dtype {logits.dtype}")
+    if y is not None:
+        k = logits.shape[1]
+        bad = (y < 0) | (y >= k)
+        if bool(bad.any()):
+            raise ValueError(
+                f"labels must lie in [0, {k}) for a model with {k} outputs; got values "
+                f"{sorted(set(y[bad].tolist()))[:8]}"
+            )
+    return logits
+
+
+def as_generator(generator, device: torch.device):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
+def randn(shape, *, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise on like's device and dtype, drawn from generator's device if one is given."""
+    if generator is None:
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+    z = torch.randn(shape, device=generator.device, dtype=like.dtype, generator=generator)
+    return z.to(like.device)
+
+
+def rand(shape, *, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform [0, 1) noise on like's device and dtype (see :func:`randn`)."""
+    if generator is None:
+        return torch.rand(shape, device=like.device, dtype=like.dtype)
+    return torch.rand(shape, device=generator.device, dtype=like.dtype, generator=generator).to(like.device)

@@ -1,0 +1,157 @@
+"""JARN's adaptor/discriminator pair (Chan et al. 2020), shared by :class:`JARN` and :class:`JSIGR`.
+
+The adversarial loss (JARN Eq. 9), with ``D`` the discriminator's probability that its input is a
+real image and ``J' = f_apt(J)`` the adapted input gradient:
+
+    L_adv = E_x[log D(x)] + E[log(1 - D(J'))]
+
+The classifier and the adaptor minimise it (they are the "generator"), the discriminator maximises
+it, updated once every ``disc_every`` generator steps (JARN: 10 on MNIST, 20 on CIFAR-10).
+We work with the discriminator's logit ``a``: ``log D = logsigmoid(a)``, ``log(1 - D) = logsigmoid(-a)``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _checks
+from .saliency import SaliencyAdaptor
+
+__all__ = ["Discriminator", "SaliencyGAN", "DISCRIMINATOR_PRESETS", "adversarial_loss"]
+
+# Channel widths of the discriminators in the JARN paper (and J-SIGR, which reuses the CIFAR one).
+DISCRIMINATOR_PRESETS = {
+    "cifar": (32, 64, 128, 256, 512),  # 5 conv layers, JARN CIFAR-10 and J-SIGR
+    "mnist": (64, 128),                # 2 conv layers, JARN MNIST
+    "svhn": (16, 32, 64, 128, 256),    # 5 conv layers, JARN SVHN
+}
+DISC_EVERY_PRESETS = {"cifar": 20, "mnist": 10, "svhn": 20}
+
+
+class Discriminator(nn.Module):
+    """A small image discriminator returning one logit per sample.
+
+    Images ``(C, H, W)``: 3x3 convolutions with stride 2 and LeakyReLU(0.2) at the given widths,
+    then global average pooling and a linear layer (stride-2 3x3 convs never shrink a 1x1 map to
+    nothing, so any image size works). Vectors ``(D,)``: an MLP with the same widths.
+    """
+
+    def __init__(self, input_shape: Sequence[int], channels: Sequence[int] | str = "cifar"):
+        super().__init__()
+        if isinstance(channels, str):
+            _checks.check_choice("channels", channels, DISCRIMINATOR_PRESETS)
+            channels = DISCRIMINATOR_PRESETS[channels]
+        channels = tuple(int(c) for c in channels)
+        if not channels or any(c < 1 for c in channels):
+            raise ValueError(f"channels must be a non-empty list of positive widths, got {channels}")
+        self.input_shape = tuple(int(s) for s in input_shape)
+        layers: list[nn.Module] = []
+        if len(self.input_shape) == 3:
+            prev = self.input_shape[0]
+            for c in channels:
+                layers += [nn.Conv2d(prev, c, kernel_size=3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+                prev = c
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        elif len(self.input_shape) == 1:
+            prev = self.input_shape[0]
+            for c in channels:
+                layers += [nn.Linear(prev, c), nn.LeakyReLU(0.2)]
+                prev = c
+        else:
+            raise ValueError(f"input_shape must be (C, H, W) or (D,), got {self.input_shape}")
+        layers.append(nn.Linear(prev, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(1)
+
+
+def adversarial_loss(real_logits: torch.Tensor | None, fake_logits: torch.Tensor) -> torch.Tensor:
+    """JARN Eq. 9 from discriminator logits: ``mean log D(real) + mean log(1 - D(fake))``."""
+    fake_term = F.logsigmoid(-fake_logits).mean()
+    if real_logits is None:
+        return fake_term
+    return F.logsigmoid(real_logits).mean() + fake_term
+
+
+class SaliencyGAN(nn.Module):
+    """Adaptor + discriminator with their own Adam optimizers and JARN's update schedule.
+
+    Args:
+        input_shape: one sample's shape, ``(C, H, W)`` or ``(D,)``.
+        discriminator: a preset name (``"cifar"``, ``"mnist"``, ``"svhn"``) or a list of widths.
+        disc_every: update the discriminator once every this many generator steps
+            (default: the preset's, 20 for CIFAR, 10 for MNIST).
+        adaptor_lr, disc_lr: Adam learning rates (ours; the papers do not give them).
+        generator_loss: ``"minimax"`` (JARN's ``log(1 - D(J'))``, minimised) or ``"nonsaturating"``
+            (``-log D(J')``, the usual GAN fix when D wins early).
+
+    Its optimizer states and step counter travel with ``state_dict()`` (as extra state), so a
+    checkpoint restores training exactly.
+    """
+
+    def __init__(self, input_shape: Sequence[int], *, discriminator: Sequence[int] | str = "cifar",
+                 disc_every: int | None = None, adaptor_lr: float = 1e-3, disc_lr: float = 2e-4,
+                 generator_loss: str = "minimax"):
+        super().__init__()
+        input_shape = tuple(int(s) for s in input_shape)
+        channels = input_shape[0] if len(input_shape) == 3 else 1
+        self.adaptor = SaliencyAdaptor(channels)
+        self.discriminator = Discriminator(input_shape, discriminator)
+        if disc_every is None:
+            disc_every = DISC_EVERY_PRESETS.get(discriminator, 20) if isinstance(discriminator, str) else 20
+        self.disc_every = _checks.check_int("disc_every", disc_every)
+        self.generator_loss_kind = _checks.check_choice("generator_loss", generator_loss, ("minimax", "nonsaturating"))
+        self.adaptor_opt = torch.optim.Adam(self.adaptor.parameters(), lr=adaptor_lr, betas=(0.5, 0.999))
+        self.disc_opt = torch.optim.Adam(self.discriminator.parameters(), lr=disc_lr, betas=(0.5, 0.999))
+        self.steps = 0
+
+    # -- losses -------------------------------------------------------------------------------
+    def generator_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:
+        """What the generator side (classifier, adaptor) minimises."""
+        if self.generator_loss_kind == "minimax":
+            return F.logsigmoid(-fake_logits).mean()
+        return -F.logsigmoid(fake_logits).mean()
+
+    def frozen_discriminator(self, x: torch.Tensor) -> torch.Tensor:
+        """Discriminator logits computed with a detached copy of its weights, so the returned graph
+        reaches the input only, and updating the real weights later cannot invalidate it."""
+        # clone: a detach() alias shares the parameter's version counter, so an optimizer step
+        # on the real weights would still invalidate the graph.
+        params = {k: v.detach().clone() for k, v in self.discriminator.named_parameters()}
+        return torch.func.functional_call(self.discriminator, params, (x,))
+
+    # -- updates ------------------------------------------------------------------------------
+    def step_adaptor(self, grads: Sequence[torch.Tensor]) -> None:
+        for p, g in zip(self.adaptor.parameters(), grads):
+            p.grad = g.detach()
+        self.adaptor_opt.step()
+        self.adaptor_opt.zero_grad(set_to_none=True)
+
+    def maybe_step_discriminator(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor | None:
+        """Advance the step counter; on every ``disc_every``-th step take one discriminator step
+        maximising L_adv on (real, fake). Returns the discriminator's L_adv (detached) when it stepped."""
+        self.steps += 1
+        if (self.steps - 1) % self.disc_every != 0:
+            return None
+        with torch.enable_grad():
+            l_adv = adversarial_loss(self.discriminator(real.detach()), self.discriminator(fake.detach()))
+            grads = torch.autograd.grad(-l_adv, list(self.discriminator.parameters()))
+        for p, g in zip(self.discriminator.parameters(), grads):
+            p.grad = g
+        self.disc_opt.step()
+        self.disc_opt.zero_grad(set_to_none=True)
+        return l_adv.detach()
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def get_extra_state(self):
+        return {"steps": self.steps, "adaptor_opt": self.adaptor_opt.state_dict(),
+                "disc_opt": self.disc_opt.state_dict()}
+
+    def set_extra_state(self, state):
+        self.steps = int(state["steps"])
+        self.adaptor_opt.load_state_dict(state["adaptor_opt"])
+        self.disc_opt.load_state_dict(state["disc_opt"])

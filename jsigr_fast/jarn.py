@@ -1,0 +1,86 @@
+"""JARN (Chan et al. 2020): make the classifier's input gradients fool a discriminator into taking
+them for images."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _checks, reference
+from .adversarial import SaliencyGAN, adversarial_loss
+from .functional import _check_common
+
+__all__ = ["JARN"]
+
+
+class JARN(nn.Module):
+    r"""JARN's training objective (Algorithm 1) as a criterion owning the adaptor and discriminator.
+
+    ``crit(model, x, y)`` adds uniform noise ``U[-noise, noise]`` to ``x`` (JARN, Alg. 1 line 4),
+    computes the per-sample input gradient ``J = ∇_x ℓ`` with its graph, adapts it
+    (``J' = tanh(conv1x1(J))``) and returns the classifier's loss ``CE + lambda_adv * E[log(1 - D(J'))]``
+    (the ``E log D(x)`` half of L_adv does not depend on the classifier). In training mode the call
+    also takes the adaptor's step on the same L_adv and, every ``disc_every`` calls, the
+    discriminator's. The gradient through ``J'`` into the classifier is a double backprop.
+
+    Paper settings: lambda_adv = 1 with the "mnist" discriminator every 10 steps (MNIST); 1 with
+    "cifar" every 20 (CIFAR-10); 5 with "svhn" every 20 (SVHN). JARN is usually switched on for the
+    last 25 % of epochs only (the training layer's ``--jarn-start``).
+
+    Args:
+        input_shape: one sample's shape, ``(C, H, W)`` or ``(D,)``.
+        lambda_adv: weight of the adversarial term for the classifier.
+        noise: half-width of the uniform input noise (0 disables it). Default 8/255.
+        discriminator, disc_every, adaptor_lr, disc_lr, generator_loss: see :class:`SaliencyGAN`.
+    """
+
+    def __init__(self, input_shape: Sequence[int], *, lambda_adv: float = 1.0, noise: float = 8 / 255,
+                 discriminator: Sequence[int] | str = "cifar", disc_every: int | None = None,
+                 adaptor_lr: float = 1e-3, disc_lr: float = 2e-4, generator_loss: str = "minimax"):
+        super().__init__()
+        self.lambda_adv = _checks.check_number("lambda_adv", lambda_adv, low=0)
+        self.noise = _checks.check_number("noise", noise, low=0)
+        self.gan = SaliencyGAN(input_shape, discriminator=discriminator, disc_every=disc_every,
+                               adaptor_lr=adaptor_lr, disc_lr=disc_lr, generator_loss=generator_loss)
+
+    @property
+    def adaptor(self):
+        return self.gan.adaptor
+
+    @property
+    def discriminator(self):
+        return self.gan.discriminator
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, return_terms: bool = False,
+                generator: torch.Generator | None = None):
+        _check_common(model, x, y)
+        x_in = x.detach()
+        if self.noise > 0:
+            x_in = x_in + (2 * _checks.rand(x_in.shape, like=x_in, generator=generator) - 1) * self.noise
+        with torch.enable_grad():
+            xg, logits = reference.forward(model, x_in, y)
+            per_sample = F.cross_entropy(logits, y, reduction="none")
+            ce = per_sample.mean()
+            (J,) = torch.autograd.grad(per_sample.sum(), xg, create_graph=True, retain_graph=True)
+            # The adaptor runs on detached copies of its weights (fresh leaves): its gradient is taken
+            # here, and stepping the real weights cannot invalidate the classifier's graph.
+            apt_params = {k: v.detach().clone().requires_grad_(True) for k, v in self.gan.adaptor.named_parameters()}
+            J_adapted = torch.func.functional_call(self.gan.adaptor, apt_params, (J,))
+            gen = self.gan.generator_loss(self.gan.frozen_discriminator(J_adapted))
+            total = ce + self.lambda_adv * gen
+            if self.training:
+                grads = torch.autograd.grad(gen, list(apt_params.values()), retain_graph=True)
+        terms = {"ce": ce.detach(), "gen": gen.detach()}
+        if self.training:
+            self.gan.step_adaptor(grads)
+            d = self.gan.maybe_step_discriminator(x_in, J_adapted.detach())
+            if d is not None:
+                terms["disc"] = d
+        if not return_terms:
+            return total
+        terms["loss"] = total.detach()
+        with torch.no_grad():
+            terms["adv"] = adversarial_loss(self.gan.discriminator(x_in), self.gan.discriminator(J_adapted.detach()))
+        return total, terms

@@ -1,0 +1,242 @@
+"""Plain-autograd reference implementations: the oracle every faster path must match.
+
+Written for clarity, not speed: each regularizer is double backprop spelled out with
+``torch.autograd.grad(..., create_graph=True)``. Tests compare the fused kernels against these
+functions and benchmarks use them as the naive baseline, so both import them from here.
+
+Conventions (SPEC.md), for a batch map ``F: X (N x D) -> Z (N x K)`` of logits:
+
+* Every regularizer is a per-sample quantity averaged over the batch.
+* The input gradient is ``G = grad_X sum_n CE(Z_n, y_n)``; its row ``g_n`` is the per-sample
+  gradient ``grad_{x_n} l_n`` whenever the model treats samples independently (eval-mode BatchNorm,
+  GroupNorm/LayerNorm, no normalisation). Under train-mode BatchNorm the batch statistics couple
+  samples and ``g_n = sum_m J_mn^T (p_m - onehot(y_m))`` includes the cross-sample terms: it is the
+  gradient that the training loss actually has w.r.t. x_n.
+* The Jacobian term is ``R_j = (1/N) ||dZ/dX||_F^2``. For sample-independent models the batch
+  Jacobian is block diagonal and this is exactly ``mean_n ||J_n||_F^2``; under train-mode BatchNorm
+  it also counts the off-diagonal blocks. All three estimators (exact, projection, hutchinson)
+  return (estimates of) this same quantity in every mode, so they can be compared with each other.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _checks
+from .batchnorm import batch_coupled, decomposed_batch_norm, frozen_running_stats
+
+SqNorm = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# op references
+# ----------------------------------------------------------------------------------------------
+def masked_sq_norm_ref(g: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[n] = sum_d (mask[n, d] * g[n, d])**2`` in plain PyTorch (reference of ops.masked_sq_norm)."""
+    v = g if mask is None else g * mask
+    return v.reshape(v.shape[0], -1).pow(2).sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+# ----------------------------------------------------------------------------------------------
+def input_leaf(x: torch.Tensor) -> torch.Tensor:
+    """The tensor to differentiate with respect to, without touching the caller's ``x``.
+
+    If x already requires grad it is used as is (so the loss stays differentiable w.r.t. whatever
+    produced x); otherwise a detached alias with ``requires_grad=True`` is made. Either way the
+    caller's tensor and its ``requires_grad`` flag are left alone.
+    """
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+
+def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the model on a differentiable alias of x; return ``(x_leaf, logits)``."""
+    xg = input_leaf(x)
+    logits = _checks.check_logits(model(xg), y, x.shape[0])
+    return xg, logits
+
+
+def input_gradient(logits: torch.Tensor, xg: torch.Tensor, y: torch.Tensor, *, create_graph: bool = True):
+    """Per-sample CE losses and ``G = grad_x sum_n l_n`` (with its graph when create_graph)."""
+    per_sample = F.cross_entropy(logits, y, reduction="none")
+    (g,) = torch.autograd.grad(per_sample.sum(), xg, create_graph=create_graph, retain_graph=True)
+    return per_sample, g
+
+
+def unit_sphere(n: int, k: int, *, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``n`` independent vectors uniform on the unit sphere S^{k-1} (normalised Gaussians)."""
+    v = _checks.randn((n, k), like=like, generator=generator)
+    return v / v.norm(dim=1, keepdim=True)
+
+
+def jacobian_projection_sq(logits: torch.Tensor, xg: torch.Tensor, *, n_proj: int = 1,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Hoffman et al.'s estimator, per sample: ``K * ||J^T v||^2`` averaged over n_proj draws of
+    ``v`` uniform on S^{K-1} (one independent v per sample). Unbiased for ``||J||_F^2`` because
+    ``E[v v^T] = I / K``. Returns ``(N,)``, differentiable."""
+    n, k = logits.shape
+    total = logits.new_zeros(n)
+    for _ in range(n_proj):
+        v = unit_sphere(n, k, like=logits, generator=generator)
+        (u,) = torch.autograd.grad(logits, xg, grad_outputs=v, create_graph=True, retain_graph=True)
+        total = total + k * u.reshape(n, -1).pow(2).sum(dim=1)
+    return total / n_proj
+
+
+def jacobian_exact_sq(logits: torch.Tensor, xg: torch.Tensor, *, coupled: bool = False,
+                      chunk: int = 64) -> torch.Tensor:
+    """Exact ``sum_m ||J_mn||_F^2`` for each input sample n, differentiable. Returns ``(N,)``.
+
+    Sample-independent model (``coupled=False``): K VJPs with the cotangent ``e_k`` on every sample
+    at once give row k of every ``J_n``; the off-diagonal blocks are zero.
+    Coupled model (train-mode BatchNorm): one VJP per (sample, class) cotangent, N*K in all,
+    vmapped in chunks with ``is_grads_batched``.
+    """
+    n, k = logits.shape
+    total = logits.new_zeros(n)
+    if not coupled:
+        for c in range(k):
+            e = torch.zeros_like(logits)
+            e[:, c] = 1
+            (u,) = torch.autograd.grad(logits, xg, grad_outputs=e, create_graph=True, retain_graph=True)
+            total = total + u.reshape(n, -1).pow(2).sum(dim=1)
+        return total
+    for start in range(0, n * k, chunk):
+        idx = torch.arange(start, min(start + chunk, n * k), device=logits.device)
+        cot = torch.zeros(idx.numel(), n * k, dtype=logits.dtype, device=logits.device)
+        cot[torch.arange(idx.numel(), device=logits.device), idx] = 1
+        cot = cot.reshape(-1, n, k)
+        try:
+            (u,) = torch.autograd.grad(logits, xg, grad_outputs=cot, create_graph=True, retain_graph=True,
+                                       is_grads_batched=True)
+        except RuntimeError as exc:  # a layer without a vmap rule for its backward: loop instead
+            warnings.warn(f"jacobian_exact_sq: batched VJP failed ({exc}); falling back to a loop", RuntimeWarning)
+            u = torch.stack([torch.autograd.grad(logits, xg, grad_outputs=c, create_graph=True, retain_graph=True)[0]
+                             for c in cot])
+        total = total + u.reshape(u.shape[0], n, -1).pow(2).sum(dim=(0, 2))
+    return total
+
+
+def _jvp_forward_mode(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    with fwAD.dual_level():
+        out = model(fwAD.make_dual(x, z))
+        jz = fwAD.unpack_dual(out).tangent
+    if jz is None:  # the output does not depend on x
+        jz = torch.zeros_like(out)
+    return jz
+
+
+def _jvp_double_vjp(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    # J z = d/du <J^T u, z>: the VJP is linear in u, so differentiating it along z gives the JVP.
+    xg = x.detach().requires_grad_(True)
+    out = model(xg)
+    u = torch.zeros_like(out, requires_grad=True)
+    (vjp,) = torch.autograd.grad(out, xg, grad_outputs=u, create_graph=True)
+    (jz,) = torch.autograd.grad(vjp, u, grad_outputs=z, create_graph=True)
+    return jz
+
+
+def jacobian_hutchinson_sq(model: nn.Module, x: torch.Tensor, *, n_proj: int = 1,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """J-SIGR Eq. 6: ``||J z||^2`` with ``z ~ N(0, I_D)``, a forward-mode (JVP) pass per draw.
+
+    Unbiased for ``||J||_F^2`` because ``E[z z^T] = I``. Returns ``(N,)`` (one value per output
+    sample), differentiable w.r.t. the parameters. Runs its own forward(s) at x, with running
+    statistics frozen and BatchNorm decomposed into elementary ops, because PyTorch's native
+    batch_norm gives wrong parameter gradients for a differentiated forward-mode tangent
+    (see jsigr_fast.batchnorm).
+    """
+    x0 = x.detach()
+    n = x0.shape[0]
+    total = None
+    with torch.enable_grad(), frozen_running_stats(model), decomposed_batch_norm():
+        for _ in range(n_proj):
+            z = _checks.randn(x0.shape, like=x0, generator=generator)
+            try:
+                jz = _jvp_forward_mode(model, x0, z)
+            except NotImplementedError as exc:  # a layer (e.g. a custom autograd.Function) lacks a jvp rule
+                warnings.warn(f"hutchinson: forward-mode AD unsupported by a layer ({exc}); using the double-VJP JVP",
+                              RuntimeWarning)
+                jz = _jvp_double_vjp(model, x0, z)
+            sq = jz.reshape(n, -1).pow(2).sum(dim=1)
+            total = sq if total is None else total + sq
+    return total / n_proj
+
+
+def jacobian_sq(model: nn.Module, logits: torch.Tensor | None, xg: torch.Tensor | None, x: torch.Tensor, *,
+                estimator: str, n_proj: int = 1, generator: torch.Generator | None = None,
+                coupled: bool | None = None) -> torch.Tensor:
+    """Per-sample Jacobian squared-norm term by the named estimator (see the module docstring)."""
+    if estimator == "projection":
+        return jacobian_projection_sq(logits, xg, n_proj=n_proj, generator=generator)
+    if estimator == "exact":
+        return jacobian_exact_sq(logits, xg, coupled=batch_coupled(model) if coupled is None else coupled)
+    if estimator == "hutchinson":
+        return jacobian_hutchinson_sq(model, x, n_proj=n_proj, generator=generator)
+    raise ValueError(f"unknown Jacobian estimator {estimator!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the regularizers
+# ----------------------------------------------------------------------------------------------
+def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mask: torch.Tensor | None = None,
+                           sq_norm: SqNorm = masked_sq_norm_ref) -> dict[str, torch.Tensor]:
+    """``R = mean_n ||m * g_n||^2`` and the CE of the same forward. Returns a dict of tensors."""
+    with torch.enable_grad():
+        xg, logits = forward(model, x, y)
+        per_sample, g = input_gradient(logits, xg, y)
+        penalty = sq_norm(g, mask).mean()
+    return {"penalty": penalty, "ce": per_sample.mean(), "logits": logits}
+
+
+def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact", n_proj: int = 1,
+                  generator: torch.Generator | None = None, coupled: bool | None = None) -> dict[str, torch.Tensor]:
+    """``R_j = (1/N) ||dZ/dX||_F^2`` (= ``mean_n ||J_n||_F^2`` for sample-independent models)."""
+    with torch.enable_grad():
+        if estimator == "hutchinson":
+            per = jacobian_hutchinson_sq(model, x, n_proj=n_proj, generator=generator)
+            return {"jac": per.mean(), "per_sample": per}
+        xg, logits = forward(model, x, None)
+        per = jacobian_sq(model, logits, xg, x, estimator=estimator, n_proj=n_proj, generator=generator,
+                          coupled=coupled)
+    return {"jac": per.mean(), "per_sample": per, "logits": logits}
+
+
+def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float, lambda_j: float, eps: float,
+          mask: torch.Tensor | None, jacobian: str, n_proj: int, generator: torch.Generator | None,
+          sq_norm: SqNorm = masked_sq_norm_ref) -> dict[str, torch.Tensor]:
+    """J-SIGR (Eq. 10): ``CE + lambda_m * mean_n ||m * g_n||^2 + lambda_j * R_j`` given the mask.
+
+    The mask (from the perturbed-input saliency) is computed by the caller. One forward at x
+    serves the CE, the input gradient and the projection / exact Jacobian estimators; the
+    Hutchinson estimator adds its own forward-mode pass.
+    """
+    with torch.enable_grad():
+        xg, logits = forward(model, x, y)
+        per_sample = F.cross_entropy(logits, y, reduction="none")
+        ce = per_sample.mean()
+        out = {"ce": ce, "logits": logits}
+        loss = ce
+        if lambda_m > 0:
+            (g,) = torch.autograd.grad(per_sample.sum(), xg, create_graph=True, retain_graph=True)
+            out["sig"] = sq_norm(g, mask).mean()
+            loss = loss + lambda_m * out["sig"]
+        if lambda_j > 0:
+            out["jac"] = jacobian_sq(model, logits, xg, x, estimator=jacobian, n_proj=n_proj,
+                                     generator=generator).mean()
+            loss = loss + lambda_j * out["jac"]
+        out["loss"] = loss
+    return out
+
+
+def class_gradient(logits: torch.Tensor, xg: torch.Tensor, y: torch.Tensor, *, create_graph: bool = True) -> torch.Tensor:
+    """``J_c = grad_x z_{y}``: the true-class logit's input gradient (the "simple gradient" saliency)."""
+    sel = torch.zeros_like(logits).scatter_(1, y[:, None], 1.0)
+    (jc,) = torch.autograd.grad(logits, xg, grad_outputs=sel, create_graph=create_graph, retain_graph=True)
+    return jc
