@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _checks
-from .batchnorm import batch_coupled, decomposed_batch_norm, frozen_running_stats
+from .batchnorm import batch_coupled, decomposed_normalization, frozen_running_stats
 
 SqNorm = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -148,14 +148,14 @@ def jacobian_hutchinson_sq(model: nn.Module, x: torch.Tensor, *, n_proj: int = 1
 
     Unbiased for ``||J||_F^2`` because ``E[z z^T] = I``. Returns ``(N,)`` (one value per output
     sample), differentiable w.r.t. the parameters. Runs its own forward(s) at x, with running
-    statistics frozen and BatchNorm decomposed into elementary ops, because PyTorch's native
-    batch_norm gives wrong parameter gradients for a differentiated forward-mode tangent
+    statistics frozen and Batch/Instance/LayerNorm decomposed into elementary ops, because PyTorch's
+    native kernels give wrong parameter gradients for a differentiated forward-mode tangent
     (see jsigr_fast.batchnorm).
     """
     x0 = x.detach()
     n = x0.shape[0]
     total = None
-    with torch.enable_grad(), frozen_running_stats(model), decomposed_batch_norm():
+    with torch.enable_grad(), frozen_running_stats(model), decomposed_normalization():
         for _ in range(n_proj):
             z = _checks.randn(x0.shape, like=x0, generator=generator)
             try:

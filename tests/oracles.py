@@ -1,0 +1,89 @@
+"""Independent oracles for the tests: written from the definitions with nothing but
+``torch.autograd.grad`` loops (or ``torch.func``), and never calling jsigr_fast's own code.
+
+All oracles work on a deep copy of the model, so BatchNorm running statistics of the model under
+test are never touched by them.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+
+def batch_jacobian(model, x):
+    """Full batch Jacobian ``dZ/dX`` as an ``(N, K, N, D)`` tensor: one VJP per (sample, class) output."""
+    m = copy.deepcopy(model)
+    xg = x.detach().clone().requires_grad_(True)
+    z = m(xg)
+    n, k = z.shape
+    out = torch.zeros(n, k, n, x[0].numel(), dtype=x.dtype)
+    for i in range(n):
+        for c in range(k):
+            (g,) = torch.autograd.grad(z[i, c], xg, retain_graph=True)
+            out[i, c] = g.reshape(n, -1)
+    return out
+
+
+def per_sample_jacobian_func(model, x):
+    """``(N, K, D)`` per-sample Jacobians by torch.func.jacrev on one sample at a time (sample-independent models)."""
+    m = copy.deepcopy(model)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    buffers = {k: v.detach() for k, v in m.named_buffers()}
+
+    def f(xi):
+        return torch.func.functional_call(m, (params, buffers), (xi.unsqueeze(0),)).squeeze(0)
+
+    jac = torch.func.vmap(torch.func.jacrev(f))(x.detach())
+    return jac.reshape(x.shape[0], -1, x[0].numel())
+
+
+def frobenius_per_sample(J):
+    """From the batch Jacobian: ``s_n = sum_m ||J_mn||_F^2`` (column blocks) -> (N,)."""
+    return J.pow(2).sum(dim=(0, 1, 3))
+
+
+def diag_blocks(J):
+    n = J.shape[0]
+    return torch.stack([J[i, :, i, :] for i in range(n)])  # (N, K, D)
+
+
+def per_sample_input_gradients(model, x, y):
+    """``grad_{x_n} l_n`` one sample at a time with the rest of the batch held fixed."""
+    m = copy.deepcopy(model)
+    grads = []
+    for i in range(x.shape[0]):
+        xg = x.detach().clone().requires_grad_(True)
+        z = m(xg)
+        (g,) = torch.autograd.grad(F.cross_entropy(z[i:i + 1], y[i:i + 1], reduction="sum"), xg)
+        grads.append(g[i])
+    return torch.stack(grads)
+
+
+def batch_input_gradient(model, x, y):
+    """Row n of ``J^T r`` with ``r_m = softmax(z_m) - onehot(y_m)``, from the full batch Jacobian."""
+    J = batch_jacobian(model, x)
+    with torch.no_grad():
+        z = copy.deepcopy(model)(x)
+        r = torch.softmax(z, dim=1) - F.one_hot(y, z.shape[1]).to(z.dtype)
+    return torch.einsum("mk,mknd->nd", r, J).reshape(x.shape)
+
+
+def directional_fd(fn, params, direction, h=1e-6):
+    """Central difference of ``fn()`` along ``direction`` (a list shaped like params), float64."""
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+        plus = float(fn())
+        for p, d in zip(params, direction):
+            p.sub_(2 * h * d)
+        minus = float(fn())
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+    return (plus - minus) / (2 * h)
+
+
+def random_direction(params, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
