@@ -13,7 +13,7 @@ extension entirely (the package then runs on pure PyTorch); ``DEBUG=1`` builds w
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     import torch
@@ -55,7 +55,7 @@ setup(
     python_requires=">=3.9",
     # Triton kernels live in the top-level kernels/ folder but are installed inside our namespace,
     # as jsigr_fast.kernels, never as a top-level module called "kernels".
-    packages=["jsigr_fast", "jsigr_fast.kernels"],
+    packages=find_packages(include=["jsigr_fast", "jsigr_fast.*"]) + ["jsigr_fast.kernels"],
     package_dir={"jsigr_fast": "jsigr_fast", "jsigr_fast.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
