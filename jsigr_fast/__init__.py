@@ -28,6 +28,17 @@ from .saliency import SaliencyAdaptor, gradient_saliency, perturbed_input_gradie
 
 __version__ = "0.1.0"
 
+_SUBMODULES = ("attacks", "models", "data", "testing")
+
+
+def __getattr__(name):  # jsigr_fast.models etc. on first use, so `import jsigr_fast` stays light
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "loss", "input_gradient_penalty", "jacobian_norm", "jacobian_regularization", "double_backprop",
     "smoothgrad", "interpretation_regularization", "JSIGR", "JARN", "SaliencyAdaptor", "Discriminator",
