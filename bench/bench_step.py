@@ -1,0 +1,119 @@
+"""Seconds per training step, side by side in one run: standard CE vs the regularized losses.
+
+    python bench/bench_step.py --out bench/results                  # CPU default configuration
+    python bench/bench_step.py --model resnet20 --batch 128 --device cuda --out bench/results
+
+Prints a table with each step as a multiple of the standard step and of its FLOP floor
+(bench/steps.py), and writes ``<out>/step_<device>_<model>_b<batch>.{json,md}`` with the
+conditions (device, versions, threads, shapes, dtype, commit). ``--profile`` adds the share of
+time spent in the top autograd ops of the J-SIGR step (e.g. BatchNorm's double backward).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from steps import FLOOR_UNITS, conditions, make_methods, make_setup, time_steps, train_step  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def profile_top_ops(model, opt, loss_fn, x, y, k=8):
+    """Inclusive time of the top autograd nodes (e.g. NativeBatchNormBackwardBackward0, whose work
+    shows up as many small mul/sum/sub kernels in an aten-level profile) and of the top aten ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    train_step(model, opt, loss_fn, x, y)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=acts) as prof:
+        train_step(model, opt, loss_fn, x, y)
+    events = prof.key_averages()
+    dev = x.is_cuda
+    self_attr = "self_device_time_total" if dev else "self_cpu_time_total"
+    incl_attr = "device_time_total" if dev else "cpu_time_total"
+    total = sum(getattr(e, self_attr) for e in events)
+    prefix = "autograd::engine::evaluate_function: "
+    nodes = sorted((e for e in events if e.key.startswith(prefix)), key=lambda e: getattr(e, incl_attr), reverse=True)
+    aten = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: getattr(e, self_attr), reverse=True)
+    return {"autograd_nodes": [(e.key[len(prefix):], getattr(e, incl_attr) / max(total, 1)) for e in nodes[:k]],
+            "aten_self": [(e.key, getattr(e, self_attr) / max(total, 1)) for e in aten[:k]]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--methods", default="standard,double_backprop,jsigr,jsigr_hutchinson")
+    p.add_argument("--backend", default="reference")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--out", default=None, help="folder for the JSON and markdown records")
+    a = p.parse_args(argv)
+
+    dtype = DTYPES[a.dtype]
+    model, opt, x, y = make_setup(a.model, a.batch, device=a.device, dtype=dtype, channels_last=a.channels_last)
+    methods = make_methods(model.input_shape, backend=a.backend)
+    names = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [n for n in names if n not in methods]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {sorted(methods)}")
+    if "standard" not in names:
+        names.insert(0, "standard")
+
+    cond = conditions(a.device)
+    cond.update({"model": a.model, "batch": a.batch, "input_shape": list(model.input_shape), "dtype": a.dtype,
+                 "channels_last": a.channels_last, "backend": a.backend})
+    print("conditions:", json.dumps(cond))
+    results = {}
+    for name in names:
+        m = methods[name]
+        torch.manual_seed(0)
+        r = time_steps(model, opt, m.loss, x, y, warmup=a.warmup, repeats=a.repeats, device=a.device)
+        results[name] = dict(r, label=m.label, floor_units=FLOOR_UNITS[m.floor])
+        print(f"  {m.label:40s} {r['median_s'] * 1e3:9.1f} ms/step", flush=True)
+    std = results["standard"]["median_s"]
+    for r in results.values():
+        r["x_standard"] = r["median_s"] / std
+        # floor in seconds: the standard step is 3 units
+        r["x_floor"] = r["median_s"] / (std * r["floor_units"] / 3)
+    if a.profile and "jsigr" in names:
+        results["jsigr"]["top_ops"] = profile_top_ops(model, opt, methods["jsigr"].loss, x, y)
+
+    lines = [f"### Seconds per training step — {a.model}, batch {a.batch}, {a.dtype}, {cond['device']}", "",
+             f"torch {cond['torch']}, threads {cond['threads']}, commit {cond['commit']}, {cond['date']}; "
+             f"median of {a.repeats} steps after {a.warmup} warm-up (p20–p80 in brackets).", "",
+             "| method | ms/step | × standard | floor (units) | × floor |", "|---|---:|---:|---:|---:|"]
+    for r in results.values():
+        lines.append(f"| {r['label']} | {r['median_s'] * 1e3:.1f} [{r['p20_s'] * 1e3:.0f}–{r['p80_s'] * 1e3:.0f}] "
+                     f"| {r['x_standard']:.2f} | {r['floor_units']} | {r['x_floor']:.2f} |")
+    if "top_ops" in results.get("jsigr", {}):
+        top = results["jsigr"]["top_ops"]
+        lines += ["", "Share of the J-SIGR step's time, by autograd node (inclusive) and by aten op (self):", ""]
+        lines += [f"- node `{k}`: {v * 100:.1f} %" for k, v in top["autograd_nodes"]]
+        lines += [f"- op `{k}`: {v * 100:.1f} %" for k, v in top["aten_self"]]
+    table = "\n".join(lines)
+    print()
+    print(table)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        dev = torch.device(a.device).type
+        stem = os.path.join(a.out, f"step_{dev}_{a.model}_b{a.batch}_{a.dtype}")
+        with open(stem + ".json", "w") as f:
+            json.dump({"conditions": cond, "results": results}, f, indent=2)
+        with open(stem + ".md", "w") as f:
+            f.write(table + "\n")
+        print(f"\nwrote {stem}.json and {stem}.md")
+    return results
+
+
+if __name__ == "__main__":
+    main()
