@@ -135,3 +135,29 @@ def rand(shape, *, like: torch.Tensor, generator: torch.Generator | None) -> tor
     if generator is None:
         return torch.rand(shape, device=like.device, dtype=like.dtype)
     return torch.rand(shape, device=generator.device, dtype=like.dtype, generator=generator).to(like.device)
+
+
+def check_grad_scale(grad_scale):
+    """``None`` or a positive finite number / 0-d tensor (e.g. ``GradScaler.get_scale()``)."""
+    if grad_scale is None:
+        return None
+    if isinstance(grad_scale, torch.Tensor):
+        if grad_scale.numel() != 1:
+            raise ValueError(f"grad_scale must be a scalar, got a tensor of shape {tuple(grad_scale.shape)}")
+        value = float(grad_scale)
+    else:
+        value = check_number("grad_scale", grad_scale)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"grad_scale must be positive and finite, got {value}")
+    return grad_scale
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel. Auxiliary passes (saliency,
+    forward-mode JVP) run on it: they need no gradient all-reduce, and a DDP forward that is not
+    followed by a backward through it would confuse DDP's reducer."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model

@@ -76,7 +76,7 @@ def _check_common(model, x, y=None):
 def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float = 0.5, lambda_j: float = 0.5,
          eps: float = 0.3, beta: float = 0.1, mask_quantile: float | None = None, jacobian: str = "projection",
          n_proj: int = 1, saliency: Saliency = None, backend: str = "auto", return_terms: bool = False,
-         generator: torch.Generator | None = None):
+         generator: torch.Generator | None = None, grad_scale=None):
     r"""The J-SIGR loss (Liu et al. 2023, Eq. 10) for any classifier:
 
     .. math:: \mathrm{CE} + \lambda_m \,\mathrm{mean}_n \|m_n \odot \nabla_{x_n}\ell_n\|^2
@@ -107,6 +107,9 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
         return_terms: also return a dict of detached 0-d tensors: ``loss``, ``ce``, ``sig``, ``jac``
             and ``mask_fraction`` (share of input features penalised).
         generator: optional ``torch.Generator`` for the noise and random projections.
+        grad_scale: under fp16 autocast with a ``GradScaler``, pass ``scaler.get_scale()``: the input
+            gradients are computed from scaled cotangents and unscaled before the penalty (PyTorch
+            AMP's gradient-penalty recipe). Not needed for bf16 or fp32.
 
     Returns:
         Scalar loss, differentiable w.r.t. the model's parameters (and ``(loss, terms)`` when
@@ -122,6 +125,7 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
     _checks.check_choice("jacobian", jacobian, _checks.JACOBIAN_ESTIMATORS)
     _checks.check_int("n_proj", n_proj)
     _checks.as_generator(generator, x.device)
+    grad_scale = _checks.check_grad_scale(grad_scale)
     backend = resolve_backend(backend, x.device)
 
     mask = None
@@ -129,12 +133,13 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
         if isinstance(saliency, torch.Tensor):
             M = compute_saliency(saliency, None, x)  # precomputed: no perturbed pass needed
         else:
-            g_hat = perturbed_input_gradient(model, x, y, eps=eps, generator=generator)
+            g_hat = perturbed_input_gradient(model, x, y, eps=eps, generator=generator, grad_scale=grad_scale)
             M = compute_saliency(saliency, g_hat, x)
         mask = selective_mask(M, beta=beta, quantile=mask_quantile)
 
     out = reference.jsigr(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, eps=eps, mask=mask,
-                          jacobian=jacobian, n_proj=n_proj, generator=generator, sq_norm=_sq_norm_for(backend))
+                          jacobian=jacobian, n_proj=n_proj, generator=generator, sq_norm=_sq_norm_for(backend),
+                          grad_scale=grad_scale)
     if not return_terms:
         return out["loss"]
     terms = _detached(out, ("loss", "ce", "sig", "jac"))
@@ -149,25 +154,28 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
 # the individual regularizers
 # ----------------------------------------------------------------------------------------------
 def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mask: torch.Tensor | None = None,
-                           backend: str = "auto") -> torch.Tensor:
+                           backend: str = "auto", grad_scale=None) -> torch.Tensor:
     r"""``mean_n ||m ⊙ ∇_{x_n} ℓ_n||²`` — double backprop's penalty (Drucker & LeCun; Ross & Doshi-Velez;
     J-SIGR Eq. 8, with a mask Eq. 10).
 
     The gradient is of the per-sample loss (the gradient of ``sum_n ℓ_n``, never of the batch mean,
     which would scale the penalty by 1/N²). ``mask`` is None, or a bool/float tensor of x's shape or
     of ``x.shape[1:]``; it is a constant. BatchNorm running statistics are not updated.
+    ``grad_scale``: see :func:`loss`.
     """
     _check_common(model, x, y)
+    grad_scale = _checks.check_grad_scale(grad_scale)
     backend = resolve_backend(backend, x.device)
     if mask is not None:
         mask = ops._prepare_mask(x, mask)
     with frozen_running_stats(model):
-        out = reference.input_gradient_penalty(model, x, y, mask=mask, sq_norm=_sq_norm_for(backend))
+        out = reference.input_gradient_penalty(model, x, y, mask=mask, sq_norm=_sq_norm_for(backend),
+                                               grad_scale=grad_scale)
     return out["penalty"]
 
 
 def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact", n_proj: int = 1,
-                  backend: str = "auto", generator: torch.Generator | None = None) -> torch.Tensor:
+                  backend: str = "auto", generator: torch.Generator | None = None, grad_scale=None) -> torch.Tensor:
     r"""``mean_n ||J_n||_F²`` of the logits w.r.t. the input (Jakubovitz & Giryes Eq. 5).
 
     Estimators: ``"exact"`` (K VJPs; N·K under train-mode BatchNorm), ``"projection"`` (Hoffman et
@@ -175,27 +183,29 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact"
     ``||J z||²``, z standard normal, n_proj forward-mode JVPs). The stochastic ones are unbiased.
     Under train-mode BatchNorm all three measure ``(1/N) ||dZ/dX||_F²``, which also counts how a
     sample's logits move with the other samples' inputs through the batch statistics.
-    BatchNorm running statistics are not updated.
+    BatchNorm running statistics are not updated. ``grad_scale``: see :func:`loss`.
     """
     _check_common(model, x)
     _checks.check_choice("estimator", estimator, _checks.JACOBIAN_ESTIMATORS)
     _checks.check_int("n_proj", n_proj)
     _checks.as_generator(generator, x.device)
+    grad_scale = _checks.check_grad_scale(grad_scale)
     resolve_backend(backend, x.device)  # validated; every backend shares the reference estimators today
     with frozen_running_stats(model):
-        return reference.jacobian_norm(model, x, estimator=estimator, n_proj=n_proj, generator=generator)["jac"]
+        return reference.jacobian_norm(model, x, estimator=estimator, n_proj=n_proj, generator=generator,
+                                       grad_scale=grad_scale)["jac"]
 
 
 def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_j: float = 0.1,
                             squared: bool = True, estimator: str = "exact", n_proj: int = 1,
                             backend: str = "auto", return_terms: bool = False,
-                            generator: torch.Generator | None = None):
+                            generator: torch.Generator | None = None, grad_scale=None):
     r"""Jakubovitz & Giryes' Jacobian regularization: ``CE + lambda_j * R``.
 
     ``squared=True``: ``R = mean_n ||J_n||_F²``. ``squared=False``: ``R = sqrt(sum_n ||J_n||_F²)``,
     the Frobenius norm of the whole batch's Jacobian, exactly as their Eq. 6 writes it (a norm, not
     its square; it grows like sqrt(N)). They use it as post-processing (fine-tuning a trained
-    model) with lambda_j = 0.1 on MNIST and 0.5 on CIFAR-10.
+    model) with lambda_j = 0.1 on MNIST and 0.5 on CIFAR-10. ``grad_scale``: see :func:`loss`.
     """
     _check_common(model, x, y)
     lambda_j = _checks.check_number("lambda_j", lambda_j, low=0)
@@ -203,11 +213,13 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     _checks.check_int("n_proj", n_proj)
     if not isinstance(squared, bool):
         raise TypeError(f"squared must be a bool, got {type(squared).__name__}")
+    grad_scale = _checks.check_grad_scale(grad_scale)
     resolve_backend(backend, x.device)
     with torch.enable_grad():
         xg, logits = reference.forward(model, x, y)
         ce = F.cross_entropy(logits, y)
-        per = reference.jacobian_sq(model, logits, xg, x, estimator=estimator, n_proj=n_proj, generator=generator)
+        per = reference.jacobian_sq(model, logits, xg, x, estimator=estimator, n_proj=n_proj, generator=generator,
+                                    grad_scale=grad_scale)
         reg = per.mean() if squared else per.sum().sqrt()
         total = ce + lambda_j * reg
     if return_terms:
@@ -216,13 +228,15 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
 
 def double_backprop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_ig: float = 1.0,
-                    backend: str = "auto", return_terms: bool = False):
+                    backend: str = "auto", return_terms: bool = False, grad_scale=None):
     r"""Double backpropagation (Drucker & LeCun 1992; Ross & Doshi-Velez 2018):
-    ``CE + lambda_ig * mean_n ||∇_{x_n} ℓ_n||²`` (J-SIGR Eq. 8 with per-sample averaging)."""
+    ``CE + lambda_ig * mean_n ||∇_{x_n} ℓ_n||²`` (J-SIGR Eq. 8 with per-sample averaging).
+    ``grad_scale``: see :func:`loss`."""
     _check_common(model, x, y)
     lambda_ig = _checks.check_number("lambda_ig", lambda_ig, low=0)
+    grad_scale = _checks.check_grad_scale(grad_scale)
     backend = resolve_backend(backend, x.device)
-    out = reference.input_gradient_penalty(model, x, y, sq_norm=_sq_norm_for(backend))
+    out = reference.input_gradient_penalty(model, x, y, sq_norm=_sq_norm_for(backend), grad_scale=grad_scale)
     total = out["ce"] + lambda_ig * out["penalty"]
     if return_terms:
         return total, {"loss": total.detach(), "ce": out["ce"].detach(), "sig": out["penalty"].detach()}
@@ -249,6 +263,7 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, n_samples:
     chunk = _checks.check_int("chunk", chunk)
     if phi is not None:
         phi = _checks.check_number("phi", phi, low=0)
+    model = _checks.unwrap_parallel(model)
     x0 = x.detach()
     n = x0.shape[0]
     flat = x0.reshape(n, -1)
@@ -275,13 +290,13 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, n_samples:
 
 def interpretation_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, *,
                                   lambda_d: float = 3.0, lambda_m: float = 0.15, backend: str = "auto",
-                                  return_terms: bool = False):
+                                  return_terms: bool = False, grad_scale=None):
     r"""Interpretation Regularization (Noack et al. Eq. 9):
     ``CE - lambda_d * mean_n cos(J_c(x_n), I(x_n)) + lambda_m * mean_n ||J_c(x_n)||``.
 
     ``J_c`` is the input gradient of the true-class logit, ``targets`` the interpretations ``I``
     (e.g. :func:`smoothgrad` of a robust teacher), x's shape. The magnitude term is a norm, not its
-    square. Defaults are the paper's MNIST grid-search optimum (3.0, 0.15).
+    square. Defaults are the paper's MNIST grid-search optimum (3.0, 0.15). ``grad_scale``: see :func:`loss`.
     """
     _check_common(model, x, y)
     lambda_d = _checks.check_number("lambda_d", lambda_d, low=0)
@@ -290,11 +305,12 @@ def interpretation_regularization(model: nn.Module, x: torch.Tensor, y: torch.Te
         raise TypeError(f"targets must be a tensor of x's shape, got {type(targets).__name__}")
     if targets.shape != x.shape:
         raise ValueError(f"targets must have x's shape {tuple(x.shape)}, got {tuple(targets.shape)}")
+    grad_scale = _checks.check_grad_scale(grad_scale)
     resolve_backend(backend, x.device)
     with torch.enable_grad():
         xg, logits = reference.forward(model, x, y)
         ce = F.cross_entropy(logits, y)
-        jc = reference.class_gradient(logits, xg, y).reshape(x.shape[0], -1)
+        jc = reference.class_gradient(logits, xg, y, grad_scale=grad_scale).reshape(x.shape[0], -1)
         cos = F.cosine_similarity(jc, targets.detach().reshape(x.shape[0], -1).to(jc.dtype), dim=1, eps=1e-12).mean()
         mag = jc.norm(dim=1).mean()
         total = ce - lambda_d * cos + lambda_m * mag

@@ -54,8 +54,10 @@ class JARN(nn.Module):
         return self.gan.discriminator
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, return_terms: bool = False,
-                generator: torch.Generator | None = None):
+                generator: torch.Generator | None = None, grad_scale=None):
+        """The classifier's loss; ``grad_scale`` as in :func:`jsigr_fast.loss` (fp16 + GradScaler)."""
         _check_common(model, x, y)
+        grad_scale = _checks.check_grad_scale(grad_scale)
         x_in = x.detach()
         if self.noise > 0:
             x_in = x_in + (2 * _checks.rand(x_in.shape, like=x_in, generator=generator) - 1) * self.noise
@@ -63,7 +65,7 @@ class JARN(nn.Module):
             xg, logits = reference.forward(model, x_in, y)
             per_sample = F.cross_entropy(logits, y, reduction="none")
             ce = per_sample.mean()
-            (J,) = torch.autograd.grad(per_sample.sum(), xg, create_graph=True, retain_graph=True)
+            J = reference.vjp(per_sample.sum(), xg, grad_scale=grad_scale)
             # The adaptor runs on detached copies of its weights (fresh leaves): its gradient is taken
             # here, and stepping the real weights cannot invalidate the classifier's graph.
             apt_params = {k: v.detach().clone().requires_grad_(True) for k, v in self.gan.adaptor.named_parameters()}

@@ -78,13 +78,15 @@ class JSIGR(nn.Module):
             return self.gan.adaptor(g_hat)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, return_terms: bool = False,
-                generator: torch.Generator | None = None):
+                generator: torch.Generator | None = None, grad_scale=None):
+        """The classifier's loss; ``grad_scale`` as in :func:`jsigr_fast.loss` (fp16 + GradScaler)."""
         _check_common(model, x, y)
+        grad_scale = _checks.check_grad_scale(grad_scale)
         backend = resolve_backend(self.backend, x.device)
         terms_extra = {}
         mask = None
         if self.lambda_m > 0 or self.training:
-            g_hat = perturbed_input_gradient(model, x, y, eps=self.eps, generator=generator)
+            g_hat = perturbed_input_gradient(model, x, y, eps=self.eps, generator=generator, grad_scale=grad_scale)
             if self.training:
                 with torch.enable_grad():
                     M = self.gan.adaptor(g_hat)  # graph to the adaptor's weights only
@@ -102,7 +104,7 @@ class JSIGR(nn.Module):
             mask = selective_mask(M, beta=self.beta, quantile=self.mask_quantile)
         out = reference.jsigr(model, x, y, lambda_m=self.lambda_m, lambda_j=self.lambda_j, eps=self.eps, mask=mask,
                               jacobian=self.jacobian, n_proj=self.n_proj, generator=generator,
-                              sq_norm=_sq_norm_for(backend))
+                              sq_norm=_sq_norm_for(backend), grad_scale=grad_scale)
         if not return_terms:
             return out["loss"]
         zero = out["ce"].detach().new_zeros(())

@@ -62,10 +62,27 @@ def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple[
     return xg, logits
 
 
-def input_gradient(logits: torch.Tensor, xg: torch.Tensor, y: torch.Tensor, *, create_graph: bool = True):
+def vjp(outputs: torch.Tensor, xg: torch.Tensor, cotangent: torch.Tensor | None = None, *, create_graph: bool = True,
+        grad_scale=None, is_grads_batched: bool = False) -> torch.Tensor:
+    """``grad_x <outputs, cotangent>`` (cotangent None: ones), keeping the graph when create_graph.
+
+    With ``grad_scale = s`` the cotangent is multiplied by s for the backward pass and the result
+    divided by s: mathematically a no-op, but under fp16 autocast it keeps small gradients from
+    flushing to zero (PyTorch AMP's gradient-penalty recipe: pass ``scaler.get_scale()``).
+    """
+    cot = torch.ones_like(outputs) if cotangent is None else cotangent
+    if grad_scale is not None:
+        cot = cot * grad_scale
+    (g,) = torch.autograd.grad(outputs, xg, grad_outputs=cot, create_graph=create_graph, retain_graph=True,
+                               is_grads_batched=is_grads_batched)
+    return g if grad_scale is None else g / grad_scale
+
+
+def input_gradient(logits: torch.Tensor, xg: torch.Tensor, y: torch.Tensor, *, create_graph: bool = True,
+                   grad_scale=None):
     """Per-sample CE losses and ``G = grad_x sum_n l_n`` (with its graph when create_graph)."""
     per_sample = F.cross_entropy(logits, y, reduction="none")
-    (g,) = torch.autograd.grad(per_sample.sum(), xg, create_graph=create_graph, retain_graph=True)
+    g = vjp(per_sample.sum(), xg, create_graph=create_graph, grad_scale=grad_scale)
     return per_sample, g
 
 
@@ -76,7 +93,7 @@ def unit_sphere(n: int, k: int, *, like: torch.Tensor, generator: torch.Generato
 
 
 def jacobian_projection_sq(logits: torch.Tensor, xg: torch.Tensor, *, n_proj: int = 1,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
+                           generator: torch.Generator | None = None, grad_scale=None) -> torch.Tensor:
     """Hoffman et al.'s estimator, per sample: ``K * ||J^T v||^2`` averaged over n_proj draws of
     ``v`` uniform on S^{K-1} (one independent v per sample). Unbiased for ``||J||_F^2`` because
     ``E[v v^T] = I / K``. Returns ``(N,)``, differentiable."""
@@ -84,13 +101,13 @@ def jacobian_projection_sq(logits: torch.Tensor, xg: torch.Tensor, *, n_proj: in
     total = logits.new_zeros(n)
     for _ in range(n_proj):
         v = unit_sphere(n, k, like=logits, generator=generator)
-        (u,) = torch.autograd.grad(logits, xg, grad_outputs=v, create_graph=True, retain_graph=True)
+        u = vjp(logits, xg, v, grad_scale=grad_scale)
         total = total + k * u.reshape(n, -1).pow(2).sum(dim=1)
     return total / n_proj
 
 
 def jacobian_exact_sq(logits: torch.Tensor, xg: torch.Tensor, *, coupled: bool = False,
-                      chunk: int = 64) -> torch.Tensor:
+                      chunk: int = 64, grad_scale=None) -> torch.Tensor:
     """Exact ``sum_m ||J_mn||_F^2`` for each input sample n, differentiable. Returns ``(N,)``.
 
     Sample-independent model (``coupled=False``): K VJPs with the cotangent ``e_k`` on every sample
@@ -104,7 +121,7 @@ def jacobian_exact_sq(logits: torch.Tensor, xg: torch.Tensor, *, coupled: bool =
         for c in range(k):
             e = torch.zeros_like(logits)
             e[:, c] = 1
-            (u,) = torch.autograd.grad(logits, xg, grad_outputs=e, create_graph=True, retain_graph=True)
+            u = vjp(logits, xg, e, grad_scale=grad_scale)
             total = total + u.reshape(n, -1).pow(2).sum(dim=1)
         return total
     for start in range(0, n * k, chunk):
@@ -113,12 +130,10 @@ def jacobian_exact_sq(logits: torch.Tensor, xg: torch.Tensor, *, coupled: bool =
         cot[torch.arange(idx.numel(), device=logits.device), idx] = 1
         cot = cot.reshape(-1, n, k)
         try:
-            (u,) = torch.autograd.grad(logits, xg, grad_outputs=cot, create_graph=True, retain_graph=True,
-                                       is_grads_batched=True)
+            u = vjp(logits, xg, cot, grad_scale=grad_scale, is_grads_batched=True)
         except RuntimeError as exc:  # a layer without a vmap rule for its backward: loop instead
             warnings.warn(f"jacobian_exact_sq: batched VJP failed ({exc}); falling back to a loop", RuntimeWarning)
-            u = torch.stack([torch.autograd.grad(logits, xg, grad_outputs=c, create_graph=True, retain_graph=True)[0]
-                             for c in cot])
+            u = torch.stack([vjp(logits, xg, c, grad_scale=grad_scale) for c in cot])
         total = total + u.reshape(u.shape[0], n, -1).pow(2).sum(dim=(0, 2))
     return total
 
@@ -137,8 +152,8 @@ def _jvp_double_vjp(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch
     xg = x.detach().requires_grad_(True)
     out = model(xg)
     u = torch.zeros_like(out, requires_grad=True)
-    (vjp,) = torch.autograd.grad(out, xg, grad_outputs=u, create_graph=True)
-    (jz,) = torch.autograd.grad(vjp, u, grad_outputs=z, create_graph=True)
+    (vjp_u,) = torch.autograd.grad(out, xg, grad_outputs=u, create_graph=True)
+    (jz,) = torch.autograd.grad(vjp_u, u, grad_outputs=z, create_graph=True)
     return jz
 
 
@@ -150,8 +165,10 @@ def jacobian_hutchinson_sq(model: nn.Module, x: torch.Tensor, *, n_proj: int = 1
     sample), differentiable w.r.t. the parameters. Runs its own forward(s) at x, with running
     statistics frozen and Batch/Instance/LayerNorm decomposed into elementary ops, because PyTorch's
     native kernels give wrong parameter gradients for a differentiated forward-mode tangent
-    (see jsigr_fast.batchnorm).
+    (see jsigr_fast.batchnorm). Forward mode needs no loss scaling under fp16 (tangents are not
+    small the way cotangents are), so it takes no ``grad_scale``.
     """
+    model = _checks.unwrap_parallel(model)
     x0 = x.detach()
     n = x0.shape[0]
     total = None
@@ -171,12 +188,13 @@ def jacobian_hutchinson_sq(model: nn.Module, x: torch.Tensor, *, n_proj: int = 1
 
 def jacobian_sq(model: nn.Module, logits: torch.Tensor | None, xg: torch.Tensor | None, x: torch.Tensor, *,
                 estimator: str, n_proj: int = 1, generator: torch.Generator | None = None,
-                coupled: bool | None = None) -> torch.Tensor:
+                coupled: bool | None = None, grad_scale=None) -> torch.Tensor:
     """Per-sample Jacobian squared-norm term by the named estimator (see the module docstring)."""
     if estimator == "projection":
-        return jacobian_projection_sq(logits, xg, n_proj=n_proj, generator=generator)
+        return jacobian_projection_sq(logits, xg, n_proj=n_proj, generator=generator, grad_scale=grad_scale)
     if estimator == "exact":
-        return jacobian_exact_sq(logits, xg, coupled=batch_coupled(model) if coupled is None else coupled)
+        return jacobian_exact_sq(logits, xg, coupled=batch_coupled(model) if coupled is None else coupled,
+                                 grad_scale=grad_scale)
     if estimator == "hutchinson":
         return jacobian_hutchinson_sq(model, x, n_proj=n_proj, generator=generator)
     raise ValueError(f"unknown Jacobian estimator {estimator!r}")
@@ -186,17 +204,18 @@ def jacobian_sq(model: nn.Module, logits: torch.Tensor | None, xg: torch.Tensor 
 # the regularizers
 # ----------------------------------------------------------------------------------------------
 def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mask: torch.Tensor | None = None,
-                           sq_norm: SqNorm = masked_sq_norm_ref) -> dict[str, torch.Tensor]:
+                           sq_norm: SqNorm = masked_sq_norm_ref, grad_scale=None) -> dict[str, torch.Tensor]:
     """``R = mean_n ||m * g_n||^2`` and the CE of the same forward. Returns a dict of tensors."""
     with torch.enable_grad():
         xg, logits = forward(model, x, y)
-        per_sample, g = input_gradient(logits, xg, y)
+        per_sample, g = input_gradient(logits, xg, y, grad_scale=grad_scale)
         penalty = sq_norm(g, mask).mean()
     return {"penalty": penalty, "ce": per_sample.mean(), "logits": logits}
 
 
 def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact", n_proj: int = 1,
-                  generator: torch.Generator | None = None, coupled: bool | None = None) -> dict[str, torch.Tensor]:
+                  generator: torch.Generator | None = None, coupled: bool | None = None,
+                  grad_scale=None) -> dict[str, torch.Tensor]:
     """``R_j = (1/N) ||dZ/dX||_F^2`` (= ``mean_n ||J_n||_F^2`` for sample-independent models)."""
     with torch.enable_grad():
         if estimator == "hutchinson":
@@ -204,13 +223,13 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact"
             return {"jac": per.mean(), "per_sample": per}
         xg, logits = forward(model, x, None)
         per = jacobian_sq(model, logits, xg, x, estimator=estimator, n_proj=n_proj, generator=generator,
-                          coupled=coupled)
+                          coupled=coupled, grad_scale=grad_scale)
     return {"jac": per.mean(), "per_sample": per, "logits": logits}
 
 
 def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float, lambda_j: float, eps: float,
           mask: torch.Tensor | None, jacobian: str, n_proj: int, generator: torch.Generator | None,
-          sq_norm: SqNorm = masked_sq_norm_ref) -> dict[str, torch.Tensor]:
+          sq_norm: SqNorm = masked_sq_norm_ref, grad_scale=None) -> dict[str, torch.Tensor]:
     """J-SIGR (Eq. 10): ``CE + lambda_m * mean_n ||m * g_n||^2 + lambda_j * R_j`` given the mask.
 
     The mask (from the perturbed-input saliency) is computed by the caller. One forward at x
@@ -224,19 +243,19 @@ def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float
         out = {"ce": ce, "logits": logits}
         loss = ce
         if lambda_m > 0:
-            (g,) = torch.autograd.grad(per_sample.sum(), xg, create_graph=True, retain_graph=True)
+            g = vjp(per_sample.sum(), xg, grad_scale=grad_scale)
             out["sig"] = sq_norm(g, mask).mean()
             loss = loss + lambda_m * out["sig"]
         if lambda_j > 0:
             out["jac"] = jacobian_sq(model, logits, xg, x, estimator=jacobian, n_proj=n_proj,
-                                     generator=generator).mean()
+                                     generator=generator, grad_scale=grad_scale).mean()
             loss = loss + lambda_j * out["jac"]
         out["loss"] = loss
     return out
 
 
-def class_gradient(logits: torch.Tensor, xg: torch.Tensor, y: torch.Tensor, *, create_graph: bool = True) -> torch.Tensor:
+def class_gradient(logits: torch.Tensor, xg: torch.Tensor, y: torch.Tensor, *, create_graph: bool = True,
+                   grad_scale=None) -> torch.Tensor:
     """``J_c = grad_x z_{y}``: the true-class logit's input gradient (the "simple gradient" saliency)."""
     sel = torch.zeros_like(logits).scatter_(1, y[:, None], 1.0)
-    (jc,) = torch.autograd.grad(logits, xg, grad_outputs=sel, create_graph=create_graph, retain_graph=True)
-    return jc
+    return vjp(logits, xg, sel, create_graph=create_graph, grad_scale=grad_scale)

@@ -27,14 +27,16 @@ Saliency = Union[None, str, torch.Tensor, Callable[[torch.Tensor, torch.Tensor],
 
 
 def perturbed_input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
-                             generator: torch.Generator | None = None) -> torch.Tensor:
+                             generator: torch.Generator | None = None, grad_scale=None) -> torch.Tensor:
     """``grad_{x_hat} sum_n CE(f(x_hat)_n, y_n)`` at ``x_hat = x + eps * sigma * z``, no graph kept.
 
     ``sigma`` is the standard deviation of the whole batch ``x`` (the paper's "noise with identical
     variance to x"), ``z`` standard normal. With ``eps = 0`` it is the plain input gradient at x.
     Train-mode BatchNorm uses the batch statistics of ``x_hat`` but its running statistics are not
-    updated. Returns a detached tensor of ``x``'s shape.
+    updated; a DistributedDataParallel model runs unwrapped (no gradient all-reduce is needed).
+    ``grad_scale``: see :func:`jsigr_fast.reference.vjp`. Returns a detached tensor of ``x``'s shape.
     """
+    model = _checks.unwrap_parallel(model)
     x0 = x.detach()
     sigma = x0.std(unbiased=False) if x0.numel() > 1 else x0.new_zeros(())
     x_hat = x0 + eps * sigma * _checks.randn(x0.shape, like=x0, generator=generator) if eps > 0 else x0.clone()
@@ -42,8 +44,10 @@ def perturbed_input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     with torch.enable_grad(), frozen_running_stats(model):
         logits = _checks.check_logits(model(x_hat), y, x0.shape[0])
         loss = F.cross_entropy(logits, y, reduction="sum")
+        if grad_scale is not None:
+            loss = loss * grad_scale
         (g,) = torch.autograd.grad(loss, x_hat)
-    return g.detach()
+    return (g if grad_scale is None else g / grad_scale).detach()
 
 
 def gradient_saliency(g_hat: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
