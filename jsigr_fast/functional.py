@@ -51,12 +51,14 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
-def _sq_norm_for(backend: str):
-    # The fused backend currently differs from the reference in its compiled masked squared-norm
-    # reduction (csrc/masked_sq_norm.cpp); the fused BatchNorm / JVP kernels are a separate step.
+def backend_module(backend: str):
+    """The module implementing a resolved backend: :mod:`jsigr_fast.reference` or :mod:`jsigr_fast.fused`
+    (same function names and signatures: ``jsigr``, ``input_gradient_penalty``, ``jacobian_norm``)."""
     if backend == "fused":
-        return lambda g, m: ops.masked_sq_norm(g, m, compiled=True)
-    return reference.masked_sq_norm_ref
+        from . import fused
+
+        return fused
+    return reference
 
 
 def _detached(d: dict, keys) -> dict:
@@ -137,9 +139,8 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
             M = compute_saliency(saliency, g_hat, x)
         mask = selective_mask(M, beta=beta, quantile=mask_quantile)
 
-    out = reference.jsigr(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, eps=eps, mask=mask,
-                          jacobian=jacobian, n_proj=n_proj, generator=generator, sq_norm=_sq_norm_for(backend),
-                          grad_scale=grad_scale)
+    out = backend_module(backend).jsigr(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, eps=eps, mask=mask,
+                                        jacobian=jacobian, n_proj=n_proj, generator=generator, grad_scale=grad_scale)
     if not return_terms:
         return out["loss"]
     terms = _detached(out, ("loss", "ce", "sig", "jac"))
@@ -169,8 +170,7 @@ def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     if mask is not None:
         mask = ops._prepare_mask(x, mask)
     with frozen_running_stats(model):
-        out = reference.input_gradient_penalty(model, x, y, mask=mask, sq_norm=_sq_norm_for(backend),
-                                               grad_scale=grad_scale)
+        out = backend_module(backend).input_gradient_penalty(model, x, y, mask=mask, grad_scale=grad_scale)
     return out["penalty"]
 
 
@@ -190,10 +190,10 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact"
     _checks.check_int("n_proj", n_proj)
     _checks.as_generator(generator, x.device)
     grad_scale = _checks.check_grad_scale(grad_scale)
-    resolve_backend(backend, x.device)  # validated; every backend shares the reference estimators today
+    backend = resolve_backend(backend, x.device)
     with frozen_running_stats(model):
-        return reference.jacobian_norm(model, x, estimator=estimator, n_proj=n_proj, generator=generator,
-                                       grad_scale=grad_scale)["jac"]
+        return backend_module(backend).jacobian_norm(model, x, estimator=estimator, n_proj=n_proj,
+                                                     generator=generator, grad_scale=grad_scale)["jac"]
 
 
 def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_j: float = 0.1,
@@ -236,7 +236,7 @@ def double_backprop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambd
     lambda_ig = _checks.check_number("lambda_ig", lambda_ig, low=0)
     grad_scale = _checks.check_grad_scale(grad_scale)
     backend = resolve_backend(backend, x.device)
-    out = reference.input_gradient_penalty(model, x, y, sq_norm=_sq_norm_for(backend), grad_scale=grad_scale)
+    out = backend_module(backend).input_gradient_penalty(model, x, y, grad_scale=grad_scale)
     total = out["ce"] + lambda_ig * out["penalty"]
     if return_terms:
         return total, {"loss": total.detach(), "ce": out["ce"].detach(), "sig": out["penalty"].detach()}

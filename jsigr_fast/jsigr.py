@@ -6,9 +6,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from . import _checks, reference
+from . import _checks
 from .adversarial import SaliencyGAN
-from .functional import _check_common, _sq_norm_for, resolve_backend
+from .functional import _check_common, backend_module, resolve_backend
 from .saliency import perturbed_input_gradient, selective_mask
 
 __all__ = ["JSIGR"]
@@ -102,9 +102,9 @@ class JSIGR(nn.Module):
                 with torch.no_grad():
                     M = self.gan.adaptor(g_hat)
             mask = selective_mask(M, beta=self.beta, quantile=self.mask_quantile)
-        out = reference.jsigr(model, x, y, lambda_m=self.lambda_m, lambda_j=self.lambda_j, eps=self.eps, mask=mask,
-                              jacobian=self.jacobian, n_proj=self.n_proj, generator=generator,
-                              sq_norm=_sq_norm_for(backend), grad_scale=grad_scale)
+        out = backend_module(backend).jsigr(model, x, y, lambda_m=self.lambda_m, lambda_j=self.lambda_j, eps=self.eps,
+                                            mask=mask, jacobian=self.jacobian, n_proj=self.n_proj, generator=generator,
+                                            grad_scale=grad_scale)
         if not return_terms:
             return out["loss"]
         zero = out["ce"].detach().new_zeros(())
