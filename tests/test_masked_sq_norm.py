@@ -143,3 +143,15 @@ def test_errors_name_the_problem():
         torch.ops.jsigr_fast.masked_sq_norm(torch.ones(3, 4, dtype=torch.int64), None)
     with pytest.raises(RuntimeError, match="mask must have g's shape"):
         torch.ops.jsigr_fast.masked_sq_norm(g, torch.ones(3, 5))
+
+
+def test_parallel_path_with_two_threads():
+    # at::parallel_for splits samples across threads: the result must not depend on the split.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        g = torch.randn(37, 3, 11, 13, dtype=torch.float64)
+        m = torch.rand_like(g)
+        torch.testing.assert_close(ops.masked_sq_norm(g, m, compiled=True), _expr(g, m), rtol=1e-12, atol=0)
+    finally:
+        torch.set_num_threads(before)
