@@ -13,6 +13,7 @@ import torch.nn as nn
 
 BACKENDS = ("auto", "reference", "fused")
 JACOBIAN_ESTIMATORS = ("exact", "projection", "hutchinson")
+MODES = ("autograd", "fd")
 
 
 def check_choice(name: str, value, choices: Iterable[str]) -> str:

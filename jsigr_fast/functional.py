@@ -51,9 +51,19 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
-def backend_module(backend: str):
+def _check_mode(mode: str, fd_step: float) -> float:
+    _checks.check_choice("mode", mode, _checks.MODES)
+    return _checks.check_number("fd_step", fd_step, low=0, low_open=True)
+
+
+def backend_module(backend: str, mode: str = "autograd"):
     """The module implementing a resolved backend: :mod:`jsigr_fast.reference` or :mod:`jsigr_fast.fused`
-    (same function names and signatures: ``jsigr``, ``input_gradient_penalty``, ``jacobian_norm``)."""
+    (same function names and signatures: ``jsigr``, ``input_gradient_penalty``, ``jacobian_norm``);
+    ``mode="fd"`` selects :mod:`jsigr_fast.finite_difference`, which needs no special kernels."""
+    if mode == "fd":
+        from . import finite_difference
+
+        return finite_difference
     if backend == "fused":
         from . import fused
 
@@ -78,7 +88,7 @@ def _check_common(model, x, y=None):
 def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float = 0.5, lambda_j: float = 0.5,
          eps: float = 0.3, beta: float = 0.1, mask_quantile: float | None = None, jacobian: str = "projection",
          n_proj: int = 1, saliency: Saliency = None, backend: str = "auto", return_terms: bool = False,
-         generator: torch.Generator | None = None, grad_scale=None):
+         generator: torch.Generator | None = None, grad_scale=None, mode: str = "autograd", fd_step: float = 0.01):
     r"""The J-SIGR loss (Liu et al. 2023, Eq. 10) for any classifier:
 
     .. math:: \mathrm{CE} + \lambda_m \,\mathrm{mean}_n \|m_n \odot \nabla_{x_n}\ell_n\|^2
@@ -112,6 +122,10 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
         grad_scale: under fp16 autocast with a ``GradScaler``, pass ``scaler.get_scale()``: the input
             gradients are computed from scaled cotangents and unscaled before the penalty (PyTorch
             AMP's gradient-penalty recipe). Not needed for bf16 or fp32.
+        mode: ``"autograd"`` (exact penalties, differentiated by double backprop) or ``"fd"`` (Finlay &
+            Oberman's finite differences along the detached gradient directions, step ``fd_step``:
+            no double backprop, one ordinary backward; O(fd_step) bias, see
+            :mod:`jsigr_fast.finite_difference`).
 
     Returns:
         Scalar loss, differentiable w.r.t. the model's parameters (and ``(loss, terms)`` when
@@ -128,6 +142,7 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
     _checks.check_int("n_proj", n_proj)
     _checks.as_generator(generator, x.device)
     grad_scale = _checks.check_grad_scale(grad_scale)
+    fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)
 
     mask = None
@@ -139,8 +154,9 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
             M = compute_saliency(saliency, g_hat, x)
         mask = selective_mask(M, beta=beta, quantile=mask_quantile)
 
-    out = backend_module(backend).jsigr(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, eps=eps, mask=mask,
-                                        jacobian=jacobian, n_proj=n_proj, generator=generator, grad_scale=grad_scale)
+    out = backend_module(backend, mode).jsigr(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, eps=eps, mask=mask,
+                                              jacobian=jacobian, n_proj=n_proj, generator=generator,
+                                              grad_scale=grad_scale, **({"fd_step": fd_step} if mode == "fd" else {}))
     if not return_terms:
         return out["loss"]
     terms = _detached(out, ("loss", "ce", "sig", "jac"))
@@ -155,27 +171,31 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
 # the individual regularizers
 # ----------------------------------------------------------------------------------------------
 def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mask: torch.Tensor | None = None,
-                           backend: str = "auto", grad_scale=None) -> torch.Tensor:
+                           backend: str = "auto", grad_scale=None, mode: str = "autograd",
+                           fd_step: float = 0.01) -> torch.Tensor:
     r"""``mean_n ||m ⊙ ∇_{x_n} ℓ_n||²`` — double backprop's penalty (Drucker & LeCun; Ross & Doshi-Velez;
     J-SIGR Eq. 8, with a mask Eq. 10).
 
     The gradient is of the per-sample loss (the gradient of ``sum_n ℓ_n``, never of the batch mean,
     which would scale the penalty by 1/N²). ``mask`` is None, or a bool/float tensor of x's shape or
     of ``x.shape[1:]``; it is a constant. BatchNorm running statistics are not updated.
-    ``grad_scale``: see :func:`loss`.
+    ``grad_scale``, ``mode``, ``fd_step``: see :func:`loss`.
     """
     _check_common(model, x, y)
     grad_scale = _checks.check_grad_scale(grad_scale)
+    fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)
     if mask is not None:
         mask = ops._prepare_mask(x, mask)
+    extra = {"fd_step": fd_step} if mode == "fd" else {}
     with frozen_running_stats(model):
-        out = backend_module(backend).input_gradient_penalty(model, x, y, mask=mask, grad_scale=grad_scale)
+        out = backend_module(backend, mode).input_gradient_penalty(model, x, y, mask=mask, grad_scale=grad_scale, **extra)
     return out["penalty"]
 
 
 def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact", n_proj: int = 1,
-                  backend: str = "auto", generator: torch.Generator | None = None, grad_scale=None) -> torch.Tensor:
+                  backend: str = "auto", generator: torch.Generator | None = None, grad_scale=None,
+                  mode: str = "autograd", fd_step: float = 0.01) -> torch.Tensor:
     r"""``mean_n ||J_n||_F²`` of the logits w.r.t. the input (Jakubovitz & Giryes Eq. 5).
 
     Estimators: ``"exact"`` (K VJPs; N·K under train-mode BatchNorm), ``"projection"`` (Hoffman et
@@ -183,17 +203,19 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact"
     ``||J z||²``, z standard normal, n_proj forward-mode JVPs). The stochastic ones are unbiased.
     Under train-mode BatchNorm all three measure ``(1/N) ||dZ/dX||_F²``, which also counts how a
     sample's logits move with the other samples' inputs through the batch statistics.
-    BatchNorm running statistics are not updated. ``grad_scale``: see :func:`loss`.
+    BatchNorm running statistics are not updated. ``grad_scale``, ``mode``, ``fd_step``: see :func:`loss`.
     """
     _check_common(model, x)
     _checks.check_choice("estimator", estimator, _checks.JACOBIAN_ESTIMATORS)
     _checks.check_int("n_proj", n_proj)
     _checks.as_generator(generator, x.device)
     grad_scale = _checks.check_grad_scale(grad_scale)
+    fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)
+    extra = {"fd_step": fd_step} if mode == "fd" else {}
     with frozen_running_stats(model):
-        return backend_module(backend).jacobian_norm(model, x, estimator=estimator, n_proj=n_proj,
-                                                     generator=generator, grad_scale=grad_scale)["jac"]
+        return backend_module(backend, mode).jacobian_norm(model, x, estimator=estimator, n_proj=n_proj,
+                                                           generator=generator, grad_scale=grad_scale, **extra)["jac"]
 
 
 def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_j: float = 0.1,
@@ -228,15 +250,18 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
 
 def double_backprop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_ig: float = 1.0,
-                    backend: str = "auto", return_terms: bool = False, grad_scale=None):
+                    backend: str = "auto", return_terms: bool = False, grad_scale=None, mode: str = "autograd",
+                    fd_step: float = 0.01):
     r"""Double backpropagation (Drucker & LeCun 1992; Ross & Doshi-Velez 2018):
     ``CE + lambda_ig * mean_n ||∇_{x_n} ℓ_n||²`` (J-SIGR Eq. 8 with per-sample averaging).
-    ``grad_scale``: see :func:`loss`."""
+    ``grad_scale``, ``mode``, ``fd_step``: see :func:`loss`."""
     _check_common(model, x, y)
     lambda_ig = _checks.check_number("lambda_ig", lambda_ig, low=0)
     grad_scale = _checks.check_grad_scale(grad_scale)
+    fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)
-    out = backend_module(backend).input_gradient_penalty(model, x, y, grad_scale=grad_scale)
+    extra = {"fd_step": fd_step} if mode == "fd" else {}
+    out = backend_module(backend, mode).input_gradient_penalty(model, x, y, grad_scale=grad_scale, **extra)
     total = out["ce"] + lambda_ig * out["penalty"]
     if return_terms:
         return total, {"loss": total.detach(), "ce": out["ce"].detach(), "sig": out["penalty"].detach()}

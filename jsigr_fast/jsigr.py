@@ -43,13 +43,15 @@ class JSIGR(nn.Module):
         mask_quantile: if set, leave the top q fraction of features by ``M`` unpenalised instead
             (robust to the drift of tanh outputs during training).
         discriminator, disc_every, adaptor_lr, disc_lr, generator_loss: see :class:`SaliencyGAN`.
+        mode, fd_step: ``"autograd"`` (double backprop) or ``"fd"`` (finite differences), as in
+            :func:`jsigr_fast.loss`.
     """
 
     def __init__(self, input_shape: Sequence[int], *, lambda_m: float = 0.5, lambda_j: float = 0.5, eps: float = 0.3,
                  beta: float = 0.0, mask_quantile: float | None = None, jacobian: str = "projection", n_proj: int = 1,
                  discriminator: Sequence[int] | str = "cifar", disc_every: int | None = None,
                  adaptor_lr: float = 1e-3, disc_lr: float = 2e-4, generator_loss: str = "minimax",
-                 backend: str = "auto"):
+                 backend: str = "auto", mode: str = "autograd", fd_step: float = 0.01):
         super().__init__()
         self.lambda_m = _checks.check_number("lambda_m", lambda_m, low=0)
         self.lambda_j = _checks.check_number("lambda_j", lambda_j, low=0)
@@ -59,6 +61,8 @@ class JSIGR(nn.Module):
         self.jacobian = _checks.check_choice("jacobian", jacobian, _checks.JACOBIAN_ESTIMATORS)
         self.n_proj = _checks.check_int("n_proj", n_proj)
         self.backend = _checks.check_choice("backend", backend, _checks.BACKENDS)
+        self.mode = _checks.check_choice("mode", mode, _checks.MODES)
+        self.fd_step = _checks.check_number("fd_step", fd_step, low=0, low_open=True)
         self.gan = SaliencyGAN(input_shape, discriminator=discriminator, disc_every=disc_every,
                                adaptor_lr=adaptor_lr, disc_lr=disc_lr, generator_loss=generator_loss)
 
@@ -102,9 +106,11 @@ class JSIGR(nn.Module):
                 with torch.no_grad():
                     M = self.gan.adaptor(g_hat)
             mask = selective_mask(M, beta=self.beta, quantile=self.mask_quantile)
-        out = backend_module(backend).jsigr(model, x, y, lambda_m=self.lambda_m, lambda_j=self.lambda_j, eps=self.eps,
-                                            mask=mask, jacobian=self.jacobian, n_proj=self.n_proj, generator=generator,
-                                            grad_scale=grad_scale)
+        extra = {"fd_step": self.fd_step} if self.mode == "fd" else {}
+        out = backend_module(backend, self.mode).jsigr(model, x, y, lambda_m=self.lambda_m, lambda_j=self.lambda_j,
+                                                       eps=self.eps, mask=mask, jacobian=self.jacobian,
+                                                       n_proj=self.n_proj, generator=generator, grad_scale=grad_scale,
+                                                       **extra)
         if not return_terms:
             return out["loss"]
         zero = out["ce"].detach().new_zeros(())
