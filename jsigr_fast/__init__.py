@@ -8,6 +8,7 @@ around it Jacobian regularization (Jakubovitz & Giryes; Hoffman et al.), double 
 Doshi-Velez), JARN's adversarially trained saliency adaptor and Interpretation Regularization.
 See README.md for the API table and ../SPEC.md-style scaling conventions in jsigr_fast.reference.
 """
+from ._checks import unwrap_parallel
 from ._extension import extension_error, extension_loaded
 from .adversarial import Discriminator, SaliencyGAN
 from .batchnorm import batch_coupled, frozen_running_stats
@@ -44,4 +45,5 @@ __all__ = [
     "smoothgrad", "interpretation_regularization", "JSIGR", "JARN", "SaliencyAdaptor", "Discriminator",
     "SaliencyGAN", "masked_sq_norm", "perturbed_input_gradient", "gradient_saliency", "selective_mask",
     "batch_coupled", "frozen_running_stats", "available_backends", "extension_loaded", "extension_error",
+    "unwrap_parallel",
 ]

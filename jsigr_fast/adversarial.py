@@ -89,13 +89,19 @@ class SaliencyGAN(nn.Module):
         generator_loss: ``"minimax"`` (JARN's ``log(1 - D(J'))``, minimised) or ``"nonsaturating"``
             (``-log D(J')``, the usual GAN fix when D wins early).
 
-    Its optimizer states and step counter travel with ``state_dict()`` (as extra state), so a
-    checkpoint restores training exactly.
+        sync_grads: average the adaptor's and discriminator's gradients over the ranks of the default
+            process group before each step (data-parallel training: every rank sees a different shard,
+            and without this the pairs drift apart). ``None`` (default): whenever torch.distributed is
+            initialised with more than one rank.
+
+    Its optimizer states, step counter and skipped-step counter travel with ``state_dict()`` (as
+    extra state), so a checkpoint restores training exactly. A step whose (averaged) gradient is not
+    finite is skipped entirely (no Adam moment update) and counted in ``skipped_steps``.
     """
 
     def __init__(self, input_shape: Sequence[int], *, discriminator: Sequence[int] | str = "cifar",
                  disc_every: int | None = None, adaptor_lr: float = 1e-3, disc_lr: float = 2e-4,
-                 generator_loss: str = "minimax"):
+                 generator_loss: str = "minimax", sync_grads: bool | None = None):
         super().__init__()
         input_shape = tuple(int(s) for s in input_shape)
         channels = input_shape[0] if len(input_shape) == 3 else 1
@@ -107,7 +113,9 @@ class SaliencyGAN(nn.Module):
         self.generator_loss_kind = _checks.check_choice("generator_loss", generator_loss, ("minimax", "nonsaturating"))
         self.adaptor_opt = torch.optim.Adam(self.adaptor.parameters(), lr=adaptor_lr, betas=(0.5, 0.999))
         self.disc_opt = torch.optim.Adam(self.discriminator.parameters(), lr=disc_lr, betas=(0.5, 0.999))
+        self.sync_grads = sync_grads
         self.steps = 0
+        self.skipped_steps = 0
 
     # -- losses -------------------------------------------------------------------------------
     def generator_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -125,11 +133,37 @@ class SaliencyGAN(nn.Module):
         return torch.func.functional_call(self.discriminator, params, (x,))
 
     # -- updates ------------------------------------------------------------------------------
-    def step_adaptor(self, grads: Sequence[torch.Tensor]) -> None:
-        for p, g in zip(self.adaptor.parameters(), grads):
-            p.grad = g.detach()
-        self.adaptor_opt.step()
-        self.adaptor_opt.zero_grad(set_to_none=True)
+    def _should_sync(self) -> bool:
+        if self.sync_grads is False:
+            return False
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+               grads: Sequence[torch.Tensor]) -> bool:
+        """Average over ranks if needed, then one optimizer step, unless a gradient is not finite."""
+        grads = [g.detach() for g in grads]
+        if self._should_sync():
+            import torch.distributed as dist
+
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            grads = list(torch.split(flat, [g.numel() for g in grads]))
+            grads = [g.view_as(p) for g, p in zip(grads, params)]
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self.skipped_steps += 1
+            return False
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def step_adaptor(self, grads: Sequence[torch.Tensor]) -> bool:
+        """One adaptor step with the given gradients of the generator loss. Returns False if skipped."""
+        return self._optimizer_step(self.adaptor_opt, list(self.adaptor.parameters()), grads)
 
     def maybe_step_discriminator(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor | None:
         """Advance the step counter; on every ``disc_every``-th step take one discriminator step
@@ -140,18 +174,23 @@ class SaliencyGAN(nn.Module):
         with torch.enable_grad():
             l_adv = adversarial_loss(self.discriminator(real.detach()), self.discriminator(fake.detach()))
             grads = torch.autograd.grad(-l_adv, list(self.discriminator.parameters()))
-        for p, g in zip(self.discriminator.parameters(), grads):
-            p.grad = g
-        self.disc_opt.step()
-        self.disc_opt.zero_grad(set_to_none=True)
+        self._optimizer_step(self.disc_opt, list(self.discriminator.parameters()), grads)
         return l_adv.detach()
+
+    def commit(self, adaptor_grads: Sequence[torch.Tensor], real: torch.Tensor, fake: torch.Tensor) -> dict:
+        """The generator-side updates of one training step: the adaptor's step, then (on schedule)
+        the discriminator's. Returns the detached terms it produced (``disc`` when D stepped)."""
+        self.step_adaptor(adaptor_grads)
+        d = self.maybe_step_discriminator(real, fake)
+        return {} if d is None else {"disc": d}
 
     # -- checkpointing ------------------------------------------------------------------------
     def get_extra_state(self):
-        return {"steps": self.steps, "adaptor_opt": self.adaptor_opt.state_dict(),
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "adaptor_opt": self.adaptor_opt.state_dict(),
                 "disc_opt": self.disc_opt.state_dict()}
 
     def set_extra_state(self, state):
         self.steps = int(state["steps"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.adaptor_opt.load_state_dict(state["adaptor_opt"])
         self.disc_opt.load_state_dict(state["disc_opt"])

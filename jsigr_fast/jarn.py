@@ -33,17 +33,22 @@ class JARN(nn.Module):
         input_shape: one sample's shape, ``(C, H, W)`` or ``(D,)``.
         lambda_adv: weight of the adversarial term for the classifier.
         noise: half-width of the uniform input noise (0 disables it). Default 8/255.
-        discriminator, disc_every, adaptor_lr, disc_lr, generator_loss: see :class:`SaliencyGAN`.
+        discriminator, disc_every, adaptor_lr, disc_lr, generator_loss, sync_grads: see :class:`SaliencyGAN`.
+        auto_step: as in :class:`JSIGR` (``False`` defers the adaptor/discriminator steps to :meth:`step`).
     """
 
     def __init__(self, input_shape: Sequence[int], *, lambda_adv: float = 1.0, noise: float = 8 / 255,
                  discriminator: Sequence[int] | str = "cifar", disc_every: int | None = None,
-                 adaptor_lr: float = 1e-3, disc_lr: float = 2e-4, generator_loss: str = "minimax"):
+                 adaptor_lr: float = 1e-3, disc_lr: float = 2e-4, generator_loss: str = "minimax",
+                 sync_grads: bool | None = None, auto_step: bool = True):
         super().__init__()
         self.lambda_adv = _checks.check_number("lambda_adv", lambda_adv, low=0)
         self.noise = _checks.check_number("noise", noise, low=0)
         self.gan = SaliencyGAN(input_shape, discriminator=discriminator, disc_every=disc_every,
-                               adaptor_lr=adaptor_lr, disc_lr=disc_lr, generator_loss=generator_loss)
+                               adaptor_lr=adaptor_lr, disc_lr=disc_lr, generator_loss=generator_loss,
+                               sync_grads=sync_grads)
+        self.auto_step = bool(auto_step)
+        self._pending = None
 
     @property
     def adaptor(self):
@@ -76,13 +81,20 @@ class JARN(nn.Module):
                 grads = torch.autograd.grad(gen, list(apt_params.values()), retain_graph=True)
         terms = {"ce": ce.detach(), "gen": gen.detach()}
         if self.training:
-            self.gan.step_adaptor(grads)
-            d = self.gan.maybe_step_discriminator(x_in, J_adapted.detach())
-            if d is not None:
-                terms["disc"] = d
+            self._pending = (grads, x_in.detach(), J_adapted.detach())
+            if self.auto_step:
+                terms.update(self.step())
         if not return_terms:
             return total
         terms["loss"] = total.detach()
         with torch.no_grad():
             terms["adv"] = adversarial_loss(self.gan.discriminator(x_in), self.gan.discriminator(J_adapted.detach()))
         return total, terms
+
+    def step(self) -> dict:
+        """Commit the adaptor/discriminator updates of the last training-mode call (see :class:`JSIGR`)."""
+        if self._pending is None:
+            return {}
+        grads, real, fake = self._pending
+        self._pending = None
+        return self.gan.commit(grads, real, fake)

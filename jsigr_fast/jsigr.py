@@ -45,13 +45,18 @@ class JSIGR(nn.Module):
         discriminator, disc_every, adaptor_lr, disc_lr, generator_loss: see :class:`SaliencyGAN`.
         mode, fd_step: ``"autograd"`` (double backprop) or ``"fd"`` (finite differences), as in
             :func:`jsigr_fast.loss`.
+        sync_grads: see :class:`SaliencyGAN` (rank-averaged adaptor/discriminator gradients under DDP).
+        auto_step: ``True`` (default) takes the adaptor/discriminator steps inside the call. ``False``
+            defers them until :meth:`step` is called, so a training loop can commit them only for steps
+            it accepts (e.g. after checking on every rank that the loss was finite).
     """
 
     def __init__(self, input_shape: Sequence[int], *, lambda_m: float = 0.5, lambda_j: float = 0.5, eps: float = 0.3,
                  beta: float = 0.0, mask_quantile: float | None = None, jacobian: str = "projection", n_proj: int = 1,
                  discriminator: Sequence[int] | str = "cifar", disc_every: int | None = None,
                  adaptor_lr: float = 1e-3, disc_lr: float = 2e-4, generator_loss: str = "minimax",
-                 backend: str = "auto", mode: str = "autograd", fd_step: float = 0.01):
+                 backend: str = "auto", mode: str = "autograd", fd_step: float = 0.01,
+                 sync_grads: bool | None = None, auto_step: bool = True):
         super().__init__()
         self.lambda_m = _checks.check_number("lambda_m", lambda_m, low=0)
         self.lambda_j = _checks.check_number("lambda_j", lambda_j, low=0)
@@ -64,7 +69,10 @@ class JSIGR(nn.Module):
         self.mode = _checks.check_choice("mode", mode, _checks.MODES)
         self.fd_step = _checks.check_number("fd_step", fd_step, low=0, low_open=True)
         self.gan = SaliencyGAN(input_shape, discriminator=discriminator, disc_every=disc_every,
-                               adaptor_lr=adaptor_lr, disc_lr=disc_lr, generator_loss=generator_loss)
+                               adaptor_lr=adaptor_lr, disc_lr=disc_lr, generator_loss=generator_loss,
+                               sync_grads=sync_grads)
+        self.auto_step = bool(auto_step)
+        self._pending = None
 
     @property
     def adaptor(self):
@@ -97,11 +105,10 @@ class JSIGR(nn.Module):
                     gen = self.gan.generator_loss(self.gan.frozen_discriminator(M))
                     grads = torch.autograd.grad(gen, list(self.gan.adaptor.parameters()))
                 M = M.detach()
-                self.gan.step_adaptor(grads)
-                d = self.gan.maybe_step_discriminator(x, M)
                 terms_extra["gen"] = gen.detach()
-                if d is not None:
-                    terms_extra["disc"] = d
+                self._pending = (grads, x.detach(), M)
+                if self.auto_step:
+                    terms_extra.update(self.step())
             else:
                 with torch.no_grad():
                     M = self.gan.adaptor(g_hat)
@@ -118,3 +125,12 @@ class JSIGR(nn.Module):
         terms["mask_fraction"] = mask.mean() if mask is not None else x.new_ones(())
         terms.update(terms_extra)
         return out["loss"], terms
+
+    def step(self) -> dict:
+        """Commit the adaptor/discriminator updates computed by the last training-mode call (a no-op
+        when there are none). Returns the terms produced (``disc`` when the discriminator stepped)."""
+        if self._pending is None:
+            return {}
+        grads, real, fake = self._pending
+        self._pending = None
+        return self.gan.commit(grads, real, fake)

@@ -1,0 +1,79 @@
+"""SaliencyGAN's update rules: deferred commit, non-finite steps skipped, gradients averaged over ranks."""
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import jsigr_fast
+from jsigr_fast.testing import tiny_input, tiny_model
+
+Y = torch.tensor([0, 1, 2, 3, 0])
+
+
+@pytest.mark.parametrize("cls", [jsigr_fast.JSIGR, jsigr_fast.JARN])
+def test_deferred_step_equals_immediate_step(cls):
+    model, x = tiny_model("conv_tanh"), tiny_input("conv_tanh")
+    now = cls((2, 6, 6), discriminator=(4, 8), disc_every=2).double()
+    later = cls((2, 6, 6), discriminator=(4, 8), disc_every=2, auto_step=False).double()
+    later.load_state_dict(now.state_dict())
+    for s in range(3):
+        a = now(model, x, Y, generator=torch.Generator().manual_seed(s))
+        before = copy.deepcopy(later.state_dict())
+        b = later(model, x, Y, generator=torch.Generator().manual_seed(s))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for k, v in later.state_dict().items():  # nothing moved before step()
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, before[k]), k
+        later.step()
+        assert later.step() == {}  # a second commit is a no-op
+    for (k, u), v in zip(now.state_dict().items(), later.state_dict().values()):
+        if isinstance(u, torch.Tensor):
+            assert torch.equal(u, v), k
+    assert now.gan.steps == later.gan.steps == 3
+
+
+def test_non_finite_gradient_skips_the_step_entirely():
+    gan = jsigr_fast.SaliencyGAN((2, 6, 6), discriminator=(4,)).double()
+    params = list(gan.adaptor.parameters())
+    good = [torch.ones_like(p) for p in params]
+    assert gan.step_adaptor(good)
+    state_before = copy.deepcopy(gan.adaptor_opt.state_dict())
+    weights_before = [p.detach().clone() for p in params]
+    bad = [g.clone() for g in good]
+    bad[0][0, 0, 0, 0] = float("nan")
+    assert not gan.step_adaptor(bad)
+    assert gan.skipped_steps == 1
+    assert all(torch.equal(p, w) for p, w in zip(params, weights_before))
+    assert int(gan.adaptor_opt.state_dict()["state"][0]["step"]) == int(state_before["state"][0]["step"]) == 1
+
+
+def _rank_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        gan = jsigr_fast.SaliencyGAN((2, 6, 6), discriminator=(4,)).double()
+        # Opposite signs on the two ranks (Adam's first step is ~ -lr * sign(g), so only signs show):
+        # rank 0 sees +1x, rank 1 sees -3x, the average is -1x; unsynchronised, rank 0 would step the other way.
+        scale = 1.0 if rank == 0 else -3.0
+        grads = [torch.full_like(p, scale) * (i + 1) for i, p in enumerate(gan.adaptor.parameters())]
+        gan.step_adaptor(grads)
+        torch.save({k: v for k, v in gan.adaptor.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_are_averaged_over_ranks():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        r0 = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=True)
+        r1 = torch.load(os.path.join(tmp, "rank1.pt"), weights_only=True)
+    torch.manual_seed(0)
+    single = jsigr_fast.SaliencyGAN((2, 6, 6), discriminator=(4,)).double()
+    single.step_adaptor([torch.full_like(p, -1.0) * (i + 1) for i, p in enumerate(single.adaptor.parameters())])
+    for k, v in single.adaptor.state_dict().items():
+        assert torch.equal(r0[k], r1[k]), k  # the ranks agree...
+        torch.testing.assert_close(r0[k], v, rtol=1e-12, atol=1e-15)  # ...on the averaged-gradient step
