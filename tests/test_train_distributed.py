@@ -1,0 +1,145 @@
+"""Two gloo processes under torchrun train the same weights as one process on the same global batch.
+
+Why only some methods can match exactly: with DDP, rank r trains on ``perm[r::2]`` of each global
+batch and the gradients are averaged, which equals the single process's per-sample-mean loss on the
+whole batch for any loss that is a mean of per-sample terms (CE, input-gradient penalty, exact
+Jacobian norm). BatchNorm would differ (each rank normalises with its own half-batch statistics),
+and so would every random draw (saliency noise, random projections, PGD starts: each rank draws
+for its own samples from its own stream), and Jakubovitz's ``sqrt(sum_n ||J_n||^2)`` is not a mean.
+So the comparison uses digits_cnn (no BatchNorm) with standard, input_grad and jacobian (exact);
+for J-SIGR it checks that the replicas (classifier *and* adaptor/discriminator) stay identical,
+and that a NaN on one rank makes every rank skip the step.
+"""
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from jsigr_fast.cli import main
+
+COMMON = ["--epochs", "1", "--steps-per-epoch", "4", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05",
+          "--momentum", "0.9", "--weight-decay", "0", "--eval-max-batches", "2", "--threads", "1",
+          "--progress", "false", "--tensorboard", "false"]
+EXACT = {"standard": [], "input_grad": ["--lambda-ig", "1"],
+         "jacobian": ["--jacobian-estimator", "exact", "--lambda-j", "0.5"]}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DRIVER = textwrap.dedent('''
+    import json, sys
+    import torch, torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")  # the trainer joins this group; one group for all runs
+    from jsigr_fast.cli import main
+    out, common, exact = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    for method, extra in exact.items():
+        assert main(["train", "--method", method, *common, *extra, "--out", f"{out}/{method}"]) == 0
+    # J-SIGR: random draws differ per rank, but the replicas must stay identical
+    assert main(["train", "--method", "jsigr", *common, "--disc-every", "2", "--out", f"{out}/jsigr"]) == 0
+    # resume on 2 ranks: every rank's RNG state comes back (constant schedule, so 1 + 1 epochs = 2 epochs)
+    jr = ["train", "--method", "jsigr", *common, "--schedule", "constant", "--steps-per-epoch", "3"]
+    assert main([*jr, "--epochs", "2", "--out", f"{out}/jsigr2"]) == 0
+    assert main([*jr, "--out", f"{out}/jsigr11"]) == 0
+    assert main(["train", "--resume", f"{out}/jsigr11", "--epochs", "2", "--progress", "false"]) == 0
+    # NaN logits on rank 0 only, at its third and fourth training forwards
+    from jsigr_fast.models import get_model
+    from jsigr_fast.train import TrainConfig, train
+
+    class NaNAt(torch.nn.Module):
+        def __init__(self, bad):
+            super().__init__()
+            self.net, self.bad, self.calls = get_model("digits_cnn", dataset="digits"), set(bad), 0
+        def forward(self, x):
+            out = self.net(x)
+            if self.training and torch.is_grad_enabled():
+                self.calls += 1
+                if self.calls in self.bad:
+                    out = out * float("nan")
+            return out
+
+    torch.manual_seed(0)
+    model = NaNAt({3, 4} if dist.get_rank() == 0 else set())
+    cfg = TrainConfig(method="standard", epochs=1, steps_per_epoch=6, batch_size=32, optimizer="adam", lr=1e-3,
+                      threads=1, progress=False, tensorboard=False, eval_max_batches=1, out=f"{out}/nan")
+    assert train(cfg, model=model) == 0
+    dist.destroy_process_group()
+''')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    import json
+
+    out = tmp_path_factory.mktemp("ddp")
+    driver = out / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           f"--master_port={free_port()}", str(driver), str(out), json.dumps(COMMON), json.dumps(EXACT)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, proc
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("method", list(EXACT))
+def test_two_ranks_match_one_process_on_the_global_batch(ddp_runs, tmp_path, method):
+    out, _ = ddp_runs
+    assert main(["train", "--method", method, *COMMON, *EXACT[method], "--out", str(tmp_path)]) == 0
+    single, ddp = load(tmp_path / "last.pt"), load(out / method / "last.pt")
+    assert ddp["rng"]["world_size"] == 2 and len(ddp["rng"]["ranks"]) == 2
+    for k, v in single["model"].items():
+        torch.testing.assert_close(ddp["model"][k], v, rtol=1e-5, atol=1e-6)
+    from jsigr_fast.models import get_model
+
+    torch.manual_seed(0)
+    init = get_model("digits_cnn", dataset="digits").state_dict()
+    moved = (single["model"]["fc.weight"] - init["fc.weight"]).abs().max()
+    assert moved > 1e-3  # the comparison is not between two untrained models
+    assert ddp["metrics"]["eval_clean"] == single["metrics"]["eval_clean"]  # evaluation is sharded, then summed
+    assert ddp["metrics"]["loss"] == pytest.approx(single["metrics"]["loss"], rel=1e-5)
+
+
+def test_jsigr_replicas_stay_identical(ddp_runs):
+    out, proc = ddp_runs
+    ckpt = load(out / "jsigr" / "last.pt")
+    prints = ckpt["ranks"]["fingerprints"]
+    assert len(prints) == 2 and prints[0] == prints[1]  # classifier, adaptor + discriminator: bit-identical
+    assert "diverged" not in proc.stderr
+    assert ckpt["method"]["criterion"]["gan._extra_state"]["steps"] == 4
+    # the two ranks drew different noise (independent streams), so their RNG states differ
+    g = [r["generators"]["method"] for r in ckpt["rng"]["ranks"]]
+    assert not torch.equal(g[0], g[1])
+
+
+def test_ddp_resume_is_exact(ddp_runs):
+    out, _ = ddp_runs
+    a, b = load(out / "jsigr2" / "last.pt"), load(out / "jsigr11" / "last.pt")
+    assert a["global_step"] == b["global_step"] == 6
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, v in a["method"]["criterion"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, b["method"]["criterion"][k]), k
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(ddp_runs):
+    out, _ = ddp_runs
+    ckpt = load(out / "nan" / "last.pt")
+    assert ckpt["counters"]["nonfinite_total"] == 2
+    prints = ckpt["ranks"]["fingerprints"]
+    assert prints[0] == prints[1]
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {4}  # 6 steps, 2 skipped by both ranks

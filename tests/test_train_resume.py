@@ -1,0 +1,242 @@
+"""Checkpoints: kill -9 / SIGTERM then --resume gives exactly the uninterrupted run's weights;
+atomic writes; weights_only reads; bad checkpoints fail clearly."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from jsigr_fast.cli import main
+from jsigr_fast.train.trainer import STEP_DELAY_ENV
+
+QUIET = ["--threads", "1", "--progress", "false", "--tensorboard", "false"]
+# J-SIGR (the most state: adaptor, discriminator, their Adam states, the noise generator) with Adam
+# and a cosine schedule; 3 epochs of 6 steps.
+RUN = ["train", "--method", "jsigr", "--epochs", "3", "--steps-per-epoch", "6", "--batch-size", "32",
+       "--optimizer", "adam", "--lr", "2e-3", "--disc-every", "4", "--eval-max-batches", "2", *QUIET]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_state(a, b):
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ca, cb = a["method"]["criterion"], b["method"]["criterion"]
+    for k, v in ca.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, cb[k]), k
+    assert ca["gan._extra_state"]["steps"] == cb["gan._extra_state"]["steps"]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    assert torch.equal(a["rng"]["ranks"][0]["generators"]["method"], b["rng"]["ranks"][0]["generators"]["method"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference")
+    assert main([*RUN, "--out", str(out)]) == 0
+    return load(out / "last.pt")
+
+
+def start(out, delay="0.15"):
+    env = dict(os.environ, **{STEP_DELAY_ENV: delay})
+    return subprocess.Popen([sys.executable, "-m", "jsigr_fast", *RUN, "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
+def test_kill_9_then_resume_is_bit_exact(tmp_path, reference):
+    out = tmp_path / "run"
+    proc = start(out)
+    wait_for(out / "last.pt", proc)  # written at the end of epoch 1; epoch 2 is under way
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = load(out / "last.pt")
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["global_step"]) == (1, 0, 6)
+    steps_logged = (out / "steps.csv").read_text().count("\n") - 1
+    assert main(["train", "--resume", str(out), *QUIET]) == 0  # the config comes from the checkpoint
+    final = load(out / "last.pt")
+    assert (final["epoch"], final["global_step"]) == (3, 18)
+    assert_same_state(final, reference)
+    for k in ("loss", "ce", "sig", "jac", "eval_clean"):  # the last epoch's logged means and accuracy
+        assert final["metrics"][k] == reference["metrics"][k], k
+    # rows the killed run logged after its checkpoint were dropped: one row per logged step, in order
+    lines = (out / "steps.csv").read_text().splitlines()[1:]
+    steps = [int(line.split(",")[2]) for line in lines]
+    assert steps == sorted(set(steps)) and steps[-1] == 18 and steps_logged >= 1
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resume_is_bit_exact(tmp_path, reference):
+    out = tmp_path / "run"
+    proc = start(out)
+    wait_for(out / "last.pt", proc)
+    time.sleep(0.35)  # two or three steps into epoch 2
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "received SIGTERM: finishing the current step" in stderr and "stopped by SIGTERM at epoch 2" in stderr
+    ckpt = load(out / "last.pt")
+    assert ckpt["epoch"] == 1 and 0 < ckpt["batch"] < 6 and ckpt["global_step"] == 6 + ckpt["batch"]
+    assert not [f for f in os.listdir(out) if ".tmp" in f]  # the temporary file was renamed into place
+    assert main(["train", "--resume", str(out / "last.pt"), *QUIET]) == 0
+    assert_same_state(load(out / "last.pt"), reference)
+
+
+def test_resume_refuses_a_different_trajectory_and_allows_more_epochs(tmp_path, reference, capsys):
+    out = tmp_path / "run"
+    assert main([*RUN, "--epochs", "1", "--out", str(out)]) == 0
+    assert main(["train", "--resume", str(out), "--lr", "0.1", *QUIET]) == 2
+    assert "cannot resume with a different lr: 0.002 -> 0.1" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--epochs", "2", *QUIET]) == 0
+    assert "the LR schedule is stretched" in capsys.readouterr().err
+    assert load(out / "last.pt")["epoch"] == 2
+    # --resume auto: a fresh folder starts, an existing one continues
+    fresh = tmp_path / "fresh"
+    assert main([*RUN, "--epochs", "1", "--steps-per-epoch", "1", "--out", str(fresh), "--resume", "auto"]) == 0
+    assert "no " + str(fresh / "last.pt") + " yet, starting a new run" in capsys.readouterr().out
+
+
+def test_resume_does_not_need_the_teacher_file_any_more(tmp_path):
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--out", str(teacher),
+                 "--eval-max-batches", "1", *QUIET]) == 0
+    moved = tmp_path / "t.pt"
+    os.replace(teacher / "last.pt", moved)
+    run = ["train", "--method", "ir", "--teacher", str(moved), "--ir-samples", "2", "--epochs", "2",
+           "--steps-per-epoch", "2", "--batch-size", "16", "--eval-max-batches", "1", *QUIET]
+    assert main([*run, "--out", str(tmp_path / "a")]) == 0
+    assert main([*run, "--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    os.unlink(moved)
+    assert main(["train", "--resume", str(tmp_path / "b"), "--epochs", "2", *QUIET]) == 0
+    a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(a["method"]["teacher"][k], v) for k, v in b["method"]["teacher"].items())
+
+
+def test_fp16_grad_scaler_state_is_checkpointed(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "input_grad", "--amp", "fp16", "--epochs", "1", "--steps-per-epoch", "2",
+                 "--batch-size", "8", "--eval-max-batches", "1", "--out", str(out), *QUIET]) == 0
+    ckpt = load(out / "last.pt")
+    assert ckpt["scaler"]["scale"] > 0 and ckpt["scaler"]["_growth_tracker"] >= 0
+    assert ckpt["config"]["amp"] == "fp16" and ckpt["global_step"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# untrusted and broken checkpoints
+# --------------------------------------------------------------------------------------------------
+class Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def good(reference, tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "last.pt"
+    torch.save(reference, path)
+    return path
+
+
+def test_bad_checkpoints_fail_clearly(tmp_path, good, capsys):
+    marker = tmp_path / "code-ran"
+    cases = {
+        "garbage.pt": (b"this is not a checkpoint", "is not a readable PyTorch file"),
+        "truncated.pt": (good.read_bytes()[:5000], "is not a readable PyTorch file"),
+        "empty.pt": (b"", "is not a readable PyTorch file"),
+    }
+    for name, (data, fragment) in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "state_dict.pt")
+    cases["state_dict.pt"] = (None, "is not a jsigr-fast training checkpoint (no 'format' entry)")
+    torch.save({"format": "jsigr_fast.train/99"}, tmp_path / "future.pt")
+    cases["future.pt"] = (None, "has checkpoint format 'jsigr_fast.train/99'")
+    with open(tmp_path / "evil.pt", "wb") as f:  # a plain pickle, as torch.save(weights_only=False) would accept
+        pickle.dump({"format": "jsigr_fast.train/1", "model": Payload(str(marker))}, f)
+    cases["evil.pt"] = (None, "refused rather than unpickled")
+    torch.save({"format": "jsigr_fast.train/1", "model": Payload(str(marker))}, tmp_path / "evil2.pt")
+    cases["evil2.pt"] = (None, "contains Python objects other than tensors and plain containers")
+    incomplete = {k: v for k, v in load(good).items() if k != "optimizer"}
+    torch.save(incomplete, tmp_path / "incomplete.pt")
+    cases["incomplete.pt"] = (None, "is incomplete: missing optimizer")
+    for name, (_, fragment) in cases.items():
+        assert main(["train", "--resume", str(tmp_path / name), *QUIET]) == 2, name
+        err = capsys.readouterr().err
+        assert fragment in err and "Traceback" not in err, (name, err)
+    assert not marker.exists()  # weights_only: the payload never ran
+    # the same files as --init-from / --teacher
+    assert main(["train", "--init-from", str(tmp_path / "evil2.pt"), *QUIET]) == 2
+    assert "refused rather than unpickled" in capsys.readouterr().err
+    assert main(["train", "--method", "distill", "--teacher", str(tmp_path / "garbage.pt"), *QUIET]) == 2
+    assert "is not a readable PyTorch file" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_foreign_weights_do_not_fit(tmp_path, capsys):
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    assert main(["train", "--init-from", str(tmp_path / "other.pt"), "--out", str(tmp_path / "r"), *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model (missing features.0.weight" in err and "unexpected conv.weight" in err
+    from jsigr_fast.models import get_model
+
+    torch.save(get_model("digits_cnn", dataset="digits", num_classes=7).state_dict(), tmp_path / "seven.pt")
+    assert main(["train", "--init-from", str(tmp_path / "seven.pt"), "--out", str(tmp_path / "r"), *QUIET]) == 2
+    assert "size mismatch for fc.weight" in capsys.readouterr().err
+
+
+def test_checkpoint_holds_only_plain_values(good):
+    """Every leaf is a tensor or a primitive: what weights_only accepts, and nothing else."""
+
+    def leaves(obj, path="ckpt"):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                assert isinstance(k, (str, int)), path
+                yield from leaves(v, f"{path}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from leaves(v, f"{path}[{i}]")
+        else:
+            yield path, obj
+
+    kinds = {type(v) for _, v in leaves(load(good))}
+    assert kinds <= {torch.Tensor, int, float, str, bool, type(None)}, kinds
+
+
+def test_save_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):
+    from jsigr_fast.train.checkpoint import save_atomic
+
+    path = tmp_path / "last.pt"
+    save_atomic({"v": torch.ones(3)}, str(path))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic({"v": torch.zeros(3)}, str(path))
+    assert torch.equal(load(path)["v"], torch.ones(3))  # the old checkpoint is intact
+    assert os.listdir(tmp_path) == ["last.pt"]  # and the temporary file is gone
