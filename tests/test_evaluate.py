@@ -1,0 +1,429 @@
+"""Tests for jsigr_fast.evaluate (robustness tables, checkpoints, CLI) and jsigr_fast.jacobian_layers.
+
+Accuracies under attack are recomputed by hand on affine models (closed-form input gradients),
+per-layer Jacobian norms against full Jacobians from torch.autograd loops and against closed
+forms, rho_adv against DeepFool's exact first step on an affine binary classifier.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jsigr_fast import evaluate as E
+from jsigr_fast.jacobian_layers import default_layers, format_layer_markdown, layer_jacobian_norms
+
+# torch's forward-mode AD loads its jit-scripted decompositions on first use (a torch-internal warning)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+D, K = 12, 3
+
+
+class Affine(nn.Module):
+    """z = W flatten(x) + b."""
+
+    def __init__(self, seed, d=D, k=K):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W = nn.Parameter(torch.randn(k, d, generator=g, dtype=torch.float64))
+        self.b = nn.Parameter(0.1 * torch.randn(k, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.W.T + self.b
+
+
+def data(n=64, seed=0, d=D, k=K):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 3, d // 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, k, (n,), generator=g)
+    return x, y
+
+
+def hand_grad(model, x, y):
+    """∇ₓ CE_n = Wᵀ (softmax(z_n) − onehot(y_n)) for an affine model, reshaped like x."""
+    with torch.no_grad():
+        p = torch.softmax(model(x), 1)
+        p[torch.arange(len(y)), y] -= 1
+        return (p @ model.W).reshape(x.shape)
+
+
+def hand_acc(model, x, y):
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).double().mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# mean ± std, attack specs, formatting, CSV
+# ----------------------------------------------------------------------------------------------
+def test_mean_std_and_formatting_on_known_numbers():
+    m, s = E.mean_std([0.5, 0.6, 0.7])
+    assert m == pytest.approx(0.6) and s == pytest.approx(0.1)  # sample std, n - 1
+    assert E.mean_std([0.9]) == (0.9, 0.0)
+    assert E.mean_std([2.0, 4.0])[1] == pytest.approx(math.sqrt(2.0))
+    assert E.format_mean_std([0.5, 0.6, 0.7]) == "60.0 ± 10.0"
+    assert E.format_mean_std([0.975]) == "97.5"
+    assert E.format_mean_std([0.5, 0.6, 0.7], percent=False, digits=2) == "0.60 ± 0.10"
+    with pytest.raises(ValueError):
+        E.mean_std([])
+
+
+def test_parse_attack():
+    a = E.parse_attack("pgd:eps=8/255,steps=20,alpha=2/255,restarts=2")
+    assert (a.name, a.eps, a.steps, a.alpha, a.restarts, a.norm) == ("pgd", 8 / 255, 20, 2 / 255, 2, "linf")
+    assert a.stochastic and a.label == "PGD-20 (ε=8/255, 2 restarts)"
+    b = E.parse_attack("pgd", eps=0.3, steps=40)
+    assert (b.eps, b.steps, b.alpha) == (0.3, 40, None) and b.label == "PGD-40 (ε=0.3)"
+    assert not E.parse_attack("pgd:eps=0.1,random_start=0").stochastic
+    assert E.parse_attack("FGSM", eps=0.1).label == "FGSM (ε=0.1)"
+    assert E.parse_attack("clean", eps=0.1) == E.AttackSpec("clean")
+    assert E.parse_attack("mi-fgsm:eps=0.1,steps=5").name == "mi_fgsm"
+    for bad, match in [("nope", "unknown attack"), ("pgd:eps=0.1,foo=1", "unknown attack option"),
+                       ("fgsm", "needs eps"), ("pgd:eps=abc", "not a number"), ("pgd:eps", "key=value"),
+                       ("fgsm:eps=0.1,norm=l2", "norm"), ("pgd:eps=0.1,steps=0", "steps")]:
+        with pytest.raises(ValueError, match=match):
+            E.parse_attack(bad)
+
+
+def _rows():
+    return [
+        E.Row("robustness", "a", "a", "clean", 0.0, (0.975,), (0,)),
+        E.Row("robustness", "a", "a", "PGD-3 (ε=0.1)", 0.1, (0.5, 0.6, 0.7), (0, 1, 2)),
+        E.Row("robustness", "b", "b", "clean", 0.0, (0.9,), (0,)),
+        E.Row("robustness", "b", "b", "PGD-3 (ε=0.1)", 0.1, (0.8, 0.8, 0.8), (0, 1, 2)),
+        E.Row("transfer", "a", "b", "PGD-3 (ε=0.1)", 0.1, (0.85, 0.95, 0.9), (0, 1, 2)),
+        E.Row("transfer", "b", "a", "PGD-3 (ε=0.1)", 0.1, (0.1, 0.2, 0.3), (0, 1, 2)),
+    ]
+
+
+def test_format_markdown_pivot_and_transfer_matrix():
+    lines = E.format_markdown(_rows()).splitlines()
+    assert lines[:4] == ["| model | clean | PGD-3 (ε=0.1) |", "|---|---:|---:|",
+                         "| a | 97.5 | 60.0 ± 10.0 |", "| b | 90.0 | 80.0 ± 0.0 |"]
+    i = lines.index("| crafted on ↓ / scored by → | a | b |")
+    assert lines[i + 2:i + 4] == ["| a | 60.0 ± 10.0 | 90.0 ± 5.0 |", "| b | 20.0 ± 10.0 | 80.0 ± 0.0 |"]
+
+
+def test_csv_round_trip(tmp_path):
+    rows = _rows() + [E.Row("robustness", "c,with comma", "c,with comma", 'x "q"', 1 / 3, (1 / 3, 2 / 7), (5, 6))]
+    path = E.write_csv(rows, str(tmp_path / "acc.csv"))
+    assert E.read_csv(path) == rows
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not an accuracy CSV"):
+        E.read_csv(str(tmp_path / "bad.csv"))
+
+
+# ----------------------------------------------------------------------------------------------
+# robustness_table against hand computations
+# ----------------------------------------------------------------------------------------------
+def test_fgsm_and_transfer_accuracy_by_hand():
+    a, b = Affine(1), Affine(2)
+    x, y = data()
+    eps = 0.07
+    rows = E.robustness_table({"a": a, "b": b}, x, y, ["clean", f"fgsm:eps={eps}"], seeds=[0, 1], transfer=True,
+                              batch_size=16)
+    got = {(r.table, r.source, r.target, r.attack): r.values for r in rows}
+    xa = (x + eps * hand_grad(a, x, y).sign()).clamp(0, 1)
+    xb = (x + eps * hand_grad(b, x, y).sign()).clamp(0, 1)
+    assert got["robustness", "a", "a", "clean"] == (hand_acc(a, x, y),)  # deterministic: one value
+    assert got["robustness", "b", "b", "clean"] == (hand_acc(b, x, y),)
+    assert got["robustness", "a", "a", "FGSM (ε=0.07)"] == (hand_acc(a, xa, y),)
+    assert got["transfer", "a", "b", "FGSM (ε=0.07)"] == (hand_acc(b, xa, y),)
+    assert got["transfer", "b", "a", "FGSM (ε=0.07)"] == (hand_acc(a, xb, y),)
+    assert hand_acc(a, xa, y) < hand_acc(a, x, y)  # the attack does something
+    assert len(rows) == 2 + 2 + 2  # clean has no transfer rows
+
+
+def test_pgd_without_random_start_by_hand_and_seeded_pgd():
+    a = Affine(3)
+    x, y = data(seed=1)
+    eps, alpha, steps = 0.05, 0.02, 4
+    xa = x.clone()
+    for _ in range(steps):
+        xa = (x + (xa + alpha * hand_grad(a, xa, y).sign() - x).clamp(-eps, eps)).clamp(0, 1)
+    spec = E.AttackSpec("pgd", eps=eps, steps=steps, alpha=alpha, random_start=False)
+    (row,) = E.robustness_table({"a": a}, x, y, [spec], seeds=[0, 1, 2])
+    assert row.values == (hand_acc(a, xa, y),) and row.seeds == (0,)
+
+    rand = E.AttackSpec("pgd", eps=eps, steps=steps, alpha=alpha)
+    (r1,) = E.robustness_table({"a": a}, x, y, [rand], seeds=[0, 1, 2])
+    (r2,) = E.robustness_table({"a": a}, x, y, [rand], seeds=[0, 1, 2])
+    assert len(r1.values) == 3 and r1.seeds == (0, 1, 2) and r1 == r2  # one value per seed, reproducible
+    # Each seed's value is the accuracy on examples within the budget.
+    x_adv = E.craft(a, x, y, rand, generator=torch.Generator().manual_seed(1))
+    assert float((x_adv - x).abs().max()) <= eps + 1e-12
+    assert r1.values[1] == hand_acc(a, x_adv, y)
+
+
+def test_robustness_table_bad_arguments():
+    x, y = data()
+    with pytest.raises(TypeError):
+        E.robustness_table({}, x, y, ["clean"])
+    with pytest.raises(TypeError):
+        E.robustness_table({"a": "not a model"}, x, y, ["clean"])
+    with pytest.raises(ValueError):
+        E.robustness_table({"a": Affine(0)}, x, y, ["clean"], seeds=[])
+
+
+def test_rho_adv_table_affine_binary_closed_form():
+    m = Affine(4, k=2)
+    x, _ = data(n=10, k=2)
+    (row,) = E.rho_adv_table({"m": m}, x, batch_size=4, overshoot=0.02)
+    with torch.no_grad():
+        z = m(x)
+        w = m.W[1] - m.W[0]
+        f = (z[:, 1] - z[:, 0]).abs()
+        ratio = 1.02 * f / w.norm() / x.flatten(1).norm(dim=1)
+    assert row.n_success == row.n_total == 10
+    assert row.rho == pytest.approx(float(ratio.mean()), rel=1e-9)
+    assert "| m | " in E.format_rho_markdown([row])
+
+
+# ----------------------------------------------------------------------------------------------
+# per-layer Jacobian norms
+# ----------------------------------------------------------------------------------------------
+class TinyConv(nn.Module):
+    def __init__(self, c=2, bn=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(c, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3) if bn else nn.Identity()
+        self.conv2 = nn.Conv2d(3, 2, 3, stride=2, padding=1)
+        self.fc = nn.Linear(2 * 2 * 2, 4)
+
+    def forward(self, x):
+        h = F.gelu(self.bn(self.conv1(x)))
+        return self.fc(torch.tanh(self.conv2(h)).flatten(1))
+
+
+def oracle_layer_norms(model, x):
+    """mean_n ||d h_l(x_n)/d x_n||_F^2 from one autograd.grad call per (sample, output unit)."""
+    outs = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda mod, i, o, n=n: outs.__setitem__(n, o))
+             for n in ("conv1", "conv2", "fc")]
+    xg = x.detach().clone().requires_grad_(True)
+    model(xg)
+    for h in hooks:
+        h.remove()
+    res = {}
+    for name, h in outs.items():
+        flat = h.flatten(1)
+        tot = torch.zeros(x.shape[0], dtype=torch.float64)
+        for n in range(x.shape[0]):
+            for u in range(flat.shape[1]):
+                (g,) = torch.autograd.grad(flat[n, u], xg, retain_graph=True)
+                tot[n] += g[n].pow(2).sum()  # the row of sample n's own Jacobian
+                assert float(g.abs().sum() - g[n].abs().sum()) == 0.0  # eval mode: no cross-sample terms
+        res[name] = float(tot.mean())
+    return res, {n: o[0].numel() for n, o in outs.items()}
+
+
+def test_layer_jacobian_norms_match_autograd_loops():
+    model = TinyConv().double().eval()
+    x = torch.rand(3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want, units = oracle_layer_norms(model, x)
+    exact = {r.name: r for r in layer_jacobian_norms(model, x, estimator="exact", batch_size=2)}
+    assert list(exact) == ["conv1", "conv2", "fc"] == default_layers(model)
+    for name in want:
+        assert exact[name].sq_fro == pytest.approx(want[name], rel=1e-10)
+        assert exact[name].units == units[name]
+        assert exact[name].sq_fro_per_unit == pytest.approx(want[name] / units[name], rel=1e-10)
+    hutch = {r.name: r for r in layer_jacobian_norms(model, x, n_proj=600,
+                                                     generator=torch.Generator().manual_seed(1))}
+    for name in want:  # unbiased; ~2-4 % relative noise with 3 x 600 probes
+        assert hutch[name].sq_fro == pytest.approx(want[name], rel=0.15)
+    # The last layer is the logits: the model's mean ||J||_F^2.
+    import jsigr_fast
+    assert exact["fc"].sq_fro == pytest.approx(float(jsigr_fast.jacobian_norm(model, x, estimator="exact").detach()), rel=1e-10)
+
+
+def test_layer_jacobian_hutchinson_closed_form_and_errors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.rand(50, 6, dtype=torch.float64)
+    (first, _) = layer_jacobian_norms(model, x, n_proj=40, generator=torch.Generator().manual_seed(0))
+    w2 = float(model[1].weight.detach().pow(2).sum())  # the first layer's Jacobian is W for every x
+    assert first.name == "1" and first.units == 5
+    assert first.sq_fro == pytest.approx(w2, rel=0.1)
+    (only,) = layer_jacobian_norms(model, x[:2], estimator="exact", layers=["1"])
+    assert only.sq_fro == pytest.approx(w2, rel=1e-12)
+    with pytest.raises(ValueError, match="unknown layer"):
+        layer_jacobian_norms(model, x, layers=["nope"])
+    with pytest.raises(ValueError, match="estimator"):
+        layer_jacobian_norms(model, x, estimator="magic")
+    bn = TinyConv(bn=True).double().train()
+    x4 = torch.rand(4, 2, 4, 4, dtype=torch.float64)
+    before = bn.bn.running_mean.clone()
+    with pytest.raises(ValueError, match="eval"):
+        layer_jacobian_norms(bn, x4, estimator="exact")
+    layer_jacobian_norms(bn, x4, n_proj=2)  # train-mode BN: allowed, running stats untouched
+    assert torch.equal(bn.bn.running_mean, before)
+    text = format_layer_markdown({"m": layer_jacobian_norms(model, x[:4], n_proj=2)})
+    assert text.splitlines()[0] == "| layer | units | m ‖J‖²_F | m per unit |" and "| 1 (Linear) | 5 |" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+def _digits_model(seed=0):
+    from jsigr_fast.models import get_model
+    torch.manual_seed(seed)
+    return get_model("digits_cnn", activation="gelu")
+
+
+def _train_ckpt(model, **cfg):
+    return {"model": model.state_dict(), "config": {"model": "digits_cnn", "model_kwargs": {"activation": "gelu"},
+                                                    "dataset": "digits", **cfg}}
+
+
+def test_load_checkpoint_layouts(tmp_path):
+    m = _digits_model()
+    x = torch.rand(5, 1, 8, 8)
+    ref = m.eval()(x)
+    torch.save(_train_ckpt(m, lr=0.1), tmp_path / "train.pt")
+    lm = E.load_checkpoint(str(tmp_path / "train.pt"))
+    assert (lm.arch, lm.dataset, lm.model_kwargs) == ("digits_cnn", "digits", {"activation": "gelu"})
+    assert not lm.model.training and torch.allclose(lm.model(x), ref)
+
+    torch.save(m.state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match="--model"):
+        E.load_checkpoint(str(tmp_path / "bare.pt"))
+    lm = E.load_checkpoint(str(tmp_path / "bare.pt"), model="digits_cnn", dataset="digits",
+                           model_kwargs={"activation": "gelu"})
+    assert torch.allclose(lm.model(x), ref)
+
+    ddp = {"model": {"module." + k: v for k, v in m.state_dict().items()},
+           "config": {"model": {"name": "digits_cnn", "kwargs": {"activation": "gelu"}}, "dataset": "digits"}}
+    torch.save(ddp, tmp_path / "ddp.pt")
+    assert torch.allclose(E.load_checkpoint(str(tmp_path / "ddp.pt")).model(x), ref)
+
+    import jsigr_fast
+    crit = jsigr_fast.JSIGR((1, 8, 8), discriminator="mnist")
+    with torch.no_grad():
+        crit.adaptor.conv.weight.mul_(3.0)
+    torch.save({**_train_ckpt(m), "criterion": crit.state_dict()}, tmp_path / "jsigr.pt")
+    lm = E.load_checkpoint(str(tmp_path / "jsigr.pt"))
+    g = torch.randn(2, 1, 8, 8)
+    assert lm.adaptor is not None and torch.allclose(lm.adaptor(g), crit.adaptor(g))
+    assert E.load_checkpoint(str(tmp_path / "train.pt")).adaptor is None
+
+
+def test_load_train_layer_checkpoint(tmp_path):
+    """The layout jsigr_fast.train.checkpoint writes: arch = exact constructor arguments, the
+    criterion's state under method/criterion, the optimizer's state alongside."""
+    import jsigr_fast
+    from jsigr_fast.models import get_model
+
+    torch.manual_seed(1)
+    kwargs = {"num_classes": 10, "in_channels": 1, "mean": [0.5], "std": [0.25], "input_size": 8, "activation": "silu"}
+    m = get_model("digits_cnn", **kwargs)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    m(torch.rand(2, 1, 8, 8)).sum().backward()
+    opt.step()
+    crit = jsigr_fast.JSIGR((1, 8, 8), discriminator="mnist")
+    with torch.no_grad():
+        crit.adaptor.conv.bias.fill_(0.25)
+    ckpt = {"format": "jsigr_fast.train/1", "versions": {"torch": str(torch.__version__)},
+            "config": {"method": "jsigr", "dataset": "digits", "data_root": None, "model": None,
+                       "model_args": {"activation": "silu"}, "synthetic": False},
+            "arch": {"model": "digits_cnn", "kwargs": kwargs}, "epoch": 3, "batch": 0, "global_step": 30,
+            "model": m.state_dict(), "optimizer": opt.state_dict(), "scheduler": None,
+            "method": {"criterion": crit.state_dict()}, "rng": {"world_size": 1, "ranks": []}, "counters": {}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    torch.save(ckpt, tmp_path / "a" / "last.pt")
+    torch.save(ckpt, tmp_path / "b" / "last.pt")
+    lm = E.load_checkpoint(str(tmp_path / "a" / "last.pt"))
+    x = torch.rand(3, 1, 8, 8)
+    assert lm.dataset == "digits" and lm.model_kwargs == kwargs
+    assert torch.allclose(lm.model(x), m.eval()(x))  # mean/std 0.5/0.25 and SiLU came from arch
+    g = torch.randn(2, 1, 8, 8)
+    assert lm.adaptor is not None and torch.allclose(lm.adaptor(g), crit.adaptor(g))
+    assert E._unique_names([str(tmp_path / "a" / "last.pt"), str(tmp_path / "b" / "last.pt")], None) == \
+        ["a/last", "b/last"]
+    ckpt["config"]["synthetic"] = True
+    torch.save(ckpt, tmp_path / "syn.pt")
+    lm = E.load_checkpoint(str(tmp_path / "syn.pt"))
+    assert lm.dataset == "synthetic" and lm.dataset_kwargs == {"shape": [1, 8, 8], "num_classes": 10}
+
+
+def test_load_checkpoint_errors(tmp_path):
+    m = _digits_model()
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        E.load_checkpoint(str(tmp_path / "missing.pt"))
+    torch.save(m, tmp_path / "pickled_module.pt")  # a whole pickled object: refused, never executed
+    with pytest.raises(ValueError, match="weights_only"):
+        E.load_checkpoint(str(tmp_path / "pickled_module.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="weights_only"):
+        E.load_checkpoint(str(tmp_path / "junk.pt"))
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="not a state_dict"):
+        E.load_checkpoint(str(tmp_path / "list.pt"))
+    torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="expected a state_dict"):
+        E.load_checkpoint(str(tmp_path / "odd.pt"))
+    torch.save(_train_ckpt(m), tmp_path / "ok.pt")
+    with pytest.raises(ValueError, match="do not fit"):
+        E.load_checkpoint(str(tmp_path / "ok.pt"), model="digits_cnn", model_kwargs={"channels": [16, 64]})
+    with pytest.raises(ValueError, match="cannot build"), pytest.warns(UserWarning, match="overrides"):
+        E.load_checkpoint(str(tmp_path / "ok.pt"), model="no_such_net")
+    sd = dict(m.state_dict())
+    sd.pop("fc.bias")
+    torch.save({"model": sd, "config": {"model": "digits_cnn", "dataset": "digits"}}, tmp_path / "missing_key.pt")
+    with pytest.raises(ValueError, match="missing keys"):
+        E.load_checkpoint(str(tmp_path / "missing_key.pt"))
+    with pytest.warns(UserWarning, match="overrides"):
+        E.load_checkpoint(str(tmp_path / "ok.pt"), dataset="mnist", model_kwargs={"input_size": 8})
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI
+# ----------------------------------------------------------------------------------------------
+def test_eval_cli_end_to_end(tmp_path, capsys):
+    from jsigr_fast.cli import main
+    from jsigr_fast.data import Digits
+
+    paths = []
+    for seed in (0, 1):
+        p = tmp_path / f"net{seed}.pt"
+        torch.save(_train_ckpt(_digits_model(seed)), p)
+        paths.append(str(p))
+    out = tmp_path / "out"
+    rc = main(["eval", *paths, "--names", "A,B", "--limit", "24", "--seeds", "0", "1", "--transfer",
+               "--attack", "clean", "--attack", "fgsm", "--attack", "pgd:steps=2", "--jacobian-layers",
+               "--n-proj", "2", "--rho-adv", "--deepfool-max-iter", "3", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| A |" in text and "Per-layer Jacobian norms" in text and "ρ_adv" in text
+    rows = E.read_csv(str(out / "accuracy.csv"))
+    assert len(rows) == 3 * 2 + 2 * 2  # 3 attacks x 2 models, FGSM and PGD transfer A->B and B->A
+    pgd_rows = [r for r in rows if r.attack.startswith("PGD-2 (ε=0.1)")]
+    assert all(len(r.values) == 2 for r in pgd_rows)
+    # clean accuracy recomputed by hand from the same images and weights
+    ds = Digits("test")
+    x = torch.stack([ds[i][0] for i in range(24)])
+    y = torch.tensor([ds[i][1] for i in range(24)])
+    lm = E.load_checkpoint(paths[0])
+    clean = next(r for r in rows if r.source == "A" and r.attack == "clean")
+    assert clean.values == (hand_acc(lm.model, x, y),)
+    for f in ("results.md", "results.json", "jacobian_layers.csv"):
+        assert (out / f).stat().st_size > 0
+
+
+def test_eval_cli_errors(tmp_path, capsys):
+    from jsigr_fast.cli import main
+
+    assert main(["eval", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    torch.save(_digits_model().state_dict(), tmp_path / "bare.pt")
+    assert main(["eval", str(tmp_path / "bare.pt"), "--out", str(tmp_path)]) == 2
+    assert "--model" in capsys.readouterr().err
+    torch.save(_train_ckpt(_digits_model()), tmp_path / "ok.pt")
+    assert main(["eval", str(tmp_path / "ok.pt"), "--attack", "pgd:foo=1", "--out", str(tmp_path)]) == 2
+    assert "unknown attack option" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="overrides the checkpoint's dataset"):
+        assert main(["eval", str(tmp_path / "ok.pt"), "--dataset", "cifar10", "--out", str(tmp_path)]) == 2
+    assert "error" in capsys.readouterr().err
