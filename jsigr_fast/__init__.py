@@ -29,7 +29,7 @@ from .saliency import SaliencyAdaptor, gradient_saliency, perturbed_input_gradie
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("attacks", "models", "data", "testing")
+_SUBMODULES = ("attacks", "models", "data", "testing", "evaluate", "visualize", "jacobian_layers", "train")
 
 
 def __getattr__(name):  # jsigr_fast.models etc. on first use, so `import jsigr_fast` stays light

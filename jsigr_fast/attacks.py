@@ -144,11 +144,14 @@ def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return delta * factor
 
 
-def _loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """Per-sample CE losses (N,), logits and ``grad_x sum_n CE_n`` (all detached) at ``x``."""
+def _loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None):
+    """Per-sample CE losses (N,), logits and ``grad_x sum_n CE_n`` (all detached) at ``x``.
+    ``y=None`` uses the model's own predictions at ``x`` as labels (from the same forward)."""
     xr = x.detach().requires_grad_(True)
     with torch.enable_grad(), frozen_running_stats(model):
         logits = _checks.check_logits(model(xr), y, xr.shape[0])
+        if y is None:
+            y = logits.detach().argmax(dim=1)
         losses = F.cross_entropy(logits, y, reduction="none")
         if losses.requires_grad:
             (g,) = torch.autograd.grad(losses.sum(), xr, allow_unused=True)
@@ -169,15 +172,19 @@ def _loss_and_pred(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 # ----------------------------------------------------------------------------------------------
 # FGSM and PGD
 # ----------------------------------------------------------------------------------------------
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, targeted: bool = False,
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, eps: float, *, targeted: bool = False,
          clamp: Clamp = (0.0, 1.0)) -> torch.Tensor:
     """FGSM (Goodfellow et al. 2015): ``clamp(x + eps * sign(grad_x CE(f(x), y)))``.
 
     With ``targeted=True``, ``y`` is the target class and the step descends the CE toward it:
-    ``x - eps * sign(grad)``. Features whose gradient is exactly zero are left unchanged.
+    ``x - eps * sign(grad)``. ``y=None`` perturbs against the model's own predicted labels (taken
+    from the same forward), as FGSM adversarial training does to avoid label leaking (Kurakin et
+    al. 2017; J-SIGR's FGSM-AT). Features whose gradient is exactly zero are left unchanged.
     """
     x0, clamp = _prepare(model, x, y, clamp)
     eps = _checks.check_number("eps", eps, low=0.0)
+    if y is None and targeted:
+        raise ValueError("targeted=True needs the target classes in y (y=None means the predicted labels)")
     direction = -1.0 if _check_bool("targeted", targeted) else 1.0
     _, _, g = _loss_grad(model, x0, y)
     return _box(x0 + (direction * eps) * g.sign(), clamp).detach()

@@ -105,7 +105,11 @@ def run(args) -> int:
         acc = evaluate(model, xte, yte, attack_eps=args.attack_eps, attack_steps=args.attack_steps, seed=args.seed)
         results[method] = dict(acc, seconds_per_epoch=sec)
         models[method] = model
-        torch.save(model.state_dict(), os.path.join(args.out, f"{method}.pt"))
+        # Architecture next to the weights: activations have no parameters, so a bare state_dict
+        # would load silently into a ReLU model. `jsigr-fast eval out/demo/*.pt` reads this.
+        torch.save({"model": model.state_dict(),
+                    "config": {"model": "digits_cnn", "model_kwargs": {"activation": args.activation},
+                               "dataset": "digits"}}, os.path.join(args.out, f"{method}.pt"))
 
     cond = {"torch": torch.__version__, "jsigr_fast": jsigr_fast.__version__, "threads": torch.get_num_threads(),
             "compiled_ops": jsigr_fast.extension_loaded(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -123,7 +123,9 @@ class SaliencyAdaptor(nn.Module):
             self.conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
             self.conv.bias.zero_()
 
-    def forward(self, g: torch.Tensor) -> torch.Tensor:
+    def forward(self, g: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``tanh(conv1x1(g / rms(g)))``. ``x`` is accepted and ignored, so a trained adaptor can be
+        passed directly as ``jsigr_fast.loss(..., saliency=adaptor)`` (called as ``saliency(g_hat, x)``)."""
         shape = g.shape
         if g.dim() == 2:
             g4 = g.reshape(shape[0], 1, shape[1], 1)

@@ -716,3 +716,14 @@ def test_cross_check_torchattacks(trained_mlp):
     ours = mi_fgsm(model, x, y, 0.1, steps=5, alpha=0.02)
     theirs = torchattacks.MIFGSM(model, eps=0.1, alpha=0.02, steps=5, decay=1.0)(x, y)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_fgsm_with_predicted_labels_uses_the_models_own_prediction():
+    # y=None: the step ascends the CE at the model's argmax label (no label leaking), from one forward.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).double()
+    x = torch.rand(6, 12, dtype=torch.float64) * 0.4 + 0.3
+    pred = model(x).argmax(1)
+    torch.testing.assert_close(fgsm(model, x, None, 0.05), fgsm(model, x, pred, 0.05), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="targeted=True needs the target classes"):
+        fgsm(model, x, None, 0.05, targeted=True)

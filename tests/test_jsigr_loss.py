@@ -269,3 +269,12 @@ def test_user_model_nn_module_subclass():
     expect, _ = oracle_jsigr(model, x, y, lambda_m=0.5, lambda_j=0.5, eps=0.3, beta=0.1, seed=4)
     got = jsigr_fast.loss(model, x, y, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(got, expect, rtol=1e-10, atol=0)
+
+
+def test_trained_adaptor_can_be_passed_as_saliency():
+    model, x = tiny_model("conv_tanh"), tiny_input("conv_tanh")
+    adaptor = jsigr_fast.SaliencyAdaptor(2).double()
+    got = jsigr_fast.loss(model, x, _labels(5), saliency=adaptor, beta=0.0, generator=torch.Generator().manual_seed(0))
+    expect = jsigr_fast.loss(model, x, _labels(5), saliency=lambda g, _: adaptor(g), beta=0.0,
+                             generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
