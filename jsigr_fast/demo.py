@@ -135,7 +135,7 @@ def run(args) -> int:
         saliency_figure = None
     if saliency_figure is not None:
         path = os.path.join(args.out, "saliency.png")
-        saliency_figure(models, xte[:8], yte[:8], path=path, eps=args.eps)
+        saliency_figure(models, xte[:4], yte[:4], path=path, eps=args.eps)
         written.append("saliency.png")
     print()
     print(table)
