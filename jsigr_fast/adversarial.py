@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import _checks
 from .saliency import SaliencyAdaptor
 
-__all__ = ["Discriminator", "SaliencyGAN", "DISCRIMINATOR_PRESETS", "adversarial_loss"]
+__all__ = ["Discriminator", "SaliencyGAN", "GANCriterion", "DISCRIMINATOR_PRESETS", "adversarial_loss"]
 
 # Channel widths of the discriminators in the JARN paper (and J-SIGR, which reuses the CIFAR one).
 DISCRIMINATOR_PRESETS = {
@@ -194,3 +194,35 @@ class SaliencyGAN(nn.Module):
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.adaptor_opt.load_state_dict(state["adaptor_opt"])
         self.disc_opt.load_state_dict(state["disc_opt"])
+
+
+class GANCriterion(nn.Module):
+    """Shared plumbing of the criteria that own a :class:`SaliencyGAN` (:class:`JSIGR`, :class:`JARN`):
+    the adaptor/discriminator accessors and the (optionally deferred) commit of their updates."""
+
+    def _init_gan(self, input_shape, *, auto_step: bool, **gan_kwargs) -> None:
+        self.gan = SaliencyGAN(input_shape, **gan_kwargs)
+        self.auto_step = bool(auto_step)
+        self._pending = None
+
+    @property
+    def adaptor(self) -> nn.Module:
+        return self.gan.adaptor
+
+    @property
+    def discriminator(self) -> nn.Module:
+        return self.gan.discriminator
+
+    def _stage(self, adaptor_grads, real: torch.Tensor, fake: torch.Tensor) -> dict:
+        """Record one training call's updates; commit them now unless ``auto_step`` is off."""
+        self._pending = (adaptor_grads, real.detach(), fake.detach())
+        return self.step() if self.auto_step else {}
+
+    def step(self) -> dict:
+        """Commit the adaptor/discriminator updates computed by the last training-mode call (a no-op
+        when there are none). Returns the terms produced (``disc`` when the discriminator stepped)."""
+        if self._pending is None:
+            return {}
+        grads, real, fake = self._pending
+        self._pending = None
+        return self.gan.commit(grads, real, fake)

@@ -9,13 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _checks, reference
-from .adversarial import SaliencyGAN, adversarial_loss
+from .adversarial import GANCriterion, adversarial_loss
 from .functional import _check_common
 
 __all__ = ["JARN"]
 
 
-class JARN(nn.Module):
+class JARN(GANCriterion):
     r"""JARN's training objective (Algorithm 1) as a criterion owning the adaptor and discriminator.
 
     ``crit(model, x, y)`` adds uniform noise ``U[-noise, noise]`` to ``x`` (JARN, Alg. 1 line 4),
@@ -44,19 +44,8 @@ class JARN(nn.Module):
         super().__init__()
         self.lambda_adv = _checks.check_number("lambda_adv", lambda_adv, low=0)
         self.noise = _checks.check_number("noise", noise, low=0)
-        self.gan = SaliencyGAN(input_shape, discriminator=discriminator, disc_every=disc_every,
-                               adaptor_lr=adaptor_lr, disc_lr=disc_lr, generator_loss=generator_loss,
-                               sync_grads=sync_grads)
-        self.auto_step = bool(auto_step)
-        self._pending = None
-
-    @property
-    def adaptor(self):
-        return self.gan.adaptor
-
-    @property
-    def discriminator(self):
-        return self.gan.discriminator
+        self._init_gan(input_shape, auto_step=auto_step, discriminator=discriminator, disc_every=disc_every,
+                       adaptor_lr=adaptor_lr, disc_lr=disc_lr, generator_loss=generator_loss, sync_grads=sync_grads)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, return_terms: bool = False,
                 generator: torch.Generator | None = None, grad_scale=None):
@@ -81,20 +70,10 @@ class JARN(nn.Module):
                 grads = torch.autograd.grad(gen, list(apt_params.values()), retain_graph=True)
         terms = {"ce": ce.detach(), "gen": gen.detach()}
         if self.training:
-            self._pending = (grads, x_in.detach(), J_adapted.detach())
-            if self.auto_step:
-                terms.update(self.step())
+            terms.update(self._stage(grads, x_in, J_adapted))
         if not return_terms:
             return total
         terms["loss"] = total.detach()
         with torch.no_grad():
             terms["adv"] = adversarial_loss(self.gan.discriminator(x_in), self.gan.discriminator(J_adapted.detach()))
         return total, terms
-
-    def step(self) -> dict:
-        """Commit the adaptor/discriminator updates of the last training-mode call (see :class:`JSIGR`)."""
-        if self._pending is None:
-            return {}
-        grads, real, fake = self._pending
-        self._pending = None
-        return self.gan.commit(grads, real, fake)

@@ -7,14 +7,14 @@ import torch
 import torch.nn as nn
 
 from . import _checks
-from .adversarial import SaliencyGAN
+from .adversarial import GANCriterion
 from .functional import _check_common, backend_module, resolve_backend
 from .saliency import perturbed_input_gradient, selective_mask
 
 __all__ = ["JSIGR"]
 
 
-class JSIGR(nn.Module):
+class JSIGR(GANCriterion):
     r"""J-SIGR (Liu et al. 2023, Algorithm 1) as a criterion that owns its saliency adaptor.
 
     ``crit(model, x, y)`` returns ``CE + lambda_m * R_sig + lambda_j * R_j`` for the classifier,
@@ -68,19 +68,8 @@ class JSIGR(nn.Module):
         self.backend = _checks.check_choice("backend", backend, _checks.BACKENDS)
         self.mode = _checks.check_choice("mode", mode, _checks.MODES)
         self.fd_step = _checks.check_number("fd_step", fd_step, low=0, low_open=True)
-        self.gan = SaliencyGAN(input_shape, discriminator=discriminator, disc_every=disc_every,
-                               adaptor_lr=adaptor_lr, disc_lr=disc_lr, generator_loss=generator_loss,
-                               sync_grads=sync_grads)
-        self.auto_step = bool(auto_step)
-        self._pending = None
-
-    @property
-    def adaptor(self):
-        return self.gan.adaptor
-
-    @property
-    def discriminator(self):
-        return self.gan.discriminator
+        self._init_gan(input_shape, auto_step=auto_step, discriminator=discriminator, disc_every=disc_every,
+                       adaptor_lr=adaptor_lr, disc_lr=disc_lr, generator_loss=generator_loss, sync_grads=sync_grads)
 
     def saliency(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -106,9 +95,7 @@ class JSIGR(nn.Module):
                     grads = torch.autograd.grad(gen, list(self.gan.adaptor.parameters()))
                 M = M.detach()
                 terms_extra["gen"] = gen.detach()
-                self._pending = (grads, x.detach(), M)
-                if self.auto_step:
-                    terms_extra.update(self.step())
+                terms_extra.update(self._stage(grads, x, M))
             else:
                 with torch.no_grad():
                     M = self.gan.adaptor(g_hat)
@@ -125,12 +112,3 @@ class JSIGR(nn.Module):
         terms["mask_fraction"] = mask.mean() if mask is not None else x.new_ones(())
         terms.update(terms_extra)
         return out["loss"], terms
-
-    def step(self) -> dict:
-        """Commit the adaptor/discriminator updates computed by the last training-mode call (a no-op
-        when there are none). Returns the terms produced (``disc`` when the discriminator stepped)."""
-        if self._pending is None:
-            return {}
-        grads, real, fake = self._pending
-        self._pending = None
-        return self.gan.commit(grads, real, fake)
