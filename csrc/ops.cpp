@@ -21,4 +21,24 @@ TORCH_LIBRARY(jsigr_fast, m) {
   m.def("masked_sq_norm(Tensor g, Tensor? mask) -> Tensor");
   // grad_g[n, d] = 2 * mask[n, d]^2 * g[n, d] * grad_out[n]
   m.def("masked_sq_norm_backward(Tensor grad_out, Tensor g, Tensor? mask) -> Tensor");
+
+  // Train-mode batch norm over dim 1 of x (N, C, *): batch statistics, no running statistics
+  // (the caller updates those). mean and invstd = 1/sqrt(var + eps) (biased var) are [C] in
+  // float32 (float64 for float64 x); y has x's dtype and memory format (contiguous or channels-last).
+  m.def("batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // The VJP of batch_norm_train given the cotangents (None = 0) of (y, mean, invstd); mean and
+  // invstd are independent inputs here (x enters only through xhat = (x - mean) * invstd), so the
+  // batch-statistics terms of second derivatives flow through grad_mean / grad_invstd.
+  // Returns (grad_x, grad_weight, grad_bias); the [C] gradients are float32 (float64).
+  m.def(
+      "batch_norm_backward(Tensor? grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, "
+      "Tensor? grad_mean, Tensor? grad_invstd) -> (Tensor, Tensor, Tensor)");
+  // The VJP of batch_norm_backward: given the cotangents (None = 0) of (grad_x, grad_weight,
+  // grad_bias), the gradients w.r.t. (grad_y, x, weight, mean, invstd, grad_mean, grad_invstd).
+  // Derivation in csrc/README.md.
+  m.def(
+      "batch_norm_double_backward(Tensor? grad_grad_x, Tensor? grad_grad_weight, Tensor? grad_grad_bias, "
+      "Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor? grad_mean, "
+      "Tensor? grad_invstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (csrc/batch_norm.cpp also defines batch_norm_cpu_isa() -> str: which CPU kernel build runs.)
 }

@@ -259,3 +259,121 @@ def class_gradient(logits: torch.Tensor, xg: torch.Tensor, y: torch.Tensor, *, c
     """``J_c = grad_x z_{y}``: the true-class logit's input gradient (the "simple gradient" saliency)."""
     sel = torch.zeros_like(logits).scatter_(1, y[:, None], 1.0)
     return vjp(logits, xg, sel, create_graph=create_graph, grad_scale=grad_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# train-mode batch norm: references of the ops jsigr_fast::batch_norm_train / _backward /
+# _double_backward (csrc/batch_norm.cpp; the derivation is in csrc/README.md)
+# ----------------------------------------------------------------------------------------------
+def _bn_view(x: torch.Tensor):
+    """Reduction dims, per-channel broadcast shape and count M = N * prod(spatial) of an (N, C, *) tensor."""
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return dims, shape, x.numel() // x.shape[1]
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def batch_norm_train_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train-mode batch norm ``(y, mean, invstd)`` in elementary ops (differentiable at every order).
+
+    ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance) are per channel, in float32 for
+    float16/bfloat16/float32 inputs and float64 for float64; ``y`` has x's dtype. Reference of
+    ``jsigr_fast::batch_norm_train``.
+    """
+    dims, shape, _ = _bn_view(x)
+    xf = x.to(_opmath(x.dtype))
+    mean = xf.mean(dim=dims)
+    xc = xf - mean.reshape(shape)
+    invstd = torch.rsqrt(xc.pow(2).mean(dim=dims) + eps)
+    y = xc * invstd.reshape(shape)
+    if weight is not None:
+        y = y * weight.to(xf.dtype).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(xf.dtype).reshape(shape)
+    return y.to(x.dtype), mean, invstd
+
+
+def batch_norm_backward_ref(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                            invstd: torch.Tensor, grad_mean: torch.Tensor | None = None,
+                            grad_invstd: torch.Tensor | None = None):
+    """VJP of :func:`batch_norm_train_ref`: ``(grad_x, grad_weight, grad_bias)`` given the cotangents of
+    ``(y, mean, invstd)`` (the [C] gradients in mean's dtype). Reference of ``jsigr_fast::batch_norm_backward``.
+
+    As a function of its own inputs, ``mean`` and ``invstd`` are independent arguments (``x`` enters
+    only through ``xhat = (x - mean) * invstd``): the batch-statistics terms of the second derivative
+    reach ``x`` through the chain rule, via the ``(grad_mean, grad_invstd)`` the double backward
+    returns. With ``mean, invstd`` the statistics of x and no ``grad_mean/grad_invstd`` it is the usual
+    ``grad_x = w * invstd * (grad_y - mean(grad_y) - xhat * mean(grad_y * xhat))``.
+    """
+    dims, shape, m = _bn_view(x)
+    acc = mean.dtype
+    s = invstd.reshape(shape)
+    xhat = (x.to(acc) - mean.reshape(shape)) * s
+    gy = grad_y.to(acc)
+    a = gy.sum(dim=dims)
+    b = (gy * xhat).sum(dim=dims)
+    w = 1.0 if weight is None else weight.to(acc).reshape(shape)
+    gx = w * s * (gy - a.reshape(shape) / m - xhat * b.reshape(shape) / m)
+    if grad_mean is not None:
+        gx = gx + grad_mean.to(acc).reshape(shape) / m
+    if grad_invstd is not None:
+        gx = gx - grad_invstd.to(acc).reshape(shape) * s * s * xhat / m
+    return gx.to(x.dtype), b, a
+
+
+def batch_norm_double_backward_ref(grad_grad_x, grad_grad_weight, grad_grad_bias, grad_y, x, weight, mean, invstd,
+                                   grad_mean=None, grad_invstd=None):
+    """VJP of :func:`batch_norm_backward_ref` in closed form (csrc/README.md has the derivation).
+
+    Given the cotangents ``(u, alpha, beta)`` of ``(grad_x, grad_weight, grad_bias)`` (None: zero)
+    returns the gradients with respect to ``(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)``
+    (weight None: ``d_weight`` is the derivative at an implicit weight of ones; the [C] gradients are
+    in mean's dtype). Reference of
+    ``jsigr_fast::batch_norm_double_backward``; differentiable again (every op is elementary).
+    """
+    dims, shape, m = _bn_view(x)
+    acc = mean.dtype
+    sv = invstd
+    s = sv.reshape(shape)
+    xc = x.to(acc) - mean.reshape(shape)
+    xhat = xc * s
+    gy = grad_y.to(acc)
+    c = x.shape[1]
+    zeros = gy.new_zeros(c)
+    wv = zeros + 1 if weight is None else weight.to(acc)
+    w = wv.reshape(shape)
+    alpha = zeros if grad_grad_weight is None else grad_grad_weight.to(acc)
+    beta = zeros if grad_grad_bias is None else grad_grad_bias.to(acc)
+    q = zeros if grad_invstd is None else grad_invstd.to(acc)
+    a = gy.sum(dim=dims)  # grad_bias
+    b1 = (gy * xc).sum(dim=dims)  # sum grad_y (x - mean) = grad_weight / invstd
+    b = b1 * sv  # grad_weight
+    if grad_grad_x is None:
+        u = None
+        su = sux = sugy = zeros
+    else:
+        u = grad_grad_x.to(acc)
+        su = u.sum(dim=dims)
+        sux = (u * xhat).sum(dim=dims)
+        sugy = (u * gy).sum(dim=dims)
+    e = sugy - a * su / m - b * sux / m
+    d_weight = sv * e
+    d_grad_mean = su / m
+    d_grad_invstd = -sv * sv * sux / m
+    sum_h = alpha * a - wv * sv / m * (a * sux + b * su) - q * sv * sv * su / m
+    d_mean = -sv * sum_h
+    d_invstd = wv * e - 3 * q * sv * sux / m - 2 * wv * b * sux / m + alpha * b1
+
+    def bc(t):
+        return t.reshape(shape)
+
+    d_grad_y = bc(sv * (alpha - wv * sv * sux / m)) * xc + bc(beta - wv * sv * su / m)
+    d_x = bc(sv * alpha - wv * sv * sv * sux / m) * gy
+    if u is not None:
+        d_grad_y = d_grad_y + w * s * u
+        d_x = d_x + bc(-(wv * sv * sv * b + q * sv ** 3) / m) * u
+    return d_grad_y.to(x.dtype), d_x.to(x.dtype), d_weight, d_mean, d_invstd, d_grad_mean, d_grad_invstd

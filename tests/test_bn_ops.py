@@ -1,0 +1,432 @@
+"""The fused train-mode batch-norm ops against their plain-PyTorch references and ATen.
+
+Ops: jsigr_fast::batch_norm_train / batch_norm_backward / batch_norm_double_backward (csrc/batch_norm*.cpp).
+References: jsigr_fast.reference.batch_norm_*_ref, themselves checked here against F.batch_norm and
+against autograd (so the closed-form double backward is tested against the derivative of the backward).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import jsigr_fast
+from jsigr_fast import ops
+from jsigr_fast.reference import batch_norm_backward_ref, batch_norm_double_backward_ref, batch_norm_train_ref
+
+pytestmark = pytest.mark.skipif(not jsigr_fast.extension_loaded(),
+                                reason=f"compiled extension not loaded: {jsigr_fast.extension_error()}")
+O = torch.ops.jsigr_fast
+
+# (shape, layout): awkward on purpose — batch 1, odd/prime channel counts, spatial 1x1, (N, C), 3-D, 5-D
+CASES = [
+    ((3, 5, 4, 7), "contiguous"),
+    ((3, 5, 4, 7), "channels_last"),
+    ((1, 3, 5, 5), "contiguous"),
+    ((1, 3, 5, 5), "channels_last"),
+    ((4, 7, 1, 1), "contiguous"),
+    ((6, 5), "contiguous"),
+    ((2, 3, 37), "contiguous"),
+    ((2, 3, 4, 5), "transposed"),
+    ((2, 17, 3, 3), "channels_last"),
+    ((2, 2, 2, 3, 2), "contiguous"),
+    ((2, 2, 2, 3, 2), "channels_last"),
+    ((5, 1, 3, 3), "contiguous"),
+]
+
+
+def _layout(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    if layout == "transposed":  # a non-contiguous view with x's logical shape
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    return t
+
+
+def _inputs(shape, layout, dtype=torch.float64, seed=0, affine=True):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+
+    def rnd(*s, scale=1.0, shift=0.0):
+        return (torch.randn(s, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = _layout(rnd(*shape, scale=2.0, shift=3.0), layout)
+    return dict(
+        x=x, gy=_layout(rnd(*shape), layout), u=_layout(rnd(*shape), layout),
+        w=rnd(c, scale=0.5, shift=1.0) if affine else None, b=rnd(c) if affine else None,
+        gm=rnd(c).to(acc), gs=rnd(c).to(acc), alpha=rnd(c).to(acc), beta=rnd(c).to(acc))
+
+
+def _assert_all_close(got, expect, **kw):
+    assert len(got) == len(expect)
+    for i, (a, e) in enumerate(zip(got, expect)):
+        torch.testing.assert_close(a, e, msg=lambda m, i=i: f"output {i}: {m}", **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# the references themselves
+# ----------------------------------------------------------------------------------------------
+def test_reference_forward_is_f_batch_norm():
+    d = _inputs((3, 4, 2, 3), "contiguous")
+    y, mean, invstd = batch_norm_train_ref(d["x"], d["w"], d["b"], 1e-5)
+    torch.testing.assert_close(y, F.batch_norm(d["x"], None, None, d["w"], d["b"], True, 0.1, 1e-5), rtol=1e-13, atol=0)
+    torch.testing.assert_close(mean, d["x"].mean((0, 2, 3)), rtol=1e-13, atol=0)
+    torch.testing.assert_close(invstd, (d["x"].var((0, 2, 3), unbiased=False) + 1e-5).rsqrt(), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_reference_backward_and_double_backward_are_the_derivatives(affine):
+    # backward_ref = VJP of forward_ref (autograd), double_backward_ref = VJP of backward_ref (autograd)
+    d = _inputs((3, 4, 2, 3), "contiguous", affine=affine)
+    x = d["x"].requires_grad_(True)
+    w = d["w"].requires_grad_(True) if affine else None
+    y, mean, invstd = batch_norm_train_ref(x, w, d["b"], 1e-5)
+    wrt = [x] + ([w] if affine else [])
+    auto = torch.autograd.grad((y, mean, invstd), wrt, (d["gy"], d["gm"], d["gs"]))
+    mine = batch_norm_backward_ref(d["gy"], x.detach(), d["w"], mean.detach(), invstd.detach(), d["gm"], d["gs"])
+    _assert_all_close(auto, [mine[0]] + ([mine[1]] if affine else []), rtol=1e-12, atol=1e-12)
+
+    ins = [d["gy"], x.detach(), d["w"], mean.detach(), invstd.detach(), d["gm"], d["gs"]]
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in ins]
+    outs = batch_norm_backward_ref(*leaves)
+    present = [t for t in leaves if t is not None]
+    auto = torch.autograd.grad(outs, present, (d["u"], d["alpha"], d["beta"]))
+    closed = batch_norm_double_backward_ref(d["u"], d["alpha"], d["beta"], *ins)
+    closed = [c for c, t in zip(closed, leaves) if t is not None]
+    _assert_all_close(auto, closed, rtol=1e-11, atol=1e-11)
+
+
+# ----------------------------------------------------------------------------------------------
+# values: kernels vs references, every layout
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_backward_double_backward_values(shape, layout, dtype):
+    d = _inputs(shape, layout, dtype)
+    tol = dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else {}
+    y, mean, invstd = O.batch_norm_train(d["x"], d["w"], d["b"], 1e-5)
+    ref = batch_norm_train_ref(d["x"], d["w"], d["b"], 1e-5)
+    _assert_all_close((y, mean, invstd), ref, **tol)
+    # outputs keep x's layout when it is channels-last, else contiguous
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last if y.dim() == 4 else torch.channels_last_3d)
+    else:
+        assert y.is_contiguous()
+
+    args = (d["x"], d["w"], mean, invstd)
+    _assert_all_close(O.batch_norm_backward(d["gy"], *args, d["gm"], d["gs"]),
+                      batch_norm_backward_ref(d["gy"], *args, d["gm"], d["gs"]), **tol)
+    _assert_all_close(O.batch_norm_backward(d["gy"], *args, None, None),
+                      batch_norm_backward_ref(d["gy"], *args), **tol)
+    _assert_all_close(O.batch_norm_backward(None, *args, d["gm"], d["gs"]),
+                      batch_norm_backward_ref(torch.zeros_like(d["gy"]), *args, d["gm"], d["gs"]), **tol)
+    full = (d["u"], d["alpha"], d["beta"], d["gy"], d["x"], d["w"], mean, invstd, d["gm"], d["gs"])
+    _assert_all_close(O.batch_norm_double_backward(*full), batch_norm_double_backward_ref(*full), **tol)
+    sparse = (None, d["alpha"], None, d["gy"], d["x"], None, mean, invstd, None, d["gs"])
+    _assert_all_close(O.batch_norm_double_backward(*sparse), batch_norm_double_backward_ref(*sparse), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_matches_aten_and_large_mean(dtype):
+    # mean/std = 1e3: the two-pass, shifted variance keeps float32 exact where E[x^2] - E[x]^2 would not
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64) + 1000.0).to(dtype)
+    y, mean, invstd = O.batch_norm_train(x, None, None, 1e-5)
+    torch.testing.assert_close(y, F.batch_norm(x.double(), None, None, None, None, True, 0.1, 1e-5).to(dtype),
+                               **({"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {}))
+    var = x.double().var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                               atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_low_precision_flash_attention_rule(dtype, layout):
+    # |fused - ref32| <= 2 |torch_lowp - ref32| + tiny atol, for every output of every op, where
+    # ref32 = reference on the float32 upcast and torch_lowp = ATen / autograd run in the low dtype.
+    d = _inputs((4, 6, 5, 5), layout, dtype, seed=5)
+    f32 = {k: (v.float() if v is not None else None) for k, v in d.items()}
+    eps = 1e-5
+
+    def check(got, ref32, lowp, what):
+        for i, (a, r, p) in enumerate(zip(got, ref32, lowp)):
+            err = (a.float() - r.float()).abs().max().item()
+            base = (p.float() - r.float()).abs().max().item()
+            atol = 1e-3 * r.float().abs().max().item() + 1e-6
+            assert err <= 2 * base + atol, f"{what} output {i}: |fused-ref32| {err:.3g} > 2*{base:.3g} + {atol:.3g}"
+
+    got = O.batch_norm_train(d["x"], d["w"], d["b"], eps)
+    ref32 = batch_norm_train_ref(f32["x"], f32["w"], f32["b"], eps)
+    lowp_y = F.batch_norm(d["x"], None, None, d["w"], d["b"], True, 0.1, eps)
+    lowp_stats = torch.ops.aten.native_batch_norm(d["x"], d["w"], d["b"], None, None, True, 0.1, eps)
+    check(got, ref32, (lowp_y, lowp_stats[1], lowp_stats[2]), "forward")
+
+    _, mean, invstd = got
+    # autograd of ATen's batch norm in the low dtype: first and second derivatives
+    x = d["x"].clone().requires_grad_(True)
+    w = d["w"].clone().requires_grad_(True)
+    gy = d["gy"].clone().requires_grad_(True)
+    with torch.enable_grad():
+        y = F.batch_norm(x, None, None, w, d["b"], True, 0.1, eps)
+        gx_l, gw_l = torch.autograd.grad(y, (x, w), gy, create_graph=True)
+        dgy_l, dx_l, dw_l = torch.autograd.grad(gx_l, (gy, x, w), d["u"])
+    got_b = O.batch_norm_backward(d["gy"], d["x"], d["w"], mean, invstd, None, None)
+    ref_b = batch_norm_backward_ref(f32["gy"], f32["x"], f32["w"], ref32[1], ref32[2])
+    check(got_b[:2], ref_b[:2], (gx_l, gw_l), "backward")
+    # the double backward as the chain sees it (total derivative, through mean and invstd)
+    xf = f32["x"].clone().requires_grad_(True)
+    wf = f32["w"].clone().requires_grad_(True)
+    gyf = f32["gy"].clone().requires_grad_(True)
+    with torch.enable_grad():
+        yf, mf, sf = batch_norm_train_ref(xf, wf, f32["b"], eps)
+        gxf = batch_norm_backward_ref(gyf, xf, wf, mf, sf)[0]
+        ref_dd = torch.autograd.grad(gxf, (gyf, xf, wf), f32["u"])
+    xk = d["x"].clone().requires_grad_(True)
+    wk = d["w"].clone().requires_grad_(True)
+    gyk = d["gy"].clone().requires_grad_(True)
+    with torch.enable_grad():
+        yk = ops.batch_norm(xk, None, None, wk, d["b"], True, 0.1, eps)
+        (gxk,) = torch.autograd.grad(yk, xk, gyk, create_graph=True)
+        got_dd = torch.autograd.grad(gxk, (gyk, xk, wk), d["u"])
+    check(got_dd, ref_dd, (dgy_l, dx_l, dw_l), "double backward")
+
+
+# ----------------------------------------------------------------------------------------------
+# derivatives: gradcheck / gradgradcheck (float64), opcheck
+# ----------------------------------------------------------------------------------------------
+GRAD_CASES = [((3, 2, 2, 3), "contiguous"), ((2, 3, 2, 2), "channels_last"), ((4, 3), "contiguous"),
+              ((1, 2, 3, 1), "contiguous"), ((3, 2, 1, 1), "contiguous")]
+
+
+@pytest.mark.parametrize("shape,layout", GRAD_CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_forward_gradcheck_gradgradcheck(shape, layout, affine):
+    d = _inputs(shape, layout, affine=affine)
+    x = d["x"].requires_grad_(True)
+    params = (d["w"].requires_grad_(True), d["b"].requires_grad_(True)) if affine else ()
+
+    def f(x, *p):
+        return O.batch_norm_train(x, *(p if affine else (None, None)), 1e-5)
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+    assert torch.autograd.gradgradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("shape,layout", GRAD_CASES[:2])
+def test_backward_and_double_backward_gradcheck(shape, layout):
+    d = _inputs(shape, layout)
+    _, mean, invstd = batch_norm_train_ref(d["x"], d["w"], d["b"], 1e-5)
+    ins = [t.clone().requires_grad_(True) for t in (d["gy"], d["x"], d["w"], mean, invstd, d["gm"], d["gs"])]
+    assert torch.autograd.gradcheck(O.batch_norm_backward, ins)
+    assert torch.autograd.gradgradcheck(O.batch_norm_backward, ins)  # third order: through the reference
+    ins2 = [d["u"].clone().requires_grad_(True), d["alpha"].clone().requires_grad_(True), None] + ins
+    assert torch.autograd.gradcheck(O.batch_norm_double_backward, ins2)
+
+
+def test_opcheck():
+    d = _inputs((3, 2, 2, 3), "contiguous")
+    dc = _inputs((2, 3, 2, 2), "channels_last")
+    _, mean, invstd = batch_norm_train_ref(d["x"], d["w"], d["b"], 1e-5)
+    _, mean_c, invstd_c = batch_norm_train_ref(dc["x"], dc["w"], dc["b"], 1e-5)
+    rg = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    torch.library.opcheck(O.batch_norm_train.default, (rg(d["x"]), rg(d["w"]), rg(d["b"]), 1e-5))
+    torch.library.opcheck(O.batch_norm_train.default, (rg(dc["x"]), None, None, 1e-5))
+    torch.library.opcheck(O.batch_norm_backward.default,
+                          (rg(d["gy"]), rg(d["x"]), rg(d["w"]), rg(mean), rg(invstd), rg(d["gm"]), None))
+    torch.library.opcheck(O.batch_norm_backward.default, (None, dc["x"], None, mean_c, invstd_c, dc["gm"], dc["gs"]))
+    torch.library.opcheck(O.batch_norm_double_backward.default,
+                          (rg(d["u"]), rg(d["alpha"]), None, rg(d["gy"]), rg(d["x"]), rg(d["w"]), rg(mean),
+                           rg(invstd), None, rg(d["gs"])))
+
+
+# ----------------------------------------------------------------------------------------------
+# the F.batch_norm-compatible entry point: running statistics exactly as nn.BatchNorm
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_running_stats_match_batchnorm_module(momentum, dtype):
+    # outputs to rounding, running statistics bit for bit (momentum=None: cumulative average)
+    torch.manual_seed(0)
+    native = nn.BatchNorm2d(5, momentum=momentum).to(dtype).train()
+    with torch.no_grad():
+        native.weight.uniform_(0.5, 1.5)
+        native.bias.uniform_(-0.5, 0.5)
+    fused = nn.BatchNorm2d(5, momentum=momentum).to(dtype).train()
+    fused.load_state_dict(native.state_dict())
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else {}
+    for step in range(3):
+        x = torch.randn(4, 5, 3, 3, dtype=dtype) * (step + 1) + step
+        from jsigr_fast.fused import fused_batch_norm
+        with fused_batch_norm():
+            y = fused(x)
+        torch.testing.assert_close(y, native(x), **tol)
+    for k, v in native.state_dict().items():  # running statistics: bit-identical
+        assert torch.equal(fused.state_dict()[k], v), k
+    assert int(fused.num_batches_tracked) == 3
+
+
+def test_frozen_running_stats_are_not_touched():
+    from jsigr_fast.batchnorm import frozen_running_stats
+    from jsigr_fast.fused import fused_batch_norm
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).double().train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with frozen_running_stats(m), fused_batch_norm():
+        m(torch.randn(4, 2, 5, 5, dtype=torch.float64)).sum().backward()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_entry_point_falls_back_for_eval_and_checks_batch_size():
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(ops.batch_norm(x, rm, rv, training=False), F.batch_norm(x, rm, rv, training=False),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        ops.batch_norm(torch.randn(1, 4, 1, 1), None, None, training=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# vmap (is_grads_batched), threads, the generic (non-AVX2) kernel build, errors
+# ----------------------------------------------------------------------------------------------
+def test_vmap_and_batched_vjp():
+    d = _inputs((4, 3, 2, 3), "contiguous")
+    xs = torch.stack([d["x"], d["gy"]])
+    got = torch.vmap(lambda t: O.batch_norm_train(t, d["w"], d["b"], 1e-5))(xs)
+    _assert_all_close(got, [torch.stack(t) for t in zip(*[batch_norm_train_ref(t, d["w"], d["b"], 1e-5) for t in xs])],
+                      rtol=1e-12, atol=1e-12)
+    # is_grads_batched vmaps the backward op; the result keeps its graph for the double backward
+    x = d["x"].clone().requires_grad_(True)
+    head = torch.randn(18, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cot = torch.randn(3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.enable_grad():
+        z = torch.tanh(ops.batch_norm(x, None, None, d["w"], d["b"], True)).flatten(1) @ head
+        gb = torch.autograd.grad(z, x, cot, is_grads_batched=True, create_graph=True)[0]
+        loops = torch.stack([torch.autograd.grad(z, x, c, create_graph=True)[0] for c in cot])
+    torch.testing.assert_close(gb, loops, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(gb)
+    torch.testing.assert_close(torch.autograd.grad((gb * w).sum(), x, retain_graph=True)[0],
+                               torch.autograd.grad((loops * w).sum(), x)[0],
+                               rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("shape,layout", [((16, 9, 16, 16), "contiguous"), ((64, 3, 16, 16), "channels_last")])
+def test_parallel_paths_with_two_threads(shape, layout):
+    # channels split across threads (NCHW), rows split across threads with per-thread partial sums
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        d = _inputs(shape, layout)
+        y, mean, invstd = O.batch_norm_train(d["x"], d["w"], d["b"], 1e-5)
+        _assert_all_close((y, mean, invstd), batch_norm_train_ref(d["x"], d["w"], d["b"], 1e-5), rtol=1e-11,
+                          atol=1e-11)
+        full = (d["u"], d["alpha"], d["beta"], d["gy"], d["x"], d["w"], mean, invstd, d["gm"], d["gs"])
+        _assert_all_close(O.batch_norm_double_backward(*full), batch_norm_double_backward_ref(*full), rtol=1e-10,
+                          atol=1e-10)
+    finally:
+        torch.set_num_threads(before)
+
+
+_GENERIC_SCRIPT = r"""
+import torch, jsigr_fast
+from jsigr_fast.reference import batch_norm_train_ref, batch_norm_double_backward_ref
+assert torch.ops.jsigr_fast.batch_norm_cpu_isa() == "generic", torch.ops.jsigr_fast.batch_norm_cpu_isa()
+g = torch.Generator().manual_seed(0)
+for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 1e-5)):
+    for cl in (False, True):
+        x = torch.randn(3, 5, 4, 7, generator=g, dtype=dtype) * 2 + 3
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w, b, u, gy = torch.randn(5, dtype=dtype), torch.randn(5, dtype=dtype), torch.randn_like(x), torch.randn_like(x)
+        y, m, s = torch.ops.jsigr_fast.batch_norm_train(x, w, b, 1e-5)
+        for a, e in zip((y, m, s), batch_norm_train_ref(x, w, b, 1e-5)):
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+        args = (u, None, None, gy, x, w, m, s, None, None)
+        for a, e in zip(torch.ops.jsigr_fast.batch_norm_double_backward(*args), batch_norm_double_backward_ref(*args)):
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+def test_generic_kernel_build_in_subprocess():
+    # ATEN_CPU_CAPABILITY=default forces the portable (non-AVX2) build of the kernels
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _GENERIC_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_errors_name_the_problem():
+    x = torch.randn(3, 4, 2, 2)
+    with pytest.raises(RuntimeError, match="weight must have shape \\[4\\]"):
+        O.batch_norm_train(x, torch.ones(3), None, 1e-5)
+    with pytest.raises(RuntimeError, match="x must be floating point"):
+        O.batch_norm_train(torch.ones(3, 4, dtype=torch.int64), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="x must have shape"):
+        O.batch_norm_train(torch.ones(3), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="at least one value per channel"):
+        O.batch_norm_train(torch.ones(0, 4, 2, 2), None, None, 1e-5)
+    m, s = torch.zeros(4), torch.ones(4)
+    with pytest.raises(RuntimeError, match="grad_y must have x's shape"):
+        O.batch_norm_backward(torch.ones(3, 4, 2, 1), x, None, m, s, None, None)
+    with pytest.raises(RuntimeError, match="mean must have dtype"):
+        O.batch_norm_backward(x, x, None, m.double(), s, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (skipped on CPU-only machines): the CUDA kernels (csrc/cuda/batch_norm.cu, or the Triton
+# kernels registered in their place) against the same references
+# ----------------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_ops_match_references(shape, layout, dtype):
+    d = {k: (v.cuda() if v is not None else None) for k, v in _inputs(shape, layout, dtype).items()}
+    tol = dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else {}
+    got = O.batch_norm_train(d["x"], d["w"], d["b"], 1e-5)
+    _assert_all_close(got, batch_norm_train_ref(d["x"], d["w"], d["b"], 1e-5), **tol)
+    _, mean, invstd = got
+    args = (d["x"], d["w"], mean, invstd)
+    _assert_all_close(O.batch_norm_backward(d["gy"], *args, d["gm"], d["gs"]),
+                      batch_norm_backward_ref(d["gy"], *args, d["gm"], d["gs"]), **tol)
+    full = (d["u"], d["alpha"], d["beta"], d["gy"], d["x"], d["w"], mean, invstd, d["gm"], d["gs"])
+    _assert_all_close(O.batch_norm_double_backward(*full), batch_norm_double_backward_ref(*full), **tol)
+    sparse = (None, d["alpha"], None, d["gy"], d["x"], None, mean, invstd, None, d["gs"])
+    _assert_all_close(O.batch_norm_double_backward(*sparse), batch_norm_double_backward_ref(*sparse), **tol)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_forward(dtype):
+    d = _inputs((8, 6, 7, 7), "contiguous", dtype, seed=5)
+    x, w, b = d["x"].cuda(), d["w"].cuda(), d["b"].cuda()
+    got = O.batch_norm_train(x, w, b, 1e-5)
+    ref = batch_norm_train_ref(x.float(), w.float(), b.float(), 1e-5)
+    lowp = F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+    err = (got[0].float() - ref[0]).abs().max().item()
+    assert err <= 2 * (lowp.float() - ref[0]).abs().max().item() + 1e-3 * ref[0].abs().max().item()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fused_backend_equals_reference():
+    import copy
+
+    from jsigr_fast.testing import tiny_input, tiny_model
+    model, x = tiny_model("residual_bn").cuda(), tiny_input("residual_bn").cuda()
+    y = torch.arange(x.shape[0], device="cuda") % 4
+    out = []
+    for backend in ("reference", "fused"):
+        m = copy.deepcopy(model)
+        loss = jsigr_fast.loss(m, x, y, backend=backend, generator=torch.Generator("cuda").manual_seed(0))
+        out.append([loss] + list(torch.autograd.grad(loss, list(m.parameters()))))
+    scale = max(g.abs().max().item() for g in out[0][1:])
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12 * scale)

@@ -1,0 +1,92 @@
+"""The Triton batch-norm kernels (kernels/batch_norm.py) against the references, under TRITON_INTERPRET=1.
+
+TRITON_INTERPRET must be set before triton is first imported, and other test modules may import it
+(torch.compile does), so the checks run in a child pytest process with the variable set: the parent
+test ``test_triton_kernels_in_interpreter`` launches it; the child tests are skipped in the parent.
+Shapes are tiny (the interpreter runs each program in numpy).
+"""
+import os
+import subprocess
+import sys
+from importlib.util import find_spec
+
+import pytest
+import torch
+
+from jsigr_fast.reference import batch_norm_backward_ref, batch_norm_double_backward_ref, batch_norm_train_ref
+
+CHILD = os.environ.get("JSIGR_TRITON_CHILD") == "1"
+child_only = pytest.mark.skipif(not CHILD, reason="runs in the TRITON_INTERPRET=1 child process")
+
+CASES = [((3, 5, 4, 7), "contiguous"), ((3, 5, 4, 7), "channels_last"), ((6, 5), "contiguous"),
+         ((1, 3, 2, 2), "contiguous"), ((2, 3, 37), "contiguous"), ((2, 3, 4, 5), "transposed")]
+
+
+@pytest.mark.skipif(CHILD, reason="parent driver")
+@pytest.mark.skipif(find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", JSIGR_TRITON_CHILD="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    # every child test must really run there: the only skip allowed is this driver itself
+    expected = 2 * len(CASES) + 1
+    assert f"{expected} passed, 1 skipped" in r.stdout, r.stdout[-2000:]
+
+
+def _inputs(shape, layout, dtype):
+    g = torch.Generator().manual_seed(0)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def rnd(*s, scale=1.0, shift=0.0):
+        return (torch.randn(s, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+
+    def lay(t):
+        if layout == "channels_last":
+            return t.contiguous(memory_format=torch.channels_last)
+        if layout == "transposed":
+            return t.transpose(2, 3).contiguous().transpose(2, 3)
+        return t
+
+    c = shape[1]
+    return (lay(rnd(*shape, scale=2.0, shift=3.0)), lay(rnd(*shape)), lay(rnd(*shape)), rnd(c, scale=0.5, shift=1.0),
+            rnd(c), rnd(c).to(acc), rnd(c).to(acc), rnd(c).to(acc))
+
+
+@child_only
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ops_match_references(shape, layout, dtype):
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from jsigr_fast.kernels import batch_norm as tb
+
+    x, gy, u, w, b, gm, gs, al = _inputs(shape, layout, dtype)
+    tol = dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else {}
+    got = tb.batch_norm_train(x, w, b, 1e-5)
+    ref = batch_norm_train_ref(x, w, b, 1e-5)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, **tol)
+    if layout == "channels_last":
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+    _, mean, invstd = ref
+    for args in ((gy, x, w, mean, invstd, gm, gs), (gy, x, None, mean, invstd, None, None),
+                 (None, x, w, mean, invstd, gm, gs)):
+        expect = batch_norm_backward_ref(*((torch.zeros_like(x),) + args[1:] if args[0] is None else args))
+        for a, e in zip(tb.batch_norm_backward(*args), expect):
+            torch.testing.assert_close(a, e, **tol)
+    for args in ((u, al, gm, gy, x, w, mean, invstd, gm, gs), (None, al, None, gy, x, None, mean, invstd, None, gs)):
+        for a, e in zip(tb.batch_norm_double_backward(*args), batch_norm_double_backward_ref(*args)):
+            torch.testing.assert_close(a, e, **tol)
+
+
+@child_only
+def test_bfloat16_rounds_once():
+    from jsigr_fast.kernels import batch_norm as tb
+
+    x, gy, u, w, b, *_ = _inputs((4, 3, 3, 3), "contiguous", torch.bfloat16)
+    y, mean, invstd = tb.batch_norm_train(x, w, b, 1e-5)
+    y32, m32, s32 = batch_norm_train_ref(x.float(), w.float(), b.float(), 1e-5)
+    assert y.dtype == torch.bfloat16 and mean.dtype == torch.float32
+    torch.testing.assert_close(y, y32.to(torch.bfloat16), rtol=0, atol=float(y32.abs().max()) * 2 ** -7)
+    torch.testing.assert_close(mean, m32)
+    torch.testing.assert_close(invstd, s32)
