@@ -1,28 +1,493 @@
 """The ``backend="fused"`` implementations: same signatures and results as :mod:`jsigr_fast.reference`.
 
-Each function here must return what its namesake in :mod:`jsigr_fast.reference` returns (values
-and parameter gradients; float64 to ~1e-10), only faster. Today the only compiled piece is the
-masked squared-norm reduction (csrc/masked_sq_norm.cpp); the fused BatchNorm double backward,
-batched VJPs and forward-mode kernels plug in here.
+Each function here returns what its namesake in :mod:`jsigr_fast.reference` returns (values and
+parameter gradients; float64 to ~1e-10), only faster. Inside the call, an unmodified model's layers
+are rerouted (a ``TorchFunctionMode``, like :func:`jsigr_fast.batchnorm.decomposed_normalization`);
+any layer without a rule below keeps its ordinary autograd formula:
+
+* **Train-mode BatchNorm** (every ``F.batch_norm`` with ``training=True``, so every ``nn.BatchNorm1d/2d/3d``
+  in training mode) runs ``jsigr_fast::batch_norm_train``, whose backward and double backward are
+  single fused kernels (csrc/batch_norm*.cpp) instead of ATen's chain of ~40 small kernels for
+  ``NativeBatchNormBackwardBackward0`` (pytorch#3076). Eval-mode BatchNorm is affine and stays native.
+* **Conv2d** (``F.conv2d`` with numeric padding) gets an explicit double-backward rule: the weight
+  gradient of the input-gradient's graph is ``convolution_backward(grad_out, gg_input)`` — the same
+  fast kernel as an ordinary weight gradient — where ATen's ``ConvolutionBackwardBackward0`` runs a
+  convolution over transposed copies of both tensors (pytorch#22577). The input-gradient VJPs also
+  skip the weight gradient that ATen's create-graph path cannot tell is unused.
+* **ReLU** (``F.relu``, not in-place): its backward's dependence on the input is zero almost
+  everywhere; the rule says so, where ATen materialises ``zeros_like`` and adds it in every double backward.
+* **Forward mode through BatchNorm** (Hutchinson estimator): the JVP of train-mode batch norm is
+  its own backward applied to the tangent (the normalisation's Jacobian is symmetric), so the
+  tangent is computed with the fused backward op, and differentiating ``||J z||^2`` in reverse runs
+  the fused double backward: exact, unlike ATen's native forward-mode rule (see
+  :mod:`jsigr_fast.batchnorm`), and without decomposing the norm into elementary ops.
+* **Batched VJPs** where they pay: see :data:`BATCH_VJPS` and bench/bench_vjp.py.
+
+Running statistics: updated exactly as ``F.batch_norm`` does (and not at all inside
+:func:`jsigr_fast.batchnorm.frozen_running_stats`).
 """
 from __future__ import annotations
 
-from . import ops, reference
+import contextlib
+import warnings
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from . import _checks, ops, reference
+from .batchnorm import decomposed_normalization, frozen_running_stats
+
+__all__ = ["jsigr", "input_gradient_penalty", "jacobian_norm", "fused_layers", "fused_batch_norm", "BATCH_VJPS"]
+
+# Stack the CE cotangent and the Jacobian projections into one is_grads_batched backward pass?
+# Measured on the 2-core CPU (bench/results/vjp_cpu_*.md): it does not pay there, so it is off;
+# a GPU session should re-measure (bench/bench_vjp.py --device cuda) and flip it per device.
+BATCH_VJPS = {"cpu": False, "cuda": False}
 
 
 def _sq_norm(g, mask):
     return ops.masked_sq_norm(g, mask, compiled=True)
 
 
-def jsigr(model, x, y, **kw):
-    kw.setdefault("sq_norm", _sq_norm)
-    return reference.jsigr(model, x, y, **kw)
+# ----------------------------------------------------------------------------------------------
+# layer rules: batch norm (reverse and forward mode), the mode that reroutes F.* calls
+# ----------------------------------------------------------------------------------------------
+class _BatchNormJVP(torch.autograd.Function):
+    """Train-mode batch norm with a forward-mode rule, for the Hutchinson estimator.
+
+    Reverse mode is the op's own (fused backward / double backward). Forward mode: with
+    ``xhat = (x - mean) * invstd``, the Jacobian ``d xhat / d x`` is symmetric per channel, so
+    ``t_y = batch_norm_backward(t_x, x, w, mean, invstd).grad_x + xhat * t_w + t_b`` — computed with
+    the differentiable backward op, so ``d/dtheta ||t_y||^2`` is exact and uses the fused double backward.
+    """
+
+    generate_vmap_rule = True  # torch.func.vmap (the op has a vmap rule)
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return torch.ops.jsigr_fast.batch_norm_train(x, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps = inputs
+        _y, mean, invstd = output
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.save_for_forward(x, weight, mean, invstd)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_invstd):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        if grad_y is None and grad_mean is None and grad_invstd is None:
+            return None, None, None, None
+        gx, gw, gb = torch.ops.jsigr_fast.batch_norm_backward(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
+        gw = None if weight is None else gw.to(weight.dtype)
+        gb = None if bias is None else gb.to(bias.dtype)
+        return gx, gw, gb, None
+
+    @staticmethod
+    def jvp(ctx, t_x, t_w, t_b, _t_eps):
+        x, weight, mean, invstd = ctx.saved_tensors
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        m = x.numel() // x.shape[1]
+        if t_x is None:
+            t_x = torch.zeros_like(x)
+        # grad_x of the backward op is w * (d xhat/dx) t_x; its grad_weight / grad_bias are
+        # sum(t_x * xhat) and sum(t_x), which give the tangents of mean and invstd.
+        t_y, s_xhat, s_one = torch.ops.jsigr_fast.batch_norm_backward(t_x, x, weight, mean, invstd, None, None)
+        t_mean = s_one / m
+        t_invstd = -invstd * invstd * s_xhat / m
+        if t_w is not None or t_b is not None:
+            xhat = (x.to(mean.dtype) - mean.reshape(shape)) * invstd.reshape(shape)
+            extra = 0
+            if t_w is not None:
+                extra = xhat * t_w.to(mean.dtype).reshape(shape)
+            if t_b is not None:
+                extra = extra + t_b.to(mean.dtype).reshape(shape)
+            t_y = t_y + extra.to(t_y.dtype)
+        return t_y, t_mean, t_invstd
 
 
-def input_gradient_penalty(model, x, y, **kw):
-    kw.setdefault("sq_norm", _sq_norm)
-    return reference.input_gradient_penalty(model, x, y, **kw)
+class _FusedMode(TorchFunctionMode):
+    def __init__(self, *, forward_ad: bool = False, conv: bool = True, relu: bool = True):
+        super().__init__()
+        self.forward_ad = forward_ad  # batch norm through _BatchNormJVP (the conv / ReLU rules have jvps)
+        self.conv = conv
+        self.relu = relu
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            if self.forward_ad:
+                return _batch_norm_jvp(*args, **kwargs)
+            return ops.batch_norm(*args, **kwargs)
+        if func is F.conv2d and self.conv:
+            return conv2d(*args, **kwargs)
+        if func is F.relu and self.relu:
+            return relu(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
-def jacobian_norm(model, x, **kw):
-    return reference.jacobian_norm(model, x, **kw)
+def _batch_norm_jvp(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    if not training or not ops.batch_norm_supported(input, weight):
+        # eval mode is affine: ATen's forward-mode rule is exact there
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    F._verify_batch_size(input.size())
+    y, _mean, _invstd = _BatchNormJVP.apply(input, weight, bias, eps)
+    ops._update_running_stats(input, running_mean, running_var, momentum)
+    return y
+
+
+@contextlib.contextmanager
+def fused_layers(*, forward_ad: bool = False, conv: bool = True, relu: bool = True):
+    """Inside the block, train-mode ``F.batch_norm`` runs the fused op (:func:`jsigr_fast.ops.batch_norm`),
+    ``F.conv2d`` and ``F.relu`` get the explicit double-backward rules of :func:`conv2d` / :func:`relu`.
+    With ``forward_ad=True`` batch norm goes through a wrapper that also has an exact forward-mode rule."""
+    with _FusedMode(forward_ad=forward_ad, conv=conv, relu=relu):
+        yield
+
+
+@contextlib.contextmanager
+def fused_batch_norm(*, forward_ad: bool = False):
+    """:func:`fused_layers` for batch norm only."""
+    with _FusedMode(forward_ad=forward_ad, conv=False, relu=False):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# conv2d and relu with explicit double-backward rules
+# ----------------------------------------------------------------------------------------------
+def _needed(ctx) -> list[bool]:
+    """Which inputs of a custom Function the *running* backward pass needs.
+
+    ``ctx.needs_input_grad`` only says whether an input requires grad, so a Function's backward inside
+    ``autograd.grad(outputs, x)`` would also compute the weight gradient; the engine knows better
+    (``_will_engine_execute_node``, the check torch.utils.checkpoint uses). Falls back to
+    ``needs_input_grad`` if that private API is unavailable."""
+    fns = iter(ctx.next_functions)
+    out = []
+    for is_tensor, need in zip(ctx.is_tensor, ctx.needs_input_grad):
+        fn = next(fns)[0] if is_tensor else None
+        if not need or fn is None:
+            out.append(bool(need) and fn is not None)
+            continue
+        try:
+            out.append(bool(torch._C._will_engine_execute_node(fn)))
+        except (AttributeError, RuntimeError):
+            out.append(True)
+    return out
+
+
+def _mark_inputs(ctx, inputs):
+    ctx.is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
+
+
+def _batched(t) -> bool:
+    """True for a tensor seen inside a vmapped backward (``is_grads_batched`` uses the legacy vmap). A
+    custom Function applied there would save batch-wrapped tensors into the graph, so the backward
+    of such calls records ATen's own differentiable ``convolution_backward`` instead."""
+    f = torch._C._functorch
+    return f.is_legacy_batchedtensor(t) or f.is_batchedtensor(t)
+
+
+_conv_backward = torch.ops.aten.convolution_backward.default
+
+
+def _conv_bw(grad_out, x, w, p, mask, bias=False):
+    stride, padding, dilation, groups = p
+    return _conv_backward(grad_out, x, w, [w.shape[0]] if bias else None, stride, padding, dilation, False,
+                          [0] * len(stride), groups, mask)
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """``grad_x = conv_transpose(grad_out, w)`` (x only gives the shape), with its own backward:
+    ``d grad_out = conv2d(gg, w)``, ``d w = weight gradient of conv2d at input gg``."""
+
+    generate_vmap_rule = True  # torch.func.vmap
+
+    @staticmethod
+    def forward(grad_out, w, x, p):
+        return _conv_bw(grad_out, x, w, p, [True, False, False])[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, w, x, p = inputs
+        ctx.save_for_backward(grad_out, w, x)
+        ctx.p = p
+        _mark_inputs(ctx, inputs)
+
+    @staticmethod
+    def backward(ctx, gg):
+        grad_out, w, x = ctx.saved_tensors
+        p = ctx.p
+        need_go, need_w = _needed(ctx)[:2]
+        d_go = F.conv2d(gg, w, None, *p) if need_go else None
+        d_w = None
+        if need_w:
+            d_w = (_ConvWeightGrad.apply(grad_out, gg, w, p) if torch.is_grad_enabled() and not _batched(gg)
+                   else _conv_bw(grad_out, gg, w, p, [False, True, False])[1])
+        return d_go, d_w, None, None
+
+
+class _ConvWeightGrad(torch.autograd.Function):
+    """``grad_w`` of conv2d(x, w) for ``grad_out`` (w only gives the shape), with its own backward:
+    ``d grad_out = conv2d(x, gg)``, ``d x = conv_transpose(grad_out, gg)``."""
+
+    generate_vmap_rule = True  # torch.func.vmap
+
+    @staticmethod
+    def forward(grad_out, x, w, p):
+        return _conv_bw(grad_out, x, w, p, [False, True, False])[1]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, x, w, p = inputs
+        ctx.save_for_backward(grad_out, x, w)
+        ctx.p = p
+        _mark_inputs(ctx, inputs)
+
+    @staticmethod
+    def backward(ctx, gg):
+        grad_out, x, w = ctx.saved_tensors
+        p = ctx.p
+        need_go, need_x = _needed(ctx)[:2]
+        d_go = F.conv2d(x, gg, None, *p) if need_go else None
+        d_x = None
+        if need_x:
+            d_x = (_ConvInputGrad.apply(grad_out, gg, x, p) if torch.is_grad_enabled() and not _batched(gg)
+                   else _conv_bw(grad_out, x, gg, p, [True, False, False])[0])
+        return d_go, d_x, None, None
+
+
+class _Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(x, w, b, p):
+        return F.conv2d(x, w, b, *p)
+
+    generate_vmap_rule = True  # torch.func.vmap
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, p = inputs
+        ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+        ctx.p = p
+        ctx.has_bias = b is not None
+        _mark_inputs(ctx, inputs)
+
+    @staticmethod
+    def jvp(ctx, t_x, t_w, t_b, _t_p):
+        x, w = ctx.saved_tensors
+        out = None
+        if t_x is not None:
+            out = F.conv2d(t_x, w, None, *ctx.p)
+        if t_w is not None:
+            tw = F.conv2d(x, t_w, None, *ctx.p)
+            out = tw if out is None else out + tw
+        if t_b is not None:
+            tb = t_b.reshape(1, -1, 1, 1)
+            out = tb.expand(x.shape[0], -1, *out.shape[2:]) if out is None else out + tb
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w = ctx.saved_tensors
+        p = ctx.p
+        need_x, need_w, need_b = _needed(ctx)[:3]
+        if torch.is_grad_enabled() and not _batched(grad_out):  # create_graph: pieces with their own rules
+            gx = _ConvInputGrad.apply(grad_out, w, x, p) if need_x else None
+            gw = _ConvWeightGrad.apply(grad_out, x, w, p) if need_w else None
+            gb = grad_out.sum(dim=(0, 2, 3)) if need_b else None
+            return gx, gw, gb, None
+        gx, gw, gb = _conv_bw(grad_out, x, w, p, [need_x, need_w, need_b], bias=ctx.has_bias)
+        return gx, gw, gb, None
+
+
+def _pair(v):
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d`` whose double backward uses ordinary convolution kernels (see the module docstring).
+    String padding ("same"/"valid") and non-4-D inputs fall back to ``F.conv2d``."""
+    if isinstance(padding, str) or input.dim() != 4:
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    p = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    dev = input.device.type
+    if torch.is_autocast_enabled(dev) and input.is_floating_point():
+        # cast as autocast would (conv runs in the low-precision dtype), so the rule saves and
+        # differentiates the cast tensors, whatever autocast state the backward later runs under
+        dt = torch.get_autocast_dtype(dev)
+        args = [t.to(dt) if t is not None else None for t in (input, weight, bias)]
+        with torch.autocast(dev, enabled=False):
+            return _Conv2d.apply(*args, p)
+    return _Conv2d.apply(input, weight, bias, p)
+
+
+class _ReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return torch.relu(x)
+
+    generate_vmap_rule = True  # torch.func.vmap
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (out,) = ctx.saved_tensors
+        # out detached: d(grad_in)/dx = 0 almost everywhere, so the double backward only flows to grad_out
+        return torch.ops.aten.threshold_backward(grad_out, out.detach(), 0)
+
+    @staticmethod
+    def jvp(ctx, t_x):
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(t_x, out.detach(), 0)
+
+
+def relu(input, inplace=False):
+    """``F.relu`` whose backward has no (identically zero) dependence on the input; in-place calls stay native."""
+    if inplace:
+        return F.relu(input, inplace=True)
+    return _ReLU.apply(input)
+
+
+# ----------------------------------------------------------------------------------------------
+# estimators
+# ----------------------------------------------------------------------------------------------
+def jacobian_hutchinson_sq(model, x, *, n_proj: int = 1, generator=None):
+    """:func:`jsigr_fast.reference.jacobian_hutchinson_sq` with train-mode BatchNorm's tangent from the
+    fused ops instead of a decomposed norm. InstanceNorm / LayerNorm (whose native forward-mode rule is
+    also wrong under reverse mode) are still decomposed."""
+    model = _checks.unwrap_parallel(model)
+    x0 = x.detach()
+    n = x0.shape[0]
+    total = None
+    with torch.enable_grad(), frozen_running_stats(model), decomposed_normalization(), \
+            fused_layers(forward_ad=True):
+        for _ in range(n_proj):
+            z = _checks.randn(x0.shape, like=x0, generator=generator)
+            try:
+                jz = reference._jvp_forward_mode(model, x0, z)
+            except NotImplementedError as exc:  # a layer without a jvp rule: the reference's fallback
+                warnings.warn(f"hutchinson: forward-mode AD unsupported by a layer ({exc}); using the double-VJP JVP",
+                              RuntimeWarning)
+                jz = reference._jvp_double_vjp(model, x0, z)
+            sq = jz.reshape(n, -1).pow(2).sum(dim=1)
+            total = sq if total is None else total + sq
+    return total / n_proj
+
+
+def _batched_vjps(logits, xg, cotangents, grad_scale):
+    """``[J^T c for c in cotangents]`` in one vmapped backward pass (graphs kept)."""
+    cot = torch.stack(cotangents)
+    g = reference.vjp(logits, xg, cot, grad_scale=grad_scale, is_grads_batched=True)
+    return list(g.unbind(0))
+
+
+def _use_batched(x) -> bool:
+    return BATCH_VJPS.get(x.device.type, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the regularizers
+# ----------------------------------------------------------------------------------------------
+def jsigr(model, x, y, *, lambda_m, lambda_j, eps, mask, jacobian, n_proj, generator, sq_norm=_sq_norm,
+          grad_scale=None):
+    """:func:`jsigr_fast.reference.jsigr`, fused (see the module docstring)."""
+    if jacobian == "hutchinson" and lambda_j > 0 and _can_share_forward(model):
+        return _jsigr_hutchinson_shared(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, mask=mask, n_proj=n_proj,
+                                        generator=generator, sq_norm=sq_norm, grad_scale=grad_scale)
+    if jacobian == "hutchinson" and lambda_j > 0:
+        with torch.enable_grad(), fused_layers():
+            out = reference.jsigr(model, x, y, lambda_m=lambda_m, lambda_j=0.0, eps=eps, mask=mask,
+                                  jacobian=jacobian, n_proj=n_proj, generator=generator, sq_norm=sq_norm,
+                                  grad_scale=grad_scale)
+        # its own forward-mode pass, outside the reverse-mode rules above
+        out["jac"] = jacobian_hutchinson_sq(model, x, n_proj=n_proj, generator=generator).mean()
+        out["loss"] = out["loss"] + lambda_j * out["jac"]
+        return out
+    with torch.enable_grad(), fused_layers():
+        if not (_use_batched(x) and lambda_m > 0 and lambda_j > 0 and jacobian == "projection"):
+            return reference.jsigr(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, eps=eps, mask=mask,
+                                   jacobian=jacobian, n_proj=n_proj, generator=generator, sq_norm=sq_norm,
+                                   grad_scale=grad_scale)
+        # one backward pass for the CE input gradient and the n_proj projections
+        xg, logits = reference.forward(model, x, y)
+        per_sample = F.cross_entropy(logits, y, reduction="none")
+        ce = per_sample.mean()
+        n, k = logits.shape
+        r = torch.softmax(logits, dim=1) - F.one_hot(y, k).to(logits.dtype)  # d sum_n l_n / d logits
+        vs = [reference.unit_sphere(n, k, like=logits, generator=generator) for _ in range(n_proj)]
+        grads = _batched_vjps(logits, xg, [r] + vs, grad_scale)
+        sig = sq_norm(grads[0], mask).mean()
+        jac = sum(k * u.reshape(n, -1).pow(2).sum(dim=1) for u in grads[1:]) / n_proj
+        jac = jac.mean()
+        return {"ce": ce, "logits": logits, "sig": sig, "jac": jac, "loss": ce + lambda_m * sig + lambda_j * jac}
+
+
+def _can_share_forward(model) -> bool:
+    """The Hutchinson tangent can ride on the training forward unless the model is DDP/DP-wrapped (the
+    reference runs its JVP on the unwrapped module) or draws random numbers in its forward (dropout:
+    the reference's separate JVP forward draws its own masks)."""
+    if _checks.unwrap_parallel(model) is not model:
+        return False
+    return not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules())
+
+
+def _jsigr_hutchinson_shared(model, x, y, *, lambda_m, lambda_j, mask, n_proj, generator, sq_norm, grad_scale):
+    """J-SIGR with the Hutchinson estimator, its first JVP carried by the training forward itself.
+
+    The reference runs a separate forward (primal + tangent) for ``J z`` and differentiates both; here
+    the tangent ``z`` rides on the forward that also gives the CE and the input gradient, so the primal
+    forward and its backward are shared: 11 conv units instead of 14 (SPEC.md cost model). Same values
+    and gradients as the reference: the batch statistics, the random draws (``z`` is the first draw from
+    ``generator`` after the mask, as in the reference) and the running-statistics update are the same.
+    Extra draws (``n_proj > 1``) run their own forward-mode passes, as in the reference.
+    """
+    n = x.shape[0]
+    xg = reference.input_leaf(x)
+    z = _checks.randn(x.shape, like=x.detach(), generator=generator)
+    with torch.enable_grad():
+        with decomposed_normalization(), fused_layers(forward_ad=True), fwAD.dual_level():
+            out = _checks.check_logits(model(fwAD.make_dual(xg, z)), y, n)
+            unpacked = fwAD.unpack_dual(out)
+            logits = unpacked.primal
+            jz = unpacked.tangent if unpacked.tangent is not None else torch.zeros_like(logits)
+        sq = jz.reshape(n, -1).pow(2).sum(dim=1)
+        with fused_layers():
+            per_sample = F.cross_entropy(logits, y, reduction="none")
+            ce = per_sample.mean()
+            res = {"ce": ce, "logits": logits}
+            loss = ce
+            if lambda_m > 0:
+                g = reference.vjp(per_sample.sum(), xg, grad_scale=grad_scale)
+                res["sig"] = sq_norm(g, mask).mean()
+                loss = loss + lambda_m * res["sig"]
+        if n_proj > 1:
+            sq = sq + jacobian_hutchinson_sq(model, x, n_proj=n_proj - 1, generator=generator) * (n_proj - 1)
+        res["jac"] = (sq / n_proj).mean()
+        res["loss"] = loss + lambda_j * res["jac"]
+    return res
+
+
+def input_gradient_penalty(model, x, y, *, mask=None, sq_norm=_sq_norm, grad_scale=None):
+    """:func:`jsigr_fast.reference.input_gradient_penalty`, fused."""
+    with torch.enable_grad(), fused_layers():
+        return reference.input_gradient_penalty(model, x, y, mask=mask, sq_norm=sq_norm, grad_scale=grad_scale)
+
+
+def jacobian_norm(model, x, *, estimator="exact", n_proj=1, generator=None, coupled=None, grad_scale=None):
+    """:func:`jsigr_fast.reference.jacobian_norm`, fused."""
+    if estimator == "hutchinson":
+        per = jacobian_hutchinson_sq(model, x, n_proj=n_proj, generator=generator)
+        return {"jac": per.mean(), "per_sample": per}
+    with torch.enable_grad(), fused_layers():
+        return reference.jacobian_norm(model, x, estimator=estimator, n_proj=n_proj, generator=generator,
+                                       coupled=coupled, grad_scale=grad_scale)

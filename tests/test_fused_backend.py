@@ -1,0 +1,208 @@
+"""backend="fused" against backend="reference": same loss, same parameter gradients, same running
+statistics, for every regularizer on every tiny model; and the fused BatchNorm really is used."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import jsigr_fast
+from jsigr_fast import fused, ops
+from jsigr_fast.testing import TINY_MODELS, tiny_input, tiny_model
+
+pytestmark = pytest.mark.skipif("fused" not in jsigr_fast.available_backends(),
+                                reason=f"fused backend unavailable: {jsigr_fast.extension_error()}")
+
+REGULARIZERS = ["loss_projection", "loss_exact", "loss_hutchinson", "input_gradient_penalty", "jacobian_exact",
+                "jacobian_projection", "jacobian_hutchinson", "double_backprop"]
+BN_MODELS = ("conv_bn_train", "residual_bn")
+
+
+def _labels(x):
+    return torch.arange(x.shape[0]) % 4
+
+
+def _run(model, x, y, backend, kind):
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(5)  # dropout masks
+    if kind.startswith("loss_"):
+        out = jsigr_fast.loss(model, x, y, jacobian=kind[5:], backend=backend, generator=gen, n_proj=2)
+    elif kind == "input_gradient_penalty":
+        out = jsigr_fast.input_gradient_penalty(model, x, y, backend=backend)
+    elif kind.startswith("jacobian_"):
+        out = jsigr_fast.jacobian_norm(model, x, estimator=kind[9:], backend=backend, generator=gen)
+    else:
+        out = jsigr_fast.double_backprop(model, x, y, backend=backend)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out, params, allow_unused=True)
+    return out.detach(), grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _compare(ref, got, rtol, atol_scale):
+    (lr, gr, sr), (lf, gf, sf) = ref, got
+    torch.testing.assert_close(lf, lr, rtol=rtol, atol=atol_scale * lr.abs().item())
+    # a parameter whose true gradient is 0 (a conv bias before train-mode BN) carries rounding noise:
+    # compare every gradient with an atol relative to the largest gradient of the model
+    scale = max(g.abs().max().item() for g in gr if g is not None)
+    for i, (a, b) in enumerate(zip(gr, gf)):
+        assert (a is None) == (b is None), f"gradient {i}: one backend has none"
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=rtol, atol=atol_scale * scale, msg=lambda m, i=i: f"grad {i}: {m}")
+    for k in sr:
+        torch.testing.assert_close(sf[k], sr[k], rtol=rtol, atol=atol_scale, msg=lambda m, k=k: f"buffer {k}: {m}")
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+@pytest.mark.parametrize("kind", REGULARIZERS)
+def test_fused_equals_reference_float64(name, kind):
+    model, x = tiny_model(name), tiny_input(name)
+    y = _labels(x)
+    ref = _run(copy.deepcopy(model), x, y, "reference", kind)
+    got = _run(copy.deepcopy(model), x, y, "fused", kind)
+    _compare(ref, got, rtol=1e-10, atol_scale=1e-12)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+@pytest.mark.parametrize("kind", ["loss_projection", "loss_hutchinson", "double_backprop"])
+def test_fused_equals_reference_float32(name, kind):
+    model, x = tiny_model(name, dtype=torch.float32), tiny_input(name, dtype=torch.float32)
+    y = _labels(x)
+    ref = _run(copy.deepcopy(model), x, y, "reference", kind)
+    got = _run(copy.deepcopy(model), x, y, "fused", kind)
+    (lr, gr, sr), (lf, gf, sf) = ref, got
+    torch.testing.assert_close(lf, lr)
+    scale = max(g.abs().max().item() for g in gr if g is not None)
+    for a, b in zip(gr, gf):
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-5 * max(scale, 1.0), rtol=1.3e-6)
+    for k in sr:
+        torch.testing.assert_close(sf[k], sr[k])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", BN_MODELS)
+@pytest.mark.parametrize("kind", ["loss_projection", "double_backprop", "jacobian_hutchinson"])
+def test_low_precision_flash_attention_rule(dtype, name, kind):
+    # |fused - ref32| <= 2 |reference_lowp - ref32| + tiny atol, for the loss and every gradient
+    model32, x32 = tiny_model(name, dtype=torch.float32), tiny_input(name, dtype=torch.float32)
+    y = _labels(x32)
+    ref32 = _run(copy.deepcopy(model32), x32, y, "reference", kind)
+    lowp = _run(copy.deepcopy(model32).to(dtype), x32.to(dtype), y, "reference", kind)
+    got = _run(copy.deepcopy(model32).to(dtype), x32.to(dtype), y, "fused", kind)
+    pairs = [("loss", got[0], lowp[0], ref32[0])] + [
+        (f"grad {i}", g, p, r) for i, (g, p, r) in enumerate(zip(got[1], lowp[1], ref32[1])) if r is not None]
+    scale = max(r.float().abs().max().item() for _, _, _, r in pairs[1:])
+    for what, g, p, r in pairs:
+        err = (g.float() - r).abs().max().item()
+        base = (p.float() - r).abs().max().item()
+        atol = 1e-2 * (scale if what != "loss" else abs(r.item())) + 1e-6
+        assert err <= 2 * base + atol, f"{what}: |fused-ref32| {err:.3g} > 2*|lowp-ref32| {2 * base:.3g} + {atol:.3g}"
+
+
+def _graph_names(t):
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["loss_projection", "input_gradient_penalty", "jacobian_exact", "double_backprop"])
+def test_train_mode_batchnorm_is_routed_to_the_fused_op(kind, monkeypatch):
+    calls = []
+    real = ops.batch_norm
+    monkeypatch.setattr(ops, "batch_norm", lambda *a, **k: calls.append(k.get("training", a[5] if len(a) > 5 else None))
+                        or real(*a, **k))
+    model, x = tiny_model("residual_bn"), tiny_input("residual_bn")
+    y = _labels(x)
+    gen = torch.Generator().manual_seed(0)
+    if kind == "loss_projection":
+        out = jsigr_fast.loss(model, x, y, backend="fused", generator=gen)
+    elif kind == "input_gradient_penalty":
+        out = jsigr_fast.input_gradient_penalty(model, x, y, backend="fused")
+    elif kind == "jacobian_exact":
+        out = jsigr_fast.jacobian_norm(model, x, backend="fused")
+    else:
+        out = jsigr_fast.double_backprop(model, x, y, backend="fused")
+    assert calls and all(calls), "the fused backend never called ops.batch_norm in train mode"
+    names = _graph_names(out)
+    assert not any("NativeBatchNorm" in n for n in names), names
+    assert any("batch_norm_train" in n for n in names) or any("batch_norm_backward" in n for n in names), names
+
+
+def test_hutchinson_tangent_uses_the_fused_backward(monkeypatch):
+    calls = []
+    real = fused._BatchNormJVP.jvp
+    monkeypatch.setattr(fused._BatchNormJVP, "jvp", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    model, x = tiny_model("conv_bn_train"), tiny_input("conv_bn_train")
+    jsigr_fast.jacobian_norm(model, x, estimator="hutchinson", backend="fused", generator=torch.Generator())
+    assert calls
+
+
+def test_eval_mode_batchnorm_stays_native():
+    model, x = tiny_model("conv_bn_eval"), tiny_input("conv_bn_eval")
+    out = jsigr_fast.double_backprop(model, x, _labels(x), backend="fused")
+    assert not any("batch_norm_train" in n for n in _graph_names(out))
+
+
+def test_running_stats_updated_once_like_a_training_forward():
+    # loss(): one ordinary training forward's update (momentum and cumulative), same as the reference
+    for momentum in (0.1, None):
+        base = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3, momentum=momentum), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(3 * 36, 4)).double().train()
+        x = tiny_input("conv_bn_train")
+        y = _labels(x)
+        states = []
+        for backend in ("reference", "fused"):
+            m = copy.deepcopy(base)
+            jsigr_fast.loss(m, x, y, backend=backend, generator=torch.Generator().manual_seed(0))
+            states.append(m.state_dict())
+        expect = copy.deepcopy(base)
+        expect(x)  # one plain training forward
+        for k, v in expect.state_dict().items():
+            assert torch.equal(states[1][k], v), k
+            assert torch.equal(states[1][k], states[0][k]), k
+
+
+@pytest.mark.parametrize("name", BN_MODELS + ("maxpool_relu",))
+@pytest.mark.parametrize("kind", ["loss_projection", "double_backprop"])
+def test_bfloat16_autocast_flash_attention_rule(name, kind):
+    # under autocast the conv rule must save and differentiate the tensors autocast casts (the backward
+    # usually runs outside the autocast region): fused-under-autocast vs reference-under-autocast vs fp32
+    model32, x32 = tiny_model(name, dtype=torch.float32), tiny_input(name, dtype=torch.float32)
+    y = _labels(x32)
+    ref32 = _run(copy.deepcopy(model32), x32, y, "reference", kind)
+    res = {}
+    for backend in ("reference", "fused"):
+        m = copy.deepcopy(model32)
+        gen = torch.Generator().manual_seed(3)
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if kind == "loss_projection":
+                out = jsigr_fast.loss(m, x32, y, backend=backend, generator=gen, n_proj=2)
+            else:
+                out = jsigr_fast.double_backprop(m, x32, y, backend=backend)
+        res[backend] = (out.detach().float(), torch.autograd.grad(out.float(), list(m.parameters()), allow_unused=True))
+    scale = max(r.abs().max().item() for r in ref32[1] if r is not None)
+    pairs = [("loss", res["fused"][0], res["reference"][0], ref32[0], abs(ref32[0].item()))] + [
+        (f"grad {i}", g, p, r, scale) for i, (g, p, r) in enumerate(zip(res["fused"][1], res["reference"][1], ref32[1]))
+        if r is not None]
+    for what, g, p, r, s in pairs:
+        err = (g.float() - r).abs().max().item()
+        base = (p.float() - r).abs().max().item()
+        assert err <= 2 * base + 1e-2 * s + 1e-6, f"{what}: |fused-ref32| {err:.3g} > 2*{base:.3g} + atol"
+
+
+@pytest.mark.parametrize("name", ["conv_tanh", "residual_bn", "maxpool_relu"])
+def test_batched_vjp_path_equals_reference(name, monkeypatch):
+    # the is_grads_batched variant (off on CPU by measurement, fused.BATCH_VJPS) must stay exact
+    monkeypatch.setitem(fused.BATCH_VJPS, "cpu", True)
+    model, x = tiny_model(name), tiny_input(name)
+    y = _labels(x)
+    ref = _run(copy.deepcopy(model), x, y, "reference", "loss_projection")
+    got = _run(copy.deepcopy(model), x, y, "fused", "loss_projection")
+    _compare(ref, got, rtol=1e-10, atol_scale=1e-12)

@@ -1,0 +1,102 @@
+"""The conv2d / ReLU rules of the fused backend (jsigr_fast.fused): exact at every derivative order the
+library uses, under is_grads_batched and forward mode, and without the work ATen's rules waste."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+from jsigr_fast import fused
+
+CONV_CASES = [  # (in, out, kernel, stride, padding, dilation, groups, bias)
+    (2, 3, 3, 1, 1, 1, 1, True),
+    (2, 3, 3, 2, 1, 1, 1, False),
+    (4, 2, 1, 2, 0, 1, 2, True),
+    (3, 3, 3, 1, 2, 2, 3, True),
+    (2, 4, (3, 1), (2, 1), (1, 0), 1, 1, False),
+]
+
+
+def _conv_inputs(case, seed=0):
+    cin, cout, k, s, p, d, g, bias = case
+    gen = torch.Generator().manual_seed(seed)
+    k2 = k if isinstance(k, tuple) else (k, k)
+    x = torch.randn(2, cin, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(cout, cin // g, *k2, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(cout, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    return x, w, b, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_matches_native_and_gradgradcheck(case):
+    x, w, b, kw = _conv_inputs(case)
+    torch.testing.assert_close(fused.conv2d(x, w, b, **kw), F.conv2d(x, w, b, **kw), rtol=0, atol=0)
+    args = (x, w) if b is None else (x, w, b)
+
+    def f(*a):
+        return fused.conv2d(*a, **kw) if b is not None else fused.conv2d(a[0], a[1], None, **kw)
+
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:3])
+def test_conv2d_input_gradient_penalty_matches_native(case):
+    # d/d(w, x) ||grad_x <y, c>||^2: the double-backprop quantity, fused rules vs ATen's
+    x, w, b, kw = _conv_inputs(case, seed=1)
+    c = torch.randn_like(F.conv2d(x, w, b, **kw))
+    out = []
+    for conv in (fused.conv2d, F.conv2d):
+        y = torch.tanh(conv(x, w, b, **kw))
+        (gx,) = torch.autograd.grad(y, x, c, create_graph=True)
+        out.append(torch.autograd.grad(gx.pow(2).sum(), [t for t in (x, w, b) if t is not None]))
+    for a, e in zip(*out):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_batched_vjp_with_graph_matches_loop():
+    # is_grads_batched vmaps the backward: the rule then records ATen's differentiable op (see _batched)
+    x, w, b, kw = _conv_inputs(CONV_CASES[0], seed=2)
+    y = torch.tanh(fused.conv2d(x, w, b, **kw))
+    cot = torch.randn(3, *y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    gb = torch.autograd.grad(y, x, cot, create_graph=True, is_grads_batched=True)[0]
+    gl = torch.stack([torch.autograd.grad(y, x, c, create_graph=True)[0] for c in cot])
+    torch.testing.assert_close(gb, gl, rtol=1e-12, atol=1e-12)
+    ga = torch.autograd.grad(gb.pow(2).sum(), (w, b), retain_graph=True)
+    gc = torch.autograd.grad(gl.pow(2).sum(), (w, b))
+    for a, e in zip(ga, gc):
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11)
+
+
+def test_conv2d_and_relu_forward_mode_match_native():
+    x, w, b, kw = _conv_inputs(CONV_CASES[1], seed=4)
+    tx, tw = torch.randn_like(x), torch.randn_like(w)
+    res = []
+    for conv, act in ((fused.conv2d, fused.relu), (F.conv2d, F.relu)):
+        with fwAD.dual_level():
+            y = act(conv(fwAD.make_dual(x, tx), fwAD.make_dual(w, tw), None, **kw))
+            res.append(fwAD.unpack_dual(y).tangent)
+    torch.testing.assert_close(res[0], res[1], rtol=1e-12, atol=1e-12)
+
+
+def test_input_gradient_does_not_compute_the_weight_gradient(monkeypatch):
+    calls = []
+    real = fused._ConvWeightGrad.forward
+    monkeypatch.setattr(fused._ConvWeightGrad, "forward", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    x, w, b, kw = _conv_inputs(CONV_CASES[0])
+    y = fused.conv2d(x, w, b, **kw)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    assert not calls, "autograd.grad(..., x) computed the weight gradient"
+    torch.autograd.grad(y.pow(2).sum(), w, create_graph=True)
+    assert calls
+
+
+def test_relu_rule_gradgradcheck_and_no_zero_branch():
+    x = (torch.rand(3, 4, dtype=torch.float64) + 0.1) * torch.tensor([1.0, -1.0]).repeat(2)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(fused.relu, (x,))
+    assert torch.autograd.gradgradcheck(fused.relu, (x,))
+    # ATen's backward depends on x (through a branch whose derivative is zeros_like); ours does not
+    (g_native,) = torch.autograd.grad(F.relu(x).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(fused.relu(x).sum(), x, create_graph=True)
+    assert g_native.requires_grad and not g.requires_grad
+    torch.testing.assert_close(g, g_native, rtol=0, atol=0)
