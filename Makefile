@@ -43,6 +43,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_step.py --out bench/results
+	$(PY) bench/bench_epoch.py --preset cpu --out bench/results
 
 clean:
 	rm -rf build *.egg-info jsigr_fast/_C*.so out .pytest_cache .benchmarks

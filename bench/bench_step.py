@@ -51,7 +51,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--methods", default="standard,double_backprop,jsigr,jsigr_hutchinson")
+    p.add_argument("--methods", default="standard,double_backprop,double_backprop_fused,jsigr,jsigr_fused,jsigr_fd,"
+                   "jsigr_hutchinson,jsigr_hutchinson_fused,pgd_at7")
     p.add_argument("--backend", default="reference")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -61,7 +62,7 @@ def main(argv=None):
 
     dtype = DTYPES[a.dtype]
     model, opt, x, y = make_setup(a.model, a.batch, device=a.device, dtype=dtype, channels_last=a.channels_last)
-    methods = make_methods(model.input_shape, backend=a.backend)
+    methods = make_methods(model.input_shape, backend=a.backend, device=a.device)
     names = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = [n for n in names if n not in methods]
     if unknown:

@@ -32,7 +32,21 @@ FLOOR_UNITS = {
     "jarn": 6,
     "fgsm_at": 5,
     "pgd_at7": 17,
+    # FGSM-AT1 as SPEC's recipe (half clean, half adversarial, predicted labels), crafting only the
+    # adversarial half: forward + input-only backward on N/2 (1) + a standard step on N (3) = 4. SPEC's
+    # "~5" (key fgsm_at) counts crafting the whole batch, 1*(1+1) + 3, i.e. JARN's all-adversarial variant.
+    "fgsm_at1": 4,
+    # JARN-AT1 = JARN's loss on FGSM-AT1's half-adversarial batch: 1 + 6 (adaptor, discriminator not counted).
+    "jarn_at1": 7,
+    # finite-difference J-SIGR (Finlay & Oberman): 3 forwards (x, x + h d_g, x + h d_J) and their backwards
+    # (3 + 6), two input-only VJPs for the directions (2) and the saliency gradient (2) = 13.
+    "jsigr_fd": 13,
 }
+
+# The adversarial-training baselines at JARN's CIFAR-10 settings (seed 001 §4.3): linf eps 8/255,
+# PGD-AT7 = 7 steps of 2/255 from a random start.
+AT_EPS = 8 / 255
+AT_ALPHA = 2 / 255
 
 
 @dataclass
@@ -43,7 +57,59 @@ class Method:
     label: str
 
 
-def make_methods(input_shape, *, backend: str = "reference") -> dict[str, Method]:
+def fgsm_predicted(model, x, eps):
+    """FGSM at ``x`` against the model's *predicted* labels (no label leaking, Kurakin et al.), from
+    the same forward: one forward + one input-only backward, no parameter gradients, BatchNorm
+    running statistics untouched."""
+    from jsigr_fast.batchnorm import frozen_running_stats
+
+    xr = x.detach().requires_grad_(True)
+    with torch.enable_grad(), frozen_running_stats(model):
+        logits = model(xr)
+        loss = F.cross_entropy(logits, logits.argmax(1).detach(), reduction="sum")
+        (g,) = torch.autograd.grad(loss, xr)
+    return (x.detach() + eps * g.sign()).clamp(0, 1).to(x.dtype)
+
+
+def _half_adversarial(model, x, eps):
+    """FGSM-AT's batch: the first half clean, the second half FGSM examples of itself."""
+    h = x.shape[0] // 2
+    return torch.cat([x[:h], fgsm_predicted(model, x[h:], eps)])  # cat keeps channels_last
+
+
+class _Lazy:
+    """A JARN criterion (or generator) built on first use, for the first batch's device and dtype."""
+
+    def __init__(self, build):
+        self.build, self.obj = build, None
+
+    def __call__(self, x):
+        if self.obj is None:
+            self.obj = self.build(x)
+        return self.obj
+
+
+def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_EPS,
+                 at_alpha: float = AT_ALPHA, device="cpu") -> dict[str, Method]:
+    """The timed methods, including the fused backend's when it is built for ``device`` and the
+    finite-difference mode. Stateful ones (JARN's adaptor and discriminator, PGD's generator) live
+    in the closures, built on the first batch's device; build a fresh dict per model."""
+    from jsigr_fast.attacks import pgd
+
+    disc = "cifar" if len(input_shape) == 3 and input_shape[0] == 3 else "mnist"
+    jarn = _Lazy(lambda x: jsigr_fast.JARN(input_shape, discriminator=disc).to(device=x.device, dtype=x.dtype))
+    gen = _Lazy(lambda x: torch.Generator(device=x.device).manual_seed(0))
+
+    def pgd_at7(m, x, y):
+        x_adv = pgd(m, x, y, at_eps, alpha=at_alpha, steps=7, generator=gen(x))
+        return F.cross_entropy(m(x_adv), y)
+
+    def fgsm_at1(m, x, y):
+        return F.cross_entropy(m(_half_adversarial(m, x, at_eps)), y)
+
+    def jarn_at1(m, x, y):
+        return jarn(x)(m, _half_adversarial(m, x, at_eps), y)
+
     methods = {
         "standard": Method("standard", "standard", lambda m, x, y: F.cross_entropy(m(x), y), "standard CE"),
         "double_backprop": Method("double_backprop", "double_backprop",
@@ -54,7 +120,27 @@ def make_methods(input_shape, *, backend: str = "reference") -> dict[str, Method
         "jsigr_hutchinson": Method("jsigr_hutchinson", "jsigr_hutchinson",
                                    lambda m, x, y: jsigr_fast.loss(m, x, y, jacobian="hutchinson", backend=backend),
                                    f"J-SIGR, Hutchinson JVP ({backend})"),
+        "pgd_at7": Method("pgd_at7", "pgd_at7", pgd_at7, "PGD-AT7 (7 x 2/255, eps 8/255)"),
+        "fgsm_at1": Method("fgsm_at1", "fgsm_at1", fgsm_at1, "FGSM-AT1 (half clean, predicted labels)"),
+        "jarn": Method("jarn", "jarn", lambda m, x, y: jarn(x)(m, x, y), f"JARN only ({disc} discriminator)"),
+        "jarn_at1": Method("jarn_at1", "jarn_at1", jarn_at1, "JARN-AT1 (JARN on the FGSM-AT1 batch)"),
     }
+    # finite differences (jsigr_fast.finite_difference): ordinary kernels only
+    methods["jsigr_fd"] = Method("jsigr_fd", "jsigr_fd", lambda m, x, y: jsigr_fast.loss(m, x, y, mode="fd"),
+                                 "J-SIGR, finite differences (fd)")
+    # the fused backend (jsigr_fast.fused: fused BatchNorm, conv/ReLU double-backward rules), when built
+    if "fused" in jsigr_fast.available_backends(device):
+        methods.update({
+            "double_backprop_fused": Method("double_backprop_fused", "double_backprop",
+                                            lambda m, x, y: jsigr_fast.double_backprop(m, x, y, backend="fused"),
+                                            "double backprop (fused)"),
+            "jsigr_fused": Method("jsigr_fused", "jsigr", lambda m, x, y: jsigr_fast.loss(m, x, y, backend="fused"),
+                                  "J-SIGR, projection (fused)"),
+            "jsigr_hutchinson_fused": Method(
+                "jsigr_hutchinson_fused", "jsigr_hutchinson",
+                lambda m, x, y: jsigr_fast.loss(m, x, y, jacobian="hutchinson", backend="fused"),
+                "J-SIGR, Hutchinson JVP (fused)"),
+        })
     return methods
 
 

@@ -13,6 +13,8 @@ since they are meant to be added to a loss whose own forward already updated the
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -69,6 +71,16 @@ def backend_module(backend: str, mode: str = "autograd"):
 
         return fused
     return reference
+
+
+def saliency_pass_context(backend: str, mode: str = "autograd"):
+    """Layer rules for the perturbed-input saliency pass: the fused backend runs it with its fused
+    BatchNorm/conv/ReLU rules too (an input-only backward, no graph), the others natively."""
+    if backend == "fused" and mode == "autograd":
+        from . import fused
+
+        return fused.fused_layers()
+    return contextlib.nullcontext()
 
 
 def _detached(d: dict, keys) -> dict:
@@ -150,7 +162,8 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
         if isinstance(saliency, torch.Tensor):
             M = compute_saliency(saliency, None, x)  # precomputed: no perturbed pass needed
         else:
-            g_hat = perturbed_input_gradient(model, x, y, eps=eps, generator=generator, grad_scale=grad_scale)
+            with saliency_pass_context(backend, mode):
+                g_hat = perturbed_input_gradient(model, x, y, eps=eps, generator=generator, grad_scale=grad_scale)
             M = compute_saliency(saliency, g_hat, x)
         mask = selective_mask(M, beta=beta, quantile=mask_quantile)
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from . import _checks
 from .adversarial import GANCriterion
-from .functional import _check_common, backend_module, resolve_backend
+from .functional import _check_common, backend_module, resolve_backend, saliency_pass_context
 from .saliency import perturbed_input_gradient, selective_mask
 
 __all__ = ["JSIGR"]
@@ -87,7 +87,8 @@ class JSIGR(GANCriterion):
         terms_extra = {}
         mask = None
         if self.lambda_m > 0 or self.training:
-            g_hat = perturbed_input_gradient(model, x, y, eps=self.eps, generator=generator, grad_scale=grad_scale)
+            with saliency_pass_context(backend, self.mode):
+                g_hat = perturbed_input_gradient(model, x, y, eps=self.eps, generator=generator, grad_scale=grad_scale)
             if self.training:
                 with torch.enable_grad():
                     M = self.gan.adaptor(g_hat)  # graph to the adaptor's weights only

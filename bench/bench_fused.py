@@ -1,0 +1,129 @@
+"""backend="fused" vs backend="reference": seconds per training step, interleaved, with the FLOP floor.
+
+    python bench/bench_fused.py --out bench/results                 # CPU, ResNet-20, batch 128, fp32
+    python bench/bench_fused.py --device cuda --dtype bfloat16 --out bench/results
+
+Every round times each method once (median of --repeats steps after a warm-up), in the same order,
+so a noisy machine (other jobs on a 2-core box) slows all of them alike; the table reports the
+median over rounds, each step as a multiple of the standard step and of its FLOP floor (SPEC.md
+"Cost model", bench/steps.py FLOOR_UNITS), and the fused/reference speedup of each pair — the
+median of the per-round ratios, a steadier statistic than the ratio of medians. ``--profile`` adds
+the top autograd nodes of the fused J-SIGR step. Results:
+``<out>/fused_<device>_<model>_b<batch>_<dtype>[_cl]_t<threads>[_<pairs>].{md,json}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_step import profile_top_ops  # noqa: E402
+from steps import FLOOR_UNITS, conditions, make_methods, make_setup, time_steps  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+PAIRS = (("double_backprop", "double_backprop_fused"), ("jsigr", "jsigr_fused"),
+         ("jsigr_hutchinson", "jsigr_hutchinson_fused"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--pairs", default="double_backprop,jsigr,jsigr_hutchinson")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = DTYPES[a.dtype]
+    model, opt, x, y = make_setup(a.model, a.batch, device=a.device, dtype=dtype, channels_last=a.channels_last)
+    methods = make_methods(model.input_shape, backend="reference")
+    wanted = [q for q in PAIRS if q[0] in a.pairs.split(",")]
+    missing = [f for _, f in wanted if f not in methods]
+    if missing:
+        p.error(f"the fused backend is not available here ({missing}); build the extension first")
+    names = ["standard"] + [n for pair in wanted for n in pair]
+    cond = conditions(a.device)
+    cond.update({"model": a.model, "batch": a.batch, "dtype": a.dtype, "channels_last": a.channels_last,
+                 "threads": torch.get_num_threads(), "rounds": a.rounds, "repeats": a.repeats})
+    try:
+        cond["cpu_kernels"] = torch.ops.jsigr_fast.batch_norm_cpu_isa()
+    except (AttributeError, RuntimeError):
+        cond["cpu_kernels"] = None
+    cond["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
+    print("conditions:", json.dumps(cond))
+
+    times = {n: [] for n in names}
+    for r in range(a.rounds):
+        for n in names:
+            torch.manual_seed(0)
+            t = time_steps(model, opt, methods[n].loss, x, y, warmup=1, repeats=a.repeats, device=a.device)
+            times[n].append(t["median_s"])
+            print(f"  round {r}: {methods[n].label:40s} {t['median_s'] * 1e3:8.1f} ms", flush=True)
+
+    med = lambda v: float(torch.tensor(v, dtype=torch.float64).median())  # noqa: E731
+    std = med(times["standard"])
+    rows = {}
+    for n in names:
+        m = med(times[n])
+        units = FLOOR_UNITS[methods[n].floor]
+        rows[n] = {"label": methods[n].label, "median_s": m, "min_s": min(times[n]), "rounds_s": times[n],
+                   "floor_units": units, "x_standard": m / std, "x_floor": m / (std * units / 3)}
+    for ref, fus in wanted:
+        ratios = [a_ / b_ for a_, b_ in zip(times[ref], times[fus])]
+        rows[fus]["speedup_vs_reference"] = med(ratios)
+        rows[fus]["speedup_rounds"] = ratios
+    if a.profile:
+        rows["jsigr_fused"]["top_ops"] = profile_top_ops(model, opt, methods["jsigr_fused"].loss, x, y)
+
+    lines = [f"### backend=fused vs reference — {a.model}, batch {a.batch}, {a.dtype}"
+             f"{', channels_last' if a.channels_last else ''}, {cond['device']}", "",
+             f"torch {cond['torch']}, threads {cond['threads']}, CPU kernels {cond['cpu_kernels']}, commit "
+             f"{cond['commit']}, {cond['date']}; median over {a.rounds} interleaved rounds (each the median of "
+             f"{a.repeats} steps after a warm-up). Speedup = median of the per-round reference/fused ratios. "
+             f"Load average (other jobs on this machine) at start {cond['loadavg_start']}, at end "
+             f"{[round(v, 2) for v in os.getloadavg()]}.", "",
+             "| method | ms/step (median) | ms/step (best round) | × standard | floor (units) | × floor "
+             "| speedup vs reference (median [min–max] of rounds) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for n in names:
+        r = rows[n]
+        sp = ""
+        if "speedup_vs_reference" in r:
+            q = r["speedup_rounds"]
+            sp = f"**{r['speedup_vs_reference']:.2f}x** [{min(q):.2f}–{max(q):.2f}]"
+        lines.append(f"| {r['label']} | {r['median_s'] * 1e3:.0f} | {r['min_s'] * 1e3:.0f} | {r['x_standard']:.2f} | "
+                     f"{r['floor_units']} | {r['x_floor']:.2f} | {sp} |")
+    if "top_ops" in rows.get("jsigr_fused", {}):
+        top = rows["jsigr_fused"]["top_ops"]
+        lines += ["", "Share of the fused J-SIGR step's time, by autograd node (inclusive) and by op (self):", ""]
+        lines += [f"- node `{k}`: {v * 100:.1f} %" for k, v in top["autograd_nodes"]]
+        lines += [f"- op `{k}`: {v * 100:.1f} %" for k, v in top["aten_self"]]
+    table = "\n".join(lines)
+    print()
+    print(table)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        stem = os.path.join(a.out, f"fused_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}"
+                                   f"{'_cl' if a.channels_last else ''}_t{torch.get_num_threads()}"
+                                   f"{'' if len(wanted) == len(PAIRS) else '_' + '_'.join(r for r, _ in wanted)}")
+        with open(stem + ".json", "w") as f:
+            json.dump({"conditions": cond, "results": rows}, f, indent=2)
+        with open(stem + ".md", "w") as f:
+            f.write(table + "\n")
+        print(f"\nwrote {stem}.json and {stem}.md")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

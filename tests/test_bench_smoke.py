@@ -1,0 +1,116 @@
+"""Smoke test of bench/bench_epoch.py on a tiny configuration (seconds), the well-formedness of the
+records it writes (also of the CPU records committed under bench/results/), and the hand-checked
+pieces of the new bench/steps.py methods."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+import bench_epoch  # noqa: E402
+import steps  # noqa: E402
+
+CONDITION_KEYS = {"device", "torch", "triton", "threads", "model", "batch", "dtype", "precision", "dataset", "statistic",
+                  "steps_timed_per_method", "commit", "date", "per_epoch_batches", "extrapolated", "channels_last"}
+RESULT_KEYS = {"label", "floor_units", "n_timed", "s_per_batch", "stat", "median_s_per_batch", "min_s_per_batch", "p20_s", "p80_s", "s_per_epoch",
+               "images_per_s", "x_standard", "x_floor", "pgd_at7_speedup", "pgd_at7_speedup_floor"}
+
+
+def check_record(record: dict, md: str):
+    assert CONDITION_KEYS <= set(record["conditions"]), CONDITION_KEYS - set(record["conditions"])
+    res = record["results"]
+    assert {"standard", "fgsm_at1", "pgd_at7", "jarn", "jarn_at1", "jsigr"} <= set(res)
+    for name, r in res.items():
+        assert RESULT_KEYS <= set(r), (name, RESULT_KEYS - set(r))
+        assert 0 < r["min_s_per_batch"] <= r["p20_s"] <= r["median_s_per_batch"] <= r["p80_s"]
+        assert r["s_per_batch"] == r[f"{r['stat']}_s_per_batch"] and r["stat"] == record["conditions"]["statistic"]
+        assert r["s_per_epoch"] == pytest.approx(r["s_per_batch"] * record["conditions"]["per_epoch_batches"])
+        assert r["images_per_s"] == pytest.approx(record["conditions"]["batch"] / r["s_per_batch"])
+        assert r["x_standard"] == pytest.approx(r["s_per_batch"] / res["standard"]["s_per_batch"])
+        assert r["x_floor"] == pytest.approx(r["x_standard"] * 3 / r["floor_units"])
+        assert f"| {r['label']} |" in md
+    assert res["standard"]["x_standard"] == 1.0 and res["pgd_at7"]["pgd_at7_speedup"] == 1.0
+    assert (res["standard"]["floor_units"], res["pgd_at7"]["floor_units"], res["jsigr"]["floor_units"]) == (3, 17, 11)
+    assert res["jarn"]["pgd_at7_speedup_jarn_paper"] == pytest.approx(704 / 217)
+    assert record["targets"]["jarn"]["need"] == pytest.approx(704 / 217)
+    assert "target JARN only" in md
+
+
+def test_bench_epoch_tiny_config(tmp_path, capsys):
+    import matplotlib.image as mpimg
+
+    record, written = bench_epoch.main(["--model", "digits_cnn", "--dataset", "digits", "--batch", "16",
+                                        "--batches", "1", "--rounds", "2", "--warmup", "0", "--out", str(tmp_path),
+                                        "--tag", "smoke", "--stat", "min"])
+    stem = str(tmp_path / "epoch_cpu_digits_cnn_digits_b16_fp32_smoke")
+    assert written == [stem + ".json", stem + ".md", stem + ".png"]
+    with open(stem + ".json") as f:
+        on_disk = json.load(f)
+    assert on_disk == json.loads(json.dumps(record))
+    md = open(stem + ".md").read()
+    check_record(on_disk, md)
+    assert on_disk["conditions"]["steps_timed_per_method"] == 2
+    assert all(r["n_timed"] == 2 for r in on_disk["results"].values())
+    assert "extrapolated" in md and "1,344 images" in md  # 84 batches of 16 from 1347 digits
+    assert mpimg.imread(stem + ".png").shape[0] > 100
+    import jsigr_fast
+    assert ("jsigr_fused" in on_disk["results"]) == ("fused" in jsigr_fast.available_backends("cpu"))
+    assert "| J-SIGR, projection (reference) |" in capsys.readouterr().out
+
+
+def test_bench_epoch_rejects_unknown_method(tmp_path):
+    with pytest.raises(SystemExit):
+        bench_epoch.main(["--model", "digits_cnn", "--dataset", "digits", "--methods", "standard,nope",
+                          "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(BENCH, "results", "epoch_*.json"))))
+def test_committed_epoch_records_are_well_formed(path):
+    with open(path) as f:
+        record = json.load(f)
+    md = open(path[:-5] + ".md").read()
+    check_record(record, md)
+    assert os.path.exists(path[:-5] + ".png")
+
+
+# ----------------------------------------------------------------------------------------------
+# the new methods of bench/steps.py, by hand on an affine model
+# ----------------------------------------------------------------------------------------------
+class Affine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(16, 4).double()
+
+    def forward(self, x):
+        return self.lin(x.flatten(1))
+
+
+def test_fgsm_predicted_and_fgsm_at1_by_hand():
+    m = Affine()
+    x = torch.rand(6, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    with torch.no_grad():
+        p = torch.softmax(m(x), 1)
+        pred = p.argmax(1)
+        p[torch.arange(6), pred] -= 1
+        g = (p @ m.lin.weight).reshape(x.shape)
+    want = (x + 0.1 * g.sign()).clamp(0, 1)
+    assert torch.allclose(steps.fgsm_predicted(m, x, 0.1), want)
+    methods = steps.make_methods((1, 4, 4), at_eps=0.1)
+    loss = methods["fgsm_at1"].loss(m, x, y)
+    mixed = torch.cat([x[:3], want[3:]])
+    assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(m(mixed), y).detach()))
+    assert {"pgd_at7", "fgsm_at1", "jarn", "jarn_at1", "standard", "jsigr"} <= set(methods)
+    for name in ("pgd_at7", "jarn", "jarn_at1"):
+        out = methods[name].loss(m, x, y)
+        assert out.dim() == 0 and out.requires_grad
+        out.backward()
