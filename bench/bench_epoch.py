@@ -237,11 +237,13 @@ def run_bench(a, methods_wanted):
 
 
 def _dirty():
-    """Whether the working tree differs from ``commit`` (then the numbers are of uncommitted code)."""
+    """Whether the code differs from ``commit`` (then the numbers are of uncommitted code). Result
+    records under bench/results/ are not code and do not count."""
     import subprocess
 
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                              ":(exclude,top)bench/results"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=30)
         return bool(out.stdout.strip()) if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
