@@ -662,8 +662,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("--limit", type=int, help="evaluate the first N test images (default: all)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--attack", action="append", metavar="SPEC",
-                   help="attack to tabulate, repeatable: clean, fgsm, pgd, mi_fgsm, ni_fgsm, abi_fgm with options, "
+    p.add_argument("--attack", action="extend", nargs="+", metavar="SPEC",
+                   help="attacks to tabulate (several per flag, or repeat the flag): clean, fgsm, pgd, mi_fgsm, "
+                        "ni_fgsm, abi_fgm with options, "
                         "e.g. 'pgd:eps=8/255,steps=20,alpha=2/255'. Default: clean, fgsm, pgd at the dataset's budget")
     p.add_argument("--eps", type=_parse_number, help="default eps of the attacks (e.g. 8/255); default per dataset")
     p.add_argument("--steps", type=int, help="default steps of the iterative attacks; default per dataset")
