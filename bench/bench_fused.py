@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_step import profile_top_ops  # noqa: E402
+from bench_step import format_top_ops, profile_top_ops  # noqa: E402
 from steps import FLOOR_UNITS, conditions, make_methods, make_setup, time_steps  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -105,10 +105,7 @@ def main(argv=None):
         lines.append(f"| {r['label']} | {r['median_s'] * 1e3:.0f} | {r['min_s'] * 1e3:.0f} | {r['x_standard']:.2f} | "
                      f"{r['floor_units']} | {r['x_floor']:.2f} | {sp} |")
     if "top_ops" in rows.get("jsigr_fused", {}):
-        top = rows["jsigr_fused"]["top_ops"]
-        lines += ["", "Share of the fused J-SIGR step's time, by autograd node (inclusive) and by op (self):", ""]
-        lines += [f"- node `{k}`: {v * 100:.1f} %" for k, v in top["autograd_nodes"]]
-        lines += [f"- op `{k}`: {v * 100:.1f} %" for k, v in top["aten_self"]]
+        lines += format_top_ops(rows["jsigr_fused"]["top_ops"], "the fused J-SIGR step")
     table = "\n".join(lines)
     print()
     print(table)

@@ -44,6 +44,14 @@ def profile_top_ops(model, opt, loss_fn, x, y, k=8):
             "aten_self": [(e.key, getattr(e, self_attr) / max(total, 1)) for e in aten[:k]]}
 
 
+def format_top_ops(top: dict, what: str) -> list[str]:
+    """Markdown lines for :func:`profile_top_ops`'s result."""
+    lines = ["", f"Share of {what}'s time, by autograd node (inclusive) and by aten op (self):", ""]
+    lines += [f"- node `{k}`: {v * 100:.1f} %" for k, v in top["autograd_nodes"]]
+    lines += [f"- op `{k}`: {v * 100:.1f} %" for k, v in top["aten_self"]]
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20")
@@ -97,10 +105,7 @@ def main(argv=None):
         lines.append(f"| {r['label']} | {r['median_s'] * 1e3:.1f} [{r['p20_s'] * 1e3:.0f}–{r['p80_s'] * 1e3:.0f}] "
                      f"| {r['x_standard']:.2f} | {r['floor_units']} | {r['x_floor']:.2f} |")
     if "top_ops" in results.get("jsigr", {}):
-        top = results["jsigr"]["top_ops"]
-        lines += ["", "Share of the J-SIGR step's time, by autograd node (inclusive) and by aten op (self):", ""]
-        lines += [f"- node `{k}`: {v * 100:.1f} %" for k, v in top["autograd_nodes"]]
-        lines += [f"- op `{k}`: {v * 100:.1f} %" for k, v in top["aten_self"]]
+        lines += format_top_ops(results["jsigr"]["top_ops"], "the J-SIGR step")
     table = "\n".join(lines)
     print()
     print(table)
