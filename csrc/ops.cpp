@@ -40,5 +40,37 @@ TORCH_LIBRARY(jsigr_fast, m) {
       "batch_norm_double_backward(Tensor? grad_grad_x, Tensor? grad_grad_weight, Tensor? grad_grad_bias, "
       "Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor? grad_mean, "
       "Tensor? grad_invstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- the selective mask of J-SIGR (csrc/saliency_mask.cpp; contracts in csrc/README.md) ----
+  // Each returns a bool mask of the input's shape (gradient_saliency_mask / threshold_mask: its
+  // memory format when contiguous or channels-last, else contiguous; adaptor_saliency_mask:
+  // contiguous); no gradient (the indicator is a constant). The rule, per
+  // sample n over its D features: quantile None: mask = M <= beta (beta rounded to the dtype, as
+  // `M <= beta` does); quantile q: mask = M <= t_n, t_n the k-th smallest M of the sample,
+  // k = D - floor(q * D) (ties at t_n included; k <= 0: all false; k >= D: all true).
+  // M = |g| / max(max_d |g|, tiny): J-SIGR's default saliency, never materialised.
+  m.def("gradient_saliency_mask(Tensor g, float beta, float? quantile) -> Tensor");
+  // M = saliency (any precomputed map, e.g. a trained adaptor's output).
+  m.def("threshold_mask(Tensor saliency, float beta, float? quantile) -> Tensor");
+  // M = tanh(conv1x1(g / rms(g)) + bias) (SaliencyAdaptor's forward, no graph); rms per sample
+  // when normalize; (N, D) inputs are one channel. weight: [C, C, 1, 1] or [C, C].
+  m.def(
+      "adaptor_saliency_mask(Tensor g, Tensor weight, Tensor? bias, float beta, float? quantile, "
+      "bool normalize) -> Tensor");
+  // masked_sq_norm with a bool mask (1 byte per feature instead of g's itemsize):
+  // out[n] = sum_d [mask[n, d]] g[n, d]^2, and its backward grad_g = [mask] 2 g grad_out[n].
+  m.def("masked_sq_norm_bool(Tensor g, Tensor mask) -> Tensor");
+  m.def("masked_sq_norm_bool_backward(Tensor grad_out, Tensor g, Tensor mask) -> Tensor");
+
+  // ---- the fused loss head (csrc/cross_entropy_cotangent.cpp) ----
+  // loss[n] = logsumexp(logits[n]) - logits[n, target[n]] and cotangent = softmax(logits) -
+  // onehot(target) (the input-gradient cotangent d sum_n loss_n / d logits), in one pass.
+  m.def("cross_entropy_cotangent(Tensor logits, Tensor target) -> (Tensor, Tensor)");
+  // Its VJP given the cotangents a (of loss) and b (of cotangent), None = 0, p = softmax(logits):
+  // grad_logits = a[:, None] (p - onehot) + p * (b - sum_k p b).
+  m.def(
+      "cross_entropy_cotangent_backward(Tensor? grad_loss, Tensor? grad_cot, Tensor logits, Tensor target) "
+      "-> Tensor");
   // (csrc/batch_norm.cpp also defines batch_norm_cpu_isa() -> str: which CPU kernel build runs.)
+  // (csrc/saliency_mask.cpp also defines saliency_mask_cpu_isa() -> str, the same for its kernels.)
 }

@@ -14,6 +14,16 @@ Ops: ``masked_sq_norm`` (+ backward); ``batch_norm_train`` / ``batch_norm_backwa
 with a fused double-backward kernel; formulas and derivation in csrc/README.md). When the extension
 has no CUDA kernels but a GPU and Triton are present, the Triton kernels of ``jsigr_fast.kernels``
 are registered as the batch-norm ops' CUDA kernels.
+
+The selective-mask family (``csrc/saliency_mask.cpp``, ``csrc/cuda/saliency_mask.cu``,
+``kernels/saliency_mask.py``): ``gradient_saliency_mask`` (J-SIGR's default saliency
+``|g| / max|g|`` and its threshold or quantile in one kernel, bit-identical to
+:func:`jsigr_fast.saliency.selective_mask` of :func:`~jsigr_fast.saliency.gradient_saliency`),
+``threshold_mask`` (the same rule on any saliency map), ``adaptor_saliency_mask`` (the adaptor's
+``tanh(conv1x1(g / rms(g)))`` and the rule, no graph; CPU kernel only, the reference on GPU) and
+``masked_sq_norm_bool`` (+ backward: the masked squared norm with a one-byte mask). The CUDA and
+Triton kernels are compile-checked and interpreter-tested only: no GPU has run them yet. The loss head: ``cross_entropy_cotangent`` (per-sample CE
+and ``softmax - onehot`` in one pass, differentiable twice).
 """
 from __future__ import annotations
 
@@ -23,7 +33,14 @@ import torch.nn.functional as F
 from . import reference
 from ._extension import extension_loaded, has_kernel
 
-__all__ = ["masked_sq_norm", "masked_sq_norm_compiled_available", "batch_norm", "batch_norm_compiled_available"]
+__all__ = ["masked_sq_norm", "masked_sq_norm_compiled_available", "batch_norm", "batch_norm_compiled_available",
+           "gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask", "cross_entropy_cotangent",
+           "mask_ops_compiled_available"]
+
+# the ops added with the fused selective mask and loss head (an older build of the extension may lack them)
+MASK_OPS = ("gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask", "masked_sq_norm_bool",
+            "masked_sq_norm_bool_backward")
+LOSS_HEAD_OPS = ("cross_entropy_cotangent", "cross_entropy_cotangent_backward")
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -104,6 +121,123 @@ def _register() -> None:
 
     torch.library.register_autograd(f"{lib}::masked_sq_norm_backward", _backward_bw, setup_context=_setup_bw)
     _register_batch_norm(lib)
+    if all(_op_defined(name) for name in MASK_OPS):
+        _register_mask_ops(lib)
+    if all(_op_defined(name) for name in LOSS_HEAD_OPS):
+        _register_loss_head(lib)
+
+
+def _op_defined(name: str) -> bool:
+    return hasattr(torch.ops.jsigr_fast, name)
+
+
+_sample_major_format = _bn_memory_format  # csrc/saliency_mask.cpp: contiguous or channels-last, else a contiguous copy
+
+
+def _register_mask_ops(lib: str) -> None:
+    """Fake and autograd registrations of the selective-mask ops and of the bool-masked squared norm.
+
+    The mask ops return bool tensors and have no derivative (the indicator is a constant); callers
+    pass detached inputs. ``masked_sq_norm_bool`` is differentiable twice in ``g``, like ``masked_sq_norm``:
+    its backward is the op ``masked_sq_norm_bool_backward``, bilinear in ``(grad_out, g)``.
+    """
+    def _mask_like(t):
+        return torch.empty(t.shape, dtype=torch.bool, device=t.device, memory_format=_sample_major_format(t))
+
+    @torch.library.register_fake(f"{lib}::gradient_saliency_mask")
+    def _(g, beta, quantile):
+        torch._check(g.dim() >= 1, lambda: "gradient_saliency_mask: g needs a batch dimension")
+        return _mask_like(g)
+
+    @torch.library.register_fake(f"{lib}::threshold_mask")
+    def _(saliency, beta, quantile):
+        torch._check(saliency.dim() >= 1, lambda: "threshold_mask: the saliency map needs a batch dimension")
+        return _mask_like(saliency)
+
+    @torch.library.register_fake(f"{lib}::adaptor_saliency_mask")
+    def _(g, weight, bias, beta, quantile, normalize):
+        torch._check(g.dim() >= 2, lambda: "adaptor_saliency_mask: g must be (N, C, *) or (N, D)")
+        return torch.empty(g.shape, dtype=torch.bool, device=g.device)
+
+    @torch.library.register_fake(f"{lib}::masked_sq_norm_bool")
+    def _(g, mask):
+        torch._check(g.dim() >= 1, lambda: "masked_sq_norm_bool: g needs a batch dimension")
+        return g.new_empty((g.shape[0],))
+
+    @torch.library.register_fake(f"{lib}::masked_sq_norm_bool_backward")
+    def _(grad_out, g, mask):
+        return torch.empty(g.shape, dtype=g.dtype, device=g.device, memory_format=_sample_major_format(g))
+
+    def _setup(ctx, inputs, output):
+        g, mask = inputs
+        ctx.save_for_backward(g, mask)
+
+    def _backward(ctx, grad_out):
+        g, mask = ctx.saved_tensors
+        grad_g = torch.ops.jsigr_fast.masked_sq_norm_bool_backward(grad_out, g, mask) if ctx.needs_input_grad[0] else None
+        return grad_g, None
+
+    torch.library.register_autograd(f"{lib}::masked_sq_norm_bool", _backward, setup_context=_setup)
+
+    def _setup_bw(ctx, inputs, output):
+        grad_out, g, mask = inputs
+        ctx.save_for_backward(grad_out, g, mask)
+
+    def _backward_bw(ctx, gg):
+        grad_out, g, mask = ctx.saved_tensors
+        d_grad_out = d_g = None
+        if ctx.needs_input_grad[0]:  # d/d grad_out of sum [m] 2 g grad_out gg
+            d_grad_out = (2.0 * (g * gg).masked_fill(~mask, 0)).flatten(1).sum(1).to(grad_out.dtype)
+        if ctx.needs_input_grad[1]:
+            d_g = torch.ops.jsigr_fast.masked_sq_norm_bool_backward(grad_out, gg, mask)
+        return d_grad_out, d_g, None
+
+    torch.library.register_autograd(f"{lib}::masked_sq_norm_bool_backward", _backward_bw, setup_context=_setup_bw)
+
+
+def _register_loss_head(lib: str) -> None:
+    """Fake and autograd registrations of ``cross_entropy_cotangent``.
+
+    With ``p = softmax(z)`` and cotangents ``a`` (of the per-sample losses) and ``b`` (of the
+    cotangent output ``p - onehot``): ``grad_z = a[:, None] (p - onehot) + p * (b - <p, b>)``
+    (the second term is the softmax Jacobian, symmetric, applied to b). Written with differentiable
+    torch ops on the saved logits, so the op is differentiable twice (gradgradcheck).
+    """
+    @torch.library.register_fake(f"{lib}::cross_entropy_cotangent")
+    def _(logits, target):
+        torch._check(logits.dim() == 2, lambda: "cross_entropy_cotangent: logits must be (N, K)")
+        return logits.new_empty((logits.shape[0],)), logits.new_empty(logits.shape)
+
+    @torch.library.register_fake(f"{lib}::cross_entropy_cotangent_backward")
+    def _(grad_loss, grad_cot, logits, target):
+        torch._check(logits.dim() == 2, lambda: "cross_entropy_cotangent_backward: logits must be (N, K)")
+        return logits.new_empty(logits.shape)
+
+    def _setup(ctx, inputs, output):
+        logits, target = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, target)
+
+    def _backward(ctx, grad_loss, grad_cot):
+        logits, target = ctx.saved_tensors
+        if grad_loss is None and grad_cot is None or not ctx.needs_input_grad[0]:
+            return None, None
+        if not torch.is_grad_enabled() and _has_kernel("cross_entropy_cotangent_backward", logits.device):
+            # the step's final backward (no graph of the backward wanted): one pass per row in C++
+            return torch.ops.jsigr_fast.cross_entropy_cotangent_backward(grad_loss, grad_cot, logits, target), None
+        # a backward that is itself differentiated (gradgradcheck, Hessian-vector products): torch ops
+        acc = _opmath(logits.dtype)
+        p = torch.softmax(logits.to(acc), dim=1)
+        grad = None
+        if grad_loss is not None:
+            grad = grad_loss.to(acc)[:, None] * (p - F.one_hot(target.long(), logits.shape[1]).to(acc))
+        if grad_cot is not None:
+            b = grad_cot.to(acc)
+            term = p * (b - (p * b).sum(dim=1, keepdim=True))
+            grad = term if grad is None else grad + term
+        return grad.to(logits.dtype), None
+
+    torch.library.register_autograd(f"{lib}::cross_entropy_cotangent", _backward, setup_context=_setup)
 
 
 def _register_batch_norm(lib: str) -> None:
@@ -206,7 +340,9 @@ def masked_sq_norm_compiled_available(device: torch.device | str) -> bool:
     return has_kernel("masked_sq_norm", device)
 
 
-def _prepare_mask(g: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+def _prepare_mask(g: torch.Tensor, mask: torch.Tensor | None, *, keep_bool: bool = False) -> torch.Tensor | None:
+    """``mask`` checked, expanded to g's shape, detached and contiguous, in g's dtype (a bool mask
+    stays bool with ``keep_bool``, for the one-byte kernel)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -225,7 +361,8 @@ def _prepare_mask(g: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | 
     if mask.dtype != g.dtype:
         if not (mask.dtype == torch.bool or mask.is_floating_point()):
             raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
-        mask = mask.to(g.dtype)
+        if not (keep_bool and mask.dtype == torch.bool):
+            mask = mask.to(g.dtype)
     return mask.detach().contiguous()
 
 
@@ -240,7 +377,14 @@ def masked_sq_norm(g: torch.Tensor, mask: torch.Tensor | None = None, *, compile
 
     Returns:
         ``(N,)`` tensor in ``g``'s dtype, differentiable w.r.t. ``g`` (twice).
+
+    A bool mask runs the one-byte kernel ``masked_sq_norm_bool`` where it is built (a quarter of a
+    float32 mask's traffic, and no conversion pass); the values are the same (``m * g`` is exact
+    for ``m`` in {0, 1}), only the summation order of the kernels differs.
     """
+    if (compiled is not False and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+            and _has_kernel("masked_sq_norm_bool", g.device)):
+        return torch.ops.jsigr_fast.masked_sq_norm_bool(g, _prepare_mask(g, mask, keep_bool=True))
     mask = _prepare_mask(g, mask)
     use_compiled = masked_sq_norm_compiled_available(g.device) if compiled is None else compiled
     if use_compiled:
@@ -248,6 +392,97 @@ def masked_sq_norm(g: torch.Tensor, mask: torch.Tensor | None = None, *, compile
             raise RuntimeError(f"the compiled masked_sq_norm kernel is not available for device {g.device}")
         return torch.ops.jsigr_fast.masked_sq_norm(g.contiguous(), mask)
     return reference.masked_sq_norm_ref(g, mask)
+
+
+def _has_kernel(op: str, device) -> bool:
+    """has_kernel for an op that an older build of the extension may not define."""
+    return _op_defined(op) and has_kernel(op, device) if extension_loaded() else False
+
+
+def _use_compiled(op: str, device, compiled: bool | None) -> bool:
+    if compiled is None:
+        return _has_kernel(op, device)
+    if compiled and not _has_kernel(op, device):
+        raise RuntimeError(f"the compiled {op} kernel is not available for device {device}")
+    return compiled
+
+
+def _quantile(quantile) -> float | None:
+    return None if quantile is None else float(quantile)
+
+
+# ----------------------------------------------------------------------------------------------
+# the selective mask (J-SIGR Eq. 10: m = 1[M <= beta]) and the loss head
+# ----------------------------------------------------------------------------------------------
+def mask_ops_compiled_available(device: torch.device | str) -> bool:
+    """True when the compiled selective-mask ops (and the bool-masked squared norm) exist for ``device``."""
+    return all(_has_kernel(op, device) for op in MASK_OPS)
+
+
+def gradient_saliency_mask(g_hat: torch.Tensor, beta: float, quantile: float | None = None, *,
+                           compiled: bool | None = None) -> torch.Tensor:
+    """J-SIGR's default selective mask from the perturbed-input gradient, in one kernel.
+
+    ``M = |g_hat| / max_d |g_hat|`` per sample (:func:`jsigr_fast.saliency.gradient_saliency`; never
+    materialised), then ``M <= beta``, or with ``quantile=q`` the ``k = D - floor(q D)`` least salient
+    features of each sample (ties at the k-th smallest value included), exactly as
+    :func:`jsigr_fast.saliency.selective_mask`. Bit-identical to those two functions (in every dtype).
+
+    Args:
+        g_hat: ``(N, ...)`` floating tensor (treated as a constant).
+        beta, quantile: the rule (``beta`` is ignored when ``quantile`` is given).
+        compiled: force (True) or forbid (False) the compiled kernel; None uses it when available.
+
+    Returns:
+        bool tensor of ``g_hat``'s shape (its memory format when contiguous or channels-last).
+    """
+    g = g_hat.detach()
+    if _use_compiled("gradient_saliency_mask", g.device, compiled):
+        return torch.ops.jsigr_fast.gradient_saliency_mask(g, float(beta), _quantile(quantile))
+    return reference.gradient_saliency_mask_ref(g, beta, quantile)
+
+
+def threshold_mask(saliency: torch.Tensor, beta: float, quantile: float | None = None, *,
+                   compiled: bool | None = None) -> torch.Tensor:
+    """``M <= beta`` (or the quantile rule) of a precomputed saliency map ``M``, as a bool tensor:
+    :func:`jsigr_fast.saliency.selective_mask` with a one-byte result, bit-identical."""
+    M = saliency.detach()
+    if _use_compiled("threshold_mask", M.device, compiled):
+        return torch.ops.jsigr_fast.threshold_mask(M, float(beta), _quantile(quantile))
+    return reference.threshold_mask_ref(M, beta, quantile)
+
+
+def adaptor_saliency_mask(g_hat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, beta: float,
+                          quantile: float | None = None, *, normalize: bool = True,
+                          compiled: bool | None = None) -> torch.Tensor:
+    """The mask of a :class:`jsigr_fast.SaliencyAdaptor` without a graph: ``M = tanh(conv1x1(g / rms(g)))``
+    (``rms`` per sample when ``normalize``; ``(N, D)`` inputs are one channel) and the rule, in one
+    kernel, M never stored. Agrees with the reference (``adaptor(g)`` then
+    :func:`~jsigr_fast.saliency.selective_mask`) except at features whose ``M`` lies within the
+    dtype's rounding of the threshold: the 1x1 convolution sums in another order than ATen's.
+
+    Args:
+        weight: the adaptor's ``conv.weight`` (``[C, C, 1, 1]``), bias its ``conv.bias`` (or None).
+    """
+    g = g_hat.detach()
+    w = weight.detach()
+    b = None if bias is None else bias.detach()
+    if _use_compiled("adaptor_saliency_mask", g.device, compiled):
+        return torch.ops.jsigr_fast.adaptor_saliency_mask(g, w, b, float(beta), _quantile(quantile), bool(normalize))
+    return reference.adaptor_saliency_mask_ref(g, w, b, beta, quantile, normalize=normalize)
+
+
+def cross_entropy_cotangent(logits: torch.Tensor, target: torch.Tensor, *,
+                            compiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample cross-entropy and the input-gradient cotangent, in one pass over the logits.
+
+    Returns ``(loss, r)``: ``loss[n] = CE(logits[n], target[n])`` (``F.cross_entropy(...,
+    reduction="none")``) and ``r = softmax(logits) - onehot(target)`` (``d sum_n loss_n / d logits``),
+    both differentiable (twice) w.r.t. ``logits``; ``J^T r`` is the per-sample input gradient.
+    """
+    if _use_compiled("cross_entropy_cotangent", logits.device, compiled):
+        return torch.ops.jsigr_fast.cross_entropy_cotangent(logits, target)
+    return reference.cross_entropy_cotangent_ref(logits, target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,18 +531,25 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
 
 def _register_triton_cuda_kernels() -> None:
     """When the extension was built without CUDA kernels but a GPU and Triton are present, the Triton
-    launchers of ``jsigr_fast.kernels.batch_norm`` become the CUDA kernels of the batch-norm ops (the
+    launchers of ``jsigr_fast.kernels.batch_norm`` become the CUDA kernels of the batch-norm ops, and
+    those of ``jsigr_fast.kernels.saliency_mask`` the CUDA kernels of the mask ops that have none (the
     autograd, fake and vmap registrations above apply to them unchanged)."""
-    if not (extension_loaded() and torch.cuda.is_available()) or has_kernel("batch_norm_train", "cuda"):
+    if not (extension_loaded() and torch.cuda.is_available()):
         return
     from importlib.util import find_spec
 
     if find_spec("triton") is None:
         return
-    from .kernels import batch_norm as triton_bn
+    if not has_kernel("batch_norm_train", "cuda"):
+        from .kernels import batch_norm as triton_bn
 
-    for name in ("batch_norm_train", "batch_norm_backward", "batch_norm_double_backward"):
-        torch.library.register_kernel(f"jsigr_fast::{name}", "cuda", getattr(triton_bn, name))
+        for name in ("batch_norm_train", "batch_norm_backward", "batch_norm_double_backward"):
+            torch.library.register_kernel(f"jsigr_fast::{name}", "cuda", getattr(triton_bn, name))
+    from .kernels import saliency_mask as triton_mask
+
+    for name in ("gradient_saliency_mask", "threshold_mask", "masked_sq_norm_bool", "masked_sq_norm_bool_backward"):
+        if _op_defined(name) and not has_kernel(name, "cuda"):
+            torch.library.register_kernel(f"jsigr_fast::{name}", "cuda", getattr(triton_mask, name))
 
 
 _register_triton_cuda_kernels()

@@ -377,3 +377,60 @@ def batch_norm_double_backward_ref(grad_grad_x, grad_grad_weight, grad_grad_bias
         d_grad_y = d_grad_y + w * s * u
         d_x = d_x + bc(-(wv * sv * sv * b + q * sv ** 3) / m) * u
     return d_grad_y.to(x.dtype), d_x.to(x.dtype), d_weight, d_mean, d_invstd, d_grad_mean, d_grad_invstd
+
+
+# ----------------------------------------------------------------------------------------------
+# the selective mask and the loss head: references of jsigr_fast::gradient_saliency_mask,
+# threshold_mask, adaptor_saliency_mask, masked_sq_norm_bool (= masked_sq_norm_ref with a bool
+# mask) and cross_entropy_cotangent (csrc/saliency_mask.cpp, csrc/cross_entropy_cotangent.cpp)
+# ----------------------------------------------------------------------------------------------
+def gradient_saliency_mask_ref(g: torch.Tensor, beta: float, quantile: float | None = None) -> torch.Tensor:
+    """J-SIGR's default mask as a bool tensor: :func:`jsigr_fast.saliency.selective_mask` of
+    :func:`jsigr_fast.saliency.gradient_saliency` (``|g| / max_d |g|`` per sample), today's path."""
+    from .saliency import gradient_saliency, selective_mask
+
+    return selective_mask(gradient_saliency(g), beta=beta, quantile=quantile) != 0
+
+
+def threshold_mask_ref(saliency_map: torch.Tensor, beta: float, quantile: float | None = None) -> torch.Tensor:
+    """:func:`jsigr_fast.saliency.selective_mask` of a given map, as a bool tensor."""
+    from .saliency import selective_mask
+
+    return selective_mask(saliency_map, beta=beta, quantile=quantile) != 0
+
+
+def adaptor_saliency_ref(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                         normalize: bool = True) -> torch.Tensor:
+    """:class:`jsigr_fast.SaliencyAdaptor`'s map ``tanh(conv1x1(g / rms(g)))`` from its conv weight and bias."""
+    shape = g.shape
+    c = 1 if g.dim() == 2 else shape[1]
+    g4 = g.reshape(shape[0], c, -1, 1)
+    if normalize:
+        g4 = g4 / (g4.pow(2).mean(dim=(1, 2, 3), keepdim=True) + torch.finfo(g4.dtype).tiny).sqrt()
+    return torch.tanh(F.conv2d(g4, weight.reshape(c, c, 1, 1).to(g4.dtype),
+                               None if bias is None else bias.to(g4.dtype))).reshape(shape)
+
+
+def adaptor_saliency_mask_ref(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, beta: float,
+                              quantile: float | None = None, *, normalize: bool = True) -> torch.Tensor:
+    """The adaptor's selective mask (bool): :func:`adaptor_saliency_ref`, then the rule."""
+    return threshold_mask_ref(adaptor_saliency_ref(g, weight, bias, normalize=normalize), beta, quantile)
+
+
+def cross_entropy_cotangent_ref(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F.cross_entropy(logits, target, reduction="none"), softmax(logits) - onehot(target))``."""
+    per_sample = F.cross_entropy(logits, target, reduction="none")
+    r = torch.softmax(logits, dim=1) - F.one_hot(target, logits.shape[1]).to(logits.dtype)
+    return per_sample, r
+
+
+def make_mask(saliency, g_hat: torch.Tensor | None, x: torch.Tensor, *, beta: float,
+              quantile: float | None) -> torch.Tensor:
+    """The selective mask ``1[M <= beta]`` (or the quantile rule) for the ``saliency`` argument of
+    :func:`jsigr_fast.loss` (None/"gradient", a callable such as a trained adaptor, or a precomputed
+    map; ``g_hat`` is None for a map), as a float tensor of M's dtype: the reference path. Every
+    backend module offers a ``make_mask`` with this signature (:func:`jsigr_fast.fused.make_mask`
+    returns the same features as a bool tensor)."""
+    from .saliency import compute_saliency, selective_mask
+
+    return selective_mask(compute_saliency(saliency, g_hat, x), beta=beta, quantile=quantile)

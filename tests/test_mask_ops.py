@@ -1,0 +1,695 @@
+"""The compiled selective-mask ops and the bool-masked squared norm against independent oracles.
+
+Ops (csrc/saliency_mask.cpp, kernels in csrc/sample_ops_kernels.h): jsigr_fast::gradient_saliency_mask,
+threshold_mask, adaptor_saliency_mask, masked_sq_norm_bool (+ masked_sq_norm_bool_backward), and the
+fused backend's ``make_mask`` that picks among them.
+
+Oracles are written here from the definitions, never from the library:
+
+* the rule (``M <= beta`` with beta rounded to the dtype, or the ``k = D - floor(q D)`` smallest
+  values of each sample, ties at the k-th included) is a per-sample numpy loop with a sort;
+* ``M = |g| / max(max_d |g|, tiny)`` is computed in float64 from the dtype's exact values and rounded
+  to the dtype once (numpy casts; torch's cast only for bfloat16, which numpy lacks). float64 holds the
+  correctly rounded quotient, and rounding it again to a format of at most 24 bits gives the correctly
+  rounded quotient in that format (53 >= 2 * 24 + 2), which is what one IEEE division in the dtype gives;
+* the adaptor's ``tanh(conv1x1(g / rms(g)) + b)`` is a float64 numpy einsum;
+* the squared norm is a float64 sum, its derivatives are checked by gradcheck / gradgradcheck.
+
+The reference functions of jsigr_fast.saliency are also compared where the contract is bit-identity
+with them (that contract is part of the ops' documentation).
+"""
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import jsigr_fast
+from jsigr_fast import fused, ops, reference
+from jsigr_fast.saliency import SaliencyAdaptor, gradient_saliency, selective_mask
+
+pytestmark = pytest.mark.skipif(
+    not (jsigr_fast.extension_loaded() and ops.mask_ops_compiled_available("cpu")),
+    reason=f"compiled selective-mask ops not available: {jsigr_fast.extension_error() or 'older build of _C'}")
+O = torch.ops.jsigr_fast
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# smallest positive normal number of each dtype (the clamp of the peak), written out independently
+TINY = {torch.float64: 2.0 ** -1022, torch.float32: 2.0 ** -126, torch.bfloat16: 2.0 ** -126,
+        torch.float16: 2.0 ** -14}
+# unit roundoff (half an ulp at 1)
+UNIT = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+# (shape, layout): batch 1, odd feature counts (tails of the 8-/4-lane vectors), > 512 features (tiles),
+# 2-D, 3-D, 4-D, 5-D, channels-last, non-contiguous views
+CASES = [
+    ((1, 1), "contiguous"),
+    ((1, 3), "contiguous"),
+    ((4, 7), "contiguous"),
+    ((5, 8), "transposed"),
+    ((3, 33), "sliced"),
+    ((2, 1031), "contiguous"),
+    ((2, 1031), "sliced"),
+    ((2, 3, 17), "contiguous"),
+    ((2, 3, 5, 7), "contiguous"),
+    ((2, 3, 5, 7), "channels_last"),
+    ((2, 3, 5, 7), "transposed"),
+    ((1, 5, 3, 3), "channels_last"),
+    ((3, 1, 1, 1), "contiguous"),
+    ((2, 2, 3, 4, 5), "contiguous"),
+    ((2, 2, 3, 4, 5), "channels_last"),
+]
+CASE_IDS = [f"{'x'.join(map(str, s))}-{lay}" for s, lay in CASES]
+
+RULES = [(0.3, None), (0.25, None), (0.0, None), (1.0, None), (-0.5, None),
+         (0.3, 0.0), (0.3, 0.29), (0.3, 0.5), (0.3, 0.9), (0.3, 1.0)]
+
+
+# ------------------------------------------------------------------------------------------------
+# oracles
+# ------------------------------------------------------------------------------------------------
+def _round(x, dtype):
+    """float64 numpy values rounded to dtype (returned as float64)."""
+    x = np.asarray(x, dtype=np.float64)
+    if dtype == torch.float64:
+        return x.copy()
+    if dtype == torch.float32:
+        return x.astype(np.float32).astype(np.float64)
+    if dtype == torch.float16:
+        return x.astype(np.float16).astype(np.float64)
+    return torch.from_numpy(x.copy()).to(torch.bfloat16).double().numpy()
+
+
+def _rows(t):
+    """(N, D) float64 numpy copy of t's exact values, features in logical (row-major) order."""
+    return t.detach().double().reshape(t.shape[0], -1).numpy()
+
+
+def _rule_oracle(M, beta, quantile, dtype):
+    """The selection rule on an (N, D) float64 array of dtype values: per-sample loop with a sort."""
+    N, D = M.shape
+    out = np.zeros((N, D), dtype=bool)
+    if quantile is None:
+        b = _round([beta], dtype)[0]  # `M <= beta` compares in M's dtype
+        for n in range(N):
+            for d in range(D):
+                out[n, d] = M[n, d] <= b
+        return out
+    k = D - math.floor(quantile * D)
+    for n in range(N):
+        if k <= 0:
+            continue
+        if k >= D:
+            out[n] = True
+            continue
+        s = np.sort(M[n])  # NaN sorts last, as torch.kthvalue orders it
+        thresh = s[k - 1]
+        out[n] = M[n] <= thresh
+    return out
+
+
+def _gradient_saliency_oracle(g, dtype):
+    """M = |g| / max(max|g|, tiny), one rounding to dtype; (N, D) float64."""
+    a = np.abs(_rows(g))
+    M = np.empty_like(a)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for n in range(a.shape[0]):
+            peak = np.max(a[n]) if a.shape[1] else 0.0  # NaN propagates
+            if not np.isnan(peak):
+                peak = max(peak, TINY[dtype])
+            M[n] = _round(a[n] / peak, dtype)
+    return M
+
+
+def _adaptor_oracle(g, W, b, normalize, dtype):
+    """tanh(W @ (g / rms) + b) in float64 (rms = sqrt(mean(g^2) + tiny) per sample); returns (M, S)
+    with S = 1 + |b_o| + sum_c |W_oc x_c| (the scale of the rounding error of a finite-precision evaluation)."""
+    N = g.shape[0]
+    C = 1 if g.dim() == 2 else g.shape[1]
+    x = g.detach().double().reshape(N, C, -1).numpy()
+    if normalize:
+        rms = np.sqrt((x ** 2).mean(axis=(1, 2), keepdims=True) + TINY[dtype])
+        x = x / rms
+    W = W.detach().double().reshape(C, C).numpy()
+    bb = np.zeros(C) if b is None else b.detach().double().numpy()
+    pre = np.einsum("oc,ncs->nos", W, x) + bb[None, :, None]
+    S = 1 + np.abs(bb)[None, :, None] + np.einsum("oc,ncs->nos", np.abs(W), np.abs(x))
+    return np.tanh(pre).reshape(N, -1), S.reshape(N, -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------
+def _layout(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    if layout == "transposed":  # a non-contiguous view with t's logical shape and values
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "sliced":  # every other element of a wider buffer whose other half is garbage
+        big = torch.full((*t.shape[:-1], 2 * t.shape[-1]), 7.0, dtype=t.dtype)
+        big[..., ::2] = t
+        return big[..., ::2]
+    return t
+
+
+def _expected_format(t, layout):
+    if layout == "channels_last":
+        return torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _seed(*key):
+    return zlib.crc32(repr(key).encode())
+
+
+def _data(shape, kind, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "ties":  # |g| in {0, .25, .5, .75, 1}: many exact ties, and values equal to beta
+        return (torch.randint(-4, 5, shape, generator=gen).double() * 0.25).to(dtype)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the ops that reach the dispatcher (to check which kernel a wrapper runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+# ------------------------------------------------------------------------------------------------
+# gradient_saliency_mask and threshold_mask: exact oracles
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+@pytest.mark.parametrize("shape,layout", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradient_saliency_mask_matches_oracle(dtype, shape, layout, kind):
+    g = _layout(_data(shape, kind, dtype, seed=_seed(shape, kind)), layout)
+    M = _gradient_saliency_oracle(g, dtype)
+    for beta, q in RULES:
+        mask = ops.gradient_saliency_mask(g, beta, q)
+        assert mask.dtype == torch.bool and mask.shape == g.shape
+        assert mask.is_contiguous(memory_format=_expected_format(g, layout)), (layout, mask.stride())
+        expect = _rule_oracle(M, beta, q, dtype)
+        got = mask.reshape(shape[0], -1).numpy()
+        assert np.array_equal(got, expect), (beta, q, np.argwhere(got != expect)[:5])
+        # documented: bit-identical to selective_mask(gradient_saliency(g)) != 0
+        assert torch.equal(mask, selective_mask(gradient_saliency(g), beta=beta, quantile=q) != 0)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties"])
+@pytest.mark.parametrize("shape,layout", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_threshold_mask_matches_oracle(dtype, shape, layout, kind):
+    gen = torch.Generator().manual_seed(_seed(shape, kind, "thr"))
+    if kind == "ties":
+        M0 = torch.randint(0, 5, shape, generator=gen).double() * 0.25
+    else:
+        M0 = torch.rand(shape, generator=gen, dtype=torch.float64) * 1.4 - 0.2
+    Mt = _layout(M0.to(dtype), layout)
+    Mv = _rows(Mt)
+    for beta, q in RULES:
+        mask = ops.threshold_mask(Mt, beta, q)
+        assert mask.dtype == torch.bool and mask.shape == Mt.shape
+        assert mask.is_contiguous(memory_format=_expected_format(Mt, layout))
+        expect = _rule_oracle(Mv, beta, q, dtype)
+        assert np.array_equal(mask.reshape(shape[0], -1).numpy(), expect), (beta, q)
+        assert torch.equal(mask, selective_mask(Mt, beta=beta, quantile=q) != 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_beta_is_rounded_to_the_dtype(dtype):
+    # beta's nearest value v in the dtype lies above beta, so M = v passes `M <= beta` only because
+    # beta is rounded to the dtype too (as `M <= beta` rounds the Python float).
+    beta = next(b for b in (0.1, 0.3, 0.7, 0.2) if _round([b], dtype)[0] > b)
+    v = _round([beta], dtype)[0]
+    g = torch.tensor([[1.0, v, 0.0]], dtype=dtype)  # M = [1, v, 0] exactly
+    assert ops.gradient_saliency_mask(g, beta).tolist() == [[False, True, True]]
+    assert ops.threshold_mask(g, beta).tolist() == [[False, True, True]]
+    # the next value of the dtype above v is excluded
+    if dtype == torch.float32:
+        up = float(np.nextafter(np.float32(v), np.float32(1)))
+    elif dtype == torch.float16:
+        up = float(np.nextafter(np.float16(v), np.float16(1)))
+    else:  # bfloat16: the bit pattern of a positive value plus one
+        up = float(torch.tensor([v], dtype=dtype).view(torch.int16).add(1).view(dtype))
+    assert up > v and _round([up], dtype)[0] == up
+    assert ops.threshold_mask(torch.tensor([[up, v]], dtype=dtype), beta).tolist() == [[False, True]]
+    g2 = torch.tensor([[1.0, up, v]], dtype=dtype)
+    assert ops.gradient_saliency_mask(g2, beta).tolist() == [[False, False, True]]
+
+
+def test_beta_is_exact_in_float64():
+    nxt = math.nextafter(0.1, 1.0)
+    M = torch.tensor([[0.1, nxt, 0.0999999999]], dtype=torch.float64)
+    assert ops.threshold_mask(M, 0.1).tolist() == [[True, False, True]]
+    g = torch.tensor([[1.0, 0.1, nxt]], dtype=torch.float64)
+    assert ops.gradient_saliency_mask(g, 0.1).tolist() == [[False, True, False]]
+
+
+def test_beta_beyond_the_dtype_range():
+    # 1e6 rounds to +inf in float16: every finite M passes; -1e6 -> -inf: none does
+    M = torch.tensor([[0.0, 1.0, 65504.0]], dtype=torch.float16)
+    assert ops.threshold_mask(M, 1e6).all()
+    assert not ops.threshold_mask(M, -1e6).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantile_edges(dtype):
+    # distinct values: exactly k = D - floor(q D) features per sample, the k smallest
+    D = 100
+    M = torch.stack([torch.randperm(D, generator=torch.Generator().manual_seed(s)) for s in range(3)]).to(dtype) / 128
+    for q in [0.0, 0.01, 0.29, 0.5, 0.57, 0.99, 1.0]:
+        k = D - math.floor(q * D)  # 0.29 * 100 = 28.999999999999996 -> k = 72 (not 71)
+        mask = ops.threshold_mask(M, 0.5, q)
+        assert mask.sum(1).tolist() == [k] * 3, q
+        for n in range(3):
+            assert torch.equal(mask[n], M[n] < (k / 128)), q  # values are j / 128, j = 0..99
+        assert torch.equal(ops.gradient_saliency_mask(M, 0.5, q).sum(1), torch.full((3,), k))
+    # D = 1: any q < 1 keeps the feature, q = 1 drops it
+    one = torch.tensor([[0.7], [0.0]], dtype=dtype)
+    for q, want in [(0.0, True), (0.5, True), (0.999, True), (1.0, False)]:
+        assert ops.threshold_mask(one, 0.5, q).tolist() == [[want], [want]], q
+        assert ops.gradient_saliency_mask(one, 0.5, q).tolist() == [[want], [want]], q
+    # ties at the k-th smallest value are all included
+    tied = torch.tensor([[0.1, 0.5, 0.5, 0.5, 0.9, 0.2]], dtype=dtype)
+    assert ops.threshold_mask(tied, 0.0, 0.5).tolist() == [[True, True, True, True, False, True]]  # k = 3
+    assert ops.threshold_mask(tied, 0.0, 5 / 6).tolist() == [[True, False, False, False, False, False]]  # k=1
+    assert ops.threshold_mask(torch.full((2, 9), 0.5, dtype=dtype), 0.0, 0.6).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_zero_and_tiny_samples(dtype):
+    # an all-zero sample: peak clamped to tiny, M = 0 everywhere
+    g = torch.zeros(2, 7, dtype=dtype)
+    g[1, 3] = 1.0
+    assert ops.gradient_saliency_mask(g, 0.0)[0].all()
+    assert not ops.gradient_saliency_mask(g, -0.01)[0].any()
+    assert ops.gradient_saliency_mask(g, 0.0, 0.5)[0].all()  # all tied at 0
+    assert ops.gradient_saliency_mask(g, 0.0).tolist()[1] == [True] * 3 + [False] + [True] * 3
+    # a sample whose peak is below tiny (subnormal values): M = |g| / tiny, not |g| / max|g|
+    sub = TINY[dtype] * np.array([0.5, 0.25, 0.0, -0.125])
+    gs = torch.tensor(_round(sub, dtype)[None], dtype=torch.float64).to(dtype)
+    assert (gs.double() != 0).sum() == 3, "the subnormals must be representable"
+    M = _gradient_saliency_oracle(gs, dtype)
+    assert np.array_equal(M[0], [0.5, 0.25, 0.0, 0.125])
+    for beta, q in [(0.3, None), (0.125, None), (0.0, 0.5)]:
+        assert np.array_equal(ops.gradient_saliency_mask(gs, beta, q).numpy(), _rule_oracle(M, beta, q, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_follow_the_reference(dtype):
+    # Documented as bit-identical to selective_mask(gradient_saliency(g)) in every case; the kernels
+    # state NaN propagates through the peak (as amax) and sorts last (as kthvalue).
+    nan, inf = float("nan"), float("inf")
+    g = torch.tensor([[1.0, nan, 0.1, 0.2], [inf, 1.0, 0.0, -inf], [0.5, 0.2, 0.1, 0.05]], dtype=dtype)
+    M = _gradient_saliency_oracle(g, dtype)
+    for beta, q in [(0.5, None), (0.3, 0.25), (0.3, 0.5), (0.3, 0.0), (0.3, 1.0)]:
+        mask = ops.gradient_saliency_mask(g, beta, q)
+        assert torch.equal(mask, selective_mask(gradient_saliency(g), beta=beta, quantile=q) != 0), (beta, q)
+        assert np.array_equal(mask.numpy(), _rule_oracle(M, beta, q, dtype)), (beta, q)
+    Mt = torch.tensor([[0.1, nan, 0.2, 0.3], [nan] * 4, [0.4, -inf, inf, 0.0]], dtype=dtype)
+    for beta, q in [(0.5, None), (0.3, 0.25), (0.3, 0.5), (0.3, 0.75)]:
+        mask = ops.threshold_mask(Mt, beta, q)
+        assert np.array_equal(mask.numpy(), _rule_oracle(_rows(Mt), beta, q, dtype)), (beta, q)
+        assert torch.equal(mask, selective_mask(Mt, beta=beta, quantile=q) != 0), (beta, q)
+
+
+def test_many_chunks_with_two_threads():
+    # D > 32768 splits each sample over several parallel tasks (the peak is combined across chunks);
+    # the peak sits in the last chunk so a per-chunk peak would give a different mask.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        gen = torch.Generator().manual_seed(11)
+        g = torch.randn(3, 70001, generator=gen)
+        g[:, -5] = 40.0
+        M = _gradient_saliency_oracle(g, torch.float32)
+        for beta, q in [(0.02, None), (0.3, 0.37)]:
+            f32 = torch.float32
+            assert np.array_equal(ops.gradient_saliency_mask(g, beta, q).numpy(), _rule_oracle(M, beta, q, f32))
+            assert np.array_equal(ops.threshold_mask(g, beta, q).numpy(), _rule_oracle(_rows(g), beta, q, f32))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_empty_batch():
+    for fn in (lambda t, q: ops.gradient_saliency_mask(t, 0.3, q), lambda t, q: ops.threshold_mask(t, 0.3, q)):
+        for q in (None, 0.5):
+            out = fn(torch.zeros(0, 3, 4), q)
+            assert out.dtype == torch.bool and out.shape == (0, 3, 4)
+    out = ops.adaptor_saliency_mask(torch.zeros(0, 3, 4), torch.eye(3), None, 0.3, 0.5)
+    assert out.dtype == torch.bool and out.shape == (0, 3, 4)
+    assert ops.masked_sq_norm(torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool)).shape == (0,)
+
+
+# ------------------------------------------------------------------------------------------------
+# adaptor_saliency_mask: float64 oracle, disagreement only within rounding of the threshold
+# ------------------------------------------------------------------------------------------------
+def _adaptor_params(C, dtype, seed, bias=True, square=False):
+    gen = torch.Generator().manual_seed(seed)
+    W = (torch.randn(C, C, generator=gen, dtype=torch.float64) * 0.7 + torch.eye(C, dtype=torch.float64)).to(dtype)
+    b = (torch.randn(C, generator=gen, dtype=torch.float64) * 0.2).to(dtype) if bias else None
+    return (W if square else W.reshape(C, C, 1, 1)), b
+
+
+def _ambiguous(M, S, beta, q, dtype):
+    """Features whose decision a finite-precision evaluation of the adaptor may flip: those whose
+    interval [M - delta, M + delta] meets the interval the threshold can move in. delta bounds
+    |M_computed - M_oracle| per feature: a few roundings of the inputs and of the pre-activation (scaled by
+    tanh' = 1 - M^2) plus the rounding of M itself. For the quantile rule the k-th smallest value of any
+    M_computed within delta of M lies between the k-th smallest of M - delta and of M + delta."""
+    delta = 6 * UNIT[dtype] * ((1 - M ** 2) * S + 1)
+    N, D = M.shape
+    if q is None:
+        lo = hi = np.full(N, _round([beta], dtype)[0])
+    else:
+        k = D - math.floor(q * D)
+        if k <= 0 or k >= D:
+            return np.zeros_like(M, dtype=bool)
+        lo = np.sort(M - delta, axis=1)[:, k - 1]
+        hi = np.sort(M + delta, axis=1)[:, k - 1]
+    return (M + delta >= lo[:, None]) & (M - delta <= hi[:, None])
+
+
+def _check_near_threshold(got, M, S, beta, q, dtype):
+    """got (N, D) bool may differ from the float64 oracle's mask only at features whose M is within
+    rounding of the threshold (see _ambiguous). Those must be a minority (in bfloat16, 8 bits, up to
+    ~20% of a sample lies within rounding of a quantile threshold; in float32 / float64 a handful),
+    or the check would have no teeth; the actual disagreements must be rare."""
+    expect = _rule_oracle(M, beta, q, torch.float64)
+    near = _ambiguous(M, S, beta, q, dtype)
+    cap = M.size // 4 if dtype in (torch.bfloat16, torch.float16) else M.size // 50
+    assert near.sum() <= max(4, cap), f"{int(near.sum())} of {M.size} features near the threshold"
+    bad = got != expect
+    assert not (bad & ~near).any(), f"{int((bad & ~near).sum())} disagreements away from the threshold"
+    assert bad.sum() <= max(2, M.size // 100), f"{int(bad.sum())} disagreements"
+
+
+ADAPTOR_CASES = [
+    ((3, 1000), "contiguous"),
+    ((1, 1), "contiguous"),
+    ((4, 7), "sliced"),
+    ((2, 3, 17), "contiguous"),
+    ((2, 3, 5, 7), "contiguous"),
+    ((2, 3, 5, 7), "channels_last"),
+    ((2, 3, 5, 7), "transposed"),
+    ((1, 5, 3, 3), "channels_last"),
+    ((2, 4, 2, 3, 3), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("shape,layout", ADAPTOR_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay in ADAPTOR_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adaptor_saliency_mask_matches_oracle(dtype, shape, layout, normalize):
+    C = 1 if len(shape) == 2 else shape[1]
+    W, b = _adaptor_params(C, dtype, seed=sum(shape))
+    scale = 1e-3 if normalize else 1.0  # the normalised map must not depend on the gradient's scale
+    g = _layout((torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale)
+                .to(dtype), layout)
+    M, S = _adaptor_oracle(g, W, b, normalize, dtype)
+    for beta, q in [(0.2, None), (-0.3, None), (0.3, 0.3), (0.3, 0.75), (0.3, 0.0), (0.3, 1.0)]:
+        mask = ops.adaptor_saliency_mask(g, W, b, beta, q, normalize=normalize)
+        assert mask.dtype == torch.bool and mask.shape == g.shape and mask.is_contiguous()
+        _check_near_threshold(mask.reshape(shape[0], -1).numpy(), M, S, beta, q, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adaptor_agrees_with_the_module(dtype):
+    # the documented equivalent: running SaliencyAdaptor, then selective_mask
+    for shape in [(3, 257), (2, 3, 6, 5)]:
+        C = 1 if len(shape) == 2 else shape[1]
+        ad = SaliencyAdaptor(C)
+        W, b = _adaptor_params(C, torch.float64, seed=7)
+        with torch.no_grad():
+            ad.conv.weight.copy_(W)
+            ad.conv.bias.copy_(b)
+        ad = ad.to(dtype)
+        g = (torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 1e-2).to(dtype)
+        M, S = _adaptor_oracle(g, ad.conv.weight, ad.conv.bias, True, dtype)
+        with torch.no_grad():
+            Mmod = ad(g)
+        for beta, q in [(0.2, None), (0.3, 0.4)]:
+            got = ops.adaptor_saliency_mask(g, ad.conv.weight, ad.conv.bias, beta, q)
+            ref = selective_mask(Mmod, beta=beta, quantile=q) != 0
+            bad = (got != ref).reshape(shape[0], -1).numpy()
+            _check_near_threshold(got.reshape(shape[0], -1).numpy(), M, S, beta, q, dtype)
+            _check_near_threshold(ref.reshape(shape[0], -1).numpy(), M, S, beta, q, dtype)
+            assert bad.sum() <= max(2, bad.size // 100)
+
+
+def test_adaptor_identity_no_bias_and_square_weight():
+    # identity weight, no bias, one channel: M = tanh(g / rms) exactly representable decisions
+    g = torch.tensor([[3.0, -1.0, 0.0, 1.0]], dtype=torch.float64)  # rms = sqrt(11 / 4)
+    rms = math.sqrt(11 / 4)
+    expect = [math.tanh(v / rms) <= 0.2 for v in [3.0, -1.0, 0.0, 1.0]]
+    assert ops.adaptor_saliency_mask(g, torch.ones(1, 1, 1, 1, dtype=torch.float64), None, 0.2).tolist() == [expect]
+    # [C, C] weight == [C, C, 1, 1] weight; normalize=False uses g as is
+    g4 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    W, b = _adaptor_params(3, torch.float64, seed=1, square=True)
+    a = ops.adaptor_saliency_mask(g4, W, b, 0.1, None, normalize=False)
+    assert torch.equal(a, ops.adaptor_saliency_mask(g4, W.reshape(3, 3, 1, 1), b, 0.1, None, normalize=False))
+    M, S = _adaptor_oracle(g4, W, b, False, torch.float64)
+    _check_near_threshold(a.reshape(2, -1).numpy(), M, S, 0.1, None, torch.float64)
+
+
+def test_adaptor_normalisation_is_scale_free():
+    # g and g * 2^12 have the same g / rms(g) exactly (power-of-two scaling commutes with every rounding)
+    g = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(2))
+    W, b = _adaptor_params(2, torch.float32, seed=4)
+    for q in (None, 0.5):
+        a = ops.adaptor_saliency_mask(g, W, b, 0.1, q)
+        assert torch.equal(a, ops.adaptor_saliency_mask(g * 4096.0, W, b, 0.1, q))
+        # without normalisation the scale matters: tanh saturates for the big input
+        assert not torch.equal(ops.adaptor_saliency_mask(g * 1e-3, W, b, 0.1, normalize=False),
+                               ops.adaptor_saliency_mask(g * 4096.0, W, b, 0.1, normalize=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# masked_sq_norm with a bool mask (masked_sq_norm_bool and its backward)
+# ------------------------------------------------------------------------------------------------
+def _sq_norm_oracle(g, m):
+    gv, mv = _rows(g), m.reshape(m.shape[0], -1).numpy()
+    return np.array([math.fsum(float(x) ** 2 for x, keep in zip(gv[n], mv[n]) if keep) for n in range(gv.shape[0])])
+
+
+SQ_CASES = [((1, 1), "contiguous"), ((3, 7), "contiguous"), ((2, 33), "sliced"), ((2, 1031), "contiguous"),
+            ((2, 3, 5, 7), "channels_last"), ((2, 3, 5, 7), "transposed"), ((2, 2, 3, 4, 5), "channels_last"),
+            ((2, 3, 17), "contiguous")]
+
+
+@pytest.mark.parametrize("shape,layout", SQ_CASES, ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay in SQ_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_sq_norm_bool_values_and_gradient(dtype, shape, layout):
+    gen = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
+    g = _layout(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype), layout)
+    m = _layout(torch.rand(shape, generator=gen) > 0.4, layout)
+    with _OpLog() as log:
+        out = ops.masked_sq_norm(g.requires_grad_(True), m)
+    assert "jsigr_fast.masked_sq_norm_bool" in log.names  # the one-byte kernel, not the float-mask one
+    assert out.dtype == dtype and out.shape == (shape[0],)
+    expect = _sq_norm_oracle(g, m)
+    got = out.detach().double().numpy()
+    # one rounding to the dtype of an (at least float-accurate) sum
+    rtol = {torch.float64: 1e-13, torch.float32: 1e-6}.get(dtype, 2 * UNIT[dtype])
+    np.testing.assert_allclose(got, expect, rtol=rtol, atol=1e-300)
+    # backward: grad = [m] 2 w g, one rounding of an exact product -> bit-exact
+    w = torch.randn(shape[0], generator=gen, dtype=torch.float64).to(dtype)
+    with _OpLog() as log:
+        (grad,) = torch.autograd.grad(out, g, w)
+    assert "jsigr_fast.masked_sq_norm_bool_backward" in log.names
+    exp_grad = _round(2.0 * w.double().numpy().reshape(-1, *[1] * (len(shape) - 1)) * g.detach().double().numpy()
+                      * m.numpy(), dtype)
+    assert np.array_equal(grad.double().numpy(), exp_grad)
+    assert grad.is_contiguous(memory_format=_expected_format(g, layout))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_masked_sq_norm_bool_gradcheck_gradgradcheck(layout):
+    gen = torch.Generator().manual_seed(21)
+    g = _layout(torch.randn(3, 2, 4, 3, generator=gen, dtype=torch.float64), layout).requires_grad_(True)
+    m = _layout(torch.rand(3, 2, 4, 3, generator=gen) > 0.5, layout)
+    f = lambda t: ops.masked_sq_norm(t, m, compiled=True)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (g,))
+    assert torch.autograd.gradgradcheck(f, (g,))
+    # the backward op is differentiable in both grad_out and g
+    go = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bw = lambda a, t: O.masked_sq_norm_bool_backward(a, t, m.contiguous())  # noqa: E731
+    assert torch.autograd.gradcheck(bw, (go, g))
+    assert torch.autograd.gradgradcheck(bw, (go, g))
+
+
+def test_masked_sq_norm_bool_equals_float_mask():
+    gen = torch.Generator().manual_seed(22)
+    for dtype, rtol in [(torch.float64, 1e-13), (torch.float32, 1e-6)]:
+        g = torch.randn(4, 3, 9, 9, generator=gen, dtype=torch.float64).to(dtype)
+        mb = torch.rand(4, 3, 9, 9, generator=gen) > 0.5
+        gb = g.clone().requires_grad_(True)
+        gf = g.clone().requires_grad_(True)
+        ob = ops.masked_sq_norm(gb, mb)
+        of = ops.masked_sq_norm(gf, mb.to(dtype))
+        torch.testing.assert_close(ob, of, rtol=rtol, atol=0)
+        w = torch.randn(4, generator=gen, dtype=dtype)
+        (ob * w).sum().backward()
+        (of * w).sum().backward()
+        assert torch.equal(gb.grad, gf.grad)  # m * g * 2w with m in {0, 1}: exact either way
+
+
+def test_masked_sq_norm_bool_mask_broadcast():
+    gen = torch.Generator().manual_seed(23)
+    g = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64)
+    shared = torch.rand(2, 5, generator=gen) > 0.5
+    full = shared.expand(3, 2, 5)
+    expect = _sq_norm_oracle(g, full)
+    for m in (shared, shared[None], full):  # g.shape[1:], (1, ...), g's shape (expanded view)
+        np.testing.assert_allclose(ops.masked_sq_norm(g, m).numpy(), expect, rtol=1e-13)
+    with pytest.raises(ValueError, match="mask must have the input's shape"):
+        ops.masked_sq_norm(g, torch.ones(2, 2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must have the input's shape"):
+        ops.masked_sq_norm(g, torch.ones(5, 2, dtype=torch.bool))
+
+
+def test_masked_sq_norm_bool_op_errors():
+    g = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        O.masked_sq_norm_bool(g, torch.ones(3, 4))
+    with pytest.raises(RuntimeError, match="mask must have g's shape"):
+        O.masked_sq_norm_bool(g, torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="g must be floating point"):
+        O.masked_sq_norm_bool(torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="grad_out must have shape"):
+        O.masked_sq_norm_bool_backward(torch.ones(2), g, torch.ones(3, 4, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------------------------
+# fused.make_mask against reference.make_mask
+# ------------------------------------------------------------------------------------------------
+class _ScaledAdaptor(SaliencyAdaptor):  # a subclass: not the stock forward, so the module runs
+    def forward(self, g, x=None):
+        return super().forward(g, x) * 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["none", "gradient", "map", "callable", "adaptor", "adaptor2d", "subclass"])
+def test_fused_make_mask_equals_reference(kind, dtype):
+    gen = torch.Generator().manual_seed(31)
+    shape = (3, 257) if kind == "adaptor2d" else (3, 3, 6, 6)
+    g_hat = (torch.randn(shape, generator=gen, dtype=torch.float64) * 1e-2).to(dtype)
+    x = torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype)
+    op = {"none": None, "gradient": "gradient", "map": None, "callable": None}.get(kind)
+    expect_op = "jsigr_fast.gradient_saliency_mask" if kind in ("none", "gradient") else "jsigr_fast.threshold_mask"
+    saliency = op
+    if kind == "map":
+        saliency = torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype)
+    elif kind == "callable":
+        saliency = lambda g, xx: (g * xx).abs()  # noqa: E731
+    elif kind in ("adaptor", "adaptor2d", "subclass"):
+        C = 1 if kind == "adaptor2d" else 3
+        saliency = (_ScaledAdaptor if kind == "subclass" else SaliencyAdaptor)(C)
+        W, b = _adaptor_params(C, torch.float64, seed=8)
+        with torch.no_grad():
+            saliency.conv.weight.copy_(W)
+            saliency.conv.bias.copy_(b)
+        saliency = saliency.to(dtype)
+        if kind != "subclass":
+            expect_op = "jsigr_fast.adaptor_saliency_mask"
+    for beta, q in [(0.2, None), (0.3, 0.5), (0.3, 0.0), (0.3, 1.0)]:
+        with _OpLog() as log:
+            got = fused.make_mask(saliency, None if kind == "map" else g_hat, x, beta=beta, quantile=q)
+        assert expect_op in log.names, log.names
+        ref = reference.make_mask(saliency, None if kind == "map" else g_hat, x, beta=beta, quantile=q)
+        assert got.dtype == torch.bool and ref.dtype == dtype and got.shape == ref.shape == shape
+        if kind in ("adaptor", "adaptor2d"):
+            M, S = _adaptor_oracle(g_hat, saliency.conv.weight, saliency.conv.bias, True, dtype)
+            _check_near_threshold(got.reshape(3, -1).numpy(), M, S, beta, q, dtype)
+            _check_near_threshold((ref != 0).reshape(3, -1).numpy(), M, S, beta, q, dtype)
+            assert (got != (ref != 0)).sum() <= 2
+        else:
+            assert torch.equal(got, ref != 0), (beta, q)
+
+
+# ------------------------------------------------------------------------------------------------
+# argument errors, opcheck
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad_q", [1.5, -0.1, float("nan"), float("inf")])
+def test_quantile_out_of_range_is_rejected(bad_q):
+    g = torch.randn(2, 3, 4, 4)
+    calls = [lambda: ops.gradient_saliency_mask(g, 0.1, bad_q), lambda: ops.threshold_mask(g, 0.1, bad_q),
+             lambda: ops.adaptor_saliency_mask(g, torch.eye(3), None, 0.1, bad_q)]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=r"quantile must be in \[0, 1\]"):
+            call()
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(RuntimeError, match="gradient_saliency_mask: g must be floating point"):
+        ops.gradient_saliency_mask(torch.ones(2, 3, dtype=torch.int64), 0.1)
+    with pytest.raises(RuntimeError, match="threshold_mask: saliency must be floating point"):
+        ops.threshold_mask(torch.ones(2, 3, dtype=torch.int32), 0.1)
+    with pytest.raises(RuntimeError, match="adaptor_saliency_mask: g must be floating point"):
+        ops.adaptor_saliency_mask(torch.ones(2, 3, dtype=torch.int64), torch.eye(1), None, 0.1)
+    with pytest.raises(RuntimeError, match="g must have a batch dimension"):
+        ops.gradient_saliency_mask(torch.tensor(1.0), 0.1)
+    with pytest.raises(RuntimeError, match="saliency must have a batch dimension"):
+        ops.threshold_mask(torch.tensor(1.0), 0.1)
+    g = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match=r"weight must be a 1x1 convolution's \[C, C, 1, 1\].*C = 3.*\[2, 2, 1, 1\]"):
+        ops.adaptor_saliency_mask(g, torch.ones(2, 2, 1, 1), None, 0.1)
+    with pytest.raises(RuntimeError, match="weight must be a 1x1 convolution"):
+        ops.adaptor_saliency_mask(g, torch.ones(3, 3, 1, 2), None, 0.1)
+    with pytest.raises(RuntimeError, match="weight must be a floating tensor"):
+        ops.adaptor_saliency_mask(g, torch.ones(3, 3, dtype=torch.int64), None, 0.1)
+    with pytest.raises(RuntimeError, match=r"bias must be a floating \[3\] tensor"):
+        ops.adaptor_saliency_mask(g, torch.eye(3), torch.ones(2), 0.1)
+    with pytest.raises(RuntimeError, match=r"g must have shape \(N, C, \*\) or \(N, D\)"):
+        ops.adaptor_saliency_mask(torch.randn(4), torch.eye(1), None, 0.1)
+
+
+@pytest.mark.parametrize("wshape", [(9, 1), (1, 9), (1, 1, 9, 1)])
+def test_adaptor_rejects_weight_with_right_numel_wrong_shape(wshape):
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.adaptor_saliency_mask(torch.randn(2, 3, 4, 4), torch.ones(wshape), None, 0.1)
+
+
+def test_opcheck_mask_ops():
+    gen = torch.Generator().manual_seed(41)
+    g = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    gcl = g.contiguous(memory_format=torch.channels_last)
+    gt = g.transpose(2, 3)
+    W = torch.randn(3, 3, 1, 1, generator=gen, dtype=torch.float64)
+    b = torch.randn(3, generator=gen, dtype=torch.float64)
+    for t in (g, gcl, gt):
+        torch.library.opcheck(O.gradient_saliency_mask.default, (t, 0.3, None))
+        torch.library.opcheck(O.threshold_mask.default, (t.abs(), 0.3, 0.5))
+        torch.library.opcheck(O.adaptor_saliency_mask.default, (t, W, b, 0.3, None, True))
+    torch.library.opcheck(O.gradient_saliency_mask.default, (g.float(), 0.3, 0.25))
+    torch.library.opcheck(O.adaptor_saliency_mask.default, (g[:, 0, 0], W[:1, :1, 0, 0], None, 0.3, 0.5, False))
+    m = torch.rand(2, 3, 4, 5, generator=gen) > 0.5
+    for t, mm in ((g, m), (gcl, m.contiguous(memory_format=torch.channels_last))):
+        torch.library.opcheck(O.masked_sq_norm_bool.default, (t.clone().requires_grad_(True), mm))
+        go = torch.randn(2, generator=gen, dtype=torch.float64, requires_grad=True)
+        torch.library.opcheck(O.masked_sq_norm_bool_backward.default, (go, t.clone().requires_grad_(True), mm))
+
+
+def test_fused_make_mask_accepts_an_integer_map_like_the_reference():
+    # an integer saliency map is valid input to jsigr_fast.loss (the reference converts it); the
+    # fused backend must give the same features rather than the kernel's "floating point" error
+    from jsigr_fast import fused, reference
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 4, 4, generator=gen)
+    M = torch.randperm(x.numel(), generator=gen).reshape(x.shape)  # distinct values: no ties at the quantile
+    for beta, q in ((40.0, None), (0.5, 0.25)):
+        want = reference.make_mask(M, None, x, beta=beta, quantile=q)
+        got = fused.make_mask(M, None, x, beta=beta, quantile=q)
+        assert got.dtype == torch.bool
+        assert torch.equal(got, want.reshape(x.shape) != 0)
+        assert 0 < int(got.sum()) < got.numel()
