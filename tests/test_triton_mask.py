@@ -1,0 +1,316 @@
+"""The Triton selective-mask kernels (kernels/saliency_mask.py) against the references, under TRITON_INTERPRET=1.
+
+As in tests/test_triton_bn.py, TRITON_INTERPRET must be set before triton is first imported, so the
+checks run in a child pytest process with the variable set: the parent test
+``test_triton_mask_kernels_in_interpreter`` launches it; the child tests are skipped in the parent.
+
+Masks must be bit-identical to ``selective_mask(gradient_saliency(g)) != 0`` / ``selective_mask(M) != 0``
+(jsigr_fast.reference); the norm agrees with a float64 sum to the dtype's rounding; the backward is
+compared exactly with the same products in torch (``where(mask, (2 grad_out) g, 0)`` in g's dtype) and
+to rounding with the float64 formula. Shapes are tiny (the interpreter runs each program in numpy),
+plus one with D = 4800 so the reductions use several splits and the elementwise grid several programs.
+"""
+import math
+import os
+import subprocess
+import sys
+from importlib.util import find_spec
+
+import pytest
+import torch
+
+from jsigr_fast.reference import gradient_saliency_mask_ref, threshold_mask_ref
+from jsigr_fast.saliency import gradient_saliency
+
+CHILD = os.environ.get("JSIGR_TRITON_CHILD") == "1"
+child_only = pytest.mark.skipif(not CHILD, reason="runs in the TRITON_INTERPRET=1 child process")
+
+CASES = [((1, 7), "contiguous"), ((3, 5), "contiguous"), ((3, 1), "contiguous"), ((2, 3, 5, 7), "contiguous"),
+         ((2, 3, 5, 7), "channels_last"), ((3, 2, 3, 3), "transposed"), ((2, 3, 2, 3, 3), "channels_last_3d"),
+         ((2, 3, 40, 40), "channels_last")]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+QUANTILES = [0.0, 0.25, 0.5, 0.9, 0.999, 1.0]
+# inf / inf = NaN in the interpreter's numpy division (the saliency of an infinite gradient entry)
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+@pytest.mark.skipif(CHILD, reason="parent driver")
+@pytest.mark.skipif(find_spec("triton") is None, reason="triton is not installed")
+def test_triton_mask_kernels_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", JSIGR_TRITON_CHILD="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    # every child test must really run there
+    # 3 tests over CASES x DTYPES, 3 over DTYPES (special values, saliency values, empty), test_errors
+    expected = 3 * len(CASES) * len(DTYPES) + 3 * len(DTYPES) + 1
+    # the only skips allowed there are the two parent-only tests
+    assert f"{expected} passed, 2 skipped" in r.stdout, r.stdout[-2000:]
+
+
+def _nvidia_backend():
+    if find_spec("triton") is None:
+        return False
+    from triton.backends import backends
+
+    return "nvidia" in backends
+
+
+@pytest.mark.skipif(CHILD, reason="parent only (the interpreter does not compile)")
+@pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
+def test_triton_kernels_compile_for_sm90():
+    """Every kernel compiles to PTX for sm_90 without a GPU (the interpreter accepts things the
+    compiler rejects, e.g. non-constexpr globals), and the mask kernels use the IEEE division and
+    an unflushed comparison: div.rn, setp.le without .ftz."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from jsigr_fast.kernels import saliency_mask as tm
+
+    def ptx(fn, sig, consts):
+        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+    for dt in ("fp32", "fp64", "bf16", "fp16"):
+        acc = tl.float64 if dt == "fp64" else tl.float32
+        accp, key = ("*fp64", "*i64") if dt == "fp64" else ("*fp32", "*i32")
+        blk = {"ACC": acc, "BLOCK": 1024}
+        ptx(tm._abs_max_kernel, {"g_ptr": "*" + dt, "part_ptr": key, "D": "i32", "SPLITS": "i32"}, blk)
+        for mode in (0, 1, 2):
+            code = ptx(tm._mask_kernel, {"src_ptr": "*" + dt, "peak_ptr": accp, "thr_ptr": accp,
+                                         "out_ptr": "*" + dt if mode == 1 else "*u8", "TOTAL": "i64", "D": "i32"},
+                       {"MODE": mode, **blk})
+            assert ".ftz" not in code, (dt, mode)
+            if mode != 2:
+                assert ("div.rn.f64" if dt == "fp64" else "div.rn.f32") in code, (dt, mode)
+            if mode != 1:
+                assert ("setp.le.f64" if dt == "fp64" else "setp.le.f32") in code, (dt, mode)
+        ptx(tm._sq_norm_kernel, {"g_ptr": "*" + dt, "m_ptr": "*u8", "part_ptr": "*fp64", "D": "i32", "SPLITS": "i32"},
+            blk)
+        ptx(tm._sq_norm_backward_kernel, {"go_ptr": "*" + dt, "g_ptr": "*" + dt, "m_ptr": "*u8", "out_ptr": "*" + dt,
+                                          "TOTAL": "i32", "D": "i32"}, blk)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------
+def _lay(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last_3d":
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "transposed":
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    return t
+
+
+def _expected_format(t):
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _data(shape, layout, dtype, seed=0):
+    """Gaussian data with ties (a quarter of the entries on a coarse grid), zeros and negative zeros."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3.0
+    u = torch.rand(shape, generator=g, dtype=torch.float64)
+    x = torch.where(u < 0.25, (x * 4).round() / 4, x)
+    x = torch.where(u > 0.95, torch.zeros_like(x), x)
+    x = torch.where((u > 0.9) & (u <= 0.95), torch.full_like(x, -0.0), x)
+    return _lay(x.to(dtype), layout)
+
+
+def _betas(M):
+    """Fixed betas and betas on / next to values of M: exactly a value, the float64 midpoint to the
+    next value of the dtype (where the rounding of beta decides), and just above / below a value."""
+    betas = [0.0, -0.0, 0.1, 0.5, 1.0, -0.5, 1e10, float("nan")]
+    flat = M.flatten()
+    finite = flat[torch.isfinite(flat) & (flat > 0)]
+    if finite.numel():
+        for j in {0, finite.numel() // 3, finite.numel() // 2, finite.numel() - 1}:
+            v = finite[j]
+            nxt = torch.nextafter(v, torch.tensor(2.0, dtype=v.dtype))
+            a, b = float(v), float(nxt)
+            betas += [a, (a + b) / 2, a + (b - a) / 3, a * (1 - 1e-12), math.nextafter((a + b) / 2, 3.0)]
+    return betas
+
+
+def _assert_same_mask(got, ref, like, what):
+    assert got.dtype == torch.bool and got.shape == like.shape, what
+    assert torch.equal(got, ref), f"{what}: {(got != ref).sum().item()} of {got.numel()} features differ"
+    if got.numel():
+        assert got.is_contiguous(memory_format=_expected_format(like)), what
+
+
+# ----------------------------------------------------------------------------------------------
+# masks
+# ----------------------------------------------------------------------------------------------
+@child_only
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_mask_matches_reference(shape, layout, dtype):
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from jsigr_fast.kernels import saliency_mask as tm
+
+    g = _data(shape, layout, dtype)
+    for beta in _betas(gradient_saliency(g)):
+        _assert_same_mask(tm.gradient_saliency_mask(g, beta), gradient_saliency_mask_ref(g, beta), g, f"beta={beta!r}")
+    for q in QUANTILES:
+        _assert_same_mask(tm.gradient_saliency_mask(g, 0.1, q), gradient_saliency_mask_ref(g, 0.1, q), g, f"q={q}")
+
+
+@child_only
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threshold_mask_matches_reference(shape, layout, dtype):
+    from jsigr_fast.kernels import saliency_mask as tm
+
+    M = _data(shape, layout, dtype, seed=1)
+    if M.numel() > 4:  # a NaN and an inf in the map (NaN sorts last in kthvalue and compares False)
+        flat = M.view(-1) if M.is_contiguous() else None
+        if flat is not None:
+            flat[1] = float("nan")
+            flat[-2] = float("inf")
+    for beta in _betas(M):
+        _assert_same_mask(tm.threshold_mask(M, beta), threshold_mask_ref(M, beta), M, f"beta={beta!r}")
+    for q in QUANTILES:
+        _assert_same_mask(tm.threshold_mask(M, 0.1, q), threshold_mask_ref(M, 0.1, q), M, f"q={q}")
+
+
+def _special(dtype):
+    """(6, 8) rows: all zeros; a NaN; +-inf; only subnormals; a huge dynamic range (M subnormal in
+    float32 / bfloat16); ordinary values with ties."""
+    fi = torch.finfo(dtype)
+    sub = fi.tiny / 4  # a subnormal of the dtype
+    big = min(fi.max / 4, 1e30)
+    rows = [
+        [0.0, -0.0, 0.0, 0.0, -0.0, 0.0, 0.0, 0.0],
+        [1.0, -2.0, float("nan"), 0.5, 0.0, 3.0, -1.0, 0.25],
+        [1.0, float("inf"), -2.0, float("-inf"), 0.0, 0.5, 7.0, -0.0],
+        [sub, -sub, sub * 2, 0.0, -sub * 3, sub, sub * 4, -0.0],
+        [big, -big / 3, 1e-10, -1e-12, 0.0, big * 1e-30, 3e-9, 1.0],
+        [0.5, -0.5, 0.25, 0.5, -1.0, 1.0, 0.75, -0.75],
+    ]
+    return torch.tensor(rows, dtype=torch.float64).to(dtype)
+
+
+@child_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values(dtype):
+    from jsigr_fast.kernels import saliency_mask as tm
+
+    g = _special(dtype)
+    M = gradient_saliency(g)
+    fi = torch.finfo(dtype)
+    # fi.tiny / 8 rounds to a subnormal beta; for bfloat16, 1 + 2^-8 + 2^-40 rounds to 1 only through
+    # float32 (double rounding), as `M <= beta` does it
+    betas = _betas(M) + [fi.tiny / 8, float(fi.max) * 4, -float("inf"), float("inf"), 1 + 2 ** -8 + 2 ** -40]
+    for beta in betas:
+        _assert_same_mask(tm.gradient_saliency_mask(g, beta), gradient_saliency_mask_ref(g, beta), g, f"beta={beta!r}")
+        _assert_same_mask(tm.threshold_mask(M, beta), threshold_mask_ref(M, beta), M, f"threshold beta={beta!r}")
+    for q in QUANTILES + [0.1, 0.6]:
+        _assert_same_mask(tm.gradient_saliency_mask(g, 0.1, q), gradient_saliency_mask_ref(g, 0.1, q), g, f"q={q}")
+        _assert_same_mask(tm.threshold_mask(M, 0.1, q), threshold_mask_ref(M, 0.1, q), M, f"threshold q={q}")
+
+
+@child_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saliency_values_are_the_references(dtype):
+    """The M that the quantile path writes (and the beta path compares) is gradient_saliency(g) bit for
+    bit: one IEEE division by the NaN-propagating, tiny-clamped peak, rounded to the dtype."""
+    from jsigr_fast.kernels import saliency_mask as tm
+
+    for g in (_special(dtype), _data((3, 2, 5, 7), "channels_last", dtype, seed=2)):
+        R = tm._Rows(g, "g", "test")
+        peak = tm._peak(R)
+        M = R.empty(g.dtype)
+        tm._compare(R, R.t, tm._GRAD_WRITE_M, peak, peak, M)
+        torch.testing.assert_close(M, gradient_saliency(g), rtol=0, atol=0, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# bool-masked squared norm and its backward
+# ----------------------------------------------------------------------------------------------
+_NORM_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+@child_only
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_sq_norm_bool_and_backward(shape, layout, dtype):
+    from jsigr_fast.kernels import saliency_mask as tm
+
+    g = _data(shape, layout, dtype, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    mask = _lay(torch.rand(g.shape, generator=gen) < 0.6, layout)
+    if g.numel() > 3 and g.is_contiguous():  # non-finite values where the mask is off must not leak
+        mask.view(-1)[:2] = False
+        g.view(-1)[0], g.view(-1)[1] = float("nan"), float("inf")
+    n = g.shape[0]
+    bshape = (n,) + (1,) * (g.dim() - 1)
+    m64 = mask.to(torch.float64)
+    g64 = torch.where(mask, g.double(), torch.zeros((), dtype=torch.float64))
+
+    out = tm.masked_sq_norm_bool(g, mask)
+    ref = (g64 * g64).reshape(n, -1).sum(1)
+    assert out.dtype == dtype and out.shape == (n,)
+    torch.testing.assert_close(out.double(), ref, rtol=_NORM_RTOL[dtype], atol=0)
+
+    grad_out = torch.randn(n, generator=gen, dtype=torch.float64)
+    for go in (grad_out.to(dtype), grad_out):  # grad_out in g's dtype, and float64 (cast to g's dtype first)
+        got = tm.masked_sq_norm_bool_backward(go, g, mask)
+        assert got.dtype == dtype and got.shape == g.shape
+        assert got.is_contiguous(memory_format=_expected_format(g))
+        go_t = go.to(dtype).view(bshape)
+        exact = torch.where(mask, (2 * go_t) * g, torch.zeros((), dtype=dtype))  # the same two roundings
+        torch.testing.assert_close(got, exact, rtol=0, atol=0, equal_nan=True)
+        formula = 2 * m64 * g64 * go_t.double()
+        torch.testing.assert_close(got.double(), formula, rtol=_NORM_RTOL[dtype], atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# edge cases and errors
+# ----------------------------------------------------------------------------------------------
+@child_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty(dtype):
+    from jsigr_fast.kernels import saliency_mask as tm
+
+    for shape in ((0, 5), (3, 0), (2, 0, 4)):
+        g = torch.zeros(shape, dtype=dtype)
+        mask = torch.zeros(shape, dtype=torch.bool)
+        for q in (None, 0.5):
+            assert tm.gradient_saliency_mask(g, 0.1, q).shape == shape
+            assert tm.threshold_mask(g, 0.1, q).shape == shape
+        out = tm.masked_sq_norm_bool(g, mask)
+        assert out.shape == (shape[0],) and out.dtype == dtype and not out.any()
+        assert tm.masked_sq_norm_bool_backward(torch.ones(shape[0], dtype=dtype), g, mask).shape == shape
+
+
+@child_only
+def test_errors():
+    from jsigr_fast.kernels import saliency_mask as tm
+
+    g = torch.randn(2, 5)
+    with pytest.raises(RuntimeError, match="quantile"):
+        tm.gradient_saliency_mask(g, 0.1, 1.5)
+    with pytest.raises(RuntimeError, match="quantile"):
+        tm.threshold_mask(g, 0.1, float("nan"))
+    with pytest.raises(RuntimeError, match="floating"):
+        tm.threshold_mask(torch.ones(2, 5, dtype=torch.int64), 0.1)
+    with pytest.raises(RuntimeError, match="batch dimension"):
+        tm.gradient_saliency_mask(torch.tensor(1.0), 0.1)
+    with pytest.raises(RuntimeError, match="bool"):
+        tm.masked_sq_norm_bool(g, torch.ones(2, 5))
+    with pytest.raises(RuntimeError, match="shape"):
+        tm.masked_sq_norm_bool(g, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="grad_out"):
+        tm.masked_sq_norm_bool_backward(torch.ones(3), g, torch.ones(2, 5, dtype=torch.bool))
