@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import _checks, ops, reference
 from ._extension import extension_loaded
 from .batchnorm import frozen_running_stats
-from .saliency import Saliency, compute_saliency, perturbed_input_gradient, selective_mask
+from .saliency import Saliency, perturbed_input_gradient
 
 __all__ = [
     "loss", "input_gradient_penalty", "jacobian_norm", "jacobian_regularization", "double_backprop",
@@ -71,6 +71,17 @@ def backend_module(backend: str, mode: str = "autograd"):
 
         return fused
     return reference
+
+
+def mask_builder(backend: str, mode: str = "autograd"):
+    """``make_mask(saliency, g_hat, x, *, beta, quantile)`` of the backend module (the fused backend builds a
+    one-byte mask with its fused ops; a module without one uses :func:`jsigr_fast.reference.make_mask`)."""
+    return getattr(backend_module(backend, mode), "make_mask", reference.make_mask)
+
+
+def mask_fraction(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Share of input features penalised (a bool mask is averaged in x's dtype)."""
+    return mask.mean() if mask.is_floating_point() else mask.to(x.dtype).mean()
 
 
 def saliency_pass_context(backend: str, mode: str = "autograd"):
@@ -159,13 +170,11 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
 
     mask = None
     if lambda_m > 0 and not (isinstance(saliency, str) and saliency == "none"):
-        if isinstance(saliency, torch.Tensor):
-            M = compute_saliency(saliency, None, x)  # precomputed: no perturbed pass needed
-        else:
+        g_hat = None  # a precomputed map needs no perturbed pass
+        if not isinstance(saliency, torch.Tensor):
             with saliency_pass_context(backend, mode):
                 g_hat = perturbed_input_gradient(model, x, y, eps=eps, generator=generator, grad_scale=grad_scale)
-            M = compute_saliency(saliency, g_hat, x)
-        mask = selective_mask(M, beta=beta, quantile=mask_quantile)
+        mask = mask_builder(backend, mode)(saliency, g_hat, x, beta=beta, quantile=mask_quantile)
 
     out = backend_module(backend, mode).jsigr(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, eps=eps, mask=mask,
                                               jacobian=jacobian, n_proj=n_proj, generator=generator,
@@ -176,7 +185,7 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
     zero = out["ce"].detach().new_zeros(())
     terms.setdefault("sig", zero)
     terms.setdefault("jac", zero)
-    terms["mask_fraction"] = mask.mean() if mask is not None else x.new_ones(())
+    terms["mask_fraction"] = mask_fraction(mask, x) if mask is not None else x.new_ones(())
     return out["loss"], terms
 
 

@@ -22,6 +22,16 @@ any layer without a rule below keeps its ordinary autograd formula:
   the fused double backward: exact, unlike ATen's native forward-mode rule (see
   :mod:`jsigr_fast.batchnorm`), and without decomposing the norm into elementary ops.
 * **Batched VJPs** where they pay: see :data:`BATCH_VJPS` and bench/bench_vjp.py.
+* **The selective mask** (:func:`make_mask`): J-SIGR's default saliency ``|g| / max|g|`` and its
+  threshold (or quantile) in one kernel that writes a one-byte mask (``ops.gradient_saliency_mask``,
+  bit-identical to the reference's float mask); a trained :class:`~jsigr_fast.SaliencyAdaptor`'s
+  map without a graph (``ops.adaptor_saliency_mask``); any other map through ``ops.threshold_mask``.
+  The penalty then reads the byte mask (``ops.masked_sq_norm`` -> ``masked_sq_norm_bool``).
+* **The projection estimator's per-sample norms** ``K ||J^T v||^2`` run the compiled squared-norm
+  kernel (one pass, no ``u**2`` temporary and no ``PowBackward``), and, where :data:`LOSS_HEAD` says
+  so for the device, the CE and its input-gradient cotangent come from one
+  ``ops.cross_entropy_cotangent`` call instead of log_softmax / nll_loss and their backward nodes.
+  The random projections are drawn exactly as the reference draws them (same generator, same order).
 
 Running statistics: updated exactly as ``F.batch_norm`` does (and not at all inside
 :func:`jsigr_fast.batchnorm.frozen_running_stats`).
@@ -40,12 +50,20 @@ from torch.overrides import TorchFunctionMode
 from . import _checks, ops, reference
 from .batchnorm import decomposed_normalization, frozen_running_stats
 
-__all__ = ["jsigr", "input_gradient_penalty", "jacobian_norm", "fused_layers", "fused_batch_norm", "BATCH_VJPS"]
+__all__ = ["jsigr", "input_gradient_penalty", "jacobian_norm", "fused_layers", "fused_batch_norm", "make_mask",
+           "BATCH_VJPS", "LOSS_HEAD"]
 
 # Stack the CE cotangent and the Jacobian projections into one is_grads_batched backward pass?
 # Measured on the 2-core CPU (bench/results/vjp_cpu_*.md): it does not pay there, so it is off;
 # a GPU session should re-measure (bench/bench_vjp.py --device cuda) and flip it per device.
 BATCH_VJPS = {"cpu": False, "cuda": False}
+
+# Per-sample CE and its input-gradient cotangent from one ops.cross_entropy_cotangent call? K is 10..1000,
+# so this saves kernel launches and autograd nodes (~6 per step), not FLOPs. Measured on the 2-core CPU
+# (bench/results/loss_head_cpu_*.md): no gain at K = 10 and 100 (within noise, ~1.0 ms per step either
+# way) and a loss at K = 1000 (the kernel's exp is slower than ATen's vectorised log_softmax), so it is
+# off there; a GPU session should measure it (bench/bench_loss_head.py --device cuda) and flip it per device.
+LOSS_HEAD = {"cpu": False, "cuda": False}
 
 
 def _sq_norm(g, mask):
@@ -395,6 +413,83 @@ def _use_batched(x) -> bool:
     return BATCH_VJPS.get(x.device.type, False)
 
 
+def _use_loss_head(logits) -> bool:
+    # under autocast, F.cross_entropy runs in float32 whatever the logits' dtype: keep ATen's there
+    dev = logits.device.type
+    return (LOSS_HEAD.get(dev, False) and not torch.is_autocast_enabled(dev)
+            and ops._has_kernel("cross_entropy_cotangent", logits.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# the selective mask
+# ----------------------------------------------------------------------------------------------
+def _plain_adaptor(saliency, g_hat) -> bool:
+    """A SaliencyAdaptor whose forward is the stock one (no subclass override, no hooks), in g_hat's
+    dtype and device and channel count: its map is exactly what ops.adaptor_saliency_mask computes.
+    Anything else (including a wrong channel count, whose error message the module owns) runs the module."""
+    from .saliency import SaliencyAdaptor
+
+    if not isinstance(saliency, SaliencyAdaptor) or type(saliency).forward is not SaliencyAdaptor.forward:
+        return False
+    conv = saliency.conv
+    if (saliency._forward_hooks or saliency._forward_pre_hooks or conv._forward_hooks or conv._forward_pre_hooks
+            or type(conv) is not nn.Conv2d or conv.groups != 1 or tuple(conv.kernel_size) != (1, 1)
+            or tuple(conv.stride) != (1, 1) or tuple(conv.padding) != (0, 0) or tuple(conv.dilation) != (1, 1)):
+        return False
+    channels = 1 if g_hat.dim() == 2 else g_hat.shape[1]
+    return (g_hat.dim() >= 2 and channels == saliency.channels and conv.weight.dtype == g_hat.dtype
+            and conv.weight.device == g_hat.device and not torch.is_autocast_enabled(g_hat.device.type))
+
+
+def make_mask(saliency, g_hat, x, *, beta, quantile):
+    """:func:`jsigr_fast.reference.make_mask` with the fused mask ops; returns a **bool** mask with the
+    same features (bit-identical for the default saliency and for precomputed or callable maps; for a
+    stock :class:`~jsigr_fast.SaliencyAdaptor`, up to features whose map lies within rounding of the
+    threshold, see ``ops.adaptor_saliency_mask``)."""
+    from .saliency import compute_saliency
+
+    if saliency is None or (isinstance(saliency, str) and saliency == "gradient"):
+        return ops.gradient_saliency_mask(g_hat, beta, quantile)
+    if g_hat is not None and _plain_adaptor(saliency, g_hat):
+        conv = saliency.conv
+        return ops.adaptor_saliency_mask(g_hat, conv.weight, conv.bias, beta, quantile, normalize=saliency.normalize)
+    M = compute_saliency(saliency, g_hat, x)
+    if not M.is_floating_point():  # e.g. an integer map: the reference's rule (it converts), as bool
+        return reference.make_mask(M, None, x, beta=beta, quantile=quantile) != 0
+    return ops.threshold_mask(M, beta, quantile)
+
+
+def _jsigr_reverse(model, x, y, *, lambda_m, lambda_j, mask, n_proj, generator, sq_norm, grad_scale):
+    """:func:`jsigr_fast.reference.jsigr` with the projection estimator (or ``lambda_j = 0``), step for
+    step, with the per-sample norms of the projections from the compiled kernel and, where
+    :data:`LOSS_HEAD` is on, the fused CE + cotangent. Same random draws in the same order."""
+    xg, logits = reference.forward(model, x, y)
+    head = lambda_m > 0 and _use_loss_head(logits)
+    if head:
+        per_sample, r = ops.cross_entropy_cotangent(logits, y)
+    else:
+        per_sample = F.cross_entropy(logits, y, reduction="none")
+    ce = per_sample.mean()
+    out = {"ce": ce, "logits": logits}
+    loss = ce
+    if lambda_m > 0:
+        g = (reference.vjp(logits, xg, r, grad_scale=grad_scale) if head
+             else reference.vjp(per_sample.sum(), xg, grad_scale=grad_scale))
+        out["sig"] = sq_norm(g, mask).mean()
+        loss = loss + lambda_m * out["sig"]
+    if lambda_j > 0:
+        n, k = logits.shape
+        total = logits.new_zeros(n)
+        for _ in range(n_proj):
+            v = reference.unit_sphere(n, k, like=logits, generator=generator)
+            u = reference.vjp(logits, xg, v, grad_scale=grad_scale)
+            total = total + k * ops.masked_sq_norm(u, None)
+        out["jac"] = (total / n_proj).mean()
+        loss = loss + lambda_j * out["jac"]
+    out["loss"] = loss
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # the regularizers
 # ----------------------------------------------------------------------------------------------
@@ -415,6 +510,9 @@ def jsigr(model, x, y, *, lambda_m, lambda_j, eps, mask, jacobian, n_proj, gener
         return out
     with torch.enable_grad(), fused_layers():
         if not (_use_batched(x) and lambda_m > 0 and lambda_j > 0 and jacobian == "projection"):
+            if jacobian == "projection" or lambda_j == 0:
+                return _jsigr_reverse(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, mask=mask, n_proj=n_proj,
+                                      generator=generator, sq_norm=sq_norm, grad_scale=grad_scale)
             return reference.jsigr(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, eps=eps, mask=mask,
                                    jacobian=jacobian, n_proj=n_proj, generator=generator, sq_norm=sq_norm,
                                    grad_scale=grad_scale)

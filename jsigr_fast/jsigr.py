@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from . import _checks
 from .adversarial import GANCriterion
-from .functional import _check_common, backend_module, resolve_backend, saliency_pass_context
-from .saliency import perturbed_input_gradient, selective_mask
+from .functional import _check_common, backend_module, mask_builder, mask_fraction, resolve_backend, saliency_pass_context
+from .saliency import perturbed_input_gradient
 
 __all__ = ["JSIGR"]
 
@@ -97,10 +97,11 @@ class JSIGR(GANCriterion):
                 M = M.detach()
                 terms_extra["gen"] = gen.detach()
                 terms_extra.update(self._stage(grads, x, M))
+                mask = mask_builder(backend, self.mode)(M, None, x, beta=self.beta, quantile=self.mask_quantile)
             else:
-                with torch.no_grad():
-                    M = self.gan.adaptor(g_hat)
-            mask = selective_mask(M, beta=self.beta, quantile=self.mask_quantile)
+                with torch.no_grad():  # the adaptor's map, no graph (the fused backend: one kernel)
+                    mask = mask_builder(backend, self.mode)(self.gan.adaptor, g_hat, x, beta=self.beta,
+                                                            quantile=self.mask_quantile)
         extra = {"fd_step": self.fd_step} if self.mode == "fd" else {}
         out = backend_module(backend, self.mode).jsigr(model, x, y, lambda_m=self.lambda_m, lambda_j=self.lambda_j,
                                                        eps=self.eps, mask=mask, jacobian=self.jacobian,
@@ -110,6 +111,6 @@ class JSIGR(GANCriterion):
             return out["loss"]
         zero = out["ce"].detach().new_zeros(())
         terms = {k: out[k].detach() if k in out else zero for k in ("loss", "ce", "sig", "jac")}
-        terms["mask_fraction"] = mask.mean() if mask is not None else x.new_ones(())
+        terms["mask_fraction"] = mask_fraction(mask, x) if mask is not None else x.new_ones(())
         terms.update(terms_extra)
         return out["loss"], terms

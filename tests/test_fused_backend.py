@@ -206,3 +206,53 @@ def test_batched_vjp_path_equals_reference(name, monkeypatch):
     ref = _run(copy.deepcopy(model), x, y, "reference", "loss_projection")
     got = _run(copy.deepcopy(model), x, y, "fused", "loss_projection")
     _compare(ref, got, rtol=1e-10, atol_scale=1e-12)
+
+
+@pytest.mark.parametrize("name", ["conv_tanh", "residual_bn", "maxpool_relu"])
+def test_fused_loss_head_path_equals_reference(name, monkeypatch):
+    # the fused CE + cotangent op (off on CPU by measurement, fused.LOSS_HEAD) must stay exact
+    monkeypatch.setitem(fused.LOSS_HEAD, "cpu", True)
+    calls = []
+    real = ops.cross_entropy_cotangent
+    monkeypatch.setattr(ops, "cross_entropy_cotangent", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, x = tiny_model(name), tiny_input(name)
+    y = _labels(x)
+    ref = _run(copy.deepcopy(model), x, y, "reference", "loss_projection")
+    got = _run(copy.deepcopy(model), x, y, "fused", "loss_projection")
+    assert calls, "the fused loss head was not used"
+    _compare(ref, got, rtol=1e-10, atol_scale=1e-12)
+
+
+def _loss_with(model, x, y, backend, **kw):
+    gen = torch.Generator().manual_seed(3)
+    out = jsigr_fast.loss(model, x, y, backend=backend, generator=gen, **kw)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return out.detach(), torch.autograd.grad(out, params, allow_unused=True), dict(model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["conv_tanh", "residual_bn"])
+@pytest.mark.parametrize("saliency", ["quantile", "map", "callable", "adaptor"])
+def test_fused_selective_mask_equals_reference(name, saliency, monkeypatch):
+    # the fused backend builds the mask with its one-byte ops (ops.gradient_saliency_mask,
+    # threshold_mask, adaptor_saliency_mask): same features, so the same loss and gradients
+    model, x = tiny_model(name), tiny_input(name)
+    y = _labels(x)
+    kw = {"beta": 0.3}
+    if saliency == "quantile":
+        kw["mask_quantile"] = 0.4
+    elif saliency == "map":
+        kw["saliency"] = torch.rand(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    elif saliency == "callable":
+        kw["saliency"] = lambda g, xx: (g.abs() * xx).to(xx.dtype)
+    else:
+        from jsigr_fast.saliency import SaliencyAdaptor
+        torch.manual_seed(2)
+        kw["saliency"] = SaliencyAdaptor(x.shape[1]).to(x.dtype).requires_grad_(False)
+    used = []
+    for op in ("gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask"):
+        real = getattr(ops, op)
+        monkeypatch.setattr(ops, op, lambda *a, _r=real, _op=op, **k: used.append(_op) or _r(*a, **k))
+    ref = _loss_with(copy.deepcopy(model), x, y, "reference", **kw)
+    got = _loss_with(copy.deepcopy(model), x, y, "fused", **kw)
+    assert used, "the fused mask ops were not used"
+    _compare(ref, got, rtol=1e-10, atol_scale=1e-12)
