@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.jsigr-installed
-EXT_SOURCES := $(wildcard csrc/*.cpp csrc/cuda/*.cu)
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h)
 
 .PHONY: all setup test test-fast demo bench clean
 

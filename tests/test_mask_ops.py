@@ -693,3 +693,37 @@ def test_fused_make_mask_accepts_an_integer_map_like_the_reference():
         assert got.dtype == torch.bool
         assert torch.equal(got, want.reshape(x.shape) != 0)
         assert 0 < int(got.sum()) < got.numel()
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): the CUDA or Triton kernels of the mask ops against the same
+# references on the host. The masks must be bit-identical; the norms equal to float tolerance.
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 1031), (2, 3, 40, 40), (4, 3, 224, 224)])
+def test_cuda_mask_ops_match_the_host_reference(dtype, shape):
+    from jsigr_fast import reference
+
+    gen = torch.Generator().manual_seed(0)
+    g = (torch.randn(shape, generator=gen) * torch.rand(shape[0], *[1] * (len(shape) - 1), generator=gen)).to(dtype)
+    g.view(-1)[::17] = 0  # ties at 0
+    layouts = [g] + ([g.contiguous(memory_format=torch.channels_last)] if g.dim() == 4 else [])
+    for host in layouts:
+        dev = host.cuda()
+        for beta, q in ((0.1, None), (0.5, None), (0.3, 0.25), (0.3, 0.9)):
+            want = reference.gradient_saliency_mask_ref(host, beta, q)
+            got = ops.gradient_saliency_mask(dev, beta, q)
+            assert torch.equal(got.cpu(), want), (beta, q)
+            M = host.abs().float().to(dtype)
+            assert torch.equal(ops.threshold_mask(M.cuda(), beta, q).cpu(), reference.threshold_mask_ref(M, beta, q))
+        m = want
+        want_norm = (host.double() * m).flatten(1).pow(2).sum(1)
+        got_norm = ops.masked_sq_norm(dev, m.cuda()).double().cpu()
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+        torch.testing.assert_close(got_norm, want_norm, rtol=tol, atol=tol)
+        go = torch.randn(shape[0], generator=gen).to(dtype)
+        got_bw = torch.ops.jsigr_fast.masked_sq_norm_bool_backward(go.cuda(), dev, m.cuda()).cpu()
+        want_bw = torch.where(m, (2 * go.view(-1, *[1] * (len(shape) - 1))) * host, torch.zeros((), dtype=dtype))
+        torch.testing.assert_close(got_bw, want_bw, rtol=tol, atol=tol)
