@@ -89,6 +89,24 @@ class _Lazy:
         return self.obj
 
 
+def _channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _fused_nchw_jsigr(m, x, y):
+    """The fused J-SIGR loss with fused.CHANNELS_LAST off for x's device (restored afterwards; the
+    backward runs outside, but the layout is fixed by the forward)."""
+    from jsigr_fast import fused
+
+    dev = x.device.type
+    before = fused.CHANNELS_LAST.get(dev, False)
+    fused.CHANNELS_LAST[dev] = False
+    try:
+        return jsigr_fast.loss(m, x, y, backend="fused")
+    finally:
+        fused.CHANNELS_LAST[dev] = before
+
+
 def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_EPS,
                  at_alpha: float = AT_ALPHA, device="cpu") -> dict[str, Method]:
     """The timed methods, including the fused backend's when it is built for ``device`` and the
@@ -136,6 +154,16 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
                                             "double backprop (fused)"),
             "jsigr_fused": Method("jsigr_fused", "jsigr", lambda m, x, y: jsigr_fast.loss(m, x, y, backend="fused"),
                                   "J-SIGR, projection (fused)"),
+            # layout ablation (fused.CHANNELS_LAST): how much of the fused step's gain is the
+            # channels-last activations, and what the same layout does to the standard and reference steps
+            "standard_cl": Method("standard_cl", "standard",
+                                  lambda m, x, y: F.cross_entropy(m(_channels_last(x)), y),
+                                  "standard CE, channels-last input"),
+            "jsigr_cl": Method("jsigr_cl", "jsigr",
+                               lambda m, x, y: jsigr_fast.loss(m, _channels_last(x), y, backend="reference"),
+                               "J-SIGR, projection (reference), channels-last input"),
+            "jsigr_fused_nchw": Method("jsigr_fused_nchw", "jsigr", _fused_nchw_jsigr,
+                                       "J-SIGR, projection (fused), NCHW activations"),
             "jsigr_hutchinson_fused": Method(
                 "jsigr_hutchinson_fused", "jsigr_hutchinson",
                 lambda m, x, y: jsigr_fast.loss(m, x, y, jacobian="hutchinson", backend="fused"),

@@ -21,6 +21,13 @@ any layer without a rule below keeps its ordinary autograd formula:
   tangent is computed with the fused backward op, and differentiating ``||J z||^2`` in reverse runs
   the fused double backward: exact, unlike ATen's native forward-mode rule (see
   :mod:`jsigr_fast.batchnorm`), and without decomposing the norm into elementary ops.
+* **Channels-last activations** where they pay (:data:`CHANNELS_LAST`): the first convolution's
+  NCHW input is made channels-last, so every later activation is (convolutions, the fused batch
+  norm, ReLU, adds and pooling keep the layout). On the 2-core CPU oneDNN's convolutions run ~1.8x
+  faster that way, and ATen's batch-norm double backward, which the rules above replace, is what
+  makes channels-last *slower* for the reference path. The caller's tensors, parameters and their
+  ``.grad`` layouts are untouched; ``Tensor.view`` calls that only fail because of the layout fall
+  back to ``reshape`` (same values), so a model that flattens with ``view`` still works.
 * **Batched VJPs** where they pay: see :data:`BATCH_VJPS` and bench/bench_vjp.py.
 * **The selective mask** (:func:`make_mask`): J-SIGR's default saliency ``|g| / max|g|`` and its
   threshold (or quantile) in one kernel that writes a one-byte mask (``ops.gradient_saliency_mask``,
@@ -57,6 +64,12 @@ __all__ = ["jsigr", "input_gradient_penalty", "jacobian_norm", "fused_layers", "
 # Measured on the 2-core CPU (bench/results/vjp_cpu_*.md): it does not pay there, so it is off;
 # a GPU session should re-measure (bench/bench_vjp.py --device cuda) and flip it per device.
 BATCH_VJPS = {"cpu": False, "cuda": False}
+
+# Run conv activations channels-last inside the loss call? Measured on the 2-core CPU (ResNet-20,
+# batch 128, fp32; bench/results/fused_cpu_*): the fused J-SIGR step 1.24 s -> 0.97 s with the model's
+# weights left NCHW (the standard step: 0.41 s -> 0.22 s). A GPU session should measure it (bench/bench_fused.py
+# --device cuda, with and without) before turning it on there: cuDNN's fp32 NCHW kernels are fine.
+CHANNELS_LAST = {"cpu": True, "cuda": False}
 
 # Per-sample CE and its input-gradient cotangent from one ops.cross_entropy_cotangent call? K is 10..1000,
 # so this saves kernel launches and autograd nodes (~6 per step), not FLOPs. Measured on the 2-core CPU
@@ -143,9 +156,27 @@ class _FusedMode(TorchFunctionMode):
                 return _batch_norm_jvp(*args, **kwargs)
             return ops.batch_norm(*args, **kwargs)
         if func is F.conv2d and self.conv:
-            return conv2d(*args, **kwargs)
+            return conv2d(*args, **kwargs, _layout=not self.forward_ad)
         if func is F.relu and self.relu:
             return relu(*args, **kwargs)
+        if func is F.dropout and self.conv:
+            t = args[0] if args else kwargs["input"]
+            if not t.is_contiguous() and t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+                # a channels-last activation (see CHANNELS_LAST): ATen would draw the mask in memory
+                # order, a different mask for the same seed; draw it in NCHW order, as for the user's layout
+                rest = args[1:] if args else ()
+                kw = {k: v for k, v in kwargs.items() if k != "input"}
+                return func(t.contiguous(), *rest, **kw).contiguous(memory_format=torch.channels_last)
+        if func is torch.Tensor.view and self.conv:
+            try:
+                return func(*args, **kwargs)
+            except RuntimeError as e:
+                # x.view(n, -1) on a channels-last activation (see CHANNELS_LAST): reshape gives the
+                # same values (a copy instead of an alias; a forward pass does not write through it)
+                t = args[0]
+                if "view size is not compatible" not in str(e) or t.is_contiguous():
+                    raise
+                return t.reshape(*args[1:], **kwargs)
         return func(*args, **kwargs)
 
 
@@ -328,13 +359,18 @@ def _pair(v):
     return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, _layout=False):
     """``F.conv2d`` whose double backward uses ordinary convolution kernels (see the module docstring).
-    String padding ("same"/"valid") and non-4-D inputs fall back to ``F.conv2d``."""
+    String padding ("same"/"valid") and non-4-D inputs fall back to ``F.conv2d``. With ``_layout``
+    (the reverse-mode fused layers; not forward mode, where several of ATen's normalisation rules
+    reject channels-last inputs) the activation becomes channels-last where :data:`CHANNELS_LAST` says so."""
     if isinstance(padding, str) or input.dim() != 4:
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     p = (_pair(stride), _pair(padding), _pair(dilation), groups)
     dev = input.device.type
+    if _layout and CHANNELS_LAST.get(dev, False) and input.is_contiguous() and not input.is_contiguous(
+            memory_format=torch.channels_last):
+        input = input.contiguous(memory_format=torch.channels_last)  # once, at the first conv
     if torch.is_autocast_enabled(dev) and input.is_floating_point():
         # cast as autocast would (conv runs in the low-precision dtype), so the rule saves and
         # differentiates the cast tensors, whatever autocast state the backward later runs under

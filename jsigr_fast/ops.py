@@ -502,7 +502,9 @@ def batch_norm_supported(x: torch.Tensor, weight: torch.Tensor | None = None) ->
 
 def _update_running_stats(input, running_mean, running_var, momentum: float) -> None:
     """``running = (1 - momentum) * running + momentum * batch_stat`` (unbiased variance), bit-identical
-    to ``F.batch_norm``: ATen's own ``batch_norm_update_stats`` computes it (one extra statistics pass
+    to ``F.batch_norm`` on the same input (a channels-last activation, see
+    ``jsigr_fast.fused.CHANNELS_LAST``, comes out of a convolution that rounds differently, so there
+    the statistics agree to rounding): ATen's own ``batch_norm_update_stats`` computes it (one extra statistics pass
     over the input, in the training forward only). nn.BatchNorm passes ``1/num_batches_tracked`` as
     momentum when its own momentum is None, so the cumulative average needs nothing special here."""
     if running_mean is None and running_var is None:
