@@ -115,7 +115,11 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
     from jsigr_fast.attacks import pgd
 
     disc = "cifar" if len(input_shape) == 3 and input_shape[0] == 3 else "mnist"
-    jarn = _Lazy(lambda x: jsigr_fast.JARN(input_shape, discriminator=disc).to(device=x.device, dtype=x.dtype))
+    def _jarn(b):
+        return _Lazy(lambda x: jsigr_fast.JARN(input_shape, discriminator=disc, backend=b).to(device=x.device,
+                                                                                              dtype=x.dtype))
+
+    jarn, jarn_f = _jarn(backend), _jarn("fused")  # own adaptor/discriminator state per timed method
     gen = _Lazy(lambda x: torch.Generator(device=x.device).manual_seed(0))
 
     def pgd_at7(m, x, y):
@@ -127,6 +131,11 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
 
     def jarn_at1(m, x, y):
         return jarn(x)(m, _half_adversarial(m, x, at_eps), y)
+
+    jarn_at1_f_state = _jarn("fused")
+
+    def jarn_at1_fused(m, x, y):
+        return jarn_at1_f_state(x)(m, _half_adversarial(m, x, at_eps), y)
 
     methods = {
         "standard": Method("standard", "standard", lambda m, x, y: F.cross_entropy(m(x), y), "standard CE"),
@@ -140,8 +149,8 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
                                    f"J-SIGR, Hutchinson JVP ({backend})"),
         "pgd_at7": Method("pgd_at7", "pgd_at7", pgd_at7, "PGD-AT7 (7 x 2/255, eps 8/255)"),
         "fgsm_at1": Method("fgsm_at1", "fgsm_at1", fgsm_at1, "FGSM-AT1 (half clean, predicted labels)"),
-        "jarn": Method("jarn", "jarn", lambda m, x, y: jarn(x)(m, x, y), f"JARN only ({disc} discriminator)"),
-        "jarn_at1": Method("jarn_at1", "jarn_at1", jarn_at1, "JARN-AT1 (JARN on the FGSM-AT1 batch)"),
+        "jarn": Method("jarn", "jarn", lambda m, x, y: jarn(x)(m, x, y), f"JARN only ({disc} discriminator, {backend})"),
+        "jarn_at1": Method("jarn_at1", "jarn_at1", jarn_at1, f"JARN-AT1 (JARN on the FGSM-AT1 batch, {backend})"),
     }
     # finite differences (jsigr_fast.finite_difference): ordinary kernels only
     methods["jsigr_fd"] = Method("jsigr_fd", "jsigr_fd", lambda m, x, y: jsigr_fast.loss(m, x, y, mode="fd"),
@@ -164,6 +173,10 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
                                "J-SIGR, projection (reference), channels-last input"),
             "jsigr_fused_nchw": Method("jsigr_fused_nchw", "jsigr", _fused_nchw_jsigr,
                                        "J-SIGR, projection (fused), NCHW activations"),
+            "jarn_fused": Method("jarn_fused", "jarn", lambda m, x, y: jarn_f(x)(m, x, y),
+                                 f"JARN only ({disc} discriminator, fused)"),
+            "jarn_at1_fused": Method("jarn_at1_fused", "jarn_at1", jarn_at1_fused,
+                                     "JARN-AT1 (JARN on the FGSM-AT1 batch, fused)"),
             "jsigr_hutchinson_fused": Method(
                 "jsigr_hutchinson_fused", "jsigr_hutchinson",
                 lambda m, x, y: jsigr_fast.loss(m, x, y, jacobian="hutchinson", backend="fused"),

@@ -2,6 +2,7 @@
 them for images."""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -10,7 +11,17 @@ import torch.nn.functional as F
 
 from . import _checks, reference
 from .adversarial import GANCriterion, adversarial_loss
-from .functional import _check_common
+from .functional import _check_common, resolve_backend
+
+
+def _layer_rules(backend: str):
+    """The classifier's layer rules for its forward and input-gradient VJP (the adaptor and
+    discriminator run natively): the fused backend's, or none."""
+    if backend == "fused":
+        from . import fused
+
+        return fused.fused_layers()
+    return contextlib.nullcontext()
 
 __all__ = ["JARN"]
 
@@ -35,13 +46,17 @@ class JARN(GANCriterion):
         noise: half-width of the uniform input noise (0 disables it). Default 8/255.
         discriminator, disc_every, adaptor_lr, disc_lr, generator_loss, sync_grads: see :class:`SaliencyGAN`.
         auto_step: as in :class:`JSIGR` (``False`` defers the adaptor/discriminator steps to :meth:`step`).
+        backend: ``"reference"`` (plain autograd), ``"fused"`` (the classifier's forward and input-gradient
+            VJP run with :func:`jsigr_fast.fused.fused_layers`, so the double backprop through its
+            BatchNorm / conv / ReLU layers uses the fused rules) or ``"auto"`` (fused when built).
     """
 
     def __init__(self, input_shape: Sequence[int], *, lambda_adv: float = 1.0, noise: float = 8 / 255,
                  discriminator: Sequence[int] | str = "cifar", disc_every: int | None = None,
                  adaptor_lr: float = 1e-3, disc_lr: float = 2e-4, generator_loss: str = "minimax",
-                 sync_grads: bool | None = None, auto_step: bool = True):
+                 sync_grads: bool | None = None, auto_step: bool = True, backend: str = "auto"):
         super().__init__()
+        self.backend = _checks.check_choice("backend", backend, _checks.BACKENDS)
         self.lambda_adv = _checks.check_number("lambda_adv", lambda_adv, low=0)
         self.noise = _checks.check_number("noise", noise, low=0)
         self._init_gan(input_shape, auto_step=auto_step, discriminator=discriminator, disc_every=disc_every,
@@ -56,10 +71,11 @@ class JARN(GANCriterion):
         if self.noise > 0:
             x_in = x_in + (2 * _checks.rand(x_in.shape, like=x_in, generator=generator) - 1) * self.noise
         with torch.enable_grad():
-            xg, logits = reference.forward(model, x_in, y)
-            per_sample = F.cross_entropy(logits, y, reduction="none")
-            ce = per_sample.mean()
-            J = reference.vjp(per_sample.sum(), xg, grad_scale=grad_scale)
+            with _layer_rules(resolve_backend(self.backend, x.device)):
+                xg, logits = reference.forward(model, x_in, y)
+                per_sample = F.cross_entropy(logits, y, reduction="none")
+                ce = per_sample.mean()
+                J = reference.vjp(per_sample.sum(), xg, grad_scale=grad_scale)
             # The adaptor runs on detached copies of its weights (fresh leaves): its gradient is taken
             # here, and stepping the real weights cannot invalidate the classifier's graph.
             apt_params = {k: v.detach().clone().requires_grad_(True) for k, v in self.gan.adaptor.named_parameters()}

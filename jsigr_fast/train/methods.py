@@ -176,7 +176,7 @@ class JSIGRMethod(_CriterionMethod):
 class JARNMethod(_CriterionMethod):
     name = "jarn"
     uses = ("lambda_adv", "jarn_noise", "jarn_start", "disc", "disc_every", "adaptor_lr", "disc_lr",
-            "generator_loss")
+            "generator_loss", "backend")
     terms = ("ce", "gen", "adv", "disc")
 
     def __init__(self, cfg, ctx, state=None):
@@ -187,7 +187,7 @@ class JARNMethod(_CriterionMethod):
         from jsigr_fast import JARN
 
         return JARN(self.ctx.input_shape, lambda_adv=self.cfg.lambda_adv, noise=self.cfg.jarn_noise,
-                    **self._gan_kwargs())
+                    backend=self.cfg.backend, **self._gan_kwargs())
 
     def _inputs(self, model, x, y):
         return x
