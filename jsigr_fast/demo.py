@@ -74,7 +74,7 @@ def train_one(method: str, xtr, ytr, *, epochs, batch, lr, lambda_m, lambda_j, e
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        post = {"loss": f"{float(loss):.3f}"}
+        post = {"loss": f"{float(loss.detach()):.3f}"}
         if terms is not None:
             post.update(ce=f"{float(terms['ce']):.3f}", sig=f"{float(terms['sig']):.3g}", jac=f"{float(terms['jac']):.3g}")
         bar.set_postfix(post)
