@@ -29,6 +29,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -68,6 +70,20 @@ inline const acc_type<scalar_t>* load_tile(const scalar_t* p, int64_t n, acc_typ
   } else {
     return p;
   }
+}
+
+// m ? v : +0, without a branch: the bits of v ANDed with all-ones or zero. A random mask makes
+// `m ? v : 0` a mispredicted branch per feature (the bool-masked norm ran at ~10 % of copy bandwidth,
+// bench/results/mask_cpu_float32.md); this form vectorises. Exact, NaN-safe: a masked-out NaN is +0.
+template <typename T>
+inline T select_bits(bool m, T v) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  static_assert(sizeof(T) == sizeof(U), "float or double");
+  U u;
+  std::memcpy(&u, &v, sizeof(T));
+  u &= U(0) - static_cast<U>(m);
+  std::memcpy(&v, &u, sizeof(T));
+  return v;
 }
 
 template <typename T>
@@ -321,7 +337,7 @@ void sq_norm_impl(const Rows& r, const void* gv, const bool* mask, void* outv) {
       const acc_t* q = load_tile(g + n * r.D + t0, len, buf);
       if (mask) {  // m ? g : 0 (exact), then the same sum as without a mask
         const bool* m = mask + n * r.D + t0;
-        for (int64_t i = 0; i < len; ++i) sel[i] = m[i] ? q[i] : acc_t(0);
+        for (int64_t i = 0; i < len; ++i) sel[i] = select_bits(m[i], q[i]);
         q = sel;
       }
       Vec acc(acc_t(0));
@@ -364,7 +380,7 @@ void sq_norm_backward_impl(const Rows& r, const void* gov, const void* gv, const
       }
       if (mask) {
         const bool* m = mask + n * r.D + t0;
-        for (int64_t i = 0; i < len; ++i) dst[i] = m[i] ? scale * q[i] : acc_t(0);
+        for (int64_t i = 0; i < len; ++i) dst[i] = select_bits(m[i], scale * q[i]);
       } else {
         for (int64_t i = 0; i < len; ++i) dst[i] = scale * q[i];
       }

@@ -727,3 +727,18 @@ def test_cuda_mask_ops_match_the_host_reference(dtype, shape):
         got_bw = torch.ops.jsigr_fast.masked_sq_norm_bool_backward(go.cuda(), dev, m.cuda()).cpu()
         want_bw = torch.where(m, (2 * go.view(-1, *[1] * (len(shape) - 1))) * host, torch.zeros((), dtype=dtype))
         torch.testing.assert_close(got_bw, want_bw, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_bool_masked_norm_ignores_masked_out_non_finite_values(dtype):
+    # the one-byte kernel selects (m ? g : +0), branch-free: a NaN/inf where the mask is off must not
+    # reach the norm or its gradient (the float-mask product m * g would give NaN there)
+    g = torch.tensor([[1.0, float("nan"), 2.0, float("inf"), -3.0] * 7], dtype=dtype)
+    m = torch.isfinite(g)
+    out = torch.ops.jsigr_fast.masked_sq_norm_bool(g, m)
+    torch.testing.assert_close(out.double(), torch.tensor([14.0 * 7], dtype=torch.float64), rtol=1e-2, atol=0)
+    bw = torch.ops.jsigr_fast.masked_sq_norm_bool_backward(torch.ones(1, dtype=dtype), g, m)
+    assert torch.isfinite(bw).all()
+    assert torch.equal(bw[~m], torch.zeros(int((~m).sum()), dtype=dtype))
+    assert not torch.signbit(bw[~m]).any()  # +0, as the select writes
+    torch.testing.assert_close(bw[m].double(), 2 * g[m].double(), rtol=1e-2, atol=0)
