@@ -59,6 +59,7 @@ case "$stage" in
     run step_r20 "$PY" bench/bench_step.py --device cuda --model resnet20 --batch 128 --repeats 10 --out "$OUT"
     run vjp_r20 "$PY" bench/bench_vjp.py --device cuda --model resnet20 --batch 128 --out "$OUT"
     run loss_head "$PY" bench/bench_loss_head.py --device cuda --out "$OUT"
+    run mask_bw "$PY" bench/bench_mask.py --device cuda --out "$OUT"
     ;;
   epoch)
     versions
