@@ -69,11 +69,14 @@ def main(argv=None):
     print("conditions:", json.dumps(cond))
 
     times = {n: [] for n in names}
+    peaks = {n: [] for n in names}  # CUDA only: torch.cuda.max_memory_allocated per timed call (GiB)
     for r in range(a.rounds):
         for n in names:
             torch.manual_seed(0)
             t = time_steps(model, opt, methods[n].loss, x, y, warmup=1, repeats=a.repeats, device=a.device)
             times[n].append(t["median_s"])
+            if t.get("peak_mem_gib") is not None:
+                peaks[n].append(t["peak_mem_gib"])
             print(f"  round {r}: {methods[n].label:40s} {t['median_s'] * 1e3:8.1f} ms", flush=True)
 
     med = lambda v: float(torch.tensor(v, dtype=torch.float64).median())  # noqa: E731
@@ -84,6 +87,13 @@ def main(argv=None):
         units = FLOOR_UNITS[methods[n].floor]
         rows[n] = {"label": methods[n].label, "median_s": m, "min_s": min(times[n]), "rounds_s": times[n],
                    "floor_units": units, "x_standard": m / std, "x_floor": m / (std * units / 3)}
+        if peaks[n]:
+            rows[n]["peak_mem_gib"] = max(peaks[n])
+    mem = bool(peaks["standard"])
+    if mem:  # the memory target: peak <= 2x the standard step's
+        for n in names:
+            if "peak_mem_gib" in rows[n]:
+                rows[n]["peak_mem_x_standard"] = rows[n]["peak_mem_gib"] / rows["standard"]["peak_mem_gib"]
     ablation = [("jsigr", "jsigr_fused_nchw"), ("jsigr_cl", "jsigr_fused")] if a.layout_ablation else []
     for ref, fus in ablation:
         rows[f"{fus}_vs_{ref}"] = {"speedup_rounds": [a_ / b_ for a_, b_ in zip(times[ref], times[fus])]}
@@ -102,8 +112,8 @@ def main(argv=None):
              f"Load average (other jobs on this machine) at start {cond['loadavg_start']}, at end "
              f"{[round(v, 2) for v in os.getloadavg()]}.", "",
              "| method | ms/step (median) | ms/step (best round) | × standard | floor (units) | × floor "
-             "| speedup vs reference (median [min–max] of rounds) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| speedup vs reference (median [min–max] of rounds) |" + (" peak GiB (× standard) |" if mem else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if mem else "")]
     for n in names:
         r = rows[n]
         sp = ""
@@ -113,8 +123,11 @@ def main(argv=None):
         if "speedup_vs_reference" in r:
             q = r["speedup_rounds"]
             sp = f"**{r['speedup_vs_reference']:.2f}x** [{min(q):.2f}–{max(q):.2f}]"
+        pm = ""
+        if mem:
+            pm = (f" {r['peak_mem_gib']:.2f} ({r['peak_mem_x_standard']:.2f}×) |" if "peak_mem_gib" in r else " – |")
         lines.append(f"| {r['label']} | {r['median_s'] * 1e3:.0f} | {r['min_s'] * 1e3:.0f} | {r['x_standard']:.2f} | "
-                     f"{r['floor_units']} | {r['x_floor']:.2f} | {sp} |")
+                     f"{r['floor_units']} | {r['x_floor']:.2f} | {sp} |{pm}")
     if a.layout_ablation:
         q = rows["jsigr_fused_vs_jsigr_cl"]["speedup_rounds"]
         lines += ["", f"Layout ablation: the fused step's activations are channels-last on this device "
