@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import conditions  # noqa: E402
+from steps import conditions, write_record  # noqa: E402
 
 import jsigr_fast  # noqa: E402,F401  (loads the extension)
 from jsigr_fast import reference  # noqa: E402
@@ -195,11 +195,8 @@ def main(argv=None):
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         stem = os.path.join(a.out, f"bn_{torch.device(a.device).type}_{a.dtype}")
-        with open(stem + ".json", "w") as f:
-            json.dump({"conditions": cond, "copy_gbps": bw, "rows": rows, "checks": checks}, f, indent=2)
-        with open(stem + ".md", "w") as f:
-            f.write(table + "\n")
-        print(f"\nwrote {stem}.json and {stem}.md")
+        print("\nwrote " + " and ".join(write_record(
+            stem, {"conditions": cond, "copy_gbps": bw, "rows": rows, "checks": checks}, table)))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from steps import FLOOR_UNITS, conditions, make_methods, sync  # noqa: E402
+from steps import FLOOR_UNITS, conditions, make_methods, sync, write_record  # noqa: E402
 
 DEFAULT_METHODS = ("standard", "fgsm_at1", "pgd_at7", "jarn", "jarn_at1", "jsigr")
 # JARN (seed 001) Table 4: seconds per CIFAR-10 epoch, WRN on their GPU.
@@ -361,11 +360,7 @@ def main(argv=None):
     record = {"conditions": cond, "results": results, "targets": targets,
               "floor_units": {n: r["floor_units"] for n, r in results.items()},
               "jarn_table4_s_per_epoch": JARN_TABLE4}
-    with open(stem + ".json", "w") as f:
-        json.dump(record, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(table + "\n")
-    written = [stem + ".json", stem + ".md"]
+    written = write_record(stem, record, table)
     if not a.no_plot:
         written.append(bar_chart(stem + ".png", a, results, info))
     print("\nwrote " + ", ".join(written))

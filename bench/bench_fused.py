@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_step import format_top_ops, profile_top_ops  # noqa: E402
-from steps import FLOOR_UNITS, conditions, make_methods, make_setup, time_steps  # noqa: E402
+from steps import FLOOR_UNITS, conditions, make_methods, make_setup, time_steps, write_record  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 PAIRS = (("double_backprop", "double_backprop_fused"), ("jsigr", "jsigr_fused"),
@@ -144,11 +144,7 @@ def main(argv=None):
         stem = os.path.join(a.out, f"fused_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}"
                                    f"{'_cl' if a.channels_last else ''}_t{torch.get_num_threads()}"
                                    f"{'' if len(wanted) == len(PAIRS) else '_' + '_'.join(r for r, _ in wanted)}")
-        with open(stem + ".json", "w") as f:
-            json.dump({"conditions": cond, "results": rows}, f, indent=2)
-        with open(stem + ".md", "w") as f:
-            f.write(table + "\n")
-        print(f"\nwrote {stem}.json and {stem}.md")
+        print("\nwrote " + " and ".join(write_record(stem, {"conditions": cond, "results": rows}, table)))
     return rows
 
 

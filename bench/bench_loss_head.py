@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import conditions  # noqa: E402
+from steps import conditions, write_record  # noqa: E402
 
 from jsigr_fast import ops, reference  # noqa: E402
 
@@ -141,11 +141,8 @@ def main(argv=None):
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         stem = os.path.join(a.out, f"loss_head_{torch.device(dev).type}_b{n}_float32_t{torch.get_num_threads()}")
-        with open(stem + ".json", "w") as f:
-            json.dump({"conditions": cond, "results": rows, "checks": checks}, f, indent=2)
-        with open(stem + ".md", "w") as f:
-            f.write(table + "\n")
-        print(f"\nwrote {stem}.json and {stem}.md")
+        print("\nwrote " + " and ".join(write_record(
+            stem, {"conditions": cond, "results": rows, "checks": checks}, table)))
     return rows
 
 

@@ -65,7 +65,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import conditions  # noqa: E402
+from steps import conditions, write_record  # noqa: E402
 
 import jsigr_fast  # noqa: E402,F401  (loads the extension)
 from jsigr_fast import ops, reference  # noqa: E402
@@ -330,12 +330,9 @@ def main(argv=None):
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         stem = os.path.join(a.out, f"mask_{torch.device(a.device).type}_{a.dtype}")
-        with open(stem + ".json", "w") as f:
-            json.dump({"conditions": cond, "copy_gbps": bw, "copy_gbps_start": bw_start, "copy_gbps_end": bw_end,
-                       "rows": rows, "checks": checks}, f, indent=2)
-        with open(stem + ".md", "w") as f:
-            f.write(table + "\n")
-        print(f"\nwrote {stem}.json and {stem}.md")
+        print("\nwrote " + " and ".join(write_record(
+            stem, {"conditions": cond, "copy_gbps": bw, "copy_gbps_start": bw_start, "copy_gbps_end": bw_end,
+                   "rows": rows, "checks": checks}, table)))
     if not all(e["ok"] for e in checks.values()):
         sys.exit("correctness check FAILED (see above)")
 

@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import FLOOR_UNITS, conditions, make_methods, make_setup, time_steps, train_step  # noqa: E402
+from steps import FLOOR_UNITS, conditions, make_methods, make_setup, time_steps, train_step, write_record  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -113,11 +113,7 @@ def main(argv=None):
         os.makedirs(a.out, exist_ok=True)
         dev = torch.device(a.device).type
         stem = os.path.join(a.out, f"step_{dev}_{a.model}_b{a.batch}_{a.dtype}")
-        with open(stem + ".json", "w") as f:
-            json.dump({"conditions": cond, "results": results}, f, indent=2)
-        with open(stem + ".md", "w") as f:
-            f.write(table + "\n")
-        print(f"\nwrote {stem}.json and {stem}.md")
+        print("\nwrote " + " and ".join(write_record(stem, {"conditions": cond, "results": results}, table)))
     return results
 
 

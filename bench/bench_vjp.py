@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import conditions, make_setup, time_steps  # noqa: E402
+from steps import conditions, make_setup, time_steps, write_record  # noqa: E402
 
 from jsigr_fast import fused, reference  # noqa: E402
 
@@ -111,12 +111,8 @@ def main(argv=None):
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         stem = os.path.join(a.out, f"vjp_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}")
-        with open(stem + ".md", "w") as f:
-            f.write(table + "\n")
-        with open(stem + ".json", "w") as f:
-            json.dump({"conditions": cond, "standard_s": std,
-                       "times": {str(k): v for k, v in times.items()}}, f, indent=2)
-        print(f"\nwrote {stem}.md")
+        print("\nwrote " + " and ".join(write_record(
+            stem, {"conditions": cond, "standard_s": std, "times": {str(k): v for k, v in times.items()}}, table)))
 
 
 if __name__ == "__main__":

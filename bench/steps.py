@@ -6,6 +6,7 @@ standard training step is 3 (forward 1 + backward 2).
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -87,6 +88,21 @@ class _Lazy:
         if self.obj is None:
             self.obj = self.build(x)
         return self.obj
+
+
+def write_record(stem: str, record: dict, table: str) -> list[str]:
+    """Write ``<stem>.json`` (the record) and ``<stem>.md`` (the table), each atomically (temp file
+    + rename, so an interrupted benchmark never leaves half a record), creating the folder; returns
+    the paths. Every benchmark script records its results through this."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    paths = []
+    for path, text in ((stem + ".json", json.dumps(record, indent=2)), (stem + ".md", table + "\n")):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
 
 
 def _channels_last(x):
