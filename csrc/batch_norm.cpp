@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
+#include "memory_format.h"
 
 #include <optional>
 #include <string>
@@ -25,17 +26,8 @@ namespace {
 
 using at::Tensor;
 
-// ---------------------------------------------------------------------------------------------
-// layout: contiguous, or channels-last when x is laid out that way. jsigr_fast/ops.py's fake
-// kernels use the same rule (_bn_memory_format).
-// ---------------------------------------------------------------------------------------------
-at::MemoryFormat bn_memory_format(const Tensor& x) {
-  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
-  return at::MemoryFormat::Contiguous;
-}
-
+// layout: dense_memory_format (csrc/memory_format.h): contiguous, or channels-last when x is laid
+// out that way.
 bn_cpu::Shape bn_shape(const Tensor& x, at::MemoryFormat fmt) {
   bn_cpu::Shape s;
   s.N = x.size(0);
@@ -109,7 +101,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& x_in, cons
   check_channel(weight, x_in, "weight", op, false);
   check_channel(bias, x_in, "bias", op, false);
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
-  const auto fmt = bn_memory_format(x_in);
+  const auto fmt = dense_memory_format(x_in);
   const Tensor x = x_in.contiguous(fmt);
   Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
   Tensor mean = empty_channel(x), invstd = empty_channel(x);
@@ -133,7 +125,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const std::optional<T
   check_channel(invstd, x_in, "invstd", op, true);
   check_channel(grad_mean, x_in, "grad_mean", op, true);
   check_channel(grad_invstd, x_in, "grad_invstd", op, true);
-  const auto fmt = bn_memory_format(x_in);
+  const auto fmt = dense_memory_format(x_in);
   const Tensor x = x_in.contiguous(fmt);
   const Tensor gy = grad_y_in.has_value() ? grad_y_in->contiguous(fmt) : Tensor();
   Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
@@ -174,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_do
   check_channel(invstd, x_in, "invstd", op, true);
   check_channel(grad_mean, x_in, "grad_mean", op, true);  // enters linearly: no effect on the result
   check_channel(grad_invstd, x_in, "grad_invstd", op, true);
-  const auto fmt = bn_memory_format(x_in);
+  const auto fmt = dense_memory_format(x_in);
   const Tensor x = x_in.contiguous(fmt);
   const Tensor gy = grad_y_in.contiguous(fmt);
   const Tensor u = gg_x_in.has_value() ? gg_x_in->contiguous(fmt) : Tensor();

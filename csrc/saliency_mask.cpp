@@ -17,6 +17,7 @@
 // 1x1 convolution needs the channel structure and always works on a contiguous copy.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+#include "memory_format.h"
 
 #include <cmath>
 #include <optional>
@@ -31,15 +32,7 @@ using at::Tensor;
 
 using sample_cpu::kernels;
 
-// Contiguous or channels-last(3d): each sample is one contiguous block of D features.
-// jsigr_fast/ops.py's fake kernels use the same rule (_sample_major_format).
-at::MemoryFormat sample_major_format(const Tensor& t) {
-  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  if (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
-  return at::MemoryFormat::Contiguous;
-}
-
+// Layout: dense_memory_format (csrc/memory_format.h), so each sample is one contiguous block of D features.
 sample_cpu::Rows rows_of(const Tensor& t) {
   sample_cpu::Rows r;
   r.N = t.size(0);
@@ -72,7 +65,7 @@ Tensor gradient_saliency_mask_cpu(const Tensor& g, double beta, std::optional<do
   const char* op = "jsigr_fast::gradient_saliency_mask";
   check_data(g, "g", op);
   const auto rule = rule_of(beta, quantile, op);
-  const auto fmt = sample_major_format(g);
+  const auto fmt = dense_memory_format(g);
   const Tensor gc = g.contiguous(fmt);
   Tensor mask = empty_mask(g, fmt);
   kernels().gradient_mask(g.scalar_type(), rows_of(g), gc.const_data_ptr(), mask.mutable_data_ptr<bool>(), rule);
@@ -83,7 +76,7 @@ Tensor threshold_mask_cpu(const Tensor& saliency, double beta, std::optional<dou
   const char* op = "jsigr_fast::threshold_mask";
   check_data(saliency, "saliency", op);
   const auto rule = rule_of(beta, quantile, op);
-  const auto fmt = sample_major_format(saliency);
+  const auto fmt = dense_memory_format(saliency);
   const Tensor mc = saliency.contiguous(fmt);
   Tensor mask = empty_mask(saliency, fmt);
   kernels().threshold_mask(saliency.scalar_type(), rows_of(saliency), mc.const_data_ptr(),
@@ -135,7 +128,7 @@ Tensor masked_sq_norm_bool_cpu(const Tensor& g, const Tensor& mask) {
   const char* op = "jsigr_fast::masked_sq_norm_bool";
   check_data(g, "g", op);
   check_mask(mask, g, op);
-  const auto fmt = sample_major_format(g);
+  const auto fmt = dense_memory_format(g);
   const Tensor gc = g.contiguous(fmt), mc = mask.contiguous(fmt);
   const auto r = rows_of(g);
   Tensor out = at::empty({r.N}, g.options());
@@ -150,7 +143,7 @@ Tensor masked_sq_norm_bool_backward_cpu(const Tensor& grad_out, const Tensor& g,
   const auto r = rows_of(g);
   TORCH_CHECK(grad_out.dim() == 1 && grad_out.size(0) == r.N, op, ": grad_out must have shape [", r.N, "], got ",
               grad_out.sizes());
-  const auto fmt = sample_major_format(g);
+  const auto fmt = dense_memory_format(g);
   const Tensor gc = g.contiguous(fmt), mc = mask.contiguous(fmt);
   const Tensor go = grad_out.to(g.scalar_type()).contiguous();
   Tensor grad_g = at::empty(g.sizes(), g.options().memory_format(fmt));

@@ -48,7 +48,7 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 
 def _bn_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format the batch-norm ops compute in and return (csrc/batch_norm.cpp, bn_memory_format)."""
+    """The memory format the compiled ops compute in and return (csrc/memory_format.h, dense_memory_format)."""
     if x.is_contiguous():
         return torch.contiguous_format
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
@@ -131,7 +131,7 @@ def _op_defined(name: str) -> bool:
     return hasattr(torch.ops.jsigr_fast, name)
 
 
-_sample_major_format = _bn_memory_format  # csrc/saliency_mask.cpp: contiguous or channels-last, else a contiguous copy
+_sample_major_format = _bn_memory_format  # the same rule for every op: csrc/memory_format.h
 
 
 def _register_mask_ops(lib: str) -> None:

@@ -24,6 +24,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include "../memory_format.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -357,13 +358,6 @@ struct Shape {
   int64_t M() const { return N * S; }
 };
 
-at::MemoryFormat bn_memory_format(const Tensor& x) {
-  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
-  return at::MemoryFormat::Contiguous;
-}
-
 Shape bn_shape(const Tensor& x, at::MemoryFormat fmt) {
   Shape s{x.size(0), x.size(1), 1, false};
   for (int64_t d = 2; d < x.dim(); ++d) s.S *= x.size(d);
@@ -460,7 +454,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& x_in, con
   check_channel(bias, x_in, "bias", op, false);
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto fmt = bn_memory_format(x_in);
+  const auto fmt = dense_memory_format(x_in);
   const Tensor x = x_in.contiguous(fmt);
   const Shape sh = bn_shape(x, fmt);
   Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
@@ -503,7 +497,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const std::optional<
   check_channel(grad_mean, x_in, "grad_mean", op, true);
   check_channel(grad_invstd, x_in, "grad_invstd", op, true);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto fmt = bn_memory_format(x_in);
+  const auto fmt = dense_memory_format(x_in);
   const Tensor x = x_in.contiguous(fmt);
   const Shape sh = bn_shape(x, fmt);
   const bool has_gy = grad_y_in.has_value();
@@ -557,7 +551,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_do
   check_channel(grad_mean, x_in, "grad_mean", op, true);
   check_channel(grad_invstd, x_in, "grad_invstd", op, true);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto fmt = bn_memory_format(x_in);
+  const auto fmt = dense_memory_format(x_in);
   const Tensor x = x_in.contiguous(fmt);
   const Shape sh = bn_shape(x, fmt);
   const Tensor gy = grad_y_in.contiguous(fmt);

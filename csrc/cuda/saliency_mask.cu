@@ -48,6 +48,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+#include "../memory_format.h"
 
 #include <algorithm>
 #include <cmath>
@@ -232,14 +233,7 @@ __global__ void sq_norm_backward_kernel(const scalar_t* __restrict__ grad_out, c
 // ---------------------------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------------------------
-// Contiguous or channels-last(3d): each sample is one contiguous block of D features (as the CPU op).
-at::MemoryFormat sample_major_format(const Tensor& t) {
-  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  if (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
-  return at::MemoryFormat::Contiguous;
-}
-
+// Layout: dense_memory_format (csrc/memory_format.h), as the CPU op: each sample one block of D features.
 struct Rows {
   int64_t N = 0, D = 0;
   int64_t total() const { return N * D; }
@@ -323,7 +317,7 @@ Tensor gradient_saliency_mask_cuda(const Tensor& g, double beta, std::optional<d
   check_data(g, "g", op);
   check_quantile(quantile, op);
   const c10::cuda::CUDAGuard guard(g.device());
-  const auto fmt = sample_major_format(g);
+  const auto fmt = dense_memory_format(g);
   const Tensor gc = g.contiguous(fmt);
   const Rows r = rows_of(g);
   Tensor mask = at::empty(g.sizes(), g.options().dtype(at::kBool).memory_format(fmt));
@@ -360,7 +354,7 @@ Tensor threshold_mask_cuda(const Tensor& saliency, double beta, std::optional<do
   check_data(saliency, "saliency", op);
   check_quantile(quantile, op);
   const c10::cuda::CUDAGuard guard(saliency.device());
-  const auto fmt = sample_major_format(saliency);
+  const auto fmt = dense_memory_format(saliency);
   const Tensor mc = saliency.contiguous(fmt);
   const Rows r = rows_of(saliency);
   Tensor mask = at::empty(saliency.sizes(), saliency.options().dtype(at::kBool).memory_format(fmt));
@@ -382,7 +376,7 @@ Tensor masked_sq_norm_bool_cuda(const Tensor& g, const Tensor& mask) {
   check_data(g, "g", op);
   check_mask(mask, g, op);
   const c10::cuda::CUDAGuard guard(g.device());
-  const auto fmt = sample_major_format(g);
+  const auto fmt = dense_memory_format(g);
   const Tensor gc = g.contiguous(fmt), mc = mask.contiguous(fmt);
   const Rows r = rows_of(g);
   if (r.total() == 0) return at::zeros({r.N}, g.options());
@@ -406,7 +400,7 @@ Tensor masked_sq_norm_bool_backward_cuda(const Tensor& grad_out, const Tensor& g
               grad_out.sizes());
   TORCH_CHECK(grad_out.device() == g.device(), op, ": grad_out and g must be on the same device");
   const c10::cuda::CUDAGuard guard(g.device());
-  const auto fmt = sample_major_format(g);
+  const auto fmt = dense_memory_format(g);
   const Tensor gc = g.contiguous(fmt), mc = mask.contiguous(fmt);
   const Tensor go = grad_out.to(g.scalar_type()).contiguous();
   Tensor grad_g = at::empty(g.sizes(), g.options().memory_format(fmt));
