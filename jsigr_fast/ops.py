@@ -342,7 +342,7 @@ def masked_sq_norm_compiled_available(device: torch.device | str) -> bool:
 
 def _prepare_mask(g: torch.Tensor, mask: torch.Tensor | None, *, keep_bool: bool = False) -> torch.Tensor | None:
     """``mask`` checked, expanded to g's shape, detached and contiguous, in g's dtype (a bool mask
-    stays bool with ``keep_bool``, for the one-byte kernel)."""
+    stays bool, in its own layout, with ``keep_bool``: the one-byte kernel handles layout)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -363,6 +363,10 @@ def _prepare_mask(g: torch.Tensor, mask: torch.Tensor | None, *, keep_bool: bool
             raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
         if not (keep_bool and mask.dtype == torch.bool):
             mask = mask.to(g.dtype)
+    if keep_bool and mask.dtype == torch.bool:
+        # the one-byte kernels lay the mask out like g themselves (dense_memory_format): forcing it
+        # NCHW here would cost two copies of a channels-last mask (fused.CHANNELS_LAST) per call
+        return mask.detach()
     return mask.detach().contiguous()
 
 

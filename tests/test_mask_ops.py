@@ -742,3 +742,16 @@ def test_bool_masked_norm_ignores_masked_out_non_finite_values(dtype):
     assert torch.equal(bw[~m], torch.zeros(int((~m).sum()), dtype=dtype))
     assert not torch.signbit(bw[~m]).any()  # +0, as the select writes
     torch.testing.assert_close(bw[m].double(), 2 * g[m].double(), rtol=1e-2, atol=0)
+
+
+def test_bool_mask_in_any_layout_or_shared_gives_the_float_mask_value():
+    # ops.masked_sq_norm hands a bool mask to the one-byte kernel in its own layout (expanded,
+    # channels-last or NCHW); the kernel lays it out like g. Oracle: the float64 sum of (m g)^2.
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(3, 4, 5, 6, generator=gen, dtype=torch.float64)
+    shared = torch.rand(4, 5, 6, generator=gen) < 0.5
+    full = torch.rand(3, 4, 5, 6, generator=gen) < 0.5
+    for gg in (g, g.contiguous(memory_format=torch.channels_last)):
+        for m in (shared, full, full.contiguous(memory_format=torch.channels_last), full.transpose(2, 3).contiguous().transpose(2, 3)):
+            want = (gg * m).flatten(1).pow(2).sum(1)
+            torch.testing.assert_close(ops.masked_sq_norm(gg, m), want, rtol=1e-12, atol=0)
