@@ -11,15 +11,15 @@
 // csrc/batch_norm_kernels.h — the AVX2 build when the CPU has it (and ATEN_CPU_CAPABILITY is not
 // "default"), else the generic one.
 #include <ATen/ATen.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
-#include "memory_format.h"
 
 #include <optional>
 #include <string>
 #include <tuple>
 
 #include "batch_norm_cpu.h"
+#include "cpu_isa.h"
+#include "memory_format.h"
 
 namespace jsigr_fast {
 namespace {
@@ -41,12 +41,7 @@ bn_cpu::Shape bn_shape(const Tensor& x, at::MemoryFormat fmt) {
 const bn_cpu::Kernels& kernels() {
   static const bn_cpu::Kernels* k = [] {
     const bn_cpu::Kernels* avx2 = bn_cpu::avx2_kernels();
-    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-    bool ok = avx2 != nullptr && (cap == "AVX2" || cap == "AVX512");
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
-    ok = ok && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#endif
-    return ok ? avx2 : &bn_cpu::generic_kernels();
+    return avx2 != nullptr && cpu_runs_avx2_build() ? avx2 : &bn_cpu::generic_kernels();
   }();
   return *k;
 }

@@ -17,13 +17,13 @@
 // 1x1 convolution needs the channel structure and always works on a contiguous copy.
 #include <ATen/ATen.h>
 #include <torch/library.h>
-#include "memory_format.h"
 
 #include <cmath>
 #include <optional>
 #include <string>
 
 #include "sample_ops_cpu.h"
+#include "memory_format.h"
 
 namespace jsigr_fast {
 namespace {

@@ -24,12 +24,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-#include "../memory_format.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <tuple>
+
+#include "../memory_format.h"
 
 namespace jsigr_fast {
 namespace {

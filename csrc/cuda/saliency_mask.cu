@@ -48,7 +48,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
-#include "../memory_format.h"
 
 #include <algorithm>
 #include <cmath>
@@ -58,6 +57,8 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+
+#include "../memory_format.h"
 
 namespace jsigr_fast {
 namespace {
