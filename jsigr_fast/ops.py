@@ -20,10 +20,10 @@ The selective-mask family (``csrc/saliency_mask.cpp``, ``csrc/cuda/saliency_mask
 ``|g| / max|g|`` and its threshold or quantile in one kernel, bit-identical to
 :func:`jsigr_fast.saliency.selective_mask` of :func:`~jsigr_fast.saliency.gradient_saliency`),
 ``threshold_mask`` (the same rule on any saliency map), ``adaptor_saliency_mask`` (the adaptor's
-``tanh(conv1x1(g / rms(g)))`` and the rule, no graph; CPU kernel only, the reference on GPU) and
-``masked_sq_norm_bool`` (+ backward: the masked squared norm with a one-byte mask). The CUDA and
-Triton kernels are compile-checked and interpreter-tested only: no GPU has run them yet. The loss head: ``cross_entropy_cotangent`` (per-sample CE
-and ``softmax - onehot`` in one pass, differentiable twice).
+``tanh(conv1x1(g / rms(g)))`` and the rule, no graph) and ``masked_sq_norm_bool`` (+ backward: the
+masked squared norm with a one-byte mask). The CUDA and Triton kernels are compile-checked and
+interpreter-tested only: no GPU has run them yet. The loss head: ``cross_entropy_cotangent``
+(per-sample CE and ``softmax - onehot`` in one pass, differentiable twice).
 """
 from __future__ import annotations
 
@@ -553,7 +553,8 @@ def _register_triton_cuda_kernels() -> None:
             torch.library.register_kernel(f"jsigr_fast::{name}", "cuda", getattr(triton_bn, name))
     from .kernels import saliency_mask as triton_mask
 
-    for name in ("gradient_saliency_mask", "threshold_mask", "masked_sq_norm_bool", "masked_sq_norm_bool_backward"):
+    for name in ("gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask", "masked_sq_norm_bool",
+                 "masked_sq_norm_bool_backward"):
         if _op_defined(name) and not has_kernel(name, "cuda"):
             torch.library.register_kernel(f"jsigr_fast::{name}", "cuda", getattr(triton_mask, name))
 

@@ -1,10 +1,9 @@
 """Triton kernels of J-SIGR's selective mask and of the bool-masked squared norm.
 
 Same ops and contracts as the compiled ``jsigr_fast::gradient_saliency_mask / threshold_mask /
-masked_sq_norm_bool / masked_sq_norm_bool_backward`` (schemas in csrc/ops.cpp, CPU kernels in
-csrc/saliency_mask.cpp + csrc/sample_ops_kernels.h, CUDA kernels in csrc/cuda/saliency_mask.cu).
-``adaptor_saliency_mask`` has no Triton kernel (its 1x1 convolution would need a per-pixel C x C
-product; on a GPU the reference path — ATen's conv and tanh, then :func:`threshold_mask` — is used).
+adaptor_saliency_mask / masked_sq_norm_bool / masked_sq_norm_bool_backward`` (schemas in
+csrc/ops.cpp, CPU kernels in csrc/saliency_mask.cpp + csrc/sample_ops_kernels.h, CUDA kernels in
+csrc/cuda/saliency_mask.cu).
 The launchers are plain eager functions, so they run on CUDA tensors and, under
 ``TRITON_INTERPRET=1``, on CPU tensors; ``jsigr_fast.ops`` can register each of them as the CUDA
 kernel of its op (``torch.library.register_kernel("jsigr_fast::<name>", "cuda", fn)``).
@@ -47,6 +46,19 @@ per-sample ``M``: for ``threshold_mask`` that is the input; for ``gradient_salie
 [N, D] buffer. Then ``_mask_kernel`` compares with the per-sample ``t_n``. Costs one extra write
 and two reads of an [N, D] buffer of g's dtype, and a kthvalue per sample.
 
+Adaptor mask (``tanh(conv1x1(g / rms(g)) + b)``, then the rule; a :class:`jsigr_fast.SaliencyAdaptor`
+without its graph). ``rms`` per sample from ``_sq_norm_kernel`` without a mask (the same partial
+sums), rounded on the host in g's dtype step by step as the reference computes it
+(``sqrt(mean(g^2) + tiny)``); then ``_adaptor_kernel``, one flat pass over the N*D outputs in NCHW
+order: output ``(n, o, s)`` reads the C inputs ``g[n, c, s]`` (through channel / spatial strides, so
+a channels-last g is read in place), each divided by rms and rounded to the dtype, sums
+``b_o + sum_c W_oc x_c`` in the accumulator type and applies tanh. M is never stored for the beta
+rule; the quantile rule writes it (contiguous, g's dtype) for ``torch.kthvalue`` as above. The mask is
+contiguous whatever g's layout, like the CPU op's. Not bit-identical to the reference (ATen's conv
+sums in its own order, and tanh here is ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` — one formula
+that runs the same in the interpreter, which has no libdevice, and on the GPU; absolute error a few
+units of the dtype's rounding): features whose M lies within rounding of the threshold may differ.
+
 Norm: ``_sq_norm_kernel``, grid (N, SPLITS), fp32 partial sums (fp64 for fp64 data) per program,
 summed over the splits in float64 on the host, cast to g's dtype. Backward: one flat elementwise
 pass, ``[mask] (2 grad_out[n]) g`` in the accumulator type (grad_out first cast to g's dtype, as
@@ -61,7 +73,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gradient_saliency_mask", "threshold_mask", "masked_sq_norm_bool", "masked_sq_norm_bool_backward"]
+__all__ = ["gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask", "masked_sq_norm_bool",
+           "masked_sq_norm_bool_backward"]
 
 _REDUCE_BLOCK = 1024
 _APPLY_BLOCK = 1024
@@ -166,9 +179,11 @@ def _mask_kernel(src_ptr, peak_ptr, thr_ptr, out_ptr, TOTAL, D,
 
 
 @triton.jit
-def _sq_norm_kernel(g_ptr, m_ptr, part_ptr, D, SPLITS, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _sq_norm_kernel(g_ptr, m_ptr, part_ptr, D, SPLITS, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                    HAS_MASK: tl.constexpr = True):
     # g_ptr: [N, D] sample-major (g's dtype); m_ptr: [N, D] uint8 (the bool mask's bytes, same layout)
     # part_ptr: [N, SPLITS] float64: sum over a slice of [mask] g^2 (accumulated in ACC)
+    # HAS_MASK False: the plain sum of g^2 (the adaptor's rms; m_ptr unused)
     n = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -178,9 +193,10 @@ def _sq_norm_kernel(g_ptr, m_ptr, part_ptr, D, SPLITS, ACC: tl.constexpr, BLOCK:
         d = start + offs
         inb = d < D
         g = _load(g_ptr, base + d, inb, ACC)
-        sel = tl.load(m_ptr + base + d, mask=inb, other=0) != 0
-        v = tl.where(sel, g, 0.0)  # exact select: a masked-out NaN / inf does not leak into the sum
-        acc += v * v
+        if HAS_MASK:
+            sel = tl.load(m_ptr + base + d, mask=inb, other=0) != 0
+            g = tl.where(sel, g, 0.0)  # exact select: a masked-out NaN / inf does not leak into the sum
+        acc += g * g
     tl.store(part_ptr + n * SPLITS + split, tl.sum(acc, axis=0).to(tl.float64))
 
 
@@ -195,6 +211,56 @@ def _sq_norm_backward_kernel(go_ptr, g_ptr, m_ptr, out_ptr, TOTAL, D, ACC: tl.co
     g = _load(g_ptr, i, inb, ACC)
     sel = tl.load(m_ptr + i, mask=inb, other=0) != 0
     _store(out_ptr, i, _round_to(tl.where(sel, scale * g, 0.0), out_ptr.dtype.element_ty), inb)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1]: no overflow, NaN kept, +-inf -> +-1;
+    # 1 - e is exact for e >= 1/2 (Sterbenz), so the absolute error is a few units of x's type. Where
+    # tanh(x) rounds to x itself (|x| < 2^-12 in float32, 2^-27 in float64: x^3 / 3 < half an ulp of x)
+    # x is returned, so tiny values and the sign of zero stay exact.
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    if x.dtype == tl.float64:
+        t = (1.0 - e) / (1.0 + e)
+        small = a < 7.450580596923828e-09  # 2^-27
+    else:
+        t = tl.math.div_rn(1.0 - e, 1.0 + e)
+        small = a < 0.000244140625  # 2^-12
+    return tl.where(small, x, tl.where(x < 0, -t, t))
+
+
+@triton.jit
+def _adaptor_kernel(g_ptr, rms_ptr, w_ptr, b_ptr, thr_ptr, out_ptr, TOTAL, D, S, C, SC, SS,
+                    MODE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # g_ptr: (N, C, S) data (g's dtype), element (n, c, s) at n * D + c * SC + s * SS
+    # rms_ptr: [N] ACC (ones without normalisation); w_ptr: [C, C] ACC; b_ptr: [C] ACC
+    # thr_ptr: [N] ACC thresholds (MODE 0); out_ptr: [N, D] contiguous, uint8 mask (MODE 0) or
+    # M in g's dtype (MODE 1 = _GRAD_WRITE_M)
+    pid = tl.program_id(0).to(tl.int64)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    inb = i < TOTAL
+    n = i // D
+    r = i - n * D
+    o = r // S
+    s = r - o * S
+    rms = tl.load(rms_ptr + n, mask=inb, other=1.0)
+    pre = tl.load(b_ptr + o, mask=inb, other=0.0)
+    src = n * D + s * SS
+    for c in range(C):
+        x = _load(g_ptr, src + c * SC, inb, ACC)
+        if ACC == tl.float64:
+            x = x / rms
+        else:
+            x = tl.math.div_rn(x, rms)
+        x = _round_to(x, g_ptr.dtype.element_ty)  # the reference divides in g's dtype
+        pre += tl.load(w_ptr + o * C + c, mask=inb, other=0.0) * x
+    m = _round_to(_tanh(pre), g_ptr.dtype.element_ty)
+    if MODE == 1:  # _GRAD_WRITE_M
+        _store(out_ptr, i, m, inb)
+    else:
+        t = tl.load(thr_ptr + n, mask=inb, other=0.0)
+        tl.store(out_ptr + i, (m <= t).to(tl.uint8), mask=inb)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,8 +296,9 @@ class _Rows:
         self.total = self.N * self.D
         self.acc, self.acc_dtype = _acc(t.dtype)
 
-    def empty(self, dtype):
-        return torch.empty(self.t.shape, dtype=dtype, device=self.t.device, memory_format=self.fmt)
+    def empty(self, dtype, fmt=None):
+        return torch.empty(self.t.shape, dtype=dtype, device=self.t.device,
+                           memory_format=self.fmt if fmt is None else fmt)
 
     def flat(self, x):
         """[N, D] view of a sample-major tensor with this layout (element n * D + d)."""
@@ -344,6 +411,73 @@ def threshold_mask(saliency: torch.Tensor, beta: float, quantile: float | None =
         return R.t, _THRESH_MASK, R.t, R.t  # peak unused in this mode: any valid pointer
 
     return _mask_by_rule(R, op, beta, quantile, source)
+
+
+def _adaptor_params(R, g, weight, bias, op):
+    """(C, S, [C, C] weight, [C] bias) in the accumulator type, checked as the C++ op checks them."""
+    if g.dim() < 2:
+        raise RuntimeError(f"{op}: g must have shape (N, C, *) or (N, D), got {list(g.shape)}")
+    C = 1 if g.dim() == 2 else g.shape[1]  # SaliencyAdaptor: (N, D) inputs are one channel
+    S = R.D // C if C else 0
+    w = weight
+    square = w.dim() >= 2 and w.shape[0] == C and w.shape[1] == C
+    if not (square and (w.dim() == 2 or (w.dim() == 4 and w.shape[2] == 1 and w.shape[3] == 1))):
+        raise RuntimeError(f"{op}: weight must be a 1x1 convolution's [C, C, 1, 1] (or [C, C]) with C = {C}, "
+                           f"got {list(w.shape)}")
+    if w.device != g.device or not w.is_floating_point():
+        raise RuntimeError(f"{op}: weight must be a floating tensor on g's device")
+    if bias is None:
+        b = torch.zeros(C, dtype=R.acc_dtype, device=g.device)
+    else:
+        if not (bias.dim() == 1 and bias.numel() == C and bias.device == g.device and bias.is_floating_point()):
+            raise RuntimeError(f"{op}: bias must be a floating [{C}] tensor on g's device, got {list(bias.shape)}")
+        b = bias.to(R.acc_dtype).contiguous()
+    return C, S, w.reshape(C, C).to(R.acc_dtype).contiguous(), b
+
+
+def _rms(R):
+    """[N] accumulator-type ``sqrt(mean(g^2) + tiny)`` per sample, rounded in g's dtype at each step as
+    the reference (``g.pow(2).mean() + tiny``, then ``sqrt``) and the C++ kernel round it."""
+    splits = R.splits()
+    part = torch.empty((R.N, splits), dtype=torch.float64, device=R.t.device)
+    _sq_norm_kernel[(R.N, splits)](R.t, R.t, part, R.D, splits, ACC=R.acc, BLOCK=_REDUCE_BLOCK, HAS_MASK=False)
+    ms = (part.sum(dim=1) / R.D).to(R.t.dtype)
+    return (ms + torch.finfo(R.t.dtype).tiny).sqrt().to(R.acc_dtype)
+
+
+@_on_data_device
+def adaptor_saliency_mask(g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, beta: float,
+                          quantile: float | None = None, normalize: bool = True) -> torch.Tensor:
+    """``jsigr_fast::adaptor_saliency_mask``: ``M = tanh(conv1x1(g / rms(g)) + b)`` (``rms`` per sample
+    when ``normalize``; ``(N, D)`` inputs are one channel), then the rule of :func:`threshold_mask`.
+    Contiguous bool mask of g's shape. Agrees with the reference except at features whose M lies
+    within rounding of the threshold (another summation order, another tanh)."""
+    op = "jsigr_fast::adaptor_saliency_mask"
+    R = _Rows(g, "g", op)
+    k = None if quantile is None else _rule_k(quantile, R.D, op)
+    C, S, W, b = _adaptor_params(R, g, weight, bias, op)
+    mask = R.empty(torch.bool, torch.contiguous_format)
+    if R.total == 0:
+        return mask
+    if k is not None and (k <= 0 or k >= R.D):
+        return mask.fill_(k > 0)
+    # channel / spatial strides of the (N, C, S) data: NCHW, or channels-last(3d) read in place
+    SC, SS = (S, 1) if R.fmt == torch.contiguous_format else (1, C)
+    rms = _rms(R) if normalize else torch.ones(R.N, dtype=R.acc_dtype, device=g.device)
+    grid = (triton.cdiv(R.total, _APPLY_BLOCK),)
+
+    def launch(thr, out, mode):
+        _adaptor_kernel[grid](R.t, rms, W, b, thr, out, R.total, R.D, S, C, SC, SS,
+                              MODE=mode, ACC=R.acc, BLOCK=_APPLY_BLOCK)
+
+    if k is None:
+        launch(_beta_thresholds(R, beta), mask.view(torch.uint8), _GRAD_MASK)
+        return mask
+    M = R.empty(R.t.dtype, torch.contiguous_format)
+    launch(rms, M, _GRAD_WRITE_M)  # thr unused in this mode: any valid pointer
+    thr = R.flat(M).kthvalue(k, dim=1).values.to(R.acc_dtype)
+    _compare(R, M, _THRESH_MASK, M, thr, mask.view(torch.uint8))
+    return mask
 
 
 def _check_mask(mask, R, op):

@@ -29,6 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import jsigr_fast
 from jsigr_fast import fused, ops, reference
 from jsigr_fast.saliency import SaliencyAdaptor, gradient_saliency, selective_mask
+from mask_oracles import (TINY, UNIT, _adaptor_oracle, _adaptor_params, _check_near_threshold, _round, _rows,
+                          _rule_oracle)
 
 pytestmark = pytest.mark.skipif(
     not (jsigr_fast.extension_loaded() and ops.mask_ops_compiled_available("cpu")),
@@ -36,11 +38,6 @@ pytestmark = pytest.mark.skipif(
 O = torch.ops.jsigr_fast
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-# smallest positive normal number of each dtype (the clamp of the peak), written out independently
-TINY = {torch.float64: 2.0 ** -1022, torch.float32: 2.0 ** -126, torch.bfloat16: 2.0 ** -126,
-        torch.float16: 2.0 ** -14}
-# unit roundoff (half an ulp at 1)
-UNIT = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 # (shape, layout): batch 1, odd feature counts (tails of the 8-/4-lane vectors), > 512 features (tiles),
 # 2-D, 3-D, 4-D, 5-D, channels-last, non-contiguous views
@@ -70,46 +67,6 @@ RULES = [(0.3, None), (0.25, None), (0.0, None), (1.0, None), (-0.5, None),
 # ------------------------------------------------------------------------------------------------
 # oracles
 # ------------------------------------------------------------------------------------------------
-def _round(x, dtype):
-    """float64 numpy values rounded to dtype (returned as float64)."""
-    x = np.asarray(x, dtype=np.float64)
-    if dtype == torch.float64:
-        return x.copy()
-    if dtype == torch.float32:
-        return x.astype(np.float32).astype(np.float64)
-    if dtype == torch.float16:
-        return x.astype(np.float16).astype(np.float64)
-    return torch.from_numpy(x.copy()).to(torch.bfloat16).double().numpy()
-
-
-def _rows(t):
-    """(N, D) float64 numpy copy of t's exact values, features in logical (row-major) order."""
-    return t.detach().double().reshape(t.shape[0], -1).numpy()
-
-
-def _rule_oracle(M, beta, quantile, dtype):
-    """The selection rule on an (N, D) float64 array of dtype values: per-sample loop with a sort."""
-    N, D = M.shape
-    out = np.zeros((N, D), dtype=bool)
-    if quantile is None:
-        b = _round([beta], dtype)[0]  # `M <= beta` compares in M's dtype
-        for n in range(N):
-            for d in range(D):
-                out[n, d] = M[n, d] <= b
-        return out
-    k = D - math.floor(quantile * D)
-    for n in range(N):
-        if k <= 0:
-            continue
-        if k >= D:
-            out[n] = True
-            continue
-        s = np.sort(M[n])  # NaN sorts last, as torch.kthvalue orders it
-        thresh = s[k - 1]
-        out[n] = M[n] <= thresh
-    return out
-
-
 def _gradient_saliency_oracle(g, dtype):
     """M = |g| / max(max|g|, tiny), one rounding to dtype; (N, D) float64."""
     a = np.abs(_rows(g))
@@ -123,20 +80,7 @@ def _gradient_saliency_oracle(g, dtype):
     return M
 
 
-def _adaptor_oracle(g, W, b, normalize, dtype):
-    """tanh(W @ (g / rms) + b) in float64 (rms = sqrt(mean(g^2) + tiny) per sample); returns (M, S)
-    with S = 1 + |b_o| + sum_c |W_oc x_c| (the scale of the rounding error of a finite-precision evaluation)."""
-    N = g.shape[0]
-    C = 1 if g.dim() == 2 else g.shape[1]
-    x = g.detach().double().reshape(N, C, -1).numpy()
-    if normalize:
-        rms = np.sqrt((x ** 2).mean(axis=(1, 2), keepdims=True) + TINY[dtype])
-        x = x / rms
-    W = W.detach().double().reshape(C, C).numpy()
-    bb = np.zeros(C) if b is None else b.detach().double().numpy()
-    pre = np.einsum("oc,ncs->nos", W, x) + bb[None, :, None]
-    S = 1 + np.abs(bb)[None, :, None] + np.einsum("oc,ncs->nos", np.abs(W), np.abs(x))
-    return np.tanh(pre).reshape(N, -1), S.reshape(N, -1)
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,44 +296,6 @@ def test_empty_batch():
 # ------------------------------------------------------------------------------------------------
 # adaptor_saliency_mask: float64 oracle, disagreement only within rounding of the threshold
 # ------------------------------------------------------------------------------------------------
-def _adaptor_params(C, dtype, seed, bias=True, square=False):
-    gen = torch.Generator().manual_seed(seed)
-    W = (torch.randn(C, C, generator=gen, dtype=torch.float64) * 0.7 + torch.eye(C, dtype=torch.float64)).to(dtype)
-    b = (torch.randn(C, generator=gen, dtype=torch.float64) * 0.2).to(dtype) if bias else None
-    return (W if square else W.reshape(C, C, 1, 1)), b
-
-
-def _ambiguous(M, S, beta, q, dtype):
-    """Features whose decision a finite-precision evaluation of the adaptor may flip: those whose
-    interval [M - delta, M + delta] meets the interval the threshold can move in. delta bounds
-    |M_computed - M_oracle| per feature: a few roundings of the inputs and of the pre-activation (scaled by
-    tanh' = 1 - M^2) plus the rounding of M itself. For the quantile rule the k-th smallest value of any
-    M_computed within delta of M lies between the k-th smallest of M - delta and of M + delta."""
-    delta = 6 * UNIT[dtype] * ((1 - M ** 2) * S + 1)
-    N, D = M.shape
-    if q is None:
-        lo = hi = np.full(N, _round([beta], dtype)[0])
-    else:
-        k = D - math.floor(q * D)
-        if k <= 0 or k >= D:
-            return np.zeros_like(M, dtype=bool)
-        lo = np.sort(M - delta, axis=1)[:, k - 1]
-        hi = np.sort(M + delta, axis=1)[:, k - 1]
-    return (M + delta >= lo[:, None]) & (M - delta <= hi[:, None])
-
-
-def _check_near_threshold(got, M, S, beta, q, dtype):
-    """got (N, D) bool may differ from the float64 oracle's mask only at features whose M is within
-    rounding of the threshold (see _ambiguous). Those must be a minority (in bfloat16, 8 bits, up to
-    ~20% of a sample lies within rounding of a quantile threshold; in float32 / float64 a handful),
-    or the check would have no teeth; the actual disagreements must be rare."""
-    expect = _rule_oracle(M, beta, q, torch.float64)
-    near = _ambiguous(M, S, beta, q, dtype)
-    cap = M.size // 4 if dtype in (torch.bfloat16, torch.float16) else M.size // 50
-    assert near.sum() <= max(4, cap), f"{int(near.sum())} of {M.size} features near the threshold"
-    bad = got != expect
-    assert not (bad & ~near).any(), f"{int((bad & ~near).sum())} disagreements away from the threshold"
-    assert bad.sum() <= max(2, M.size // 100), f"{int(bad.sum())} disagreements"
 
 
 ADAPTOR_CASES = [
@@ -727,6 +633,27 @@ def test_cuda_mask_ops_match_the_host_reference(dtype, shape):
         got_bw = torch.ops.jsigr_fast.masked_sq_norm_bool_backward(go.cuda(), dev, m.cuda()).cpu()
         want_bw = torch.where(m, (2 * go.view(-1, *[1] * (len(shape) - 1))) * host, torch.zeros((), dtype=dtype))
         torch.testing.assert_close(got_bw, want_bw, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", [((3, 1000), "contiguous"), ((2, 3, 5, 7), "contiguous"),
+                                          ((2, 3, 40, 40), "channels_last"), ((4, 3, 224, 224), "contiguous"),
+                                          ((4, 3, 224, 224), "channels_last"), ((2, 4, 2, 3, 3), "channels_last")])
+def test_cuda_adaptor_mask_matches_oracle(dtype, shape, layout):
+    # the CUDA (or Triton) adaptor kernel: compiled for the GPU, with its own tanh and summation order
+    C = 1 if len(shape) == 2 else shape[1]
+    W, b = _adaptor_params(C, dtype, seed=sum(shape))
+    g = _layout((torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1e-3)
+                .to(dtype), layout)
+    assert ops.mask_ops_compiled_available("cuda")
+    for normalize in (True, False):
+        M, S = _adaptor_oracle(g, W, b, normalize, dtype)
+        for beta, q in [(0.2, None), (-0.3, None), (0.3, 0.3), (0.3, 0.75), (0.3, 1.0)]:
+            mask = ops.adaptor_saliency_mask(g.cuda(), W.cuda(), b.cuda(), beta, q, normalize=normalize, compiled=True)
+            assert mask.is_cuda and mask.dtype == torch.bool and mask.shape == g.shape and mask.is_contiguous()
+            _check_near_threshold(mask.cpu().reshape(shape[0], -1).numpy(), M, S, beta, q, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])

@@ -5,13 +5,15 @@ checks run in a child pytest process with the variable set: the parent test
 ``test_triton_mask_kernels_in_interpreter`` launches it; the child tests are skipped in the parent.
 
 Masks must be bit-identical to ``selective_mask(gradient_saliency(g)) != 0`` / ``selective_mask(M) != 0``
-(jsigr_fast.reference); the norm agrees with a float64 sum to the dtype's rounding; the backward is
+(jsigr_fast.reference); the adaptor's mask may differ from a float64 oracle (tests/mask_oracles.py)
+only at features within rounding of the threshold, as the C++ op's; the norm agrees with a float64 sum to the dtype's rounding; the backward is
 compared exactly with the same products in torch (``where(mask, (2 grad_out) g, 0)`` in g's dtype) and
 to rounding with the float64 formula. Shapes are tiny (the interpreter runs each program in numpy),
 plus one with D = 4800 so the reductions use several splits and the elementwise grid several programs.
 """
 import math
 import os
+import re
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -20,7 +22,8 @@ import pytest
 import torch
 
 from jsigr_fast.reference import gradient_saliency_mask_ref, threshold_mask_ref
-from jsigr_fast.saliency import gradient_saliency
+from jsigr_fast.saliency import SaliencyAdaptor, gradient_saliency
+from mask_oracles import _adaptor_oracle, _adaptor_params, _check_near_threshold
 
 CHILD = os.environ.get("JSIGR_TRITON_CHILD") == "1"
 child_only = pytest.mark.skipif(not CHILD, reason="runs in the TRITON_INTERPRET=1 child process")
@@ -42,8 +45,10 @@ def test_triton_mask_kernels_in_interpreter():
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     # every child test must really run there
-    # 3 tests over CASES x DTYPES, 3 over DTYPES (special values, saliency values, empty), test_errors
-    expected = 3 * len(CASES) * len(DTYPES) + 3 * len(DTYPES) + 1
+    # 3 tests over CASES x DTYPES, 3 over DTYPES (special values, saliency values, empty), test_errors,
+    # the adaptor over ADAPTOR_CASES x DTYPES x normalize, and its 2 tests over DTYPES
+    expected = 3 * len(CASES) * len(DTYPES) + 3 * len(DTYPES) + 1 + 2 * len(ADAPTOR_CASES) * len(DTYPES) \
+        + 2 * len(DTYPES)
     # the only skips allowed there are the two parent-only tests
     assert f"{expected} passed, 2 skipped" in r.stdout, r.stdout[-2000:]
 
@@ -88,8 +93,20 @@ def test_triton_kernels_compile_for_sm90():
                 assert ("div.rn.f64" if dt == "fp64" else "div.rn.f32") in code, (dt, mode)
             if mode != 1:
                 assert ("setp.le.f64" if dt == "fp64" else "setp.le.f32") in code, (dt, mode)
-        ptx(tm._sq_norm_kernel, {"g_ptr": "*" + dt, "m_ptr": "*u8", "part_ptr": "*fp64", "D": "i32", "SPLITS": "i32"},
-            blk)
+        for has_mask in (True, False):
+            ptx(tm._sq_norm_kernel, {"g_ptr": "*" + dt, "m_ptr": "*u8", "part_ptr": "*fp64", "D": "i32",
+                                     "SPLITS": "i32"}, {"HAS_MASK": has_mask, **blk})
+        for mode in (0, 1):
+            code = ptx(tm._adaptor_kernel, {"g_ptr": "*" + dt, "rms_ptr": accp, "w_ptr": accp, "b_ptr": accp,
+                                            "thr_ptr": accp, "out_ptr": "*u8" if mode == 0 else "*" + dt,
+                                            "TOTAL": "i64", "D": "i32", "S": "i32", "C": "i32", "SC": "i32",
+                                            "SS": "i32"}, {"MODE": mode, **blk})
+            # no flushed division or comparison (fp64's libdevice exp tests its range with abs.ftz.f32 on
+            # the high word: not a flush of our values)
+            assert not re.search(r"(div|setp)\.[\w.]*ftz", code), (dt, mode)
+            assert ("div.rn.f64" if dt == "fp64" else "div.rn.f32") in code, (dt, mode)
+            if mode == 0:
+                assert ("setp.le.f64" if dt == "fp64" else "setp.le.f32") in code, (dt, mode)
         ptx(tm._sq_norm_backward_kernel, {"go_ptr": "*" + dt, "g_ptr": "*" + dt, "m_ptr": "*u8", "out_ptr": "*" + dt,
                                           "TOTAL": "i32", "D": "i32"}, blk)
 
@@ -237,6 +254,94 @@ def test_saliency_values_are_the_references(dtype):
 
 
 # ----------------------------------------------------------------------------------------------
+# adaptor mask: float64 oracle, disagreement only within rounding of the threshold
+# ----------------------------------------------------------------------------------------------
+# 2-D (one channel), batch 1, 3-D, NCHW, channels-last read in place, a transposed view (copied),
+# channels-last-3d, and one with several programs (D = 4800)
+ADAPTOR_CASES = [((3, 1000), "contiguous"), ((1, 1), "contiguous"), ((2, 3, 17), "contiguous"),
+                 ((2, 3, 5, 7), "contiguous"), ((2, 3, 5, 7), "channels_last"), ((2, 3, 5, 7), "transposed"),
+                 ((1, 5, 3, 3), "channels_last"), ((2, 4, 2, 3, 3), "channels_last_3d"),
+                 ((2, 3, 40, 40), "channels_last")]
+ADAPTOR_RULES = [(0.2, None), (-0.3, None), (0.3, 0.3), (0.3, 0.75), (0.3, 0.0), (0.3, 1.0)]
+
+
+if CHILD:  # a jit function needs module-level names; triton only in the child
+    import triton
+    import triton.language as tl
+
+    from jsigr_fast.kernels.saliency_mask import _tanh
+
+    @triton.jit
+    def _tanh_probe(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n)
+        tl.store(y_ptr + i, _tanh(x), mask=i < n)
+
+
+def _adaptor_check(tm, g, W, b, normalize, dtype):
+    M, S = _adaptor_oracle(g, W, b, normalize, dtype)
+    for beta, q in ADAPTOR_RULES:
+        mask = tm.adaptor_saliency_mask(g, W, b, beta, q, normalize)
+        assert mask.dtype == torch.bool and mask.shape == g.shape and mask.is_contiguous()
+        _check_near_threshold(mask.reshape(g.shape[0], -1).numpy(), M, S, beta, q, dtype)
+
+
+@child_only
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("shape,layout", ADAPTOR_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adaptor_mask_matches_oracle(dtype, shape, layout, normalize):
+    from jsigr_fast.kernels import saliency_mask as tm
+
+    C = 1 if len(shape) == 2 else shape[1]
+    W, b = _adaptor_params(C, dtype, seed=sum(shape))
+    scale = 1e-3 if normalize else 1.0  # the normalised map must not depend on the gradient's scale
+    g = _lay((torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale)
+             .to(dtype), layout)
+    _adaptor_check(tm, g, W, b, normalize, dtype)
+
+
+@child_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adaptor_mask_module_weights_and_forms(dtype):
+    """A SaliencyAdaptor's own float32 parameters on data of every dtype, no bias, a square [C, C]
+    weight, and the scale-free normalisation (g and 4096 g give the same mask)."""
+    from jsigr_fast.kernels import saliency_mask as tm
+
+    torch.manual_seed(0)
+    ad = SaliencyAdaptor(3)
+    g = _data((2, 3, 6, 5), "contiguous", dtype, seed=5)
+    _adaptor_check(tm, g, ad.conv.weight.detach(), ad.conv.bias.detach(), True, dtype)
+    W, _ = _adaptor_params(3, dtype, seed=6, square=True)
+    _adaptor_check(tm, g, W, None, False, dtype)
+    if dtype != torch.float16:  # 4096 g overflows float16's g^2
+        for q in (None, 0.5):
+            a = tm.adaptor_saliency_mask(g, W, None, 0.1, q, True)
+            assert torch.equal(a, tm.adaptor_saliency_mask(g * 4096.0, W, None, 0.1, q, True))
+
+
+@child_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adaptor_tanh_is_accurate(dtype):
+    """_tanh (exp-based, one formula for the interpreter and the GPU) against float64 tanh over the
+    whole range, NaN and +-inf included: absolute error within a few units of the dtype."""
+    import triton
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.cat([torch.linspace(-20, 20, 4001, dtype=torch.float64), torch.tensor([1e-30, -1e-30, 0.0, -0.0]),
+                   torch.logspace(-14, 0, 200, dtype=torch.float64), -torch.logspace(-14, 0, 200, dtype=torch.float64),
+                   torch.tensor([float("inf"), float("-inf"), float("nan")], dtype=torch.float64)]).to(acc)
+    y = torch.empty_like(x)
+    _tanh_probe[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    ref = torch.tanh(x.double())
+    unit = torch.finfo(acc).eps / 2
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=4 * unit, equal_nan=True)
+    assert torch.equal(torch.signbit(y[:-1]), torch.signbit(x[:-1]))  # odd, -0 kept
+    tiny = x.abs() < (7e-9 if acc == torch.float64 else 2e-4)  # where tanh(x) rounds to x: exactly x
+    assert tiny.sum() >= 4 and torch.equal(y[tiny], x[tiny])
+
+
+# ----------------------------------------------------------------------------------------------
 # bool-masked squared norm and its backward
 # ----------------------------------------------------------------------------------------------
 _NORM_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
@@ -287,9 +392,11 @@ def test_empty(dtype):
     for shape in ((0, 5), (3, 0), (2, 0, 4)):
         g = torch.zeros(shape, dtype=dtype)
         mask = torch.zeros(shape, dtype=torch.bool)
+        C = 1 if len(shape) == 2 else shape[1]
         for q in (None, 0.5):
             assert tm.gradient_saliency_mask(g, 0.1, q).shape == shape
             assert tm.threshold_mask(g, 0.1, q).shape == shape
+            assert tm.adaptor_saliency_mask(g, torch.eye(C), None, 0.1, q).shape == shape
         out = tm.masked_sq_norm_bool(g, mask)
         assert out.shape == (shape[0],) and out.dtype == dtype and not out.any()
         assert tm.masked_sq_norm_bool_backward(torch.ones(shape[0], dtype=dtype), g, mask).shape == shape
@@ -314,3 +421,20 @@ def test_errors():
         tm.masked_sq_norm_bool(g, torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="grad_out"):
         tm.masked_sq_norm_bool_backward(torch.ones(3), g, torch.ones(2, 5, dtype=torch.bool))
+    # the adaptor's arguments, with the C++ op's messages
+    g4 = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="adaptor_saliency_mask: g must be floating point"):
+        tm.adaptor_saliency_mask(torch.ones(2, 3, dtype=torch.int64), torch.eye(1), None, 0.1)
+    with pytest.raises(RuntimeError, match=r"quantile must be in \[0, 1\]"):
+        tm.adaptor_saliency_mask(g4, torch.eye(3), None, 0.1, 1.5)
+    with pytest.raises(RuntimeError, match=r"weight must be a 1x1 convolution's \[C, C, 1, 1\].*C = 3.*\[2, 2, 1, 1\]"):
+        tm.adaptor_saliency_mask(g4, torch.ones(2, 2, 1, 1), None, 0.1)
+    for wshape in [(3, 3, 1, 2), (9, 1), (1, 9), (1, 1, 9, 1)]:
+        with pytest.raises(RuntimeError, match="weight must be a 1x1 convolution"):
+            tm.adaptor_saliency_mask(g4, torch.ones(wshape), None, 0.1)
+    with pytest.raises(RuntimeError, match="weight must be a floating tensor"):
+        tm.adaptor_saliency_mask(g4, torch.ones(3, 3, dtype=torch.int64), None, 0.1)
+    with pytest.raises(RuntimeError, match=r"bias must be a floating \[3\] tensor"):
+        tm.adaptor_saliency_mask(g4, torch.eye(3), torch.ones(2), 0.1)
+    with pytest.raises(RuntimeError, match=r"g must have shape \(N, C, \*\) or \(N, D\)"):
+        tm.adaptor_saliency_mask(torch.randn(4), torch.eye(1), None, 0.1)

@@ -5,11 +5,10 @@
 //
 //   gradient_saliency_mask(g, beta, quantile?)        M = |g| / max(max_d |g|, tiny), then the rule
 //   threshold_mask(saliency, beta, quantile?)         M given, then the rule
+//   adaptor_saliency_mask(g, W, b?, beta, quantile?, normalize)
+//                                                     M = tanh(conv1x1(g / rms(g)) + b), then the rule
 //   masked_sq_norm_bool(g, mask)                      out[n] = sum_d [mask] g^2
 //   masked_sq_norm_bool_backward(grad_out, g, mask)   grad_g = [mask] (2 grad_out[n]) g
-//
-// adaptor_saliency_mask has no CUDA kernel here (a per-pixel C x C product and tanh; on CUDA the
-// Python entry point runs the reference: ATen's conv, tanh, then this file's threshold_mask).
 //
 // Layout: each sample's D features must be one contiguous block ("sample-major": contiguous or
 // channels-last(3d) memory, used as it is; anything else is copied to contiguous), element n * D + d.
@@ -36,6 +35,16 @@
 //     (static_cast<scalar_t>(beta), as the CPU kernel and `M <= beta` do).
 // The backward's products use inline PTX mul.rn too, so it matches the CPU kernel bit for bit;
 // the norm's sums only to rounding (another summation order).
+//
+// Adaptor mask: rms per sample from sq_norm_kernel without a mask (rounded on the host in g's dtype
+// step by step, as the reference computes sqrt(mean(g^2) + tiny)), then adaptor_kernel, one
+// grid-stride pass over the N*D outputs in NCHW order: output (n, o, s) reads the C inputs g[n, c, s]
+// through channel / spatial strides (a channels-last g is read in place), divides each by rms
+// (div.rn) and rounds it to the dtype, sums b_o + sum_c W_oc x_c with fma, and applies tanh in double
+// precision (not the float tanhf, which --use_fast_math may turn into tanh.approx.f32, ~2^-11
+// accurate). Not bit-identical to the reference (cuDNN's conv sums in its own order): features
+// whose M lies within rounding of the threshold may differ, as with the CPU kernel. The mask is
+// contiguous whatever g's layout (the CPU op's contract); the quantile rule writes M for kthvalue.
 //
 // Not yet run on a device in this repository's CI (no GPU there): tests/test_cuda_compile.py
 // compiles this file with nvcc; tests/test_triton_mask.py checks the Triton twin on CPU tensors.
@@ -203,17 +212,18 @@ __global__ void mask_kernel(const scalar_t* __restrict__ src, const bits_t* __re
   }
 }
 
-// g: [N, D] sample-major; mask: [N, D] bool; part: [N, splits] double (block b: sample b / splits,
-// slice b % splits), acc_t sums within the block.
+// g: [N, D] sample-major; mask: [N, D] bool, or null for the plain sum of g^2 (the adaptor's rms);
+// part: [N, splits] double (block b: sample b / splits, slice b % splits), acc_t sums within the block.
 template <typename scalar_t, typename acc_t>
 __global__ void sq_norm_kernel(const scalar_t* __restrict__ g, const bool* __restrict__ mask,
                                double* __restrict__ part, int64_t D, int64_t splits) {
   const int64_t n = blockIdx.x / splits, s = blockIdx.x % splits;
   const scalar_t* row = g + n * D;
-  const bool* mrow = mask + n * D;
+  const bool* mrow = mask ? mask + n * D : nullptr;
   acc_t sum = 0;
   for (int64_t d = s * kThreads + threadIdx.x; d < D; d += splits * kThreads) {
-    const acc_t v = mrow[d] ? static_cast<acc_t>(row[d]) : acc_t(0);  // exact select: masked NaN does not leak
+    // exact select: a masked-out NaN does not leak
+    const acc_t v = !mrow || mrow[d] ? static_cast<acc_t>(row[d]) : acc_t(0);
     sum += v * v;
   }
   sum = block_reduce(sum, SumOp{}, acc_t(0));
@@ -228,6 +238,34 @@ __global__ void sq_norm_backward_kernel(const scalar_t* __restrict__ grad_out, c
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const acc_t scale = mul_rn(acc_t(2), static_cast<acc_t>(grad_out[i / D]));
     grad_g[i] = static_cast<scalar_t>(mask[i] ? mul_rn(scale, static_cast<acc_t>(g[i])) : acc_t(0));
+  }
+}
+
+// g: (N, C, S) data, element (n, c, s) at n * D + c * sc + s * ss; rms: [N]; W: [C, C]; b: [C]
+// (accumulator type). kGradMask: compare with thr[n] (or beta), write the bool mask;
+// kGradWriteM: write M (g's dtype). Outputs [N, D] contiguous.
+template <int MODE, typename scalar_t, typename acc_t>
+__global__ void adaptor_kernel(const scalar_t* __restrict__ g, const acc_t* __restrict__ rms,
+                               const acc_t* __restrict__ W, const acc_t* __restrict__ b,
+                               const acc_t* __restrict__ thr, acc_t beta, bool* __restrict__ mask,
+                               scalar_t* __restrict__ m_out, int64_t D, int64_t S, int64_t C, int64_t sc,
+                               int64_t ss, int64_t total) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / D, r = i - n * D, o = r / S, s = r - o * S;
+    const scalar_t* src = g + n * D + s * ss;
+    const acc_t* w = W + o * C;
+    const acc_t rn = rms[n];
+    acc_t pre = b[o];
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t x = round_to<scalar_t>(div_rn(static_cast<acc_t>(src[c * sc]), rn));  // divided in g's dtype
+      pre = fma(w[c], x, pre);
+    }
+    const acc_t m = round_to<scalar_t>(static_cast<acc_t>(::tanh(static_cast<double>(pre))));
+    if constexpr (MODE == kGradWriteM) {
+      m_out[i] = static_cast<scalar_t>(m);  // exact: m is already rounded
+    } else {
+      mask[i] = le_exact(m, thr ? thr[n] : beta);
+    }
   }
 }
 
@@ -372,6 +410,97 @@ Tensor threshold_mask_cuda(const Tensor& saliency, double beta, std::optional<do
   return mask;
 }
 
+// [N] double sum over each sample of [mask] g^2 (mask undefined: all features)
+Tensor sample_sq_sums(const Tensor& gc, const Tensor& mc, const Rows& r) {
+  const int64_t splits = num_splits(r);
+  Tensor part = at::empty({r.N, splits}, gc.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "sample_sq_sums_cuda", [&] {
+    sq_norm_kernel<scalar_t, acc_type<scalar_t>><<<static_cast<unsigned>(r.N * splits), kThreads, 0,
+                                                   c10::cuda::getCurrentCUDAStream()>>>(
+        gc.const_data_ptr<scalar_t>(), mc.defined() ? mc.const_data_ptr<bool>() : nullptr,
+        part.mutable_data_ptr<double>(), r.D, splits);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return part.sum(1);  // deterministic: fixed partials, fixed order
+}
+
+Tensor adaptor_saliency_mask_cuda(const Tensor& g, const Tensor& weight, const std::optional<Tensor>& bias,
+                                  double beta, std::optional<double> quantile, bool normalize) {
+  const char* op = "jsigr_fast::adaptor_saliency_mask";
+  check_data(g, "g", op);
+  TORCH_CHECK(g.dim() >= 2, op, ": g must have shape (N, C, *) or (N, D), got ", g.sizes());
+  check_quantile(quantile, op);
+  const Rows r = rows_of(g);
+  const int64_t C = g.dim() == 2 ? 1 : g.size(1);  // SaliencyAdaptor: (N, D) inputs are one channel
+  const int64_t S = C == 0 ? 0 : r.D / C;
+  const bool square = weight.dim() >= 2 && weight.size(0) == C && weight.size(1) == C;
+  TORCH_CHECK(square && (weight.dim() == 2 || (weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1)), op,
+              ": weight must be a 1x1 convolution's [C, C, 1, 1] (or [C, C]) with C = ", C, ", got ", weight.sizes());
+  TORCH_CHECK(weight.device() == g.device() && at::isFloatingType(weight.scalar_type()), op,
+              ": weight must be a floating tensor on g's device");
+  const auto acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == C && bias->device() == g.device() &&
+                    at::isFloatingType(bias->scalar_type()),
+                op, ": bias must be a floating [", C, "] tensor on g's device, got ", bias->sizes());
+    b = bias->to(acc).contiguous();
+  } else {
+    b = at::zeros({C}, g.options().dtype(acc));
+  }
+  const c10::cuda::CUDAGuard guard(g.device());
+  const Tensor w = weight.reshape({C, C}).to(acc).contiguous();
+  Tensor mask = at::empty(g.sizes(), g.options().dtype(at::kBool));
+  if (r.total() == 0) return mask;
+  int64_t k = 0;
+  if (quantile.has_value()) {
+    k = quantile_k(r, *quantile);
+    if (k <= 0 || k >= r.D) return mask.fill_(k > 0);
+  }
+  const auto fmt = dense_memory_format(g);
+  const Tensor gc = g.contiguous(fmt);
+  // channel / spatial strides of the (N, C, S) data: NCHW, or channels-last(3d) read in place
+  const int64_t sc = fmt == at::MemoryFormat::Contiguous ? S : 1, ss = fmt == at::MemoryFormat::Contiguous ? 1 : C;
+  Tensor rms;
+  if (normalize) {  // as the reference rounds it: mean in g's dtype, + tiny, sqrt
+    const double tiny = g.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
+                      : g.scalar_type() == at::kHalf   ? 6.103515625e-05  // 2^-14
+                                                       : std::numeric_limits<float>::min();
+    const Tensor ms = (sample_sq_sums(gc, Tensor(), r) / static_cast<double>(r.D)).to(g.scalar_type());
+    rms = (ms + tiny).sqrt().to(acc).contiguous();
+  } else {
+    rms = at::ones({r.N}, g.options().dtype(acc));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "adaptor_saliency_mask_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    auto launch = [&](auto mode, const Tensor* thr, Tensor& out) {
+      constexpr int MODE = decltype(mode)::value;
+      bool* mk = nullptr;
+      scalar_t* m_out = nullptr;
+      if constexpr (MODE == kGradWriteM) {
+        m_out = out.mutable_data_ptr<scalar_t>();
+      } else {
+        mk = out.mutable_data_ptr<bool>();
+      }
+      adaptor_kernel<MODE, scalar_t, acc_t><<<elementwise_blocks(r.total()), kThreads, 0,
+                                              c10::cuda::getCurrentCUDAStream()>>>(
+          gc.const_data_ptr<scalar_t>(), rms.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+          b.const_data_ptr<acc_t>(), thr ? thr->const_data_ptr<acc_t>() : nullptr,
+          static_cast<acc_t>(static_cast<scalar_t>(beta)), mk, m_out, r.D, S, C, sc, ss, r.total());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (!quantile.has_value()) {
+      launch(std::integral_constant<int, kGradMask>{}, nullptr, mask);
+      return;
+    }
+    Tensor M = at::empty(g.sizes(), g.options());
+    launch(std::integral_constant<int, kGradWriteM>{}, nullptr, M);
+    const Tensor thr = kth_thresholds(M, r, k);
+    launch_mask<kThreshMask, scalar_t>(M, nullptr, &thr, 0.0, mask, r);
+  });
+  return mask;
+}
+
 Tensor masked_sq_norm_bool_cuda(const Tensor& g, const Tensor& mask) {
   const char* op = "jsigr_fast::masked_sq_norm_bool";
   check_data(g, "g", op);
@@ -381,15 +510,7 @@ Tensor masked_sq_norm_bool_cuda(const Tensor& g, const Tensor& mask) {
   const Tensor gc = g.contiguous(fmt), mc = mask.contiguous(fmt);
   const Rows r = rows_of(g);
   if (r.total() == 0) return at::zeros({r.N}, g.options());
-  const int64_t splits = num_splits(r);
-  Tensor part = at::empty({r.N, splits}, g.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "masked_sq_norm_bool_cuda", [&] {
-    sq_norm_kernel<scalar_t, acc_type<scalar_t>><<<static_cast<unsigned>(r.N * splits), kThreads, 0,
-                                                   c10::cuda::getCurrentCUDAStream()>>>(
-        gc.const_data_ptr<scalar_t>(), mc.const_data_ptr<bool>(), part.mutable_data_ptr<double>(), r.D, splits);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return part.sum(1).to(g.scalar_type());  // deterministic: fixed partials, fixed order
+  return sample_sq_sums(gc, mc, r).to(g.scalar_type());
 }
 
 Tensor masked_sq_norm_bool_backward_cuda(const Tensor& grad_out, const Tensor& g, const Tensor& mask) {
@@ -421,6 +542,7 @@ Tensor masked_sq_norm_bool_backward_cuda(const Tensor& grad_out, const Tensor& g
 TORCH_LIBRARY_IMPL(jsigr_fast, CUDA, m) {
   m.impl("gradient_saliency_mask", &gradient_saliency_mask_cuda);
   m.impl("threshold_mask", &threshold_mask_cuda);
+  m.impl("adaptor_saliency_mask", &adaptor_saliency_mask_cuda);
   m.impl("masked_sq_norm_bool", &masked_sq_norm_bool_cuda);
   m.impl("masked_sq_norm_bool_backward", &masked_sq_norm_bool_backward_cuda);
 }
