@@ -5,22 +5,37 @@
 # venv / pip downloads: the extension is built in place against the installed torch):
 #
 #   bash bench/gpu_session.sh build    # build the extension with nvcc + the CUDA/GPU tests    (~5 min)
-#   bash bench/gpu_session.sh step     # fused vs reference steps, BN/VJP/loss-head kernels     (~8 min)
+#   bash bench/gpu_session.sh step     # fused vs reference steps, BN/VJP/loss-head/mask kernels (~8 min)
 #   bash bench/gpu_session.sh epoch    # Table-4 epoch bench (CIFAR ResNet-20) + ImageNet R18 throughput
 #
-# Results go to $OUT (the device tool copies that folder back; default bench/results/gpu) with a
-# versions file; commit them under bench/results/ with the conditions they carry. Each stage keeps
-# going after a failure (so one broken bench does not cost the others) and lists what failed at the end.
+# What comes back. The device tool returns at most 8 files from $OUT, so each stage writes its logs
+# and benchmark records to a scratch folder and leaves in $OUT only: gpu_<stage>.tar.gz (everything),
+# gpu_<stage>_summary.md (the records' tables and the failures, to read at once) and versions.txt.
+# Unpack the tarball into bench/results/ and commit the records with the conditions they carry.
+#
+# Carrying the build. A machine is given back 30 s after a call, so a later stage usually starts on
+# a fresh one and would rebuild (minutes of device time). The build stage therefore also returns the
+# built extension and a hash of the sources it was built from (_C*.so, sources.sha). Copy both into
+# .gpu_build/ (git-ignored) and name it in the next calls' carry: ensure_built uses it when the hash
+# still matches csrc/, and rebuilds otherwise:
+#
+#   device run  "bash bench/gpu_session.sh build"
+#   mkdir -p .gpu_build && cp <files_at>/_C*.so <files_at>/sources.sha .gpu_build/
+#   device run  "bash bench/gpu_session.sh step"   carry=[".gpu_build"]
+#
+# Each stage keeps going after a failure (so one broken bench does not cost the others) and lists
+# what failed at the end.
 set -uo pipefail
 stage="${1:-}"
 OUT="${OUT:-bench/results/gpu}"
-mkdir -p "$OUT"
+RES="$(mktemp -d)/$stage"  # the full results of this stage; packed into $OUT at the end
+mkdir -p "$OUT" "$RES"
 PY="${PYTHON:-python}"
 failed=()
-run() {  # run <log name> <command...>: tee into $OUT/<name>.log, remember failures
+run() {  # run <log name> <command...>: tee into $RES/<name>.log, remember failures
   local name="$1"; shift
   echo "== $name: $*"
-  if ! "$@" 2>&1 | tee "$OUT/$name.log"; then failed+=("$name"); fi
+  if ! "$@" 2>&1 | tee "$RES/$name.log"; then failed+=("$name"); fi
 }
 versions() {
   {
@@ -29,18 +44,41 @@ versions() {
     "$PY" -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| cudnn', torch.backends.cudnn.version())"
     "$PY" -c "import triton; print('triton', triton.__version__)" 2>/dev/null
     git rev-parse HEAD 2>/dev/null
-  } > "$OUT/versions.txt"
-  cat "$OUT/versions.txt"
+  } > "$RES/versions.txt"
+  cat "$RES/versions.txt"
 }
-ensure_built() {  # the in-place build (ninja is incremental: a no-op when already built)
-  "$PY" -c "import torch, jsigr_fast as j, sys; sys.exit(0 if j.extension_loaded() and torch.ops.jsigr_fast.masked_sq_norm.default.has_kernel_for_dispatch_key('CUDA') else 1)" 2>/dev/null \
-    || MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
+sources_sha() {  # what the extension is built from
+  cat setup.py csrc/*.h csrc/*.cpp csrc/cuda/*.cu | sha256sum | cut -c1-32
+}
+has_cuda_build() {
+  "$PY" -c "import torch, jsigr_fast as j, sys; sys.exit(0 if j.extension_loaded() and torch.ops.jsigr_fast.masked_sq_norm.default.has_kernel_for_dispatch_key('CUDA') else 1)" 2>/dev/null
+}
+ensure_built() {  # a carried build of these very sources, else the in-place build (ninja: incremental)
+  if [ -f .gpu_build/sources.sha ] && [ "$(cat .gpu_build/sources.sha)" = "$(sources_sha)" ]; then
+    cp .gpu_build/_C*.so jsigr_fast/ && has_cuda_build && { echo "using the carried build (.gpu_build)"; return 0; }
+  fi
+  MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
+}
+pack() {  # the <= 8 files that come back
+  {
+    echo "# GPU session, stage $stage"
+    echo '```'; cat "$RES/versions.txt" 2>/dev/null; echo '```'
+    if ((${#failed[@]})); then echo "FAILED: ${failed[*]}"; else echo "all of stage '$stage' ran"; fi
+    echo; echo "## last lines of each log"
+    for f in "$RES"/*.log; do [ -f "$f" ] && { echo "### $(basename "$f")"; echo '```'; tail -n 4 "$f"; echo '```'; }; done
+    for f in "$RES"/*.md; do [ -f "$f" ] && { echo; echo "## $(basename "$f")"; cat "$f"; }; done
+  } > "$OUT/gpu_${stage}_summary.md"
+  cp "$RES/versions.txt" "$OUT/" 2>/dev/null
+  tar czf "$OUT/gpu_${stage}.tar.gz" -C "$RES" .
 }
 
 case "$stage" in
   build)
     versions
     run build ensure_built
+    if has_cuda_build; then  # returned, so later calls can carry it (see the header)
+      cp jsigr_fast/_C*.so "$OUT/" && sources_sha > "$OUT/sources.sha"
+    fi
     run import "$PY" -c "import jsigr_fast, torch; print('extension', jsigr_fast.extension_loaded(), jsigr_fast.extension_error()); print('backends', jsigr_fast.available_backends('cuda'))"
     # every test that needs CUDA, then the fused-backend and op tests on this machine
     run test_gpu "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs
@@ -50,27 +88,28 @@ case "$stage" in
   step)
     versions
     ensure_built >/dev/null
-    run bn_bw_fp32 "$PY" bench/bench_bn.py --device cuda --dtype float32 --out "$OUT"
-    run bn_bw_bf16 "$PY" bench/bench_bn.py --device cuda --dtype bfloat16 --out "$OUT"
+    run bn_bw_fp32 "$PY" bench/bench_bn.py --device cuda --dtype float32 --out "$RES"
+    run bn_bw_bf16 "$PY" bench/bench_bn.py --device cuda --dtype bfloat16 --out "$RES"
     run fused_r20 "$PY" bench/bench_fused.py --device cuda --model resnet20 --batch 128 --dtype float32 \
-      --rounds 5 --repeats 5 --profile --out "$OUT"
+      --rounds 5 --repeats 5 --profile --out "$RES"
     run fused_r18 "$PY" bench/bench_fused.py --device cuda --model resnet18 --batch 256 --dtype bfloat16 \
-      --channels-last --rounds 3 --repeats 3 --out "$OUT"
-    run step_r20 "$PY" bench/bench_step.py --device cuda --model resnet20 --batch 128 --repeats 10 --out "$OUT"
-    run vjp_r20 "$PY" bench/bench_vjp.py --device cuda --model resnet20 --batch 128 --out "$OUT"
-    run loss_head "$PY" bench/bench_loss_head.py --device cuda --out "$OUT"
-    run mask_bw "$PY" bench/bench_mask.py --device cuda --out "$OUT"
+      --channels-last --rounds 3 --repeats 3 --out "$RES"
+    run step_r20 "$PY" bench/bench_step.py --device cuda --model resnet20 --batch 128 --repeats 10 --out "$RES"
+    run vjp_r20 "$PY" bench/bench_vjp.py --device cuda --model resnet20 --batch 128 --out "$RES"
+    run loss_head "$PY" bench/bench_loss_head.py --device cuda --out "$RES"
+    run mask_bw "$PY" bench/bench_mask.py --device cuda --out "$RES"
     ;;
   epoch)
     versions
     ensure_built >/dev/null
-    run epoch_cifar "$PY" bench/bench_epoch.py --preset cifar-gpu --rounds 3 --out "$OUT"
-    run epoch_imagenet "$PY" bench/bench_epoch.py --preset imagenet-gpu --rounds 2 --out "$OUT"
+    run epoch_cifar "$PY" bench/bench_epoch.py --preset cifar-gpu --rounds 3 --out "$RES"
+    run epoch_imagenet "$PY" bench/bench_epoch.py --preset imagenet-gpu --rounds 2 --out "$RES"
     ;;
   *)
     echo "usage: bash bench/gpu_session.sh build|step|epoch   (results in \$OUT, default bench/results/gpu)" >&2
     exit 2
     ;;
 esac
-if ((${#failed[@]})); then echo "FAILED: ${failed[*]} (logs in $OUT)"; exit 1; fi
-echo "all of stage '$stage' ran; results in $OUT"
+pack
+if ((${#failed[@]})); then echo "FAILED: ${failed[*]} (logs in $OUT/gpu_${stage}.tar.gz)"; exit 1; fi
+echo "all of stage '$stage' ran; results in $OUT/gpu_${stage}.tar.gz"
