@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import conditions, write_record  # noqa: E402
+from steps import conditions, gpu_kernel_impls, using_gpu_kernels, write_record  # noqa: E402
 
 import jsigr_fast  # noqa: E402,F401  (loads the extension)
 from jsigr_fast import reference  # noqa: E402
@@ -104,27 +104,32 @@ def check(x, gy, u, w, b, eps=1e-5):
 
 
 def bench_shape(shape, dtype, device, channels_last, repeats, eps=1e-5):
+    """Rows for one shape: the fused ops under each GPU implementation (gpu_kernel_impls: "cuda" and
+    "triton" side by side on a GPU, labelled "fused/<impl>"; plain "fused" on CPU), and ATen's."""
     x, gy, u, w, b = make_inputs(shape, dtype, device, channels_last)
-    errs = check(x, gy, u, w, b, eps)
     ops = torch.ops.jsigr_fast
-    rows = []
+    rows, errs = [], {}
     elt = x.element_size() * x.numel()
 
     def add(op, impl, r, tensors):
         r.update(op=op, impl=impl, gbps=tensors * elt / r["median_s"] / 1e9)
         rows.append(r)
 
+    for gpu_impl in gpu_kernel_impls(device):
+        fused = "fused" if gpu_impl is None else f"fused/{gpu_impl}"
+        with using_gpu_kernels(gpu_impl), torch.no_grad():
+            errs[fused] = check(x, gy, u, w, b, eps)
+            add("forward", fused, timeit(lambda: ops.batch_norm_train(x, w, b, eps), device, repeats), 2)
+            _, mean, invstd = ops.batch_norm_train(x, w, b, eps)
+            add("backward", fused, timeit(lambda: ops.batch_norm_backward(gy, x, w, mean, invstd, None, None), device,
+                                          repeats), 3)
+            add("double_backward", f"{fused} (kernel)", timeit(lambda: ops.batch_norm_double_backward(
+                u, None, None, gy, x, w, mean, invstd, None, None), device, repeats), 5)
     with torch.no_grad():
-        add("forward", "fused", timeit(lambda: ops.batch_norm_train(x, w, b, eps), device, repeats), 2)
         add("forward", "aten", timeit(lambda: F.batch_norm(x, None, None, w, b, True, 0.1, eps), device, repeats), 2)
-        _, mean, invstd = ops.batch_norm_train(x, w, b, eps)
         _, smean, sinvstd = torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.1, eps)[:3]
-        add("backward", "fused", timeit(lambda: ops.batch_norm_backward(gy, x, w, mean, invstd, None, None), device,
-                                        repeats), 3)
         add("backward", "aten", timeit(lambda: torch.ops.aten.native_batch_norm_backward(
             gy, x, w, None, None, smean, sinvstd, True, eps, [True, True, True]), device, repeats), 3)
-        add("double_backward", "fused (kernel)", timeit(lambda: ops.batch_norm_double_backward(
-            u, None, None, gy, x, w, mean, invstd, None, None), device, repeats), 5)
 
     # the autograd nodes, reached as a gradient penalty reaches them
     def node_time(bn):
@@ -136,8 +141,11 @@ def bench_shape(shape, dtype, device, channels_last, repeats, eps=1e-5):
             (gx,) = torch.autograd.grad(yv, xg, gyg, create_graph=True)
         return timeit(lambda: torch.autograd.grad(gx, (xg, gyg, wg), u, retain_graph=True), device, repeats)
 
-    add("double_backward", "fused (autograd)", node_time(lambda t, wt: jsigr_fast.ops.batch_norm(
-        t, None, None, wt, b, True, 0.1, eps)), 5)
+    for gpu_impl in gpu_kernel_impls(device):
+        fused = "fused" if gpu_impl is None else f"fused/{gpu_impl}"
+        with using_gpu_kernels(gpu_impl):
+            add("double_backward", f"{fused} (autograd)", node_time(lambda t, wt: jsigr_fast.ops.batch_norm(
+                t, None, None, wt, b, True, 0.1, eps)), 5)
     add("double_backward", "aten (autograd)", node_time(lambda t, wt: F.batch_norm(t, None, None, wt, b, True, 0.1,
                                                                                     eps)), 5)
     for r in rows:
@@ -167,7 +175,8 @@ def main(argv=None):
         for layout in a.layouts.split(","):
             cl = layout == "channels_last"
             r, errs = bench_shape(shape, dtype, a.device, cl, a.repeats)
-            checks[f"{shape} {layout}"] = errs
+            for impl, e in errs.items():
+                checks[f"{shape} {layout} {impl}"] = e
             rows += r
             for x in r:
                 print(f"  {str(shape):18s} {layout:14s} {x['op']:16s} {x['impl']:18s} {x['median_s'] * 1e3:8.3f} ms "

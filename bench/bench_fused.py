@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_step import format_top_ops, profile_top_ops  # noqa: E402
 from steps import FLOOR_UNITS, conditions, make_methods, make_setup, time_steps, write_record  # noqa: E402
 
+import jsigr_fast  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 PAIRS = (("double_backprop", "double_backprop_fused"), ("jsigr", "jsigr_fused"),
          ("jsigr_hutchinson", "jsigr_hutchinson_fused"))
@@ -44,10 +46,15 @@ def main(argv=None):
     p.add_argument("--layout-ablation", action="store_true",
                    help="add the standard and reference steps on a channels-last input and the fused J-SIGR "
                         "step with NCHW activations (fused.CHANNELS_LAST off)")
+    p.add_argument("--gpu-kernels", default=None, choices=["cuda", "triton"],
+                   help="the GPU implementation of the batch-norm and mask ops (jsigr_fast.ops.use_gpu_kernels); "
+                        "default: as selected at import")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.gpu_kernels:
+        jsigr_fast.ops.use_gpu_kernels(a.gpu_kernels)
     dtype = DTYPES[a.dtype]
     model, opt, x, y = make_setup(a.model, a.batch, device=a.device, dtype=dtype, channels_last=a.channels_last)
     methods = make_methods(model.input_shape, backend="reference")
@@ -143,6 +150,7 @@ def main(argv=None):
         os.makedirs(a.out, exist_ok=True)
         stem = os.path.join(a.out, f"fused_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}"
                                    f"{'_cl' if a.channels_last else ''}_t{torch.get_num_threads()}"
+                                   f"{'_' + a.gpu_kernels if a.gpu_kernels else ''}"
                                    f"{'' if len(wanted) == len(PAIRS) else '_' + '_'.join(r for r, _ in wanted)}")
         print("\nwrote " + " and ".join(write_record(stem, {"conditions": cond, "results": rows}, table)))
     return rows

@@ -65,7 +65,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import conditions, write_record  # noqa: E402
+from steps import conditions, gpu_kernel_impls, using_gpu_kernels, write_record  # noqa: E402
 
 import jsigr_fast  # noqa: E402,F401  (loads the extension)
 from jsigr_fast import ops, reference  # noqa: E402
@@ -184,7 +184,10 @@ def check(g, weight, bias, go, beta, quantile, adaptor_beta):
 
 def bench_shape(shape, dtype, device, repeats, sample_ms, beta, quantile, adaptor_beta):
     g, weight, bias, go = make_inputs(shape, dtype, device)
-    errs = check(g, weight, bias, go, beta, quantile, adaptor_beta)
+    errs = {}  # per GPU implementation ("" on CPU): the ops' results vs the references
+    for impl in gpu_kernel_impls(device):
+        with using_gpu_kernels(impl):
+            errs[impl or ""] = check(g, weight, bias, go, beta, quantile, adaptor_beta)
     K = torch.ops.jsigr_fast
     s, E, N = g.element_size(), g.numel(), shape[0]
     mask = ops.gradient_saliency_mask(g, beta, compiled=True)
@@ -232,7 +235,26 @@ def bench_shape(shape, dtype, device, repeats, sample_ms, beta, quantile, adapto
         ("yardstick: read g, write g-size", "dst.copy_(g) (preallocated)"): (lambda: dst.copy_(g), 2 * E * s, None),
         ("yardstick: read g, write g-size", "g * 2 (fresh output)"): (lambda: g * 2.0, 2 * E * s, None),
     }
-    samples, inner = interleaved({k: v[0] for k, v in cases.items()}, device, repeats, sample_ms)
+    both = gpu_kernel_impls(device) == ["cuda", "triton"]
+    if both:
+        # both GPU implementations side by side: the ops run the compiled CUDA kernels (forced below),
+        # the Triton launchers are called directly (one dispatcher hop less, a few microseconds)
+        from jsigr_fast.kernels import saliency_mask as tm
+
+        cases = {(op, "compiled CUDA" if impl == "compiled" else impl): v for (op, impl), v in cases.items()}
+        cases.update({
+            ("gradient mask, beta", "triton"): (lambda: tm.gradient_saliency_mask(g, beta), 2 * E * s + E, E * s + E),
+            (f"gradient mask, quantile {quantile}", "triton"): (lambda: tm.gradient_saliency_mask(g, beta, quantile),
+                                                                None, None),
+            ("threshold mask", "triton"): (lambda: tm.threshold_mask(M, beta), E * s + E, None),
+            ("adaptor mask", "triton"): (lambda: tm.adaptor_saliency_mask(g, weight, bias, adaptor_beta), 2 * E * s + E,
+                                         E * s + E),
+            ("masked sq norm, forward", "triton"): (lambda: tm.masked_sq_norm_bool(g, mask), E * s + E + N * s, None),
+            ("masked sq norm, backward", "triton"): (lambda: tm.masked_sq_norm_bool_backward(go, g, mask),
+                                                     2 * E * s + E + N * s, None),
+        })
+    with using_gpu_kernels("cuda" if both else None):
+        samples, inner = interleaved({k: v[0] for k, v in cases.items()}, device, repeats, sample_ms)
     rows = []
     for (op, impl), (_fn, nbytes, floor) in cases.items():
         r = stats(samples[(op, impl)])
@@ -278,8 +300,9 @@ def main(argv=None):
     rows, checks = [], {}
     for shape in shapes:
         r, errs = bench_shape(shape, dtype, a.device, a.repeats, a.sample_ms, a.beta, a.quantile, a.adaptor_beta)
-        checks[str(shape)] = errs
-        print(f"  {shape} checks: {json.dumps(errs)}", flush=True)
+        for impl, e in errs.items():
+            checks[f"{shape} {impl}".strip()] = e
+            print(f"  {shape} {impl} checks: {json.dumps(e)}", flush=True)
         rows += r
         for x in r:
             gb = "" if x["gbps"] is None else f"{x['gbps']:6.1f} GB/s"

@@ -94,6 +94,8 @@ case "$stage" in
       --rounds 5 --repeats 5 --profile --out "$RES"
     run fused_r18 "$PY" bench/bench_fused.py --device cuda --model resnet18 --batch 256 --dtype bfloat16 \
       --channels-last --rounds 3 --repeats 3 --out "$RES"
+    run fused_r20_triton "$PY" bench/bench_fused.py --device cuda --model resnet20 --batch 128 --dtype float32 \
+      --pairs jsigr --gpu-kernels triton --rounds 3 --repeats 5 --out "$RES"
     run step_r20 "$PY" bench/bench_step.py --device cuda --model resnet20 --batch 128 --repeats 10 --out "$RES"
     run vjp_r20 "$PY" bench/bench_vjp.py --device cuda --model resnet20 --batch 128 --out "$RES"
     run loss_head "$PY" bench/bench_loss_head.py --device cuda --out "$RES"

@@ -249,6 +249,36 @@ def time_steps(model, opt, loss_fn, x, y, *, warmup=1, repeats=5, device="cpu"):
     return out
 
 
+def gpu_kernel_impls(device) -> list[str | None]:
+    """The GPU implementations of the batch-norm and mask ops to time side by side on ``device``:
+    "cuda" when the build compiled them, "triton" when Triton is installed; [None] off the GPU."""
+    if torch.device(device).type != "cuda":
+        return [None]
+    from importlib.util import find_spec
+
+    impls = ["cuda"] if jsigr_fast.ops._COMPILED_CUDA else []
+    return impls + (["triton"] if find_spec("triton") is not None else [])
+
+
+class using_gpu_kernels:
+    """``with using_gpu_kernels(impl):`` run under ``jsigr_fast.ops.use_gpu_kernels(impl)``, then restore
+    the previous choice (None: leave it as it is)."""
+
+    def __init__(self, impl):
+        self.impl = impl
+
+    def __enter__(self):
+        self.before = jsigr_fast.ops.gpu_kernels()
+        if self.impl is not None:
+            jsigr_fast.ops.use_gpu_kernels(self.impl)
+        return self
+
+    def __exit__(self, *exc):
+        if self.impl is not None:
+            jsigr_fast.ops._apply_gpu_kernels(self.before)
+        return False
+
+
 def conditions(device) -> dict:
     """What a reader needs to reproduce a number: hardware, versions, threads, commit."""
     dev = torch.device(device)
@@ -273,6 +303,7 @@ def conditions(device) -> dict:
     if dev.type == "cuda":
         info["device"] = torch.cuda.get_device_name(dev)
         info["cuda"] = torch.version.cuda
+        info["gpu_kernels"] = jsigr_fast.ops.gpu_kernels()
     else:
         cpu = platform.processor() or "cpu"
         try:

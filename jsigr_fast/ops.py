@@ -11,9 +11,10 @@ otherwise runs the pure-PyTorch reference from :mod:`jsigr_fast.reference` (or, 
 
 Ops: ``masked_sq_norm`` (+ backward); ``batch_norm_train`` / ``batch_norm_backward`` /
 ``batch_norm_double_backward`` (train-mode batch norm whose backward is itself a differentiable op
-with a fused double-backward kernel; formulas and derivation in csrc/README.md). When the extension
-has no CUDA kernels but a GPU and Triton are present, the Triton kernels of ``jsigr_fast.kernels``
-are registered as the batch-norm ops' CUDA kernels.
+with a fused double-backward kernel; formulas and derivation in csrc/README.md). The batch-norm and
+mask ops have two GPU implementations, the compiled CUDA kernels and the Triton kernels of
+``jsigr_fast.kernels``: :func:`use_gpu_kernels` picks one (default: CUDA, Triton for ops the build
+has no CUDA kernel for, e.g. a build without nvcc).
 
 The selective-mask family (``csrc/saliency_mask.cpp``, ``csrc/cuda/saliency_mask.cu``,
 ``kernels/saliency_mask.py``): ``gradient_saliency_mask`` (J-SIGR's default saliency
@@ -35,7 +36,7 @@ from ._extension import extension_loaded, has_kernel
 
 __all__ = ["masked_sq_norm", "masked_sq_norm_compiled_available", "batch_norm", "batch_norm_compiled_available",
            "gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask", "cross_entropy_cotangent",
-           "mask_ops_compiled_available"]
+           "mask_ops_compiled_available", "gpu_kernels", "use_gpu_kernels"]
 
 # the ops added with the fused selective mask and loss head (an older build of the extension may lack them)
 MASK_OPS = ("gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask", "masked_sq_norm_bool",
@@ -535,28 +536,101 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     return y
 
 
-def _register_triton_cuda_kernels() -> None:
-    """When the extension was built without CUDA kernels but a GPU and Triton are present, the Triton
-    launchers of ``jsigr_fast.kernels.batch_norm`` become the CUDA kernels of the batch-norm ops, and
-    those of ``jsigr_fast.kernels.saliency_mask`` the CUDA kernels of the mask ops that have none (the
-    autograd, fake and vmap registrations above apply to them unchanged)."""
-    if not (extension_loaded() and torch.cuda.is_available()):
-        return
+# ----------------------------------------------------------------------------------------------
+# the GPU implementation: compiled CUDA kernels (csrc/cuda) or Triton kernels (kernels/)
+# ----------------------------------------------------------------------------------------------
+# The ops with a Triton launcher (jsigr_fast.kernels.<module>.<op>), by module.
+TRITON_OPS = {
+    "batch_norm": ("batch_norm_train", "batch_norm_backward", "batch_norm_double_backward"),
+    "saliency_mask": ("gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask", "masked_sq_norm_bool",
+                      "masked_sq_norm_bool_backward"),
+}
+GPU_KERNELS_ENV = "JSIGR_FAST_GPU_KERNELS"
+GPU_KERNEL_CHOICES = ("cuda", "triton")
+# which of them the build compiled a CUDA kernel for (taken before any Triton registration)
+_COMPILED_CUDA = frozenset(op for names in TRITON_OPS.values() for op in names
+                           if _op_defined(op) and has_kernel(op, "cuda"))
+_gpu_state = {"mode": None, "lib": None}  # the active choice and the Library holding its Triton registrations
+
+
+def gpu_kernels() -> str | None:
+    """The GPU implementation in use: ``"cuda"`` (the compiled kernels of csrc/cuda, Triton only for
+    ops the build has no CUDA kernel for), ``"triton"`` (the Triton kernels of jsigr_fast.kernels for
+    every op that has one) or None (none selected: no GPU at import, or no Triton and no CUDA build)."""
+    return _gpu_state["mode"]
+
+
+def use_gpu_kernels(impl: str) -> None:
+    """Choose which implementation the ops' CUDA dispatch key runs: ``"cuda"`` or ``"triton"`` (see
+    :func:`gpu_kernels`). The choice is global and takes effect for the next call; autograd, fake and
+    vmap registrations apply to either unchanged. The default at import is ``"cuda"``, or the value of
+    the ``JSIGR_FAST_GPU_KERNELS`` environment variable. ``bench/bench_bn.py`` and
+    ``bench/bench_mask.py`` time both side by side on a GPU, which is how the default is to be chosen.
+
+    Raises:
+        ValueError: ``impl`` is not one of ``"cuda"``, ``"triton"``.
+        RuntimeError: the extension is not loaded, or ``"triton"`` without Triton installed.
+    """
+    if impl not in GPU_KERNEL_CHOICES:
+        raise ValueError(f"use_gpu_kernels: impl must be one of {GPU_KERNEL_CHOICES}, got {impl!r}")
+    if not extension_loaded():
+        raise RuntimeError("use_gpu_kernels: the jsigr_fast extension is not loaded")
+    _apply_gpu_kernels(impl)
+
+
+def _triton_importable() -> bool:
     from importlib.util import find_spec
 
-    if find_spec("triton") is None:
+    return find_spec("triton") is not None
+
+
+def _apply_gpu_kernels(mode: str | None) -> None:
+    """Register the Triton launchers over the CUDA key for ``mode`` ("triton": every op that has one;
+    "cuda": those the build has no compiled CUDA kernel for; None: none), in a Library of their own, so
+    that destroying it restores the compiled kernels (the dispatcher keeps the earlier registration)."""
+    import warnings
+
+    if _gpu_state["lib"] is not None:
+        _gpu_state["lib"]._destroy()
+        _gpu_state["lib"] = None
+    _gpu_state["mode"] = None
+    if mode is None:
         return
-    if not has_kernel("batch_norm_train", "cuda"):
-        from .kernels import batch_norm as triton_bn
+    todo = [(module, op) for module, names in TRITON_OPS.items() for op in names
+            if _op_defined(op) and (mode == "triton" or op not in _COMPILED_CUDA)]
+    if todo and not _triton_importable():
+        if mode == "triton":
+            raise RuntimeError("use_gpu_kernels('triton'): triton is not installed")
+        todo = []  # "cuda" without Triton: only the compiled kernels
+    if todo:
+        import importlib
 
-        for name in ("batch_norm_train", "batch_norm_backward", "batch_norm_double_backward"):
-            torch.library.register_kernel(f"jsigr_fast::{name}", "cuda", getattr(triton_bn, name))
-    from .kernels import saliency_mask as triton_mask
+        lib = torch.library.Library("jsigr_fast", "IMPL")
+        with warnings.catch_warnings():  # "Overriding a previously registered kernel" is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for module, op in todo:
+                fn = getattr(importlib.import_module(f"jsigr_fast.kernels.{module}"), op)
+                torch.library.register_kernel(f"jsigr_fast::{op}", "cuda", fn, lib=lib)
+        _gpu_state["lib"] = lib
+    _gpu_state["mode"] = mode
 
-    for name in ("gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask", "masked_sq_norm_bool",
-                 "masked_sq_norm_bool_backward"):
-        if _op_defined(name) and not has_kernel(name, "cuda"):
-            torch.library.register_kernel(f"jsigr_fast::{name}", "cuda", getattr(triton_mask, name))
+
+def _select_gpu_kernels_at_import() -> None:
+    """With a GPU: the compiled CUDA kernels, Triton for ops without one (or Triton for all, when
+    ``JSIGR_FAST_GPU_KERNELS=triton``). Without a GPU nothing is registered (and triton not imported)."""
+    import os
+    import warnings
+
+    if not (extension_loaded() and torch.cuda.is_available()):
+        return
+    mode = os.environ.get(GPU_KERNELS_ENV, "cuda") or "cuda"
+    if mode not in GPU_KERNEL_CHOICES:
+        warnings.warn(f"{GPU_KERNELS_ENV}={mode!r} is not one of {GPU_KERNEL_CHOICES}; using 'cuda'")
+        mode = "cuda"
+    if mode == "triton" and not _triton_importable():
+        warnings.warn(f"{GPU_KERNELS_ENV}=triton but triton is not installed; using the compiled CUDA kernels")
+        mode = "cuda"
+    _apply_gpu_kernels(mode)
 
 
-_register_triton_cuda_kernels()
+_select_gpu_kernels_at_import()
