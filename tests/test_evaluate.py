@@ -16,9 +16,6 @@ import torch.nn.functional as F
 from jsigr_fast import evaluate as E
 from jsigr_fast.jacobian_layers import default_layers, format_layer_markdown, layer_jacobian_norms
 
-# torch's forward-mode AD loads its jit-scripted decompositions on first use (a torch-internal warning)
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
 D, K = 12, 3
 
 
