@@ -55,7 +55,8 @@ def test_bench_epoch_tiny_config(tmp_path, capsys):
     with open(stem + ".json") as f:
         on_disk = json.load(f)
     assert on_disk == json.loads(json.dumps(record))
-    md = open(stem + ".md").read()
+    with open(stem + ".md") as f:
+        md = f.read()
     check_record(on_disk, md)
     assert on_disk["conditions"]["steps_timed_per_method"] == 2
     assert all(r["n_timed"] == 2 for r in on_disk["results"].values())
@@ -76,7 +77,8 @@ def test_bench_epoch_rejects_unknown_method(tmp_path):
 def test_committed_epoch_records_are_well_formed(path):
     with open(path) as f:
         record = json.load(f)
-    md = open(path[:-5] + ".md").read()
+    with open(path[:-5] + ".md") as f:
+        md = f.read()
     check_record(record, md)
     assert os.path.exists(path[:-5] + ".png")
 

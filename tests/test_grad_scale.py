@@ -34,7 +34,7 @@ def test_grad_scale_rescues_fp16_underflow_under_autocast():
         model[2].weight.mul_(1e-3)
     x = torch.rand(8, 16)
     y = torch.randint(0, 4, (8,))
-    ref = float(jsigr_fast.input_gradient_penalty(model, x, y))
+    ref = float(jsigr_fast.input_gradient_penalty(model, x, y).detach())
     with torch.autocast("cpu", dtype=torch.float16):
         plain = float(jsigr_fast.input_gradient_penalty(model, x, y).detach())
         scaled = float(jsigr_fast.input_gradient_penalty(model, x, y, grad_scale=65536.0).detach())
