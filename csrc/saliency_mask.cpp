@@ -22,8 +22,9 @@
 #include <optional>
 #include <string>
 
-#include "sample_ops_cpu.h"
+#include "adaptor_params.h"
 #include "memory_format.h"
+#include "sample_ops_cpu.h"
 
 namespace jsigr_fast {
 namespace {
@@ -91,27 +92,13 @@ Tensor adaptor_saliency_mask_cpu(const Tensor& g, const Tensor& weight, const st
   TORCH_CHECK(g.dim() >= 2, op, ": g must have shape (N, C, *) or (N, D), got ", g.sizes());
   const auto rule = rule_of(beta, quantile, op);
   const auto r = rows_of(g);
+  const AdaptorParams p = adaptor_params(g, r.D, weight, bias, op);
   sample_cpu::AdaptorArgs a;
-  a.C = g.dim() == 2 ? 1 : g.size(1);  // SaliencyAdaptor: (N, D) inputs are one channel
-  a.S = a.C == 0 ? 0 : r.D / a.C;
+  a.C = p.C;
+  a.S = p.S;
   a.normalize = normalize;
-  const bool square = weight.dim() >= 2 && weight.size(0) == a.C && weight.size(1) == a.C;
-  TORCH_CHECK(square && (weight.dim() == 2 || (weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1)), op,
-              ": weight must be a 1x1 convolution's [C, C, 1, 1] (or [C, C]) with C = ", a.C, ", got ", weight.sizes());
-  TORCH_CHECK(weight.device() == g.device() && at::isFloatingType(weight.scalar_type()), op,
-              ": weight must be a floating tensor on g's device");
-  const auto acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor w = weight.to(acc).contiguous();
-  Tensor b;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == a.C && bias->device() == g.device() && at::isFloatingType(bias->scalar_type()), op,
-                ": bias must be a floating [", a.C, "] tensor on g's device, got ", bias->sizes());
-    b = bias->to(acc).contiguous();
-  } else {
-    b = at::zeros({a.C}, g.options().dtype(acc));
-  }
-  a.weight = w.const_data_ptr();
-  a.bias = b.const_data_ptr();
+  a.weight = p.weight.const_data_ptr();
+  a.bias = p.bias.const_data_ptr();
   const Tensor gc = g.contiguous();
   Tensor mask = empty_mask(g, at::MemoryFormat::Contiguous);
   kernels().adaptor_mask(g.scalar_type(), r, gc.const_data_ptr(), mask.mutable_data_ptr<bool>(), a, rule);

@@ -67,6 +67,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../adaptor_params.h"
 #include "../memory_format.h"
 
 namespace jsigr_fast {
@@ -431,25 +432,11 @@ Tensor adaptor_saliency_mask_cuda(const Tensor& g, const Tensor& weight, const s
   TORCH_CHECK(g.dim() >= 2, op, ": g must have shape (N, C, *) or (N, D), got ", g.sizes());
   check_quantile(quantile, op);
   const Rows r = rows_of(g);
-  const int64_t C = g.dim() == 2 ? 1 : g.size(1);  // SaliencyAdaptor: (N, D) inputs are one channel
-  const int64_t S = C == 0 ? 0 : r.D / C;
-  const bool square = weight.dim() >= 2 && weight.size(0) == C && weight.size(1) == C;
-  TORCH_CHECK(square && (weight.dim() == 2 || (weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1)), op,
-              ": weight must be a 1x1 convolution's [C, C, 1, 1] (or [C, C]) with C = ", C, ", got ", weight.sizes());
-  TORCH_CHECK(weight.device() == g.device() && at::isFloatingType(weight.scalar_type()), op,
-              ": weight must be a floating tensor on g's device");
-  const auto acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor b;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == C && bias->device() == g.device() &&
-                    at::isFloatingType(bias->scalar_type()),
-                op, ": bias must be a floating [", C, "] tensor on g's device, got ", bias->sizes());
-    b = bias->to(acc).contiguous();
-  } else {
-    b = at::zeros({C}, g.options().dtype(acc));
-  }
+  const AdaptorParams p = adaptor_params(g, r.D, weight, bias, op);
+  const int64_t C = p.C, S = p.S;
+  const Tensor &w = p.weight, &b = p.bias;
+  const auto acc = w.scalar_type();
   const c10::cuda::CUDAGuard guard(g.device());
-  const Tensor w = weight.reshape({C, C}).to(acc).contiguous();
   Tensor mask = at::empty(g.sizes(), g.options().dtype(at::kBool));
   if (r.total() == 0) return mask;
   int64_t k = 0;
