@@ -114,3 +114,31 @@ def _check_near_threshold(got, M, S, beta, q, dtype):
     bad = got != expect
     assert not (bad & ~near).any(), f"{int((bad & ~near).sum())} disagreements away from the threshold"
     assert bad.sum() <= max(2, M.size // 100), f"{int(bad.sum())} disagreements"
+
+
+def adaptor_inputs(shape, dtype, normalize, lay):
+    """(g, W, b) of an adaptor-mask case: Gaussian g of ``shape`` (scaled by 1e-3 when normalising, so
+    the normalised map must not depend on the gradient's scale) laid out by ``lay(t)``, and parameters
+    a little away from the identity start, C = 1 for (N, D) shapes."""
+    C = 1 if len(shape) == 2 else shape[1]
+    W, b = _adaptor_params(C, dtype, seed=sum(shape))
+    scale = 1e-3 if normalize else 1.0
+    g = (torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale).to(dtype)
+    return lay(g), W, b
+
+
+def adaptor_bad_arguments():
+    """[(args of adaptor_saliency_mask, message regex)]: the bad inputs every implementation (C++, CUDA,
+    Triton) must reject with the same message naming the argument."""
+    g = torch.randn(2, 3, 4, 4)
+    cases = [((torch.ones(2, 3, dtype=torch.int64), torch.eye(1), None, 0.1),
+              "adaptor_saliency_mask: g must be floating point"),
+             ((g, torch.eye(3), None, 0.1, 1.5), r"quantile must be in \[0, 1\]"),
+             ((g, torch.ones(2, 2, 1, 1), None, 0.1),
+              r"weight must be a 1x1 convolution's \[C, C, 1, 1\].*C = 3.*\[2, 2, 1, 1\]"),
+             ((g, torch.ones(3, 3, dtype=torch.int64), None, 0.1), "weight must be a floating tensor"),
+             ((g, torch.eye(3), torch.ones(2), 0.1), r"bias must be a floating \[3\] tensor"),
+             ((torch.randn(4), torch.eye(1), None, 0.1), r"g must have shape \(N, C, \*\) or \(N, D\)")]
+    cases += [((g, torch.ones(w), None, 0.1), "weight must be a 1x1 convolution")
+              for w in [(3, 3, 1, 2), (9, 1), (1, 9), (1, 1, 9, 1)]]
+    return cases

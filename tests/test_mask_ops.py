@@ -30,7 +30,7 @@ import jsigr_fast
 from jsigr_fast import fused, ops, reference
 from jsigr_fast.saliency import SaliencyAdaptor, gradient_saliency, selective_mask
 from mask_oracles import (TINY, UNIT, _adaptor_oracle, _adaptor_params, _check_near_threshold, _round, _rows,
-                          _rule_oracle)
+                          _rule_oracle, adaptor_bad_arguments, adaptor_inputs)
 
 pytestmark = pytest.mark.skipif(
     not (jsigr_fast.extension_loaded() and ops.mask_ops_compiled_available("cpu")),
@@ -316,11 +316,7 @@ ADAPTOR_CASES = [
                          ids=[f"{'x'.join(map(str, s))}-{lay}" for s, lay in ADAPTOR_CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_adaptor_saliency_mask_matches_oracle(dtype, shape, layout, normalize):
-    C = 1 if len(shape) == 2 else shape[1]
-    W, b = _adaptor_params(C, dtype, seed=sum(shape))
-    scale = 1e-3 if normalize else 1.0  # the normalised map must not depend on the gradient's scale
-    g = _layout((torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale)
-                .to(dtype), layout)
+    g, W, b = adaptor_inputs(shape, dtype, normalize, lambda t: _layout(t, layout))
     M, S = _adaptor_oracle(g, W, b, normalize, dtype)
     for beta, q in [(0.2, None), (-0.3, None), (0.3, 0.3), (0.3, 0.75), (0.3, 0.0), (0.3, 1.0)]:
         mask = ops.adaptor_saliency_mask(g, W, b, beta, q, normalize=normalize)
@@ -546,17 +542,9 @@ def test_bad_arguments_name_the_argument():
         ops.gradient_saliency_mask(torch.tensor(1.0), 0.1)
     with pytest.raises(RuntimeError, match="saliency must have a batch dimension"):
         ops.threshold_mask(torch.tensor(1.0), 0.1)
-    g = torch.randn(2, 3, 4, 4)
-    with pytest.raises(RuntimeError, match=r"weight must be a 1x1 convolution's \[C, C, 1, 1\].*C = 3.*\[2, 2, 1, 1\]"):
-        ops.adaptor_saliency_mask(g, torch.ones(2, 2, 1, 1), None, 0.1)
-    with pytest.raises(RuntimeError, match="weight must be a 1x1 convolution"):
-        ops.adaptor_saliency_mask(g, torch.ones(3, 3, 1, 2), None, 0.1)
-    with pytest.raises(RuntimeError, match="weight must be a floating tensor"):
-        ops.adaptor_saliency_mask(g, torch.ones(3, 3, dtype=torch.int64), None, 0.1)
-    with pytest.raises(RuntimeError, match=r"bias must be a floating \[3\] tensor"):
-        ops.adaptor_saliency_mask(g, torch.eye(3), torch.ones(2), 0.1)
-    with pytest.raises(RuntimeError, match=r"g must have shape \(N, C, \*\) or \(N, D\)"):
-        ops.adaptor_saliency_mask(torch.randn(4), torch.eye(1), None, 0.1)
+    for args, pattern in adaptor_bad_arguments():
+        with pytest.raises(RuntimeError, match=pattern):
+            ops.adaptor_saliency_mask(*args)
 
 
 @pytest.mark.parametrize("wshape", [(9, 1), (1, 9), (1, 1, 9, 1)])
@@ -643,10 +631,7 @@ def test_cuda_mask_ops_match_the_host_reference(dtype, shape):
                                           ((4, 3, 224, 224), "channels_last"), ((2, 4, 2, 3, 3), "channels_last")])
 def test_cuda_adaptor_mask_matches_oracle(dtype, shape, layout):
     # the CUDA (or Triton) adaptor kernel: compiled for the GPU, with its own tanh and summation order
-    C = 1 if len(shape) == 2 else shape[1]
-    W, b = _adaptor_params(C, dtype, seed=sum(shape))
-    g = _layout((torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1e-3)
-                .to(dtype), layout)
+    g, W, b = adaptor_inputs(shape, dtype, True, lambda t: _layout(t, layout))
     assert ops.mask_ops_compiled_available("cuda")
     for normalize in (True, False):
         M, S = _adaptor_oracle(g, W, b, normalize, dtype)

@@ -6,9 +6,9 @@ checks run in a child pytest process with the variable set: the parent test
 
 Masks must be bit-identical to ``selective_mask(gradient_saliency(g)) != 0`` / ``selective_mask(M) != 0``
 (jsigr_fast.reference); the adaptor's mask may differ from a float64 oracle (tests/mask_oracles.py)
-only at features within rounding of the threshold, as the C++ op's; the norm agrees with a float64 sum to the dtype's rounding; the backward is
-compared exactly with the same products in torch (``where(mask, (2 grad_out) g, 0)`` in g's dtype) and
-to rounding with the float64 formula. Shapes are tiny (the interpreter runs each program in numpy),
+only at features within rounding of the threshold, as the C++ op's; the norm agrees with a float64 sum to
+the dtype's rounding; the backward is compared exactly with the same products in torch
+(``where(mask, (2 grad_out) g, 0)`` in g's dtype) and to rounding with the float64 formula. Shapes are tiny (the interpreter runs each program in numpy),
 plus one with D = 4800 so the reductions use several splits and the elementwise grid several programs.
 """
 import math
@@ -23,7 +23,8 @@ import torch
 
 from jsigr_fast.reference import gradient_saliency_mask_ref, threshold_mask_ref
 from jsigr_fast.saliency import SaliencyAdaptor, gradient_saliency
-from mask_oracles import _adaptor_oracle, _adaptor_params, _check_near_threshold
+from mask_oracles import (_adaptor_oracle, _adaptor_params, _check_near_threshold, adaptor_bad_arguments,
+                          adaptor_inputs)
 
 CHILD = os.environ.get("JSIGR_TRITON_CHILD") == "1"
 child_only = pytest.mark.skipif(not CHILD, reason="runs in the TRITON_INTERPRET=1 child process")
@@ -293,11 +294,7 @@ def _adaptor_check(tm, g, W, b, normalize, dtype):
 def test_adaptor_mask_matches_oracle(dtype, shape, layout, normalize):
     from jsigr_fast.kernels import saliency_mask as tm
 
-    C = 1 if len(shape) == 2 else shape[1]
-    W, b = _adaptor_params(C, dtype, seed=sum(shape))
-    scale = 1e-3 if normalize else 1.0  # the normalised map must not depend on the gradient's scale
-    g = _lay((torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale)
-             .to(dtype), layout)
+    g, W, b = adaptor_inputs(shape, dtype, normalize, lambda t: _lay(t, layout))
     _adaptor_check(tm, g, W, b, normalize, dtype)
 
 
@@ -422,19 +419,6 @@ def test_errors():
     with pytest.raises(RuntimeError, match="grad_out"):
         tm.masked_sq_norm_bool_backward(torch.ones(3), g, torch.ones(2, 5, dtype=torch.bool))
     # the adaptor's arguments, with the C++ op's messages
-    g4 = torch.randn(2, 3, 4, 4)
-    with pytest.raises(RuntimeError, match="adaptor_saliency_mask: g must be floating point"):
-        tm.adaptor_saliency_mask(torch.ones(2, 3, dtype=torch.int64), torch.eye(1), None, 0.1)
-    with pytest.raises(RuntimeError, match=r"quantile must be in \[0, 1\]"):
-        tm.adaptor_saliency_mask(g4, torch.eye(3), None, 0.1, 1.5)
-    with pytest.raises(RuntimeError, match=r"weight must be a 1x1 convolution's \[C, C, 1, 1\].*C = 3.*\[2, 2, 1, 1\]"):
-        tm.adaptor_saliency_mask(g4, torch.ones(2, 2, 1, 1), None, 0.1)
-    for wshape in [(3, 3, 1, 2), (9, 1), (1, 9), (1, 1, 9, 1)]:
-        with pytest.raises(RuntimeError, match="weight must be a 1x1 convolution"):
-            tm.adaptor_saliency_mask(g4, torch.ones(wshape), None, 0.1)
-    with pytest.raises(RuntimeError, match="weight must be a floating tensor"):
-        tm.adaptor_saliency_mask(g4, torch.ones(3, 3, dtype=torch.int64), None, 0.1)
-    with pytest.raises(RuntimeError, match=r"bias must be a floating \[3\] tensor"):
-        tm.adaptor_saliency_mask(g4, torch.eye(3), torch.ones(2), 0.1)
-    with pytest.raises(RuntimeError, match=r"g must have shape \(N, C, \*\) or \(N, D\)"):
-        tm.adaptor_saliency_mask(torch.randn(4), torch.eye(1), None, 0.1)
+    for args, pattern in adaptor_bad_arguments():
+        with pytest.raises(RuntimeError, match=pattern):
+            tm.adaptor_saliency_mask(*args)
