@@ -21,11 +21,17 @@ any layer without a rule below keeps its ordinary autograd formula:
   tangent is computed with the fused backward op, and differentiating ``||J z||^2`` in reverse runs
   the fused double backward: exact, unlike ATen's native forward-mode rule (see
   :mod:`jsigr_fast.batchnorm`), and without decomposing the norm into elementary ops.
+* **Several Hutchinson probes in one forward pass** (``n_proj > 1``): ``torch.func.vmap`` over the
+  tangent of ``torch.func.jvp``, with the rules above, so the primal forward and its backward run once
+  for all the probes (:func:`_hutchinson_batched`, :data:`BATCH_PROBES`). A batched forward-mode rule
+  for train-mode BatchNorm is what ``torch.func`` lacks on its own (pytorch#85533); ours is the fused
+  backward op's, run per probe by its vmap rule.
 * **Channels-last activations** where they pay (:data:`CHANNELS_LAST`): the first convolution's
   NCHW input is made channels-last, so every later activation is (convolutions, the fused batch
-  norm, ReLU, adds and pooling keep the layout). On the 2-core CPU oneDNN's convolutions run ~1.8x
-  faster that way, and ATen's batch-norm double backward, which the rules above replace, is what
-  makes channels-last *slower* for the reference path. The caller's tensors, parameters and their
+  norm, ReLU, adds and pooling keep the layout); in forward mode too, the tangent following its
+  activation's layout (group norm, whose forward-mode rule needs NCHW, gets a contiguous input).
+  On the 2-core CPU oneDNN's convolutions run ~1.8x faster that way, and ATen's batch-norm double
+  backward, which the rules above replace, is what makes channels-last *slower* for the reference path. The caller's tensors, parameters and their
   ``.grad`` layouts are untouched; ``Tensor.view`` calls that only fail because of the layout fall
   back to ``reshape`` (same values), so a model that flattens with ``view`` still works.
 * **Batched VJPs** where they pay: see :data:`BATCH_VJPS` and bench/bench_vjp.py.
@@ -58,7 +64,7 @@ from . import _checks, ops, reference
 from .batchnorm import decomposed_normalization, frozen_running_stats
 
 __all__ = ["jsigr", "input_gradient_penalty", "jacobian_norm", "fused_layers", "fused_batch_norm", "make_mask",
-           "BATCH_VJPS", "LOSS_HEAD"]
+           "BATCH_VJPS", "BATCH_PROBES", "LOSS_HEAD"]
 
 # Stack the CE cotangent and the Jacobian projections into one is_grads_batched backward pass?
 # Measured on the 2-core CPU (bench/results/vjp_cpu_*.md): it does not pay there, so it is off;
@@ -70,6 +76,15 @@ BATCH_VJPS = {"cpu": False, "cuda": False}
 # weights left NCHW (the standard step: 0.41 s -> 0.22 s). A GPU session should measure it (bench/bench_fused.py
 # --device cuda, with and without) before turning it on there: cuDNN's fp32 NCHW kernels are fine.
 CHANNELS_LAST = {"cpu": True, "cuda": False}
+
+# Carry several Hutchinson probes through one forward-mode pass (jacobian="hutchinson", n_proj > 1; see
+# _hutchinson_batched)? The value is the fewest probes one pass carries batched, None for never; the
+# primal forward and its backward then run once instead of once per probe. Measured on the 2-core CPU
+# (ResNet-20, batch 128, fp32; bench/results/probes_cpu_*.md): a J-SIGR step with 3 / 4 probes (the
+# first rides on the training forward, one batched pass carries the rest) 1.17x / 1.25x faster than
+# one pass per probe; a single probe under vmap is ~10 % slower than plain forward AD, hence 2.
+# A GPU session should measure it (bench/bench_probes.py --device cuda) before turning it on there.
+BATCH_PROBES = {"cpu": 2, "cuda": None}
 
 # Per-sample CE and its input-gradient cotangent from one ops.cross_entropy_cotangent call? K is 10..1000,
 # so this saves kernel launches and autograd nodes (~6 per step), not FLOPs. Measured on the 2-core CPU
@@ -106,8 +121,10 @@ class _BatchNormJVP(torch.autograd.Function):
         x, weight, bias, eps = inputs
         _y, mean, invstd = output
         ctx.set_materialize_grads(False)
+        # the same tensors for both: under torch.func.vmap the generated rule keeps one list of batch
+        # dims for the saved tensors, so two different lists would break the vmapped backward
         ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.save_for_forward(x, weight, mean, invstd)
+        ctx.save_for_forward(x, weight, bias, mean, invstd)
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_invstd):
@@ -121,7 +138,7 @@ class _BatchNormJVP(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, t_x, t_w, t_b, _t_eps):
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, _bias, mean, invstd = ctx.saved_tensors
         shape = [1, -1] + [1] * (x.dim() - 2)
         m = x.numel() // x.shape[1]
         if t_x is None:
@@ -156,9 +173,22 @@ class _FusedMode(TorchFunctionMode):
                 return _batch_norm_jvp(*args, **kwargs)
             return ops.batch_norm(*args, **kwargs)
         if func is F.conv2d and self.conv:
-            return conv2d(*args, **kwargs, _layout=not self.forward_ad)
+            return conv2d(*args, **kwargs, _layout=True)
         if func is F.relu and self.relu:
             return relu(*args, **kwargs)
+        if func is F.adaptive_avg_pool2d and self.forward_ad and _global_pool(args, kwargs):
+            # a global average pool inside the batched Hutchinson probes (vmap): ATen's forward-mode
+            # rule for it has no batching rule there (a per-probe loop and a warning); the same mean
+            t = args[0] if args else kwargs["input"]
+            return t.mean(dim=(-2, -1), keepdim=True)
+        if func is F.group_norm and self.forward_ad and self.conv:
+            t = args[0] if args else kwargs["input"]
+            if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+                # ATen's forward-mode rule for group norm views its input as if NCHW-contiguous and
+                # fails on a channels-last activation (see CHANNELS_LAST); the next conv converts back
+                rest = args[1:] if args else ()
+                kw = {k: v for k, v in kwargs.items() if k != "input"}
+                return func(t.contiguous(), *rest, **kw)
         if func is F.dropout and self.conv:
             t = args[0] if args else kwargs["input"]
             if not t.is_contiguous() and t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
@@ -178,6 +208,13 @@ class _FusedMode(TorchFunctionMode):
                     raise
                 return t.reshape(*args[1:], **kwargs)
         return func(*args, **kwargs)
+
+
+def _global_pool(args, kwargs) -> bool:
+    t = args[0] if args else kwargs.get("input")
+    size = args[1] if len(args) > 1 else kwargs.get("output_size")
+    return (isinstance(t, torch.Tensor) and t.dim() in (3, 4) and size in (1, (1, 1), [1, 1])
+            and torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def _batch_norm_jvp(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -332,6 +369,12 @@ class _Conv2d(torch.autograd.Function):
         x, w = ctx.saved_tensors
         out = None
         if t_x is not None:
+            if x.is_contiguous(memory_format=torch.channels_last) and not t_x.is_contiguous(
+                    memory_format=torch.channels_last) and not torch._C._functorch.is_functorch_wrapped_tensor(t_x):
+                # the tangent follows the activation's layout (see CHANNELS_LAST): for a caller's
+                # channels-last input, make_dual keeps the NCHW probe, and a mixed-layout conv runs at
+                # NCHW speed (~4x slower on the CPU)
+                t_x = t_x.contiguous(memory_format=torch.channels_last)
             out = F.conv2d(t_x, w, None, *ctx.p)
         if t_w is not None:
             tw = F.conv2d(x, t_w, None, *ctx.p)
@@ -362,15 +405,16 @@ def _pair(v):
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, _layout=False):
     """``F.conv2d`` whose double backward uses ordinary convolution kernels (see the module docstring).
     String padding ("same"/"valid") and non-4-D inputs fall back to ``F.conv2d``. With ``_layout``
-    (the reverse-mode fused layers; not forward mode, where several of ATen's normalisation rules
-    reject channels-last inputs) the activation becomes channels-last where :data:`CHANNELS_LAST` says so."""
+    (inside :func:`fused_layers`) the activation becomes channels-last where :data:`CHANNELS_LAST` says so."""
     if isinstance(padding, str) or input.dim() != 4:
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     p = (_pair(stride), _pair(padding), _pair(dilation), groups)
     dev = input.device.type
     if _layout and CHANNELS_LAST.get(dev, False) and input.is_contiguous() and not input.is_contiguous(
-            memory_format=torch.channels_last):
-        input = input.contiguous(memory_format=torch.channels_last)  # once, at the first conv
+            memory_format=torch.channels_last) and not torch._C._functorch.is_functorch_wrapped_tensor(input):
+        # once, at the first conv. Not inside torch.func transforms (the batched Hutchinson probes),
+        # whose clone has no channels-last rule: that caller converts its inputs beforehand
+        input = input.contiguous(memory_format=torch.channels_last)
     if torch.is_autocast_enabled(dev) and input.is_floating_point():
         # cast as autocast would (conv runs in the low-precision dtype), so the rule saves and
         # differentiates the cast tensors, whatever autocast state the backward later runs under
@@ -418,15 +462,29 @@ def relu(input, inplace=False):
 def jacobian_hutchinson_sq(model, x, *, n_proj: int = 1, generator=None):
     """:func:`jsigr_fast.reference.jacobian_hutchinson_sq` with train-mode BatchNorm's tangent from the
     fused ops instead of a decomposed norm. InstanceNorm / LayerNorm (whose native forward-mode rule is
-    also wrong under reverse mode) are still decomposed."""
+    also wrong under reverse mode) are still decomposed. Several probes ride on one forward pass where
+    :data:`BATCH_PROBES` says so (see :func:`_hutchinson_batched`); same draws as the reference."""
     model = _checks.unwrap_parallel(model)
     x0 = x.detach()
+    if _use_batched_probes(model, x0, n_proj):
+        zs = [_checks.randn(x0.shape, like=x0, generator=generator) for _ in range(n_proj)]
+        sq = _hutchinson_batched(model, x0, zs)
+        if sq is not None:
+            return sq / n_proj
+        return _hutchinson_loop(model, x0, zs) / n_proj
+    return _hutchinson_loop(model, x0, [None] * n_proj, generator=generator) / n_proj
+
+
+def _hutchinson_loop(model, x0, zs, *, generator=None):
+    """Sum over the probes of ``||J z||^2`` per sample, one forward-mode pass per probe; a probe given
+    as None is drawn just before its pass (the reference's order of draws)."""
     n = x0.shape[0]
     total = None
     with torch.enable_grad(), frozen_running_stats(model), decomposed_normalization(), \
             fused_layers(forward_ad=True):
-        for _ in range(n_proj):
-            z = _checks.randn(x0.shape, like=x0, generator=generator)
+        for z in zs:
+            if z is None:
+                z = _checks.randn(x0.shape, like=x0, generator=generator)
             try:
                 jz = reference._jvp_forward_mode(model, x0, z)
             except NotImplementedError as exc:  # a layer without a jvp rule: the reference's fallback
@@ -435,7 +493,45 @@ def jacobian_hutchinson_sq(model, x, *, n_proj: int = 1, generator=None):
                 jz = reference._jvp_double_vjp(model, x0, z)
             sq = jz.reshape(n, -1).pow(2).sum(dim=1)
             total = sq if total is None else total + sq
-    return total / n_proj
+    return total
+
+
+def _use_batched_probes(model, x, n_proj) -> bool:
+    least = BATCH_PROBES.get(x.device.type)
+    return least is not None and n_proj >= least and _deterministic_forward(model)
+
+
+def _hutchinson_batched(model, x0, zs):
+    """Sum over the probes ``zs`` of ``||J z||^2`` per sample from **one** forward pass carrying all the
+    tangents: ``torch.func.vmap`` over the tangent of ``torch.func.jvp``. The primal forward (and, in
+    the reverse pass, its backward) runs once instead of once per probe; the tangent path runs batched
+    (convolutions see a k-times bigger batch; the batch-norm ops run once per probe on their vmap rule).
+    The layer rules are the ones of the per-probe passes, so values and parameter gradients are the
+    same to rounding. Returns None (after a warning) when a layer cannot run under vmap (a custom
+    autograd.Function without a vmap rule, a random op in the forward, an op without a batching rule);
+    the caller then runs one pass per probe with the same draws."""
+    n = x0.shape[0]
+    z = torch.stack(zs)
+    if CHANNELS_LAST.get(x0.device.type, False) and x0.dim() == 4:
+        # conv2d cannot switch layouts inside vmap (no channels-last clone rule there), so the input
+        # and every probe come in channels-last already
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+        z = z.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+    def tangent(t):
+        return torch.func.jvp(model, (x0,), (t,))[1]
+
+    try:
+        with torch.enable_grad(), frozen_running_stats(model), decomposed_normalization(), \
+                fused_layers(forward_ad=True):
+            jz = torch.func.vmap(tangent)(z)
+    except torch.OutOfMemoryError:
+        raise  # not a missing rule: one pass per probe would hold as many activations
+    except (RuntimeError, NotImplementedError) as exc:
+        warnings.warn(f"hutchinson: the {len(zs)} probes cannot share one forward pass ({exc}); "
+                      "running one forward-mode pass per probe", RuntimeWarning)
+        return None
+    return jz.reshape(len(zs), n, -1).pow(2).sum(dim=2).sum(dim=0)
 
 
 def _batched_vjps(logits, xg, cotangents, grad_scale):
@@ -566,13 +662,18 @@ def jsigr(model, x, y, *, lambda_m, lambda_j, eps, mask, jacobian, n_proj, gener
         return {"ce": ce, "logits": logits, "sig": sig, "jac": jac, "loss": ce + lambda_m * sig + lambda_j * jac}
 
 
+def _deterministic_forward(model) -> bool:
+    """No active dropout module (whose masks the reference draws afresh in each forward)."""
+    return not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules())
+
+
 def _can_share_forward(model) -> bool:
     """The Hutchinson tangent can ride on the training forward unless the model is DDP/DP-wrapped (the
     reference runs its JVP on the unwrapped module) or draws random numbers in its forward (dropout:
     the reference's separate JVP forward draws its own masks)."""
     if _checks.unwrap_parallel(model) is not model:
         return False
-    return not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules())
+    return _deterministic_forward(model)
 
 
 def _jsigr_hutchinson_shared(model, x, y, *, lambda_m, lambda_j, mask, n_proj, generator, sq_norm, grad_scale):
@@ -583,7 +684,8 @@ def _jsigr_hutchinson_shared(model, x, y, *, lambda_m, lambda_j, mask, n_proj, g
     forward and its backward are shared: 11 conv units instead of 14 (SPEC.md cost model). Same values
     and gradients as the reference: the batch statistics, the random draws (``z`` is the first draw from
     ``generator`` after the mask, as in the reference) and the running-statistics update are the same.
-    Extra draws (``n_proj > 1``) run their own forward-mode passes, as in the reference.
+    Extra draws (``n_proj > 1``) run their own forward-mode pass (one per draw as in the reference, or
+    one for all of them where :data:`BATCH_PROBES` says so).
     """
     n = x.shape[0]
     xg = reference.input_leaf(x)

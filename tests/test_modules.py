@@ -182,7 +182,10 @@ def test_jsigr_running_stats_one_forward():
     ref(x)
     crit(model, x, y).backward()
     for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
-        assert torch.equal(a, b), k
+        if not a.is_floating_point():
+            assert torch.equal(a, b), k
+        else:  # channels-last convolutions (fused.CHANNELS_LAST) in the forward-mode pass too
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, msg=k)
 
 
 def test_state_dict_loads_with_weights_only(tmp_path):
