@@ -5,7 +5,7 @@
 # venv / pip downloads: the extension is built in place against the installed torch):
 #
 #   bash bench/gpu_session.sh build    # build the extension with nvcc + the CUDA/GPU tests    (~5 min)
-#   bash bench/gpu_session.sh step     # fused vs reference steps, BN/VJP/loss-head/mask kernels (~8 min)
+#   bash bench/gpu_session.sh step     # fused vs reference steps, BN/VJP/probes/loss-head/mask (~8 min)
 #   bash bench/gpu_session.sh epoch    # Table-4 epoch bench (CIFAR ResNet-20) + ImageNet R18 throughput
 #
 # What comes back. The device tool returns at most 8 files from $OUT, so each stage writes its logs
@@ -98,6 +98,7 @@ case "$stage" in
       --pairs jsigr --gpu-kernels triton --rounds 3 --repeats 5 --out "$RES"
     run step_r20 "$PY" bench/bench_step.py --device cuda --model resnet20 --batch 128 --repeats 10 --out "$RES"
     run vjp_r20 "$PY" bench/bench_vjp.py --device cuda --model resnet20 --batch 128 --out "$RES"
+    run probes_r20 "$PY" bench/bench_probes.py --device cuda --model resnet20 --batch 128 --out "$RES"
     run loss_head "$PY" bench/bench_loss_head.py --device cuda --out "$RES"
     run mask_bw "$PY" bench/bench_mask.py --device cuda --out "$RES"
     ;;
