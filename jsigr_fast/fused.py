@@ -81,8 +81,8 @@ CHANNELS_LAST = {"cpu": True, "cuda": False}
 # _hutchinson_batched)? The value is the fewest probes one pass carries batched, None for never; the
 # primal forward and its backward then run once instead of once per probe. Measured on the 2-core CPU
 # (ResNet-20, batch 128, fp32; bench/results/probes_cpu_*.md): a J-SIGR step with 3 / 4 probes (the
-# first rides on the training forward, one batched pass carries the rest) 1.17x / 1.25x faster than
-# one pass per probe; a single probe under vmap is ~10 % slower than plain forward AD, hence 2.
+# first rides on the training forward, one batched pass carries the rest) 1.19x / 1.39x faster than
+# one pass per probe; a single probe under vmap was ~10 % slower than plain forward AD, hence 2.
 # A GPU session should measure it (bench/bench_probes.py --device cuda) before turning it on there.
 BATCH_PROBES = {"cpu": 2, "cuda": None}
 

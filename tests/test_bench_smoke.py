@@ -116,3 +116,26 @@ def test_fgsm_predicted_and_fgsm_at1_by_hand():
         out = methods[name].loss(m, x, y)
         assert out.dim() == 0 and out.requires_grad
         out.backward()
+
+
+def test_bench_probes_tiny_config(tmp_path, capsys):
+    import bench_probes
+
+    import jsigr_fast
+    from jsigr_fast import fused
+
+    if "fused" not in jsigr_fast.available_backends("cpu"):
+        pytest.skip(f"fused backend unavailable: {jsigr_fast.extension_error()}")
+    before = dict(fused.BATCH_PROBES)
+    bench_probes.main(["--model", "digits_cnn", "--batch", "8", "--n-proj", "1,3", "--rounds", "1", "--repeats", "1",
+                       "--out", str(tmp_path)])
+    assert fused.BATCH_PROBES == before  # the on/off switch is restored
+    stem = tmp_path / "probes_cpu_digits_cnn_b8_float32"
+    with open(f"{stem}.json") as f:
+        record = json.load(f)
+    assert set(record["times"]) == {"(1, 'per-probe')", "(1, 'reference')", "(3, 'per-probe')", "(3, 'batched')",
+                                    "(3, 'reference')"}
+    assert all(len(v) == 1 and v[0] > 0 for v in record["times"].values())
+    md = (tmp_path / "probes_cpu_digits_cnn_b8_float32.md").read_text()
+    assert "| 1 | 11 |" in md and "| 3 | 17 |" in md and "nothing to batch" in md
+    assert "agree" in capsys.readouterr().out  # the float64 equality check ran before the timing
