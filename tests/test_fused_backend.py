@@ -22,11 +22,11 @@ def _labels(x):
     return torch.arange(x.shape[0]) % 4
 
 
-def _run(model, x, y, backend, kind):
+def _run(model, x, y, backend, kind, n_proj=2):
     gen = torch.Generator().manual_seed(3)
     torch.manual_seed(5)  # dropout masks
     if kind.startswith("loss_"):
-        out = jsigr_fast.loss(model, x, y, jacobian=kind[5:], backend=backend, generator=gen, n_proj=2)
+        out = jsigr_fast.loss(model, x, y, jacobian=kind[5:], backend=backend, generator=gen, n_proj=n_proj)
     elif kind == "input_gradient_penalty":
         out = jsigr_fast.input_gradient_penalty(model, x, y, backend=backend)
     elif kind.startswith("jacobian_"):
@@ -171,21 +171,22 @@ def test_running_stats_updated_once_like_a_training_forward():
 
 
 @pytest.mark.parametrize("name", BN_MODELS + ("maxpool_relu",))
-@pytest.mark.parametrize("kind", ["loss_projection", "double_backprop"])
+@pytest.mark.parametrize("kind", ["loss_projection", "loss_hutchinson", "double_backprop"])
 def test_bfloat16_autocast_flash_attention_rule(name, kind):
     # under autocast the conv rule must save and differentiate the tensors autocast casts (the backward
     # usually runs outside the autocast region): fused-under-autocast vs reference-under-autocast vs fp32
     model32, x32 = tiny_model(name, dtype=torch.float32), tiny_input(name, dtype=torch.float32)
     y = _labels(x32)
-    ref32 = _run(copy.deepcopy(model32), x32, y, "reference", kind)
+    n_proj = 3 if kind == "loss_hutchinson" else 2  # 3 probes: fused batches the two outside the training forward
+    ref32 = _run(copy.deepcopy(model32), x32, y, "reference", kind, n_proj=n_proj)
     res = {}
     for backend in ("reference", "fused"):
         m = copy.deepcopy(model32)
         gen = torch.Generator().manual_seed(3)
         torch.manual_seed(5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            if kind == "loss_projection":
-                out = jsigr_fast.loss(m, x32, y, backend=backend, generator=gen, n_proj=2)
+            if kind.startswith("loss_"):
+                out = jsigr_fast.loss(m, x32, y, jacobian=kind[5:], backend=backend, generator=gen, n_proj=n_proj)
             else:
                 out = jsigr_fast.double_backprop(m, x32, y, backend=backend)
         res[backend] = (out.detach().float(), torch.autograd.grad(out.float(), list(m.parameters()), allow_unused=True))
