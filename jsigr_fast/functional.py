@@ -84,14 +84,20 @@ def mask_fraction(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mask.mean() if mask.is_floating_point() else mask.to(x.dtype).mean()
 
 
-def saliency_pass_context(backend: str, mode: str = "autograd"):
-    """Layer rules for the perturbed-input saliency pass: the fused backend runs it with its fused
-    BatchNorm/conv/ReLU rules too (an input-only backward, no graph), the others natively."""
+def layer_rules(backend: str, mode: str = "autograd"):
+    """The backend's layer rules for a block of plain autograd code: the fused backend's
+    BatchNorm/conv/ReLU rules (:func:`jsigr_fast.fused.fused_layers`), nothing for the others."""
     if backend == "fused" and mode == "autograd":
         from . import fused
 
         return fused.fused_layers()
     return contextlib.nullcontext()
+
+
+def saliency_pass_context(backend: str, mode: str = "autograd"):
+    """Layer rules for the perturbed-input saliency pass: the fused backend runs it with its fused
+    BatchNorm/conv/ReLU rules too (an input-only backward, no graph), the others natively."""
+    return layer_rules(backend, mode)
 
 
 def _detached(d: dict, keys) -> dict:
@@ -249,7 +255,8 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     ``squared=True``: ``R = mean_n ||J_n||_F²``. ``squared=False``: ``R = sqrt(sum_n ||J_n||_F²)``,
     the Frobenius norm of the whole batch's Jacobian, exactly as their Eq. 6 writes it (a norm, not
     its square; it grows like sqrt(N)). They use it as post-processing (fine-tuning a trained
-    model) with lambda_j = 0.1 on MNIST and 0.5 on CIFAR-10. ``grad_scale``: see :func:`loss`.
+    model) with lambda_j = 0.1 on MNIST and 0.5 on CIFAR-10. ``backend``, ``grad_scale``: see :func:`loss`
+    (the fused backend runs the forward and the Jacobian VJPs / JVPs with its layer rules).
     """
     _check_common(model, x, y)
     lambda_j = _checks.check_number("lambda_j", lambda_j, low=0)
@@ -258,12 +265,16 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     if not isinstance(squared, bool):
         raise TypeError(f"squared must be a bool, got {type(squared).__name__}")
     grad_scale = _checks.check_grad_scale(grad_scale)
-    resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device)
     with torch.enable_grad():
-        xg, logits = reference.forward(model, x, y)
-        ce = F.cross_entropy(logits, y)
-        per = reference.jacobian_sq(model, logits, xg, x, estimator=estimator, n_proj=n_proj, generator=generator,
-                                    grad_scale=grad_scale)
+        with layer_rules(backend):
+            xg, logits = reference.forward(model, x, y)
+            ce = F.cross_entropy(logits, y)
+            if estimator != "hutchinson":
+                per = reference.jacobian_sq(model, logits, xg, x, estimator=estimator, n_proj=n_proj,
+                                            generator=generator, grad_scale=grad_scale)
+        if estimator == "hutchinson":  # its own forward-mode pass(es), with the backend's forward-mode rules
+            per = backend_module(backend).jacobian_hutchinson_sq(model, x, n_proj=n_proj, generator=generator)
         reg = per.mean() if squared else per.sum().sqrt()
         total = ce + lambda_j * reg
     if return_terms:
@@ -343,7 +354,8 @@ def interpretation_regularization(model: nn.Module, x: torch.Tensor, y: torch.Te
 
     ``J_c`` is the input gradient of the true-class logit, ``targets`` the interpretations ``I``
     (e.g. :func:`smoothgrad` of a robust teacher), x's shape. The magnitude term is a norm, not its
-    square. Defaults are the paper's MNIST grid-search optimum (3.0, 0.15). ``grad_scale``: see :func:`loss`.
+    square. Defaults are the paper's MNIST grid-search optimum (3.0, 0.15). ``backend``, ``grad_scale``:
+    see :func:`loss` (the fused backend runs the forward and the class-gradient VJP with its layer rules).
     """
     _check_common(model, x, y)
     lambda_d = _checks.check_number("lambda_d", lambda_d, low=0)
@@ -353,8 +365,8 @@ def interpretation_regularization(model: nn.Module, x: torch.Tensor, y: torch.Te
     if targets.shape != x.shape:
         raise ValueError(f"targets must have x's shape {tuple(x.shape)}, got {tuple(targets.shape)}")
     grad_scale = _checks.check_grad_scale(grad_scale)
-    resolve_backend(backend, x.device)
-    with torch.enable_grad():
+    backend = resolve_backend(backend, x.device)
+    with torch.enable_grad(), layer_rules(backend):
         xg, logits = reference.forward(model, x, y)
         ce = F.cross_entropy(logits, y)
         jc = reference.class_gradient(logits, xg, y, grad_scale=grad_scale).reshape(x.shape[0], -1)

@@ -2,7 +2,6 @@
 them for images."""
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
@@ -11,17 +10,8 @@ import torch.nn.functional as F
 
 from . import _checks, reference
 from .adversarial import GANCriterion, adversarial_loss
-from .functional import _check_common, resolve_backend
+from .functional import _check_common, layer_rules, resolve_backend
 
-
-def _layer_rules(backend: str):
-    """The classifier's layer rules for its forward and input-gradient VJP (the adaptor and
-    discriminator run natively): the fused backend's, or none."""
-    if backend == "fused":
-        from . import fused
-
-        return fused.fused_layers()
-    return contextlib.nullcontext()
 
 __all__ = ["JARN"]
 
@@ -71,7 +61,9 @@ class JARN(GANCriterion):
         if self.noise > 0:
             x_in = x_in + (2 * _checks.rand(x_in.shape, like=x_in, generator=generator) - 1) * self.noise
         with torch.enable_grad():
-            with _layer_rules(resolve_backend(self.backend, x.device)):
+            # the classifier's forward and input-gradient VJP with the backend's layer rules (the
+            # adaptor and discriminator run natively)
+            with layer_rules(resolve_backend(self.backend, x.device)):
                 xg, logits = reference.forward(model, x_in, y)
                 per_sample = F.cross_entropy(logits, y, reduction="none")
                 ce = per_sample.mean()

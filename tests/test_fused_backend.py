@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif("fused" not in jsigr_fast.available_backends(),
                                 reason=f"fused backend unavailable: {jsigr_fast.extension_error()}")
 
 REGULARIZERS = ["loss_projection", "loss_exact", "loss_hutchinson", "input_gradient_penalty", "jacobian_exact",
-                "jacobian_projection", "jacobian_hutchinson", "double_backprop"]
+                "jacobian_projection", "jacobian_hutchinson", "jacreg_exact", "jacreg_projection", "jacreg_hutchinson",
+                "interpretation", "double_backprop"]
 BN_MODELS = ("conv_bn_train", "residual_bn")
 
 
@@ -31,6 +32,11 @@ def _run(model, x, y, backend, kind, n_proj=2):
         out = jsigr_fast.input_gradient_penalty(model, x, y, backend=backend)
     elif kind.startswith("jacobian_"):
         out = jsigr_fast.jacobian_norm(model, x, estimator=kind[9:], backend=backend, generator=gen)
+    elif kind.startswith("jacreg_"):  # Jakubovitz & Giryes: CE + lambda_j * mean_n ||J_n||^2, n_proj probes
+        out = jsigr_fast.jacobian_regularization(model, x, y, estimator=kind[7:], backend=backend, generator=gen,
+                                                 n_proj=n_proj + 1)
+    elif kind == "interpretation":  # Noack et al.: cosine to fixed interpretations + gradient magnitude
+        out = jsigr_fast.interpretation_regularization(model, x, y, torch.sin(3 * x) + 0.1, backend=backend)
     else:
         out = jsigr_fast.double_backprop(model, x, y, backend=backend)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -111,7 +117,8 @@ def _graph_names(t):
     return names
 
 
-@pytest.mark.parametrize("kind", ["loss_projection", "input_gradient_penalty", "jacobian_exact", "double_backprop"])
+@pytest.mark.parametrize("kind", ["loss_projection", "input_gradient_penalty", "jacobian_exact", "jacreg_projection",
+                                  "interpretation", "double_backprop"])
 def test_train_mode_batchnorm_is_routed_to_the_fused_op(kind, monkeypatch):
     calls = []
     real = ops.batch_norm
@@ -126,6 +133,10 @@ def test_train_mode_batchnorm_is_routed_to_the_fused_op(kind, monkeypatch):
         out = jsigr_fast.input_gradient_penalty(model, x, y, backend="fused")
     elif kind == "jacobian_exact":
         out = jsigr_fast.jacobian_norm(model, x, backend="fused")
+    elif kind == "jacreg_projection":
+        out = jsigr_fast.jacobian_regularization(model, x, y, estimator="projection", backend="fused", generator=gen)
+    elif kind == "interpretation":
+        out = jsigr_fast.interpretation_regularization(model, x, y, torch.sin(3 * x), backend="fused")
     else:
         out = jsigr_fast.double_backprop(model, x, y, backend="fused")
     assert calls and all(calls), "the fused backend never called ops.batch_norm in train mode"
