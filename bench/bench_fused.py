@@ -22,26 +22,22 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_step import format_top_ops, profile_top_ops  # noqa: E402
-from steps import FLOOR_UNITS, conditions, make_methods, make_setup, time_steps, write_record  # noqa: E402
+from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, conditions, make_methods,  # noqa: E402
+                   make_setup, time_steps, write_record)
 
 import jsigr_fast  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 PAIRS = (("double_backprop", "double_backprop_fused"), ("jsigr", "jsigr_fused"),
          ("jsigr_hutchinson", "jsigr_hutchinson_fused"))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    add_step_arguments(p)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--pairs", default="double_backprop,jsigr,jsigr_hutchinson")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--layout-ablation", action="store_true",
                    help="add the standard and reference steps on a channels-last input and the fused J-SIGR "
@@ -49,13 +45,10 @@ def main(argv=None):
     p.add_argument("--gpu-kernels", default=None, choices=["cuda", "triton"],
                    help="the GPU implementation of the batch-norm and mask ops (jsigr_fast.ops.use_gpu_kernels); "
                         "default: as selected at import")
-    p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     if a.gpu_kernels:
         jsigr_fast.ops.use_gpu_kernels(a.gpu_kernels)
-    dtype = DTYPES[a.dtype]
+    dtype = apply_step_arguments(a)
     model, opt, x, y = make_setup(a.model, a.batch, device=a.device, dtype=dtype, channels_last=a.channels_last)
     methods = make_methods(model.input_shape, backend="reference")
     wanted = [q for q in PAIRS if q[0] in a.pairs.split(",")]

@@ -25,12 +25,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import FLOOR_UNITS, conditions, make_setup, time_steps, write_record  # noqa: E402
+from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, conditions, make_setup,  # noqa: E402
+                   time_steps, write_record)
 
 import jsigr_fast  # noqa: E402
 from jsigr_fast import fused  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 class batch_probes:
@@ -79,23 +78,16 @@ def check_same(model, x, y, n_proj: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    add_step_arguments(p)
     p.add_argument("--n-proj", default="1,2,3,4", help="probe counts to time")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the reference backend's step (default on)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median over rounds is reported")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     if "fused" not in jsigr_fast.available_backends(a.device):
         raise SystemExit(f"the fused backend is not available on {a.device}: {jsigr_fast.extension_error()}")
-    dtype = DTYPES[a.dtype]
+    dtype = apply_step_arguments(a)
     counts = [int(v) for v in a.n_proj.split(",")]
     if not counts or min(counts) < 1:
         raise SystemExit(f"--n-proj: expected positive probe counts, got {a.n_proj!r}")

@@ -18,9 +18,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import FLOOR_UNITS, conditions, make_methods, make_setup, time_steps, train_step, write_record  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, conditions, make_methods,  # noqa: E402
+                   make_setup, time_steps, train_step, write_record)
 
 
 def profile_top_ops(model, opt, loss_fn, x, y, k=8):
@@ -54,10 +53,7 @@ def format_top_ops(top: dict, what: str) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    add_step_arguments(p, threads=False)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--methods", default="standard,double_backprop,double_backprop_fused,jsigr,jsigr_fused,jsigr_fd,"
                    "jsigr_hutchinson,jsigr_hutchinson_fused,pgd_at7")
@@ -65,10 +61,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--out", default=None, help="folder for the JSON and markdown records")
     a = p.parse_args(argv)
 
-    dtype = DTYPES[a.dtype]
+    dtype = apply_step_arguments(a)
     model, opt, x, y = make_setup(a.model, a.batch, device=a.device, dtype=dtype, channels_last=a.channels_last)
     methods = make_methods(model.input_shape, backend=a.backend, device=a.device)
     names = [m.strip() for m in a.methods.split(",") if m.strip()]

@@ -23,11 +23,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import conditions, make_setup, time_steps, write_record  # noqa: E402
+from steps import add_step_arguments, apply_step_arguments, conditions, make_setup, time_steps, write_record  # noqa: E402
 
 from jsigr_fast import fused, reference  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def make_loss(n_proj: int, batched: bool, layers: str, seed: int = 0):
@@ -53,19 +51,12 @@ def make_loss(n_proj: int, batched: bool, layers: str, seed: int = 0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    add_step_arguments(p)
     p.add_argument("--n-proj", default="1,2")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median over rounds is reported")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    dtype = DTYPES[a.dtype]
+    dtype = apply_step_arguments(a)
     model, opt, x, y = make_setup(a.model, a.batch, device=a.device, dtype=dtype)
     cond = conditions(a.device)
     cond.update({"model": a.model, "batch": a.batch, "dtype": a.dtype, "rounds": a.rounds})

@@ -201,6 +201,28 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
     return methods
 
 
+STEP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def add_step_arguments(p, *, threads: bool = True):
+    """The arguments of the step benchmarks (bench_step, bench_fused, bench_vjp, bench_probes): model,
+    batch, device, dtype (a name in STEP_DTYPES), output folder, and torch's thread count."""
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(STEP_DTYPES))
+    if threads:
+        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--out", default=None, help="folder for the JSON and markdown records")
+
+
+def apply_step_arguments(a) -> torch.dtype:
+    """Set the thread count if one was given; return the dtype named by ``--dtype``."""
+    if getattr(a, "threads", None):
+        torch.set_num_threads(a.threads)
+    return STEP_DTYPES[a.dtype]
+
+
 def make_setup(model_name: str, batch: int, *, device="cpu", dtype=torch.float32, channels_last=False,
                num_classes=10, seed=0, **model_kw):
     torch.manual_seed(seed)
