@@ -100,6 +100,21 @@ inline double lane_sum(const Vectorized<acc_t>& v) {
   return s;
 }
 
+// sum of squares of one loaded tile: fmadd over the vector lanes, the remainder in double
+template <typename acc_t>
+inline double tile_sq_sum(const acc_t* q, int64_t len) {
+  using Vec = Vectorized<acc_t>;
+  Vec acc(acc_t(0));
+  double tail = 0;
+  int64_t d = 0;
+  for (; d + Vec::size() <= len; d += Vec::size()) {
+    const Vec v = Vec::loadu(q + d);
+    acc = at::vec::fmadd(v, v, acc);
+  }
+  for (; d < len; ++d) tail += static_cast<double>(q[d]) * q[d];
+  return lane_sum(acc) + tail;
+}
+
 template <typename acc_t>
 inline acc_t lane_max(const Vectorized<acc_t>& v) {
   __at_align__ acc_t lanes[Vectorized<acc_t>::size()];
@@ -242,21 +257,11 @@ void threshold_mask_impl(const Rows& r, const void* mv, bool* mask, const Rule& 
 template <typename scalar_t>
 double range_sum_sq(const scalar_t* p, int64_t n) {
   using acc_t = acc_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
   acc_t buf[kTile];
   double total = 0;
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
     const int64_t len = std::min(kTile, n - t0);
-    const acc_t* q = load_tile(p + t0, len, buf);
-    Vec acc(acc_t(0));
-    double tail = 0;
-    int64_t d = 0;
-    for (; d + Vec::size() <= len; d += Vec::size()) {
-      const Vec v = Vec::loadu(q + d);
-      acc = at::vec::fmadd(v, v, acc);
-    }
-    for (; d < len; ++d) tail += static_cast<double>(q[d]) * q[d];
-    total += lane_sum(acc) + tail;
+    total += tile_sq_sum(load_tile(p + t0, len, buf), len);
   }
   return total;
 }
@@ -323,7 +328,6 @@ void adaptor_mask_impl(const Rows& r, const void* gv, bool* mask, const AdaptorA
 template <typename scalar_t>
 void sq_norm_impl(const Rows& r, const void* gv, const bool* mask, void* outv) {
   using acc_t = acc_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
   const auto* g = static_cast<const scalar_t*>(gv);
   auto* out = static_cast<scalar_t*>(outv);
   const int64_t chunks = num_chunks(r);
@@ -340,15 +344,7 @@ void sq_norm_impl(const Rows& r, const void* gv, const bool* mask, void* outv) {
         for (int64_t i = 0; i < len; ++i) sel[i] = select_bits(m[i], q[i]);
         q = sel;
       }
-      Vec acc(acc_t(0));
-      double tail = 0;
-      int64_t d = 0;
-      for (; d + Vec::size() <= len; d += Vec::size()) {
-        const Vec v = Vec::loadu(q + d);
-        acc = at::vec::fmadd(v, v, acc);
-      }
-      for (; d < len; ++d) tail += static_cast<double>(q[d]) * q[d];
-      total += lane_sum(acc) + tail;
+      total += tile_sq_sum(q, len);
     }
     part[n * chunks + c] = total;
   });
