@@ -35,6 +35,9 @@ any layer without a rule below keeps its ordinary autograd formula:
   ``.grad`` layouts are untouched; ``Tensor.view`` calls that only fail because of the layout fall
   back to ``reshape`` (same values), so a model that flattens with ``view`` still works.
 * **Batched VJPs** where they pay: see :data:`BATCH_VJPS` and bench/bench_vjp.py.
+* **Layers PyTorch cannot differentiate twice** (hardsigmoid, SDPA, cdist; softmax-family tangents)
+  run the composites of :mod:`jsigr_fast.higher_order`, as in the reference: the mode below is also
+  a :class:`~jsigr_fast.higher_order.SafeOps`, so that costs no second mode.
 * **The selective mask** (:func:`make_mask`): J-SIGR's default saliency ``|g| / max|g|`` and its
   threshold (or quantile) in one kernel that writes a one-byte mask (``ops.gradient_saliency_mask``,
   bit-identical to the reference's float mask); a trained :class:`~jsigr_fast.SaliencyAdaptor`'s
@@ -58,10 +61,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from . import _checks, ops, reference
 from .batchnorm import decomposed_normalization, frozen_running_stats
+from .higher_order import ForwardADUnsupported, SafeOps, route
 
 __all__ = ["jsigr", "input_gradient_penalty", "jacobian_norm", "fused_layers", "fused_batch_norm", "make_mask",
            "BATCH_VJPS", "BATCH_PROBES", "LOSS_HEAD"]
@@ -159,15 +162,20 @@ class _BatchNormJVP(torch.autograd.Function):
         return t_y, t_mean, t_invstd
 
 
-class _FusedMode(TorchFunctionMode):
+class _FusedMode(SafeOps):
+    """The layer rules below, and (as a :class:`~jsigr_fast.higher_order.SafeOps`) the composites of
+    the layers PyTorch cannot differentiate twice, in one mode: one Python dispatch per op, not two."""
+
     def __init__(self, *, forward_ad: bool = False, conv: bool = True, relu: bool = True):
-        super().__init__()
-        self.forward_ad = forward_ad  # batch norm through _BatchNormJVP (the conv / ReLU rules have jvps)
+        super().__init__(forward_ad=forward_ad)  # forward_ad: batch norm through _BatchNormJVP (conv / ReLU have jvps)
         self.conv = conv
         self.relu = relu
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = route(func, args, kwargs, forward_ad=self.forward_ad)
+        if out is not NotImplemented:
+            return out
         if func is F.batch_norm:
             if self.forward_ad:
                 return _batch_norm_jvp(*args, **kwargs)
@@ -490,14 +498,16 @@ def _hutchinson_loop(model, x0, zs, *, generator=None):
     as None is drawn just before its pass (the reference's order of draws)."""
     n = x0.shape[0]
     total = None
-    with torch.enable_grad(), frozen_running_stats(model), decomposed_normalization(), \
-            fused_layers(forward_ad=True):
+    with torch.enable_grad(), frozen_running_stats(model), decomposed_normalization():
         for z in zs:
             if z is None:
                 z = _checks.randn(x0.shape, like=x0, generator=generator)
             try:
-                jz = reference._jvp_forward_mode(model, x0, z)
-            except NotImplementedError as exc:  # a layer without a jvp rule: the reference's fallback
+                with fused_layers(forward_ad=True):
+                    jz = reference._jvp_forward_mode(model, x0, z)
+            except NotImplementedError as exc:
+                # a layer without a usable jvp rule: the reference's fallback, with the reference's layers
+                # (its J z is differentiated a third time, which the fused batch-norm ops do not support)
                 warnings.warn(f"hutchinson: forward-mode AD unsupported by a layer ({exc}); using the double-VJP JVP",
                               RuntimeWarning)
                 jz = reference._jvp_double_vjp(model, x0, z)
@@ -537,6 +547,8 @@ def _hutchinson_batched(model, x0, zs):
             jz = torch.func.vmap(tangent)(z)
     except torch.OutOfMemoryError:
         raise  # not a missing rule: one pass per probe would hold as many activations
+    except ForwardADUnsupported:
+        return None  # the per-probe passes take their double-VJP fallback (and say so)
     except (RuntimeError, NotImplementedError) as exc:
         warnings.warn(f"hutchinson: the {len(zs)} probes cannot share one forward pass ({exc}); "
                       "running one forward-mode pass per probe", RuntimeWarning)
@@ -639,9 +651,18 @@ def jsigr(model, x, y, *, lambda_m, lambda_j, eps, mask, jacobian, n_proj, gener
           grad_scale=None):
     """:func:`jsigr_fast.reference.jsigr`, fused (see the module docstring)."""
     if jacobian == "hutchinson" and lambda_j > 0 and _can_share_forward(model):
-        return _jsigr_hutchinson_shared(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, mask=mask, n_proj=n_proj,
-                                        generator=generator, sq_norm=sq_norm, grad_scale=grad_scale)
-    if jacobian == "hutchinson" and lambda_j > 0:
+        state = generator.get_state() if generator is not None else None
+        try:
+            return _jsigr_hutchinson_shared(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, mask=mask,
+                                            n_proj=n_proj, generator=generator, sq_norm=sq_norm, grad_scale=grad_scale)
+        except ForwardADUnsupported as exc:
+            # a layer found only during the forward (a functional F.multi_head_attention_forward call):
+            # the batch-norm layers before it have already updated their running statistics once
+            warnings.warn(f"hutchinson: {exc}; this step runs the JVP separately (double-VJP), and the "
+                          "BatchNorm layers before that layer update their running statistics twice", RuntimeWarning)
+            if state is not None:
+                generator.set_state(state)  # the same probe as the reference draws
+    if jacobian == "hutchinson" and lambda_j > 0:  # and the training forward cannot carry the tangent
         with torch.enable_grad(), fused_layers():
             out = reference.jsigr(model, x, y, lambda_m=lambda_m, lambda_j=0.0, eps=eps, mask=mask,
                                   jacobian=jacobian, n_proj=n_proj, generator=generator, sq_norm=sq_norm,
@@ -679,9 +700,13 @@ def _deterministic_forward(model) -> bool:
 
 def _can_share_forward(model) -> bool:
     """The Hutchinson tangent can ride on the training forward unless the model is DDP/DP-wrapped (the
-    reference runs its JVP on the unwrapped module) or draws random numbers in its forward (dropout:
-    the reference's separate JVP forward draws its own masks)."""
+    reference runs its JVP on the unwrapped module), draws random numbers in its forward (dropout:
+    the reference's separate JVP forward draws its own masks), or has a layer whose tangent cannot be
+    differentiated again (nn.MultiheadAttention: the JVP then takes the double-VJP fallback, which
+    needs a forward of its own; see jsigr_fast.higher_order)."""
     if _checks.unwrap_parallel(model) is not model:
+        return False
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         return False
     return _deterministic_forward(model)
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from .batchnorm import batch_coupled, decomposed_normalization, frozen_running_stats
+from .higher_order import safe_ops
 
 SqNorm = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -56,9 +57,11 @@ def input_leaf(x: torch.Tensor) -> torch.Tensor:
 
 
 def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the model on a differentiable alias of x; return ``(x_leaf, logits)``."""
+    """Run the model on a differentiable alias of x; return ``(x_leaf, logits)``. Layers without a
+    native double backward run their composites (:func:`jsigr_fast.higher_order.safe_ops`)."""
     xg = input_leaf(x)
-    logits = _checks.check_logits(model(xg), y, x.shape[0])
+    with safe_ops():
+        logits = _checks.check_logits(model(xg), y, x.shape[0])
     return xg, logits
 
 
@@ -139,7 +142,7 @@ def jacobian_exact_sq(logits: torch.Tensor, xg: torch.Tensor, *, coupled: bool =
 
 
 def _jvp_forward_mode(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    with fwAD.dual_level():
+    with safe_ops(forward_ad=True), fwAD.dual_level():
         out = model(fwAD.make_dual(x, z))
         jz = fwAD.unpack_dual(out).tangent
     if jz is None:  # the output does not depend on x
@@ -150,7 +153,8 @@ def _jvp_forward_mode(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> tor
 def _jvp_double_vjp(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     # J z = d/du <J^T u, z>: the VJP is linear in u, so differentiating it along z gives the JVP.
     xg = x.detach().requires_grad_(True)
-    out = model(xg)
+    with safe_ops():
+        out = model(xg)
     u = torch.zeros_like(out, requires_grad=True)
     (vjp_u,) = torch.autograd.grad(out, xg, grad_outputs=u, create_graph=True)
     (jz,) = torch.autograd.grad(vjp_u, u, grad_outputs=z, create_graph=True)
