@@ -204,8 +204,10 @@ def _carries_tangent(t) -> bool:
 
 def _mha_call(args, kwargs):
     qkv = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")]
-    if not any(_carries_tangent(t) for t in qkv):
-        return NotImplemented  # e.g. the double-VJP fallback itself, under the same mode
+    if not torch.is_grad_enabled() or not any(_carries_tangent(t) for t in qkv):
+        # no tangent (the double-VJP fallback itself, under the same mode), or one that will not be
+        # differentiated (the per-layer Jacobian norms run under no_grad): the native layer is right
+        return NotImplemented
     raise ForwardADUnsupported("nn.MultiheadAttention's tangent cannot be differentiated again "
                                "(softmax inside F.multi_head_attention_forward; pytorch#162350)")
 

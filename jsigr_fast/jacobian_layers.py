@@ -44,6 +44,7 @@ import torch.nn as nn
 
 from . import _checks
 from .batchnorm import batch_coupled, frozen_running_stats
+from .higher_order import safe_ops
 
 __all__ = ["LayerJacobian", "layer_jacobian_norms", "default_layers", "LAYER_TYPES", "format_layer_markdown"]
 
@@ -150,7 +151,7 @@ def layer_jacobian_norms(model: nn.Module, x: torch.Tensor, n_proj: int = 8, *, 
                         tangent = tangent.view_as(xb)
                     current.clear()
                     calls.clear()
-                    with fwAD.dual_level():
+                    with safe_ops(forward_ad=True), fwAD.dual_level():  # SDPA has no native forward-mode rule
                         model(fwAD.make_dual(xb, tangent))
                     for name in named:
                         if name not in current:

@@ -295,3 +295,17 @@ def test_jsigr_loss_fused_equals_reference(kind, jacobian):
         # the fused step meant to carry the tangent on its training forward and met the layer there
         assert any("running statistics twice" in n for n in notes), notes
 
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "mha"])
+def test_per_layer_jacobian_norms_run_on_attention_models(kind):
+    # SDPA has no native forward-mode rule: layer_jacobian_norms (forward mode, no_grad) raised on it.
+    # Oracle: the head's exact per-layer norm (D forward-mode passes) is the model's exact ||J||_F^2
+    # from K reverse-mode VJPs.
+    from jsigr_fast.jacobian_layers import layer_jacobian_norms
+
+    model = _model(kind, False)
+    x, _ = _data()
+    rows = layer_jacobian_norms(model, x, estimator="exact", layers=["head"])
+    expect = jsigr_fast.jacobian_norm(model, x, estimator="exact", backend="reference")
+    assert rows[0].sq_fro == pytest.approx(expect.item(), rel=1e-10)
