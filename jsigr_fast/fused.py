@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from . import _checks, ops, reference
 from .batchnorm import decomposed_normalization, frozen_running_stats
-from .higher_order import ForwardADUnsupported, SafeOps, route
+from .higher_order import ForwardADUnsupported, SafeOps, in_transform
 
 __all__ = ["jsigr", "input_gradient_penalty", "jacobian_norm", "fused_layers", "fused_batch_norm", "make_mask",
            "BATCH_VJPS", "BATCH_PROBES", "LOSS_HEAD"]
@@ -171,11 +171,7 @@ class _FusedMode(SafeOps):
         self.conv = conv
         self.relu = relu
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = route(func, args, kwargs, forward_ad=self.forward_ad)
-        if out is not NotImplemented:
-            return out
+    def other(self, func, args, kwargs):  # after SafeOps' composites
         if func is F.batch_norm:
             if self.forward_ad:
                 return _batch_norm_jvp(*args, **kwargs)
@@ -222,7 +218,7 @@ def _global_pool(args, kwargs) -> bool:
     t = args[0] if args else kwargs.get("input")
     size = args[1] if len(args) > 1 else kwargs.get("output_size")
     return (isinstance(t, torch.Tensor) and t.dim() in (3, 4) and size in (1, (1, 1), [1, 1])
-            and _in_transform(t))
+            and in_transform(t))
 
 
 def _batch_norm_jvp(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -277,16 +273,6 @@ def _needed(ctx) -> list[bool]:
 
 def _mark_inputs(ctx, inputs):
     ctx.is_tensor = [isinstance(t, torch.Tensor) for t in inputs]
-
-
-def _in_transform(t) -> bool:
-    """True for a tensor seen inside a ``torch.func`` transform (the batched Hutchinson probes run
-    under vmap(jvp)), where a few ops (a channels-last clone) have no rule. Private API: if it is
-    gone, say False (the callers then take their ordinary path)."""
-    try:
-        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
-    except AttributeError:
-        return False
 
 
 def _batched(t) -> bool:
@@ -388,7 +374,7 @@ class _Conv2d(torch.autograd.Function):
         out = None
         if t_x is not None:
             if x.is_contiguous(memory_format=torch.channels_last) and not t_x.is_contiguous(
-                    memory_format=torch.channels_last) and not _in_transform(t_x):
+                    memory_format=torch.channels_last) and not in_transform(t_x):
                 # the tangent follows the activation's layout (see CHANNELS_LAST): for a caller's
                 # channels-last input, make_dual keeps the NCHW probe, and a mixed-layout conv runs at
                 # NCHW speed (~4x slower on the CPU)
@@ -429,7 +415,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     p = (_pair(stride), _pair(padding), _pair(dilation), groups)
     dev = input.device.type
     if _layout and CHANNELS_LAST.get(dev, False) and input.is_contiguous() and not input.is_contiguous(
-            memory_format=torch.channels_last) and not _in_transform(input):
+            memory_format=torch.channels_last) and not in_transform(input):
         # once, at the first conv. Not inside torch.func transforms (the batched Hutchinson probes),
         # whose clone has no channels-last rule: that caller converts its inputs beforehand
         input = input.contiguous(memory_format=torch.channels_last)

@@ -189,17 +189,21 @@ def _sdpa_call(args, kwargs):
     return scaled_dot_product_attention(*args, **kwargs)
 
 
+def in_transform(t) -> bool:
+    """True for a tensor seen inside a ``torch.func`` transform (the fused backend's batched Hutchinson
+    probes run under vmap(jvp)). Private API: if it is gone, say False (callers take their ordinary path)."""
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except AttributeError:
+        return False
+
+
 def _carries_tangent(t) -> bool:
     """A forward-mode dual tensor, or one inside a torch.func transform (whose jvp tangents unpack_dual
     does not see; there, assume it does)."""
     if not isinstance(t, torch.Tensor):
         return False
-    if fwAD.unpack_dual(t).tangent is not None:
-        return True
-    try:
-        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
-    except AttributeError:
-        return False
+    return fwAD.unpack_dual(t).tangent is not None or in_transform(t)
 
 
 def _mha_call(args, kwargs):
@@ -249,6 +253,10 @@ class SafeOps(TorchFunctionMode):
         out = route(func, args, kwargs, forward_ad=self.forward_ad)
         if out is not NotImplemented:
             return out
+        return self.other(func, args, kwargs)
+
+    def other(self, func, args, kwargs):
+        """A call no composite replaces: run as is (a subclass adds its own rules here)."""
         return func(*args, **kwargs)
 
 

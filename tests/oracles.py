@@ -87,3 +87,16 @@ def directional_fd(fn, params, direction, h=1e-6):
 def random_direction(params, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+
+
+def graph_node_names(t):
+    """Class names of every autograd node reachable from ``t.grad_fn`` (which ops a graph recorded)."""
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return names

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import jsigr_fast
 from jsigr_fast.testing import tiny_input, tiny_model
-from oracles import batch_input_gradient, batch_jacobian
+from oracles import batch_input_gradient, batch_jacobian, graph_node_names
 
 Y = torch.tensor([0, 1, 2, 3, 0])
 
@@ -82,23 +82,11 @@ def test_hutchinson_fd_matches_batch_jacobian_product():
     assert float(got.detach()) == pytest.approx(float(expect), rel=1e-5)
 
 
-def _graph_node_names(t):
-    seen, stack, names = set(), [t.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("jacobian", ["projection", "hutchinson"])
 def test_fd_graph_has_no_double_backward(jacobian):
     model, x = tiny_model("conv_bn_train"), tiny_input("conv_bn_train")
-    fd_names = _graph_node_names(_terms(model, x, "fd", jacobian=jacobian)[0])
-    exact_names = _graph_node_names(_terms(model, x, "autograd", jacobian=jacobian)[0])
+    fd_names = graph_node_names(_terms(model, x, "fd", jacobian=jacobian)[0])
+    exact_names = graph_node_names(_terms(model, x, "autograd", jacobian=jacobian)[0])
     assert any("BackwardBackward" in n for n in exact_names)  # the check can see double backward...
     assert not any("BackwardBackward" in n for n in fd_names), sorted(fd_names)  # ...and FD has none
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 import jsigr_fast
 from jsigr_fast import fused, ops
 from jsigr_fast.testing import TINY_MODELS, tiny_input, tiny_model
+from oracles import graph_node_names
 
 pytestmark = pytest.mark.skipif("fused" not in jsigr_fast.available_backends(),
                                 reason=f"fused backend unavailable: {jsigr_fast.extension_error()}")
@@ -105,18 +106,6 @@ def test_low_precision_flash_attention_rule(dtype, name, kind):
         assert err <= 2 * base + atol, f"{what}: |fused-ref32| {err:.3g} > 2*|lowp-ref32| {2 * base:.3g} + {atol:.3g}"
 
 
-def _graph_names(t):
-    seen, stack, names = set(), [t.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("kind", ["loss_projection", "input_gradient_penalty", "jacobian_exact", "jacreg_projection",
                                   "interpretation", "double_backprop"])
 def test_train_mode_batchnorm_is_routed_to_the_fused_op(kind, monkeypatch):
@@ -140,7 +129,7 @@ def test_train_mode_batchnorm_is_routed_to_the_fused_op(kind, monkeypatch):
     else:
         out = jsigr_fast.double_backprop(model, x, y, backend="fused")
     assert calls and all(calls), "the fused backend never called ops.batch_norm in train mode"
-    names = _graph_names(out)
+    names = graph_node_names(out)
     assert not any("NativeBatchNorm" in n for n in names), names
     assert any("batch_norm_train" in n for n in names) or any("batch_norm_backward" in n for n in names), names
 
@@ -157,7 +146,7 @@ def test_hutchinson_tangent_uses_the_fused_backward(monkeypatch):
 def test_eval_mode_batchnorm_stays_native():
     model, x = tiny_model("conv_bn_eval"), tiny_input("conv_bn_eval")
     out = jsigr_fast.double_backprop(model, x, _labels(x), backend="fused")
-    assert not any("batch_norm_train" in n for n in _graph_names(out))
+    assert not any("batch_norm_train" in n for n in graph_node_names(out))
 
 
 def test_running_stats_updated_once_like_a_training_forward():
@@ -215,6 +204,10 @@ def test_bfloat16_autocast_flash_attention_rule(name, kind):
 def test_batched_vjp_path_equals_reference(name, monkeypatch):
     # the is_grads_batched variant (off on CPU by measurement, fused.BATCH_VJPS) must stay exact
     monkeypatch.setitem(fused.BATCH_VJPS, "cpu", True)
+    _projection_loss_equals_reference(name)
+
+
+def _projection_loss_equals_reference(name):
     model, x = tiny_model(name), tiny_input(name)
     y = _labels(x)
     ref = _run(copy.deepcopy(model), x, y, "reference", "loss_projection")
@@ -312,11 +305,7 @@ def test_channels_last_activations_are_used_and_view_still_works(kind, monkeypat
 def test_nchw_activations_path_equals_reference(name, monkeypatch):
     # the layout CHANNELS_LAST turns off (the default on CUDA) must stay exact too
     monkeypatch.setitem(fused.CHANNELS_LAST, "cpu", False)
-    model, x = tiny_model(name), tiny_input(name)
-    y = _labels(x)
-    ref = _run(copy.deepcopy(model), x, y, "reference", "loss_projection")
-    got = _run(copy.deepcopy(model), x, y, "fused", "loss_projection")
-    _compare(ref, got, rtol=1e-10, atol_scale=1e-12)
+    _projection_loss_equals_reference(name)
 
 
 def test_view_that_fails_for_other_reasons_still_raises():

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import jsigr_fast
 from jsigr_fast import higher_order as ho
 from jsigr_fast.higher_order import safe_ops
+from oracles import directional_fd, graph_node_names, random_direction
 
 BACKENDS = ["reference"] + (["fused"] if "fused" in jsigr_fast.available_backends() else [])
 
@@ -120,18 +121,6 @@ def test_sdpa_composite_rejects_mask_with_causal_like_native():
 # ----------------------------------------------------------------------------------------------
 # routing
 # ----------------------------------------------------------------------------------------------
-def _graph_names(t):
-    seen, stack, out = set(), [t.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        out.add(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return out
-
-
 @pytest.mark.parametrize("call", [lambda t: F.softmax(t, -1), lambda t: t.softmax(-1), lambda t: torch.softmax(t, -1),
                                   lambda t: F.log_softmax(t, 1), lambda t: t.log_softmax(1), lambda t: F.softmin(t, 1),
                                   lambda t: torch.logsumexp(t, 1), lambda t: t.logsumexp(1), lambda t: F.glu(t, 1)])
@@ -139,18 +128,18 @@ def test_forward_ad_mode_reroutes_every_spelling(call):
     x = _x(3, 4)
     with safe_ops(forward_ad=True):
         out = call(x)
-    names = _graph_names(out)
+    names = graph_node_names(out)
     assert not any("Softmax" in n or "LogSumExp" in n or "Glu" in n for n in names), names
     with safe_ops():  # reverse-over-reverse: softmax's double backward is native and right
-        assert any("Softmax" in n for n in _graph_names(F.softmax(x, -1)))
+        assert any("Softmax" in n for n in graph_node_names(F.softmax(x, -1)))
 
 
 def test_reverse_mode_reroutes_hardsigmoid_sdpa_and_cdist():
     x = _x(2, 1, 3, 4)
     with safe_ops():
-        assert "HardsigmoidBackward0" not in _graph_names(F.hardsigmoid(x))
-        assert "CdistBackward0" not in _graph_names(torch.cdist(x[0], x[1]))
-        names = _graph_names(F.scaled_dot_product_attention(x, x, x))
+        assert "HardsigmoidBackward0" not in graph_node_names(F.hardsigmoid(x))
+        assert "CdistBackward0" not in graph_node_names(torch.cdist(x[0], x[1]))
+        names = graph_node_names(F.scaled_dot_product_attention(x, x, x))
     assert not any("Flash" in n or "ScaledDotProduct" in n for n in names), names
 
 
@@ -248,19 +237,10 @@ def test_regularizer_gradient_matches_finite_differences(kind, bn, what, backend
     x, y = _data()
     params = list(model.parameters())
     grads = torch.autograd.grad(_value(model, x, y, backend, what), params, allow_unused=True)
-    gen = torch.Generator().manual_seed(4)
-    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    direction = random_direction(params, seed=4)
     analytic = sum((g * d).sum() for g, d in zip(grads, direction) if g is not None)
-    h = 1e-5
-    with torch.no_grad():
-        for p, d in zip(params, direction):
-            p.add_(h * d)
-        plus = _value(model, x, y, backend, what)
-        for p, d in zip(params, direction):
-            p.sub_(2 * h * d)
-        minus = _value(model, x, y, backend, what)
-    fd = (plus - minus) / (2 * h)
-    torch.testing.assert_close(analytic, fd, rtol=1e-6, atol=1e-9)
+    fd = directional_fd(lambda: _value(model, x, y, backend, what), params, direction, h=1e-5)
+    assert analytic.item() == pytest.approx(fd, rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
