@@ -544,6 +544,7 @@ TRITON_OPS = {
     "batch_norm": ("batch_norm_train", "batch_norm_backward", "batch_norm_double_backward"),
     "saliency_mask": ("gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask", "masked_sq_norm_bool",
                       "masked_sq_norm_bool_backward"),
+    "loss_head": ("cross_entropy_cotangent", "cross_entropy_cotangent_backward"),
 }
 GPU_KERNELS_ENV = "JSIGR_FAST_GPU_KERNELS"
 GPU_KERNEL_CHOICES = ("cuda", "triton")
@@ -564,8 +565,9 @@ def use_gpu_kernels(impl: str) -> None:
     """Choose which implementation the ops' CUDA dispatch key runs: ``"cuda"`` or ``"triton"`` (see
     :func:`gpu_kernels`). The choice is global and takes effect for the next call; autograd, fake and
     vmap registrations apply to either unchanged. The default at import is ``"cuda"``, or the value of
-    the ``JSIGR_FAST_GPU_KERNELS`` environment variable. ``bench/bench_bn.py`` and
-    ``bench/bench_mask.py`` time both side by side on a GPU, which is how the default is to be chosen.
+    the ``JSIGR_FAST_GPU_KERNELS`` environment variable. ``bench/bench_bn.py``, ``bench/bench_mask.py``
+    and ``bench/bench_loss_head.py`` time both side by side on a GPU, which is how the default is to be
+    chosen.
 
     Raises:
         ValueError: ``impl`` is not one of ``"cuda"``, ``"triton"``.

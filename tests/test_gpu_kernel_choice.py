@@ -2,8 +2,8 @@
 
 On any machine: which kernel the CUDA dispatch key of each op holds (read from the dispatcher's own
 table, torch._C._dispatch_dump), before, after each switch and after undoing it. On a GPU (skipped
-without one): the two implementations give the same results through the ops, for the batch-norm
-kernels to float tolerance and for the mask kernels bit for bit.
+without one): the two implementations give the same results through the ops, for the batch-norm and
+loss-head kernels to float tolerance and for the mask kernels bit for bit.
 """
 from importlib.util import find_spec
 
@@ -39,7 +39,7 @@ def restore_mode():
 
 
 def test_switching_registers_and_restores(restore_mode):
-    assert len(ALL_TRITON_OPS) == 8
+    assert len(ALL_TRITON_OPS) == 10
     ops._apply_gpu_kernels(None)
     original = {op: _cuda_entry(op) for op in ALL_TRITON_OPS}
     compiled = {op for op, e in original.items() if e}
@@ -48,9 +48,8 @@ def test_switching_registers_and_restores(restore_mode):
     ops.use_gpu_kernels("triton")
     assert ops.gpu_kernels() == "triton"
     assert all(_is_python(_cuda_entry(op)) for op in ALL_TRITON_OPS)
-    # ops without a Triton twin keep what they had
-    for op in ("cross_entropy_cotangent", "masked_sq_norm"):
-        assert not _is_python(_cuda_entry(op))
+    # an op without a Triton twin keeps what it had
+    assert not _is_python(_cuda_entry("masked_sq_norm"))
 
     ops.use_gpu_kernels("cuda")
     assert ops.gpu_kernels() == "cuda"
@@ -87,6 +86,8 @@ def test_cuda_and_triton_kernels_agree(dtype, channels_last, restore_mode):
     gy, u = torch.randn_like(x), torch.randn_like(x)
     g = torch.randn(8, 3, 40, 40, generator=gen).to(dtype).cuda()
     W = (torch.eye(3) + 0.3 * torch.randn(3, 3, generator=gen)).cuda()
+    logits = (3 * torch.randn(64, 1000, generator=gen)).to(dtype).cuda()
+    target = torch.randint(0, 1000, (64,), generator=gen).cuda()
     O = torch.ops.jsigr_fast
 
     def run():
@@ -96,7 +97,9 @@ def test_cuda_and_triton_kernels_agree(dtype, channels_last, restore_mode):
         masks = [O.gradient_saliency_mask(g, 0.2, None), O.gradient_saliency_mask(g, 0.2, 0.5),
                  O.threshold_mask(g.abs(), 0.5, None), O.adaptor_saliency_mask(g, W, None, 0.1, None, True)]
         norm = O.masked_sq_norm_bool(g, masks[0])
-        return [y, gx[0], dd[0], dd[1], norm], masks
+        loss, cot = O.cross_entropy_cotangent(logits, target)
+        grad = O.cross_entropy_cotangent_backward(loss, cot, logits, target)
+        return [y, gx[0], dd[0], dd[1], norm, loss, cot, grad], masks
 
     results = {}
     for impl in ("cuda", "triton"):

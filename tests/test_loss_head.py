@@ -2,13 +2,11 @@
 independent oracles.
 
 ``loss[n] = logsumexp(z_n) - z_n[y_n]`` and ``cot[n] = softmax(z_n) - onehot(y_n)`` (csrc/ops.cpp,
-csrc/cross_entropy_cotangent.cpp). The oracle is plain Python float64 per row (max shift, math.fsum of
-the exponentials, logs), the derivatives are checked against explicit float64 Jacobians written from the
-softmax derivative ``d p_k / d z_j = p_k (delta_kj - p_j)``, against finite differences (gradcheck,
-gradgradcheck in float64) and with torch.library.opcheck.
+csrc/cross_entropy_cotangent.cpp). The oracles (tests/loss_head_oracles.py) are plain Python float64
+per row (max shift, math.fsum of the exponentials, logs); the derivatives are checked against explicit
+float64 Jacobians written from the softmax derivative ``d p_k / d z_j = p_k (delta_kj - p_j)``, against
+finite differences (gradcheck, gradgradcheck in float64) and with torch.library.opcheck.
 """
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import jsigr_fast
 from jsigr_fast import ops
 from jsigr_fast._extension import has_kernel
+from loss_head_oracles import (DTYPES, UNIT, _ce_oracle, _logits, _softmax_row, _tols, _vjp_oracle,
+                               check_special_values)
 
 _OPS = ("cross_entropy_cotangent", "cross_entropy_cotangent_backward")
 pytestmark = pytest.mark.skipif(
@@ -25,57 +25,6 @@ pytestmark = pytest.mark.skipif(
                                                for n in _OPS)),
     reason=f"compiled loss-head ops not available: {jsigr_fast.extension_error() or 'older build of _C'}")
 O = torch.ops.jsigr_fast
-
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-UNIT = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-
-
-# ------------------------------------------------------------------------------------------------
-# oracles (float64, plain Python per row)
-# ------------------------------------------------------------------------------------------------
-def _softmax_row(row):
-    m = max(row)
-    e = [math.exp(v - m) for v in row]
-    s = math.fsum(e)
-    return m, s, [v / s for v in e]
-
-
-def _ce_oracle(z, y):
-    """(loss [N], cot [N, K]) in float64 from the exact values of z."""
-    zv = z.detach().double().tolist()
-    yv = y.long().tolist()
-    loss, cot = [], []
-    for row, t in zip(zv, yv):
-        m, s, p = _softmax_row(row)
-        loss.append(math.log(s) - (row[t] - m))  # logsumexp - z_t, without cancellation at large |z|
-        cot.append([pk - (1.0 if k == t else 0.0) for k, pk in enumerate(p)])
-    return np.array(loss), np.array(cot).reshape(len(zv), -1)
-
-
-def _vjp_oracle(z, y, a, b):
-    """grad_z of sum_n a_n loss_n + sum_nk b_nk cot_nk from the explicit Jacobians (a or b None: zero)."""
-    zv = z.detach().double().tolist()
-    N, K = len(zv), z.shape[1]
-    out = np.zeros((N, K))
-    for n in range(N):
-        _, _, p = _softmax_row(zv[n])
-        p = np.array(p)
-        t = int(y[n])
-        onehot = np.eye(K)[t]
-        J_loss = p - onehot  # d loss / d z_j
-        J_cot = np.diag(p) - np.outer(p, p)  # [k, j] = d cot_k / d z_j (onehot is constant)
-        if a is not None:
-            out[n] += float(a[n]) * J_loss
-        if b is not None:
-            out[n] += b[n].double().numpy() @ J_cot
-    return out
-
-
-def _logits(N, K, dtype, seed, scale=3.0, offset=0.0):
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(N, K, generator=gen, dtype=torch.float64) * scale + offset
-    y = torch.randint(0, K, (N,), generator=gen)
-    return z.to(dtype), y
 
 
 class _OpLog(TorchDispatchMode):
@@ -86,14 +35,6 @@ class _OpLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
-
-
-def _tols(dtype):
-    # float64 / float32: the accuracy of a max-shifted evaluation; bfloat16 / float16: computed in
-    # float and rounded once to the dtype
-    return {torch.float64: dict(rtol=1e-12, atol=1e-13), torch.float32: dict(rtol=2e-6, atol=2e-6),
-            torch.bfloat16: dict(rtol=2 * UNIT[torch.bfloat16], atol=1e-5),
-            torch.float16: dict(rtol=2 * UNIT[torch.float16], atol=1e-6)}[dtype]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,6 +93,10 @@ def test_large_logits_as_accurate_as_aten():
     # flash-attention style rule: at most twice ATen's error (plus float32 noise)
     assert np.abs(loss.double().numpy() - el).max() <= 2 * np.abs(aten_loss - el).max() + 1e-6
     assert np.abs(cot.double().numpy() - ec).max() <= 2 * np.abs(aten_cot - ec).max() + 1e-6
+
+
+def test_special_values_as_aten():
+    check_special_values(ops.cross_entropy_cotangent)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
@@ -315,3 +260,42 @@ def test_bad_shapes_and_dtypes():
     for call, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             call()
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU kernels (csrc/cuda/cross_entropy_cotangent.cu and kernels/loss_head.py), on a GPU only
+# ------------------------------------------------------------------------------------------------
+def _gpu_impls():
+    from importlib.util import find_spec
+
+    return ["cuda", "triton"] if find_spec("triton") is not None else ["cuda"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", _gpu_impls())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_kernels_match_oracles(impl, dtype):
+    before = ops.gpu_kernels()
+    ops.use_gpu_kernels(impl)
+    try:
+        for N, K in ((1, 1), (5, 10), (3, 1000), (2, 21843)):  # up to ImageNet-21k's classes
+            z, y = _logits(N, K, dtype, seed=N + K)
+            loss, cot = O.cross_entropy_cotangent(z.cuda(), y.cuda())
+            el, ec = _ce_oracle(z, y)
+            np.testing.assert_allclose(loss.cpu().double().numpy(), el, **_tols(dtype))
+            np.testing.assert_allclose(cot.cpu().double().numpy(), ec, **_tols(dtype))
+            gen = torch.Generator().manual_seed(K)
+            a = torch.randn(N, generator=gen, dtype=torch.float64).to(dtype)
+            b = torch.randn(N, K, generator=gen, dtype=torch.float64).to(dtype)
+            for ga, gb in ((a, b), (a, None), (None, b)):
+                grad = O.cross_entropy_cotangent_backward(None if ga is None else ga.cuda(),
+                                                          None if gb is None else gb.cuda(), z.cuda(), y.cuda())
+                expect = _vjp_oracle(z, y, ga, gb)
+                tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else \
+                    dict(rtol=2 * UNIT[dtype] if dtype != torch.float32 else 1e-5,
+                         atol=4 * UNIT[dtype] * np.abs(expect).max() + 1e-7)
+                np.testing.assert_allclose(grad.cpu().double().numpy(), expect, **tol)
+        check_special_values(lambda z, y: tuple(t.cpu() for t in O.cross_entropy_cotangent(z.cuda(), y.cuda())))
+    finally:
+        ops._apply_gpu_kernels(before)
