@@ -16,6 +16,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cross_entropy_checks.h"
 #include "sample_ops_cpu.h"
 
 namespace jsigr_fast {
@@ -23,17 +24,11 @@ namespace {
 
 using at::Tensor;
 
+// the shared checks, then every target's range on the host (naming the sample); int64 targets
 Tensor checked_target(const Tensor& logits, const Tensor& target, const char* op) {
   TORCH_CHECK(logits.device().is_cpu(), op, ": expected CPU tensors, got logits on ", logits.device());
-  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, op, ": logits must have shape (N, K) with K >= 1, got ",
-              logits.sizes());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point, got ",
-              logits.scalar_type());
+  check_ce_args(logits, target, op);
   const int64_t N = logits.size(0), K = logits.size(1);
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == N, op, ": target must have shape [", N, "], got ",
-              target.sizes());
-  TORCH_CHECK(at::isIntegralType(target.scalar_type(), /*includeBool=*/false) && target.device() == logits.device(),
-              op, ": target must be an integer tensor on logits' device, got ", target.scalar_type());
   Tensor y = target.to(at::kLong).contiguous();
   const int64_t* yp = y.const_data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n) {
@@ -64,17 +59,10 @@ Tensor cross_entropy_cotangent_backward_cpu(const std::optional<Tensor>& grad_lo
   const char* op = "jsigr_fast::cross_entropy_cotangent_backward";
   const Tensor y = checked_target(logits, target, op);
   const auto dt = logits.scalar_type();
+  check_ce_cotangents(grad_loss, grad_cot, logits, op);
   Tensor ga, gb;
-  if (grad_loss.has_value()) {
-    TORCH_CHECK(grad_loss->dim() == 1 && grad_loss->size(0) == logits.size(0), op, ": grad_loss must have shape [",
-                logits.size(0), "], got ", grad_loss->sizes());
-    ga = grad_loss->to(dt).contiguous();
-  }
-  if (grad_cot.has_value()) {
-    TORCH_CHECK(grad_cot->sizes() == logits.sizes(), op, ": grad_cot must have logits' shape ", logits.sizes(),
-                ", got ", grad_cot->sizes());
-    gb = grad_cot->to(dt).contiguous();
-  }
+  if (grad_loss.has_value()) ga = grad_loss->to(dt).contiguous();
+  if (grad_cot.has_value()) gb = grad_cot->to(dt).contiguous();
   const Tensor z = logits.contiguous();
   Tensor grad = at::empty(logits.sizes(), logits.options());
   sample_cpu::kernels().ce_backward(dt, rows_of(logits), ga.defined() ? ga.const_data_ptr() : nullptr,

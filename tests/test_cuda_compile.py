@@ -1,9 +1,11 @@
 """Compile-check of the CUDA sources (csrc/cuda/*.cu) with nvcc, on machines without a GPU.
 
 The CPU torch wheel ships the c10/cuda headers but not c10/cuda/impl/cuda_cmake_macros.h (generated
-by CUDA builds), so a shim directory provides it. Both files compile in parallel (host + device code
+by CUDA builds), so a shim directory provides it. The files compile in parallel (host + device code
 for sm_90, -O0 to keep it short); a success is cached under the temp directory by a hash of the
 sources, the torch headers' version and the flags, so re-runs with unchanged sources are instant.
+The loss head's device code is also compiled to PTX with setup.py's optimisation flags
+(-O3 --use_fast_math), which would silently turn expf / logf into approximations.
 """
 import hashlib
 import os
@@ -39,14 +41,21 @@ def _shim(tmp: Path) -> Path:
     return d
 
 
-def _key(src: Path) -> str:
+def _key(src: Path, flags=FLAGS) -> str:
     h = hashlib.sha256()
     h.update(src.read_bytes())
     for dep in sorted((ROOT / "csrc").glob("*.h")):
         h.update(dep.read_bytes())
     h.update(torch.__version__.encode())
-    h.update(" ".join(FLAGS).encode())
+    h.update(" ".join(flags).encode())
     return h.hexdigest()[:24]
+
+
+def _includes(tmp: Path) -> list:
+    incs = ["-I", str(_shim(tmp))]
+    for p in include_paths() + [sysconfig.get_paths()["include"]]:
+        incs += ["-isystem", p]
+    return incs
 
 
 def test_cuda_sources_compile():
@@ -58,9 +67,7 @@ def test_cuda_sources_compile():
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        incs = ["-I", str(_shim(tmp))]
-        for p in include_paths() + [sysconfig.get_paths()["include"]]:
-            incs += ["-isystem", p]
+        incs = _includes(tmp)
         procs = [(s, subprocess.Popen([NVCC, *FLAGS, *incs, "-c", str(s), "-o", str(tmp / (s.stem + ".o"))],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)) for s in todo]
         failures = []
@@ -71,3 +78,30 @@ def test_cuda_sources_compile():
             else:
                 (cache / _key(s)).write_text("ok\n")
     assert not failures, "\n".join(failures)
+
+
+# setup.py's nvcc optimisation flags, with the device-only flags of FLAGS
+BUILD_FLAGS = ["-std=c++20", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-arch=sm_90"] + \
+    [f for f in FLAGS if f.startswith("-D")]
+
+
+def test_loss_head_exp_and_log_stay_accurate_under_fast_math():
+    """--use_fast_math maps expf / logf to __expf / __logf (ex2.approx / lg2.approx, error growing
+    with |x|); csrc/cuda/cross_entropy_cotangent.cu takes them in double precision instead, which
+    the flag leaves alone. The PTX of the build's flags must contain no approximate exp2 / log2."""
+    src = ROOT / "csrc" / "cuda" / "cross_entropy_cotangent.cu"
+    cache = Path(tempfile.gettempdir()) / "jsigr_fast_nvcc_ok"
+    cache.mkdir(exist_ok=True)
+    done = cache / ("ptx-" + _key(src, BUILD_FLAGS))
+    if done.exists():
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        out = tmp / "loss_head.ptx"
+        r = subprocess.run([NVCC, *BUILD_FLAGS, *_includes(tmp), "-ptx", str(src), "-o", str(out)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        ptx = out.read_text()
+    assert ptx.count(".entry") == 8, "expected forward and backward kernels for 4 dtypes"
+    assert "ex2.approx" not in ptx and "lg2.approx" not in ptx
+    done.write_text("ok\n")
