@@ -1,7 +1,8 @@
 """The loss head of the fused J-SIGR step, measured in isolation: does fusing it pay?
 
     python bench/bench_loss_head.py --out bench/results                 # CPU
-    python bench/bench_loss_head.py --device cuda --out bench/results   # a GPU session
+    python bench/bench_loss_head.py --device cuda --out bench/results   # a GPU session: the CUDA and
+                                                                        # Triton kernels side by side
 
 Three pieces of the step whose size is N x K (K = 10..1000 classes), not N x D:
 
@@ -58,6 +59,21 @@ def timeit(fn, device, repeats):
             "p80_ms": float(t.quantile(0.8)) * 1e3}
 
 
+def _gpu_impls(dev):
+    """On a GPU both implementations of the compiled ops (the CUDA kernels of csrc/cuda and the Triton
+    ones of kernels/), timed side by side; elsewhere the one there is (None)."""
+    if torch.device(dev).type != "cuda" or ops.gpu_kernels() is None:
+        return [None]
+    from importlib.util import find_spec
+
+    return ["cuda", "triton"] if find_spec("triton") is not None else ["cuda"]
+
+
+def _use(impl):
+    if impl is not None:
+        ops.use_gpu_kernels(impl)
+
+
 def head_step(feat, w1, w2, y, fused):
     h = torch.tanh(feat @ w1)
     logits = h @ w2
@@ -92,36 +108,51 @@ def main(argv=None):
     print("conditions:", json.dumps(cond))
     g = torch.Generator(device="cpu").manual_seed(0)
     rows, checks = [], []
+    impls = _gpu_impls(dev)
+    cond["gpu_kernels"] = [i for i in impls if i]
     for k in [int(c) for c in a.classes.split(",")]:
         feat = torch.randn(n, 64, device=dev, generator=None).requires_grad_(True)
         w1 = (torch.randn(64, 64, device=dev) / 8).requires_grad_(True)
         w2 = (torch.randn(64, k, device=dev) / 8).requires_grad_(True)
         y = torch.randint(0, k, (n,), device=dev)
         z = torch.randn(n, k, device=dev)
-        lf, rf = ops.cross_entropy_cotangent(z, y, compiled=True)
         lr, rr = reference.cross_entropy_cotangent_ref(z, y)
-        checks.append(f"K={k}: loss {float((lf - lr).abs().max()):.1e}, cotangent {float((rf - rr).abs().max()):.1e}")
         u = torch.randn(n, a.features, device=dev)
         ug = u.clone().requires_grad_(True)
-        cases = {
+        aten = {
             ("CE + cotangent, fwd + create_graph VJP + bwd", "aten"): lambda: head_step(feat, w1, w2, y, False),
-            ("CE + cotangent, fwd + create_graph VJP + bwd", "fused op"): lambda: head_step(feat, w1, w2, y, True),
             ("CE + cotangent, forward only", "aten"): lambda: (F.cross_entropy(z, y, reduction="none"),
                                                                torch.softmax(z, 1) - F.one_hot(y, k)),
-            ("CE + cotangent, forward only", "fused op"): lambda: ops.cross_entropy_cotangent(z, y, compiled=True),
             ("unit-sphere draw (generator)", "randn + norm + div"): lambda: reference.unit_sphere(
                 n, k, like=z, generator=g),
             ("unit-sphere draw (generator)", "randn only"): lambda: torch.randn((n, k), generator=g).to(dev),
             ("per-sample norm K||u||^2, fwd + bwd", "pow + sum"): lambda: (
                 k * ug.reshape(n, -1).pow(2).sum(1)).sum().backward(),
-            ("per-sample norm K||u||^2, fwd + bwd", "compiled"): lambda: (
-                k * ops.masked_sq_norm(ug, None, compiled=True)).sum().backward(),
         }
-        samples = {key: [] for key in cases}
+        # the compiled ops, under each GPU implementation in turn (one switch per round, not per call)
+        groups = [(None, aten)]
+        for impl in impls:
+            suffix = f" ({impl})" if impl else ""
+            groups.append((impl, {
+                ("CE + cotangent, fwd + create_graph VJP + bwd", "fused op" + suffix): lambda: head_step(
+                    feat, w1, w2, y, True),
+                ("CE + cotangent, forward only", "fused op" + suffix): lambda: ops.cross_entropy_cotangent(
+                    z, y, compiled=True),
+                ("per-sample norm K||u||^2, fwd + bwd", "compiled" + suffix): lambda: (
+                    k * ops.masked_sq_norm(ug, None, compiled=True)).sum().backward(),
+            }))
+            _use(impl)
+            lf, rf = ops.cross_entropy_cotangent(z, y, compiled=True)
+            checks.append(f"K={k}{suffix}: loss {float((lf - lr).abs().max()):.1e}, "
+                          f"cotangent {float((rf - rr).abs().max()):.1e}")
+        samples = {key: [] for _, cases in groups for key in cases}
         for _ in range(a.rounds):
-            for key, fn in cases.items():
-                samples[key].append(timeit(fn, dev, a.repeats))
-        for (what, impl), res in samples.items():
+            for impl, cases in groups:
+                _use(impl)
+                for key, fn in cases.items():
+                    samples[key].append(timeit(fn, dev, a.repeats))
+        pieces = list(dict.fromkeys(what for what, _ in samples))  # each piece's rows together
+        for (what, impl), res in sorted(samples.items(), key=lambda kv: pieces.index(kv[0][0])):
             med = sorted(res, key=lambda r: r["median_ms"])[len(res) // 2]
             rows.append(dict(med, K=k, what=what, impl=impl))
             print(f"K={k:5d} {what:48s} {impl:20s} {med['median_ms'] * 1e3:9.1f} us", flush=True)

@@ -93,7 +93,8 @@ BATCH_PROBES = {"cpu": 2, "cuda": None}
 # so this saves kernel launches and autograd nodes (~6 per step), not FLOPs. Measured on the 2-core CPU
 # (bench/results/loss_head_cpu_*.md): no gain at K = 10 and 100 (within noise, ~1.0 ms per step either
 # way) and a loss at K = 1000 (the kernel's exp is slower than ATen's vectorised log_softmax), so it is
-# off there; a GPU session should measure it (bench/bench_loss_head.py --device cuda) and flip it per device.
+# off there. On the GPU it has CUDA and Triton kernels (a row per warp / program); a GPU session should
+# measure them (bench/bench_loss_head.py --device cuda, both side by side) and flip it per device.
 LOSS_HEAD = {"cpu": False, "cuda": False}
 
 
