@@ -71,14 +71,31 @@ def check_special_values(ce):
     ``F.cross_entropy`` / ``softmax`` in float64 of the same (rounded) logits: a -inf logit is a class
     of probability 0 (loss +inf when it is the target); +inf or NaN in a row makes the row NaN."""
     inf, nan = float("inf"), float("nan")
-    z = torch.tensor([[0.5, -inf, 1.0, 2.0], [0.5, -inf, 1.0, 2.0], [0.5, inf, 1.0, 2.0], [0.5, nan, 1.0, 2.0],
-                      [-inf, -inf, -inf, -inf], [1e30, -1e30, 0.0, 1e30]], dtype=torch.float64)
-    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    rows = [[0.5, -inf, 1.0, 2.0], [0.5, -inf, 1.0, 2.0], [0.5, inf, 1.0, 2.0], [0.5, nan, 1.0, 2.0],
+            [-inf, -inf, -inf, -inf], [1e30, -1e30, 0.0, 1e30]]
+    targets = [0, 1, 2, 3, 0, 1]
+    # each row twice more at width 12, the four values at columns 0..3 and at 8..11 (the vector lanes of
+    # a CPU kernel past its first 8 logits), the other columns finite
+    wide = []
+    for row in rows:
+        for at in (0, 8):
+            w = [0.25 * j - 1.0 for j in range(12)]
+            w[at:at + 4] = row
+            wide.append(w)
+    wide_targets = [t + at for t in targets for at in (0, 8)]
+    for z, y in ((torch.tensor(rows, dtype=torch.float64), torch.tensor(targets)),
+                 (torch.tensor(wide, dtype=torch.float64), torch.tensor(wide_targets))):
+        _check_special_rows(ce, z, y)
+
+
+def _check_special_rows(ce, z, y):
+    K = z.shape[1]
+    special = ~torch.isfinite(z).all(1) & ~(z == -float("inf")).any(1)
     for dtype in DTYPES:
         zd = z.to(dtype)  # 1e30 is inf in half: that row is NaN there, in ATen as in the op
         loss, cot = ce(zd, y)
         ref_loss = F.cross_entropy(zd.double(), y, reduction="none")
-        ref_cot = torch.softmax(zd.double(), 1) - F.one_hot(y, 4).double()
-        assert ref_loss[1] == inf and ref_loss[2:5].isnan().all() and ref_cot[2:5].isnan().all()
+        ref_cot = torch.softmax(zd.double(), 1) - F.one_hot(y, K).double()
+        assert ref_loss.isinf().any() and ref_loss.isnan().any() and ref_cot[special].isnan().all()
         torch.testing.assert_close(loss.double(), ref_loss, equal_nan=True, **_tols(dtype))
         torch.testing.assert_close(cot.double(), ref_cot, equal_nan=True, **_tols(dtype))
