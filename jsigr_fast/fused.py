@@ -91,10 +91,12 @@ BATCH_PROBES = {"cpu": 2, "cuda": None}
 
 # Per-sample CE and its input-gradient cotangent from one ops.cross_entropy_cotangent call? K is 10..1000,
 # so this saves kernel launches and autograd nodes (~6 per step), not FLOPs. Measured on the 2-core CPU
-# (bench/results/loss_head_cpu_*.md): no gain at K = 10 and 100 (within noise, ~1.0 ms per step either
-# way) and a loss at K = 1000 (the kernel's exp is slower than ATen's vectorised log_softmax), so it is
-# off there. On the GPU it has CUDA and Triton kernels (a row per warp / program); a GPU session should
-# measure them (bench/bench_loss_head.py --device cuda, both side by side) and flip it per device.
+# (bench/results/loss_head_cpu_*.md, 9 rounds): the op's forward is 1.2-1.7x faster than ATen's CE +
+# softmax, but the head's whole forward + create_graph VJP + backward is within noise at K = 10 and 100
+# and ~7 % faster at K = 1000 (2.0 vs 2.2 ms): under 0.02 % of a ~1 s fused step, so it stays off there.
+# On the GPU it has CUDA and Triton kernels (a row per warp / program), where launches cost relatively
+# more; a GPU session should measure them (bench/bench_loss_head.py --device cuda, both side by side)
+# and flip it per device.
 LOSS_HEAD = {"cpu": False, "cuda": False}
 
 
