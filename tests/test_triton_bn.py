@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from jsigr_fast.reference import batch_norm_backward_ref, batch_norm_double_backward_ref, batch_norm_train_ref
+from triton_ptx import nvidia_backend, ptx
 
 CHILD = os.environ.get("JSIGR_TRITON_CHILD") == "1"
 child_only = pytest.mark.skipif(not CHILD, reason="runs in the TRITON_INTERPRET=1 child process")
@@ -29,9 +30,35 @@ def test_triton_kernels_in_interpreter():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    # every child test must really run there: the only skip allowed is this driver itself
+    # every child test must really run there: the only skips allowed are the two parent-only tests
     expected = 2 * len(CASES) + 1
-    assert f"{expected} passed, 1 skipped" in r.stdout, r.stdout[-2000:]
+    assert f"{expected} passed, 2 skipped" in r.stdout, r.stdout[-2000:]
+
+
+@pytest.mark.skipif(CHILD, reason="parent only (the interpreter does not compile)")
+@pytest.mark.skipif(not nvidia_backend(), reason="triton without its NVIDIA backend")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
+def test_triton_bn_kernels_compile_for_sm90():
+    """Every mode of the reduce and apply kernels compiles to PTX for sm_90 without a GPU, for every
+    dtype and both layouts (the interpreter accepts things the compiler rejects)."""
+    import triton.language as tl
+
+    from jsigr_fast.kernels import batch_norm as tb
+
+    for dt in ("fp32", "fp64", "bf16", "fp16"):
+        acc, accp = (tl.float64, "*fp64") if dt == "fp64" else (tl.float32, "*fp32")
+        for rows in ((False, True) if dt == "fp32" else (False,)):
+            for mode, k in tb._K.items():
+                ptx(tb._bn_reduce_kernel, {"a_ptr": "*" + dt, "b_ptr": "*" + dt, "c_ptr": "*" + dt, "shift_ptr": accp,
+                                           "partial_ptr": "*fp64", "M": "i32", "C": "i32", "S": "i32",
+                                           "SPLITS": "i32"},
+                    {"MODE": mode, "K": k, "ROWS": rows, "ACC": acc, "BLOCK": 1024})
+            for mode in range(5):
+                code = ptx(tb._bn_apply_kernel, {"a_ptr": "*" + dt, "b_ptr": "*" + dt, "c_ptr": "*" + dt,
+                                                 "out0_ptr": "*" + dt, "out1_ptr": "*" + dt, "k_ptr": accp,
+                                                 "TOTAL": "i64", "C": "i32", "S": "i32"},
+                           {"MODE": mode, "ROWS": rows, "ACC": acc, "BLOCK": 1024})
+                assert code.count("st.global") >= (2 if mode >= 3 else 1), (dt, rows, mode)
 
 
 def _inputs(shape, layout, dtype):

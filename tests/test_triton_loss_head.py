@@ -21,6 +21,7 @@ import torch
 
 import jsigr_fast
 from loss_head_oracles import DTYPES, UNIT, _ce_oracle, _logits, _tols, _vjp_oracle, check_special_values
+from triton_ptx import nvidia_backend, ptx
 
 CHILD = os.environ.get("JSIGR_TRITON_CHILD") == "1"
 child_only = pytest.mark.skipif(not CHILD, reason="runs in the TRITON_INTERPRET=1 child process")
@@ -43,30 +44,15 @@ def test_triton_loss_head_in_interpreter():
     assert f"{expected} passed, 2 skipped" in r.stdout, r.stdout[-2000:]
 
 
-def _nvidia_backend():
-    if find_spec("triton") is None:
-        return False
-    from triton.backends import backends
-
-    return "nvidia" in backends
-
-
 @pytest.mark.skipif(CHILD, reason="parent only (the interpreter does not compile)")
-@pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend")
+@pytest.mark.skipif(not nvidia_backend(), reason="triton without its NVIDIA backend")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
 def test_triton_loss_head_compiles_for_sm90():
     """Both kernels compile to PTX for sm_90 without a GPU, for every dtype and every combination of
     the backward's optional cotangents (the interpreter accepts things the compiler rejects)."""
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from jsigr_fast.kernels import loss_head as lh
-
-    def ptx(fn, sig, consts):
-        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
     for dt in ("fp32", "fp64", "bf16", "fp16"):
         blk = {"ACC": tl.float64 if dt == "fp64" else tl.float32, "BLOCK": 1024}

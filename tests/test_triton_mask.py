@@ -25,6 +25,7 @@ from jsigr_fast.reference import gradient_saliency_mask_ref, threshold_mask_ref
 from jsigr_fast.saliency import SaliencyAdaptor, gradient_saliency
 from mask_oracles import (_adaptor_oracle, _adaptor_params, _check_near_threshold, adaptor_bad_arguments,
                           adaptor_inputs)
+from triton_ptx import nvidia_backend, ptx
 
 CHILD = os.environ.get("JSIGR_TRITON_CHILD") == "1"
 child_only = pytest.mark.skipif(not CHILD, reason="runs in the TRITON_INTERPRET=1 child process")
@@ -54,31 +55,16 @@ def test_triton_mask_kernels_in_interpreter():
     assert f"{expected} passed, 2 skipped" in r.stdout, r.stdout[-2000:]
 
 
-def _nvidia_backend():
-    if find_spec("triton") is None:
-        return False
-    from triton.backends import backends
-
-    return "nvidia" in backends
-
-
 @pytest.mark.skipif(CHILD, reason="parent only (the interpreter does not compile)")
-@pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend")
+@pytest.mark.skipif(not nvidia_backend(), reason="triton without its NVIDIA backend")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
 def test_triton_kernels_compile_for_sm90():
     """Every kernel compiles to PTX for sm_90 without a GPU (the interpreter accepts things the
     compiler rejects, e.g. non-constexpr globals), and the mask kernels use the IEEE division and
     an unflushed comparison: div.rn, setp.le without .ftz."""
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from jsigr_fast.kernels import saliency_mask as tm
-
-    def ptx(fn, sig, consts):
-        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
 
     for dt in ("fp32", "fp64", "bf16", "fp16"):
         acc = tl.float64 if dt == "fp64" else tl.float32
