@@ -1,43 +1,30 @@
 """The Triton batch-norm kernels (kernels/batch_norm.py) against the references, under TRITON_INTERPRET=1.
 
-TRITON_INTERPRET must be set before triton is first imported, and other test modules may import it
-(torch.compile does), so the checks run in a child pytest process with the variable set: the parent
-test ``test_triton_kernels_in_interpreter`` launches it; the child tests are skipped in the parent.
+The checks run in a child pytest process with TRITON_INTERPRET=1 (tests/triton_testing.py says why):
+``test_triton_kernels_in_interpreter`` launches it; the child tests are skipped in the parent.
 Shapes are tiny (the interpreter runs each program in numpy).
 """
 import os
-import subprocess
-import sys
-from importlib.util import find_spec
 
 import pytest
 import torch
 
 from jsigr_fast.reference import batch_norm_backward_ref, batch_norm_double_backward_ref, batch_norm_train_ref
-from triton_ptx import nvidia_backend, ptx
+from triton_testing import child_only, parent_driver, ptx, ptx_test, run_in_interpreter
 
-CHILD = os.environ.get("JSIGR_TRITON_CHILD") == "1"
-child_only = pytest.mark.skipif(not CHILD, reason="runs in the TRITON_INTERPRET=1 child process")
 
 CASES = [((3, 5, 4, 7), "contiguous"), ((3, 5, 4, 7), "channels_last"), ((6, 5), "contiguous"),
          ((1, 3, 2, 2), "contiguous"), ((2, 3, 37), "contiguous"), ((2, 3, 4, 5), "transposed")]
 
 
-@pytest.mark.skipif(CHILD, reason="parent driver")
-@pytest.mark.skipif(find_spec("triton") is None, reason="triton is not installed")
+@parent_driver
 def test_triton_kernels_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", JSIGR_TRITON_CHILD="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     # every child test must really run there: the only skips allowed are the two parent-only tests
     expected = 2 * len(CASES) + 1
-    assert f"{expected} passed, 2 skipped" in r.stdout, r.stdout[-2000:]
+    run_in_interpreter(__file__, passed=expected, skipped=2)
 
 
-@pytest.mark.skipif(CHILD, reason="parent only (the interpreter does not compile)")
-@pytest.mark.skipif(not nvidia_backend(), reason="triton without its NVIDIA backend")
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
+@ptx_test
 def test_triton_bn_kernels_compile_for_sm90():
     """Every mode of the reduce and apply kernels compiles to PTX for sm_90 without a GPU, for every
     dtype and both layouts (the interpreter accepts things the compiler rejects)."""

@@ -1,7 +1,6 @@
 """The Triton loss-head kernels (kernels/loss_head.py) against independent oracles, under TRITON_INTERPRET=1.
 
-As in tests/test_triton_bn.py, TRITON_INTERPRET must be set before triton is first imported, so the
-checks run in a child pytest process with the variable set: the parent test
+The checks run in a child pytest process with TRITON_INTERPRET=1 (tests/triton_testing.py says why):
 ``test_triton_loss_head_in_interpreter`` launches it; the child tests are skipped in the parent.
 
 Values against the float64 oracles of tests/loss_head_oracles.py (the same ones the C++ op is held to,
@@ -11,9 +10,6 @@ logits) against ATen's ``F.cross_entropy`` / ``softmax`` in float64; rows wider 
 ops' CPU kernels, so the autograd and fake registrations of jsigr_fast.ops see their outputs.
 """
 import os
-import subprocess
-import sys
-from importlib.util import find_spec
 
 import numpy as np
 import pytest
@@ -21,32 +17,23 @@ import torch
 
 import jsigr_fast
 from loss_head_oracles import DTYPES, UNIT, _ce_oracle, _logits, _tols, _vjp_oracle, check_special_values
-from triton_ptx import nvidia_backend, ptx
+from triton_testing import child_only, parent_driver, ptx, ptx_test, run_in_interpreter
 
-CHILD = os.environ.get("JSIGR_TRITON_CHILD") == "1"
-child_only = pytest.mark.skipif(not CHILD, reason="runs in the TRITON_INTERPRET=1 child process")
 
 SHAPES = [(1, 1), (5, 1), (1, 2), (4, 7), (3, 10), (2, 33), (2, 1000), (2, 4500)]
 WHICH = ["loss", "cot", "both", "none"]
 OFFSETS = [1e3, -1e3, 3e4]
 
 
-@pytest.mark.skipif(CHILD, reason="parent driver")
-@pytest.mark.skipif(find_spec("triton") is None, reason="triton is not installed")
+@parent_driver
 def test_triton_loss_head_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", JSIGR_TRITON_CHILD="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     # every child test must really run there: values and backward over their grids, large logits,
     # and 6 single tests; the only skips allowed are the two parent-only tests
     expected = len(SHAPES) * len(DTYPES) + len(WHICH) * len(DTYPES) + len(OFFSETS) * len(DTYPES) + 6
-    assert f"{expected} passed, 2 skipped" in r.stdout, r.stdout[-2000:]
+    run_in_interpreter(__file__, passed=expected, skipped=2)
 
 
-@pytest.mark.skipif(CHILD, reason="parent only (the interpreter does not compile)")
-@pytest.mark.skipif(not nvidia_backend(), reason="triton without its NVIDIA backend")
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
+@ptx_test
 def test_triton_loss_head_compiles_for_sm90():
     """Both kernels compile to PTX for sm_90 without a GPU, for every dtype and every combination of
     the backward's optional cotangents (the interpreter accepts things the compiler rejects)."""

@@ -1,7 +1,6 @@
 """The Triton selective-mask kernels (kernels/saliency_mask.py) against the references, under TRITON_INTERPRET=1.
 
-As in tests/test_triton_bn.py, TRITON_INTERPRET must be set before triton is first imported, so the
-checks run in a child pytest process with the variable set: the parent test
+The checks run in a child pytest process with TRITON_INTERPRET=1 (tests/triton_testing.py says why):
 ``test_triton_mask_kernels_in_interpreter`` launches it; the child tests are skipped in the parent.
 
 Masks must be bit-identical to ``selective_mask(gradient_saliency(g)) != 0`` / ``selective_mask(M) != 0``
@@ -14,9 +13,6 @@ plus one with D = 4800 so the reductions use several splits and the elementwise 
 import math
 import os
 import re
-import subprocess
-import sys
-from importlib.util import find_spec
 
 import pytest
 import torch
@@ -25,10 +21,8 @@ from jsigr_fast.reference import gradient_saliency_mask_ref, threshold_mask_ref
 from jsigr_fast.saliency import SaliencyAdaptor, gradient_saliency
 from mask_oracles import (_adaptor_oracle, _adaptor_params, _check_near_threshold, adaptor_bad_arguments,
                           adaptor_inputs)
-from triton_ptx import nvidia_backend, ptx
+from triton_testing import CHILD, child_only, parent_driver, ptx, ptx_test, run_in_interpreter
 
-CHILD = os.environ.get("JSIGR_TRITON_CHILD") == "1"
-child_only = pytest.mark.skipif(not CHILD, reason="runs in the TRITON_INTERPRET=1 child process")
 
 CASES = [((1, 7), "contiguous"), ((3, 5), "contiguous"), ((3, 1), "contiguous"), ((2, 3, 5, 7), "contiguous"),
          ((2, 3, 5, 7), "channels_last"), ((3, 2, 3, 3), "transposed"), ((2, 3, 2, 3, 3), "channels_last_3d"),
@@ -39,25 +33,18 @@ QUANTILES = [0.0, 0.25, 0.5, 0.9, 0.999, 1.0]
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
-@pytest.mark.skipif(CHILD, reason="parent driver")
-@pytest.mark.skipif(find_spec("triton") is None, reason="triton is not installed")
+@parent_driver
 def test_triton_mask_kernels_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", JSIGR_TRITON_CHILD="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     # every child test must really run there
     # 3 tests over CASES x DTYPES, 3 over DTYPES (special values, saliency values, empty), test_errors,
     # the adaptor over ADAPTOR_CASES x DTYPES x normalize, and its 2 tests over DTYPES
     expected = 3 * len(CASES) * len(DTYPES) + 3 * len(DTYPES) + 1 + 2 * len(ADAPTOR_CASES) * len(DTYPES) \
         + 2 * len(DTYPES)
     # the only skips allowed there are the two parent-only tests
-    assert f"{expected} passed, 2 skipped" in r.stdout, r.stdout[-2000:]
+    run_in_interpreter(__file__, passed=expected, skipped=2)
 
 
-@pytest.mark.skipif(CHILD, reason="parent only (the interpreter does not compile)")
-@pytest.mark.skipif(not nvidia_backend(), reason="triton without its NVIDIA backend")
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")
+@ptx_test
 def test_triton_kernels_compile_for_sm90():
     """Every kernel compiles to PTX for sm_90 without a GPU (the interpreter accepts things the
     compiler rejects, e.g. non-constexpr globals), and the mask kernels use the IEEE division and
