@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import conditions, gpu_kernel_impls, using_gpu_kernels, write_record  # noqa: E402
+from steps import conditions, gpu_kernel_impls, publish, using_gpu_kernels  # noqa: E402
 
 import jsigr_fast  # noqa: E402,F401  (loads the extension)
 from jsigr_fast import reference  # noqa: E402
@@ -198,14 +198,8 @@ def main(argv=None):
                      f"| {speed} |")
     lines += ["", "Correctness first (max |fused − reference| / max |reference|, float32 reference):", ""]
     lines += [f"- {k}: " + ", ".join(f"{op} {v:.1e}" for op, v in e.items()) for k, e in checks.items()]
-    table = "\n".join(lines)
-    print()
-    print(table)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, f"bn_{torch.device(a.device).type}_{a.dtype}")
-        print("\nwrote " + " and ".join(write_record(
-            stem, {"conditions": cond, "copy_gbps": bw, "rows": rows, "checks": checks}, table)))
+    publish(lines, a.out, f"bn_{torch.device(a.device).type}_{a.dtype}",
+            {"conditions": cond, "copy_gbps": bw, "rows": rows, "checks": checks})
 
 
 if __name__ == "__main__":

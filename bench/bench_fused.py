@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_step import format_top_ops, profile_top_ops  # noqa: E402
 from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, conditions, make_methods,  # noqa: E402
-                   make_setup, time_steps, write_record)
+                   make_setup, publish, time_steps)
 
 import jsigr_fast  # noqa: E402
 
@@ -136,16 +136,11 @@ def main(argv=None):
                       f"activations kept NCHW it is the 'NCHW activations' row's speedup."]
     if "top_ops" in rows.get("jsigr_fused", {}):
         lines += format_top_ops(rows["jsigr_fused"]["top_ops"], "the fused J-SIGR step")
-    table = "\n".join(lines)
-    print()
-    print(table)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, f"fused_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}"
-                                   f"{'_cl' if a.channels_last else ''}_t{torch.get_num_threads()}"
-                                   f"{'_' + a.gpu_kernels if a.gpu_kernels else ''}"
-                                   f"{'' if len(wanted) == len(PAIRS) else '_' + '_'.join(r for r, _ in wanted)}")
-        print("\nwrote " + " and ".join(write_record(stem, {"conditions": cond, "results": rows}, table)))
+    name = (f"fused_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}"
+            f"{'_cl' if a.channels_last else ''}_t{torch.get_num_threads()}"
+            f"{'_' + a.gpu_kernels if a.gpu_kernels else ''}"
+            f"{'' if len(wanted) == len(PAIRS) else '_' + '_'.join(r for r, _ in wanted)}")
+    publish(lines, a.out, name, {"conditions": cond, "results": rows})
     return rows
 
 

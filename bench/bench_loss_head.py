@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import conditions, write_record  # noqa: E402
+from steps import conditions, publish  # noqa: E402
 
 from jsigr_fast import ops, reference  # noqa: E402
 
@@ -166,14 +166,8 @@ def main(argv=None):
         lines.append(f"| {r['K']} | {r['what']} | {r['impl']} | {r['median_ms'] * 1e3:.1f} | "
                      f"{r['p20_ms'] * 1e3:.0f}–{r['p80_ms'] * 1e3:.0f} |")
     lines += ["", "Correctness first (max |fused − reference|, float32): " + "; ".join(checks)]
-    table = "\n".join(lines)
-    print()
-    print(table)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, f"loss_head_{torch.device(dev).type}_b{n}_float32_t{torch.get_num_threads()}")
-        print("\nwrote " + " and ".join(write_record(
-            stem, {"conditions": cond, "results": rows, "checks": checks}, table)))
+    publish(lines, a.out, f"loss_head_{torch.device(dev).type}_b{n}_float32_t{torch.get_num_threads()}",
+            {"conditions": cond, "results": rows, "checks": checks})
     return rows
 
 

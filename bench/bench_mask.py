@@ -65,7 +65,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import conditions, gpu_kernel_impls, using_gpu_kernels, write_record  # noqa: E402
+from steps import conditions, gpu_kernel_impls, publish, using_gpu_kernels  # noqa: E402
 
 import jsigr_fast  # noqa: E402,F401  (loads the extension)
 from jsigr_fast import ops, reference  # noqa: E402
@@ -347,15 +347,9 @@ def main(argv=None):
             f"norm fwd bool {e['norm_fwd_bool_rel']:.1e}, float kernel {e['norm_fwd_float_kernel_rel']:.1e}, torch "
             f"{e['norm_fwd_torch_rel']:.1e}; bwd bool {e['norm_bwd_bool_rel']:.1e}, float kernel "
             f"{e['norm_bwd_float_kernel_rel']:.1e}, torch {e['norm_bwd_torch_rel']:.1e}")
-    table = "\n".join(lines)
-    print()
-    print(table)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, f"mask_{torch.device(a.device).type}_{a.dtype}")
-        print("\nwrote " + " and ".join(write_record(
-            stem, {"conditions": cond, "copy_gbps": bw, "copy_gbps_start": bw_start, "copy_gbps_end": bw_end,
-                   "rows": rows, "checks": checks}, table)))
+    publish(lines, a.out, f"mask_{torch.device(a.device).type}_{a.dtype}",
+            {"conditions": cond, "copy_gbps": bw, "copy_gbps_start": bw_start, "copy_gbps_end": bw_end,
+             "rows": rows, "checks": checks})
     if not all(e["ok"] for e in checks.values()):
         sys.exit("correctness check FAILED (see above)")
 

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, conditions, make_setup,  # noqa: E402
-                   time_steps, write_record)
+                   publish, time_steps)
 
 import jsigr_fast  # noqa: E402
 from jsigr_fast import fused  # noqa: E402
@@ -154,15 +154,9 @@ def main(argv=None):
         lines.append(row)
     lines += ["", "× floor: the step time in standard-step units (standard = 3) over the floor "
               "11 + 3(k − 1); see the script's docstring."]
-    table = "\n".join(lines)
-    print()
-    print(table)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, f"probes_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}")
-        record = {"conditions": cond, "standard_s": std, "peak_mem_gib": {str(k): v for k, v in peak.items()},
-                  "times": {str(k): v for k, v in times.items()}}
-        print("\nwrote " + " and ".join(write_record(stem, record, table)))
+    publish(lines, a.out, f"probes_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}",
+            {"conditions": cond, "standard_s": std, "peak_mem_gib": {str(k): v for k, v in peak.items()},
+             "times": {str(k): v for k, v in times.items()}})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, conditions, make_methods,  # noqa: E402
-                   make_setup, time_steps, train_step, write_record)
+                   make_setup, publish, time_steps, train_step)
 
 
 def profile_top_ops(model, opt, loss_fn, x, y, k=8):
@@ -101,14 +101,8 @@ def main(argv=None):
                      f"| {r['x_standard']:.2f} | {r['floor_units']} | {r['x_floor']:.2f} |")
     if "top_ops" in results.get("jsigr", {}):
         lines += format_top_ops(results["jsigr"]["top_ops"], "the J-SIGR step")
-    table = "\n".join(lines)
-    print()
-    print(table)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        dev = torch.device(a.device).type
-        stem = os.path.join(a.out, f"step_{dev}_{a.model}_b{a.batch}_{a.dtype}")
-        print("\nwrote " + " and ".join(write_record(stem, {"conditions": cond, "results": results}, table)))
+    publish(lines, a.out, f"step_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}",
+            {"conditions": cond, "results": results})
     return results
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from steps import add_step_arguments, apply_step_arguments, conditions, make_setup, time_steps, write_record  # noqa: E402
+from steps import add_step_arguments, apply_step_arguments, conditions, make_setup, publish, time_steps  # noqa: E402
 
 from jsigr_fast import fused, reference  # noqa: E402
 
@@ -96,14 +96,8 @@ def main(argv=None):
         for layers in ("native", "fused"):
             t0, t1 = med(times[(n_proj, layers, False)]), med(times[(n_proj, layers, True)])
             lines.append(f"| {n_proj} | {layers} | {t0 * 1e3:.0f} | {t1 * 1e3:.0f} | {t1 / t0:.2f} |")
-    table = "\n".join(lines)
-    print()
-    print(table)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, f"vjp_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}")
-        print("\nwrote " + " and ".join(write_record(
-            stem, {"conditions": cond, "standard_s": std, "times": {str(k): v for k, v in times.items()}}, table)))
+    publish(lines, a.out, f"vjp_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}",
+            {"conditions": cond, "standard_s": std, "times": {str(k): v for k, v in times.items()}})
 
 
 if __name__ == "__main__":

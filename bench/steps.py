@@ -105,6 +105,17 @@ def write_record(stem: str, record: dict, table: str) -> list[str]:
     return paths
 
 
+
+def publish(lines: list[str], out: str | None, name: str, record: dict) -> str:
+    """Print the table made of ``lines`` and, when ``out`` is given, record it with ``record`` as
+    ``<out>/<name>.json`` and ``.md`` (:func:`write_record`); returns the table."""
+    table = "\n".join(lines)
+    print()
+    print(table)
+    if out:
+        print("\nwrote " + " and ".join(write_record(os.path.join(out, name), record, table)))
+    return table
+
 def _channels_last(x):
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
