@@ -137,8 +137,8 @@ def all_methods(shape, device) -> dict:
 
 def default_method_names(shape, device) -> list[str]:
     available = all_methods(shape, device)
-    return list(DEFAULT_METHODS) + [n for n in ("jarn_fused", "jarn_at1_fused", "jsigr_fused", "jsigr_fd")
-                                    if n in available]
+    extra = ("jarn_fused", "jarn_at1_fused", "jsigr_fused", "jsigr_fd", "jsigr_fd_fused")
+    return list(DEFAULT_METHODS) + [n for n in extra if n in available]
 
 
 def make_run(a, name, model0, ds, shape, device):

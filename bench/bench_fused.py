@@ -28,14 +28,14 @@ from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, condit
 import jsigr_fast  # noqa: E402
 
 PAIRS = (("double_backprop", "double_backprop_fused"), ("jsigr", "jsigr_fused"),
-         ("jsigr_hutchinson", "jsigr_hutchinson_fused"))
+         ("jsigr_hutchinson", "jsigr_hutchinson_fused"), ("jsigr_fd", "jsigr_fd_fused"))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_arguments(p)
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--pairs", default="double_backprop,jsigr,jsigr_hutchinson")
+    p.add_argument("--pairs", default=",".join(r for r, _ in PAIRS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true")

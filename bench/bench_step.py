@@ -56,7 +56,7 @@ def main(argv=None):
     add_step_arguments(p, threads=False)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--methods", default="standard,double_backprop,double_backprop_fused,jsigr,jsigr_fused,jsigr_fd,"
-                   "jsigr_hutchinson,jsigr_hutchinson_fused,pgd_at7")
+                   "jsigr_fd_fused,jsigr_hutchinson,jsigr_hutchinson_fused,pgd_at7")
     p.add_argument("--backend", default="reference")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)

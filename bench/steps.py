@@ -179,9 +179,10 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
         "jarn": Method("jarn", "jarn", lambda m, x, y: jarn(x)(m, x, y), f"JARN only ({disc} discriminator, {backend})"),
         "jarn_at1": Method("jarn_at1", "jarn_at1", jarn_at1, f"JARN-AT1 (JARN on the FGSM-AT1 batch, {backend})"),
     }
-    # finite differences (jsigr_fast.finite_difference): ordinary kernels only
-    methods["jsigr_fd"] = Method("jsigr_fd", "jsigr_fd", lambda m, x, y: jsigr_fast.loss(m, x, y, mode="fd"),
-                                 "J-SIGR, finite differences (fd)")
+    # finite differences (jsigr_fast.finite_difference): first-order autograd only, through the backend's layers
+    methods["jsigr_fd"] = Method("jsigr_fd", "jsigr_fd",
+                                 lambda m, x, y: jsigr_fast.loss(m, x, y, mode="fd", backend=backend),
+                                 f"J-SIGR, finite differences (fd, {backend})")
     # the fused backend (jsigr_fast.fused: fused BatchNorm, conv/ReLU double-backward rules), when built
     if "fused" in jsigr_fast.available_backends(device):
         methods.update({
@@ -204,6 +205,9 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
                                  f"JARN only ({disc} discriminator, fused)"),
             "jarn_at1_fused": Method("jarn_at1_fused", "jarn_at1", jarn_at1_fused,
                                      "JARN-AT1 (JARN on the FGSM-AT1 batch, fused)"),
+            "jsigr_fd_fused": Method("jsigr_fd_fused", "jsigr_fd",
+                                     lambda m, x, y: jsigr_fast.loss(m, x, y, mode="fd", backend="fused"),
+                                     "J-SIGR, finite differences (fd, fused)"),
             "jsigr_hutchinson_fused": Method(
                 "jsigr_hutchinson_fused", "jsigr_hutchinson",
                 lambda m, x, y: jsigr_fast.loss(m, x, y, jacobian="hutchinson", backend="fused"),

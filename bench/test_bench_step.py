@@ -21,7 +21,7 @@ MODEL = os.environ.get("JSIGR_BENCH_MODEL", "resnet20")
 BATCH = int(os.environ.get("JSIGR_BENCH_BATCH", "32"))
 
 
-@pytest.mark.parametrize("method", ["standard", "double_backprop", "jsigr", "jsigr_fused", "jsigr_fd"])
+@pytest.mark.parametrize("method", ["standard", "double_backprop", "jsigr", "jsigr_fused", "jsigr_fd", "jsigr_fd_fused"])
 def test_training_step(benchmark, method):
     model, opt, x, y = make_setup(MODEL, BATCH, device=DEVICE)
     methods = make_methods(model.input_shape, backend="reference", device=DEVICE)

@@ -11,7 +11,11 @@ For the Jacobian term, the projection estimator uses ``d_n = u_n/||u_n||`` with 
 
 The directions cost an input-only backward without a graph; each term then costs one extra forward,
 and the loss is differentiated by ONE ordinary backward through ordinary kernels: no BatchNorm
-double backward, nothing DDP or AMP has to treat specially, and less memory.
+double backward, nothing DDP or AMP has to treat specially, and less memory. With
+``backend="fused"`` the forwards and that backward run under the fused backend's layer rules
+(:func:`jsigr_fast.functional.layer_rules`: fused BatchNorm, conv and ReLU, channels-last
+activations where they pay); here they are only differentiated once, and exactly, so the result
+is the native one's up to rounding.
 
 Bias (documented and tested): the forward difference has error ``(h/2) dᵀ∇²ℓ d + O(h²)`` in the
 directional derivative, so the penalty carries an O(h) bias that vanishes as h → 0; the parameter
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from .batchnorm import frozen_running_stats
+from .functional import layer_rules
 from .reference import forward, unit_sphere, vjp
 
 __all__ = ["jsigr", "input_gradient_penalty", "jacobian_norm"]
@@ -92,11 +97,13 @@ def _jacobian_fd(aux, x0, logits, xg, *, estimator, n_proj, generator, h, grad_s
 
 def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float, lambda_j: float, eps: float,
           mask: torch.Tensor | None, jacobian: str, n_proj: int, generator: torch.Generator | None,
-          fd_step: float = 0.01, grad_scale=None, **_unused) -> dict[str, torch.Tensor]:
-    """J-SIGR Eq. 10 with both penalties by finite differences (same returns as reference.jsigr)."""
+          fd_step: float = 0.01, grad_scale=None, backend: str = "reference",
+          **_unused) -> dict[str, torch.Tensor]:
+    """J-SIGR Eq. 10 with both penalties by finite differences (same returns as reference.jsigr);
+    ``backend``: whose layer rules the passes run under (see the module docstring)."""
     aux = _checks.unwrap_parallel(model)
     x0 = x.detach()
-    with torch.enable_grad():
+    with torch.enable_grad(), layer_rules(backend):
         xg, logits = forward(model, x, y)
         per_sample = F.cross_entropy(logits, y, reduction="none")
         ce = per_sample.mean()
@@ -115,9 +122,10 @@ def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float
 
 
 def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mask: torch.Tensor | None = None,
-                           fd_step: float = 0.01, grad_scale=None, **_unused) -> dict[str, torch.Tensor]:
+                           fd_step: float = 0.01, grad_scale=None, backend: str = "reference",
+                           **_unused) -> dict[str, torch.Tensor]:
     aux = _checks.unwrap_parallel(model)
-    with torch.enable_grad():
+    with torch.enable_grad(), layer_rules(backend):
         xg, logits = forward(model, x, y)
         per_sample = F.cross_entropy(logits, y, reduction="none")
         g = vjp(per_sample.sum(), xg, create_graph=False, grad_scale=grad_scale)
@@ -127,9 +135,9 @@ def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
 
 def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "projection", n_proj: int = 1,
                   generator: torch.Generator | None = None, fd_step: float = 0.01, grad_scale=None,
-                  **_unused) -> dict[str, torch.Tensor]:
+                  backend: str = "reference", **_unused) -> dict[str, torch.Tensor]:
     aux = _checks.unwrap_parallel(model)
-    with torch.enable_grad():
+    with torch.enable_grad(), layer_rules(backend):
         xg, logits = forward(model, x, None)
         per = _jacobian_fd(aux, x.detach(), logits, xg, estimator=estimator, n_proj=n_proj, generator=generator,
                            h=fd_step, grad_scale=grad_scale)

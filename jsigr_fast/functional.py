@@ -73,10 +73,10 @@ def backend_module(backend: str, mode: str = "autograd"):
     return reference
 
 
-def mask_builder(backend: str, mode: str = "autograd"):
-    """``make_mask(saliency, g_hat, x, *, beta, quantile)`` of the backend module (the fused backend builds a
-    one-byte mask with its fused ops; a module without one uses :func:`jsigr_fast.reference.make_mask`)."""
-    return getattr(backend_module(backend, mode), "make_mask", reference.make_mask)
+def mask_builder(backend: str):
+    """``make_mask(saliency, g_hat, x, *, beta, quantile)`` of the backend (the fused backend builds a
+    one-byte mask with its fused ops, in either mode; the reference uses :func:`jsigr_fast.reference.make_mask`)."""
+    return getattr(backend_module(backend), "make_mask", reference.make_mask)
 
 
 def mask_fraction(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -84,20 +84,24 @@ def mask_fraction(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mask.mean() if mask.is_floating_point() else mask.to(x.dtype).mean()
 
 
-def layer_rules(backend: str, mode: str = "autograd"):
+def layer_rules(backend: str):
     """The backend's layer rules for a block of plain autograd code: the fused backend's
-    BatchNorm/conv/ReLU rules (:func:`jsigr_fast.fused.fused_layers`), nothing for the others."""
-    if backend == "fused" and mode == "autograd":
+    BatchNorm/conv/ReLU rules (:func:`jsigr_fast.fused.fused_layers`), nothing for the others.
+    Used for the perturbed-input saliency pass (an input-only backward, no graph) and by the
+    regularizers written as plain autograd code (``mode="fd"``, Jacobian and interpretation
+    regularization, JARN)."""
+    if backend == "fused":
         from . import fused
 
         return fused.fused_layers()
     return contextlib.nullcontext()
 
 
-def saliency_pass_context(backend: str, mode: str = "autograd"):
-    """Layer rules for the perturbed-input saliency pass: the fused backend runs it with its fused
-    BatchNorm/conv/ReLU rules too (an input-only backward, no graph), the others natively."""
-    return layer_rules(backend, mode)
+def mode_kwargs(mode: str, fd_step: float, backend: str) -> dict:
+    """The extra keyword arguments of the ``mode="fd"`` functions: the step, and the backend whose
+    layer rules their forwards and ordinary backward run under (the fused one's are exact and
+    need no double backward, so fd gains from them too)."""
+    return {"fd_step": fd_step, "backend": backend} if mode == "fd" else {}
 
 
 def _detached(d: dict, keys) -> dict:
@@ -178,13 +182,13 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
     if lambda_m > 0 and not (isinstance(saliency, str) and saliency == "none"):
         g_hat = None  # a precomputed map needs no perturbed pass
         if not isinstance(saliency, torch.Tensor):
-            with saliency_pass_context(backend, mode):
+            with layer_rules(backend):
                 g_hat = perturbed_input_gradient(model, x, y, eps=eps, generator=generator, grad_scale=grad_scale)
-        mask = mask_builder(backend, mode)(saliency, g_hat, x, beta=beta, quantile=mask_quantile)
+        mask = mask_builder(backend)(saliency, g_hat, x, beta=beta, quantile=mask_quantile)
 
     out = backend_module(backend, mode).jsigr(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, eps=eps, mask=mask,
                                               jacobian=jacobian, n_proj=n_proj, generator=generator,
-                                              grad_scale=grad_scale, **({"fd_step": fd_step} if mode == "fd" else {}))
+                                              grad_scale=grad_scale, **mode_kwargs(mode, fd_step, backend))
     if not return_terms:
         return out["loss"]
     terms = _detached(out, ("loss", "ce", "sig", "jac"))
@@ -215,7 +219,7 @@ def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     backend = resolve_backend(backend, x.device)
     if mask is not None:
         mask = ops._prepare_mask(x, mask)
-    extra = {"fd_step": fd_step} if mode == "fd" else {}
+    extra = mode_kwargs(mode, fd_step, backend)
     with frozen_running_stats(model):
         out = backend_module(backend, mode).input_gradient_penalty(model, x, y, mask=mask, grad_scale=grad_scale, **extra)
     return out["penalty"]
@@ -240,7 +244,7 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact"
     grad_scale = _checks.check_grad_scale(grad_scale)
     fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)
-    extra = {"fd_step": fd_step} if mode == "fd" else {}
+    extra = mode_kwargs(mode, fd_step, backend)
     with frozen_running_stats(model):
         return backend_module(backend, mode).jacobian_norm(model, x, estimator=estimator, n_proj=n_proj,
                                                            generator=generator, grad_scale=grad_scale, **extra)["jac"]
@@ -293,7 +297,7 @@ def double_backprop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambd
     grad_scale = _checks.check_grad_scale(grad_scale)
     fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)
-    extra = {"fd_step": fd_step} if mode == "fd" else {}
+    extra = mode_kwargs(mode, fd_step, backend)
     out = backend_module(backend, mode).input_gradient_penalty(model, x, y, grad_scale=grad_scale, **extra)
     total = out["ce"] + lambda_ig * out["penalty"]
     if return_terms:

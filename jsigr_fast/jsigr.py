@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from . import _checks
 from .adversarial import GANCriterion
-from .functional import _check_common, backend_module, mask_builder, mask_fraction, resolve_backend, saliency_pass_context
+from .functional import (_check_common, backend_module, layer_rules, mask_builder, mask_fraction, mode_kwargs,
+                         resolve_backend)
 from .saliency import perturbed_input_gradient
 
 __all__ = ["JSIGR"]
@@ -87,7 +88,7 @@ class JSIGR(GANCriterion):
         terms_extra = {}
         mask = None
         if self.lambda_m > 0 or self.training:
-            with saliency_pass_context(backend, self.mode):
+            with layer_rules(backend):
                 g_hat = perturbed_input_gradient(model, x, y, eps=self.eps, generator=generator, grad_scale=grad_scale)
             if self.training:
                 with torch.enable_grad():
@@ -97,12 +98,12 @@ class JSIGR(GANCriterion):
                 M = M.detach()
                 terms_extra["gen"] = gen.detach()
                 terms_extra.update(self._stage(grads, x, M))
-                mask = mask_builder(backend, self.mode)(M, None, x, beta=self.beta, quantile=self.mask_quantile)
+                mask = mask_builder(backend)(M, None, x, beta=self.beta, quantile=self.mask_quantile)
             else:
                 with torch.no_grad():  # the adaptor's map, no graph (the fused backend: one kernel)
-                    mask = mask_builder(backend, self.mode)(self.gan.adaptor, g_hat, x, beta=self.beta,
-                                                            quantile=self.mask_quantile)
-        extra = {"fd_step": self.fd_step} if self.mode == "fd" else {}
+                    mask = mask_builder(backend)(self.gan.adaptor, g_hat, x, beta=self.beta,
+                                                 quantile=self.mask_quantile)
+        extra = mode_kwargs(self.mode, self.fd_step, backend)
         out = backend_module(backend, self.mode).jsigr(model, x, y, lambda_m=self.lambda_m, lambda_j=self.lambda_j,
                                                        eps=self.eps, mask=mask, jacobian=self.jacobian,
                                                        n_proj=self.n_proj, generator=generator, grad_scale=grad_scale,
