@@ -158,7 +158,8 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
         mode: ``"autograd"`` (exact penalties, differentiated by double backprop) or ``"fd"`` (Finlay &
             Oberman's finite differences along the detached gradient directions, step ``fd_step``:
             no double backprop, one ordinary backward; O(fd_step) bias, see
-            :mod:`jsigr_fast.finite_difference`).
+            :mod:`jsigr_fast.finite_difference`, which also says why on ReLU networks its parameter
+            gradient is not double backprop's at any step).
 
     Returns:
         Scalar loss, differentiable w.r.t. the model's parameters (and ``(loss, terms)`` when
@@ -253,14 +254,16 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact"
 def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_j: float = 0.1,
                             squared: bool = True, estimator: str = "exact", n_proj: int = 1,
                             backend: str = "auto", return_terms: bool = False,
-                            generator: torch.Generator | None = None, grad_scale=None):
+                            generator: torch.Generator | None = None, grad_scale=None, mode: str = "autograd",
+                            fd_step: float = 0.01):
     r"""Jakubovitz & Giryes' Jacobian regularization: ``CE + lambda_j * R``.
 
     ``squared=True``: ``R = mean_n ||J_n||_F²``. ``squared=False``: ``R = sqrt(sum_n ||J_n||_F²)``,
     the Frobenius norm of the whole batch's Jacobian, exactly as their Eq. 6 writes it (a norm, not
     its square; it grows like sqrt(N)). They use it as post-processing (fine-tuning a trained
-    model) with lambda_j = 0.1 on MNIST and 0.5 on CIFAR-10. ``backend``, ``grad_scale``: see :func:`loss`
-    (the fused backend runs the forward and the Jacobian VJPs / JVPs with its layer rules).
+    model) with lambda_j = 0.1 on MNIST and 0.5 on CIFAR-10. ``backend``, ``grad_scale``, ``mode``,
+    ``fd_step``: see :func:`loss` (the fused backend runs the forward and the Jacobian VJPs / JVPs
+    with its layer rules; ``mode="fd"`` takes ``||J_n||²`` by finite differences).
     """
     _check_common(model, x, y)
     lambda_j = _checks.check_number("lambda_j", lambda_j, low=0)
@@ -269,7 +272,27 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     if not isinstance(squared, bool):
         raise TypeError(f"squared must be a bool, got {type(squared).__name__}")
     grad_scale = _checks.check_grad_scale(grad_scale)
+    fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)
+    if mode == "fd":  # its forward at x is the training forward (running statistics updated once)
+        out = backend_module(backend, mode).jacobian_norm(model, x, estimator=estimator, n_proj=n_proj,
+                                                          generator=generator, grad_scale=grad_scale,
+                                                          **mode_kwargs(mode, fd_step, backend))
+        with torch.enable_grad():
+            ce, per = F.cross_entropy(out["logits"], y), out["per_sample"]
+    else:
+        ce, per = _jacobian_regularization_terms(model, x, y, estimator=estimator, n_proj=n_proj, backend=backend,
+                                                 generator=generator, grad_scale=grad_scale)
+    with torch.enable_grad():
+        reg = per.mean() if squared else per.sum().sqrt()
+        total = ce + lambda_j * reg
+    if return_terms:
+        return total, {"loss": total.detach(), "ce": ce.detach(), "jac": reg.detach()}
+    return total
+
+
+def _jacobian_regularization_terms(model, x, y, *, estimator, n_proj, backend, generator, grad_scale):
+    """The CE and the per-sample ``||J_n||_F²`` of :func:`jacobian_regularization`, by autograd."""
     with torch.enable_grad():
         with layer_rules(backend):
             xg, logits = reference.forward(model, x, y)
@@ -279,11 +302,7 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                                             generator=generator, grad_scale=grad_scale)
         if estimator == "hutchinson":  # its own forward-mode pass(es), with the backend's forward-mode rules
             per = backend_module(backend).jacobian_hutchinson_sq(model, x, n_proj=n_proj, generator=generator)
-        reg = per.mean() if squared else per.sum().sqrt()
-        total = ce + lambda_j * reg
-    if return_terms:
-        return total, {"loss": total.detach(), "ce": ce.detach(), "jac": reg.detach()}
-    return total
+    return ce, per
 
 
 def double_backprop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_ig: float = 1.0,

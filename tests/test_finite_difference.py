@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import jsigr_fast
@@ -167,3 +168,72 @@ def test_fd_jsigr_module_and_errors():
         jsigr_fast.loss(model, x, Y, mode="finite")
     with pytest.raises(ValueError, match="fd_step must be > 0"):
         jsigr_fast.loss(model, x, Y, mode="fd", fd_step=0.0)
+
+
+@pytest.mark.parametrize("squared", [True, False])
+@pytest.mark.parametrize("estimator", ["projection", "hutchinson", "exact"])
+def test_jacobian_regularization_fd_converges_to_autograd(estimator, squared):
+    # Jakubovitz & Giryes' CE + lambda_j * R with R by finite differences: value and parameter
+    # gradients tend to the double-backprop ones as the step shrinks (same random draws).
+    model, x = tiny_model("conv_tanh"), tiny_input("conv_tanh")
+    params = list(model.parameters())
+
+    def run(mode, h=0.01):
+        out, terms = jsigr_fast.jacobian_regularization(
+            model, x, Y, lambda_j=0.5, squared=squared, estimator=estimator, n_proj=2, mode=mode, fd_step=h,
+            generator=torch.Generator().manual_seed(0), return_terms=True)
+        return terms, torch.autograd.grad(out, params)
+
+    exact, g_exact = run("autograd")
+    rough, _ = run("fd", 1e-2)
+    fine, g_fine = run("fd", 1e-7)
+    assert float(rough["jac"]) != pytest.approx(float(exact["jac"]), rel=1e-5)  # the O(h) bias is visible...
+    assert float(fine["jac"]) == pytest.approx(float(exact["jac"]), rel=1e-5)  # ...and vanishes with h
+    torch.testing.assert_close(fine["ce"], exact["ce"], rtol=1e-12, atol=0)
+    for a, b in zip(g_exact, g_fine):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-8)
+
+
+def test_jacobian_regularization_fd_updates_running_stats_once():
+    model, x = tiny_model("conv_bn_train"), tiny_input("conv_bn_train")
+    ref = copy.deepcopy(model)
+    ref(x)
+    jsigr_fast.jacobian_regularization(model, x, Y, estimator="projection", n_proj=2, mode="fd",
+                                       generator=torch.Generator().manual_seed(0)).backward()
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_fd_gradient_on_relu_networks_carries_the_kinks():
+    # The documented ReLU behaviour. The fd parameter gradient differentiates l(x + h d) - l(x); a
+    # ReLU unit whose sign differs at the two ends adds an O(1/h) term (its kink) that double
+    # backprop (ReLU'' = 0) does not have. Oracle for "no kink crossed": the hidden layer's sign
+    # pattern at x and at x + h d, with d = g / ||g|| from an independent input gradient.
+    def rel_err(a, b):
+        a, b = torch.cat([t.reshape(-1) for t in a]), torch.cat([t.reshape(-1) for t in b])
+        return float((b - a).norm() / a.norm())
+
+    seen = {"clean": 0, "flipped": 0}
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(12, 256), nn.ReLU(), nn.Linear(256, 4)).double()
+        x = torch.rand(64, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+        y = torch.arange(64) % 4
+        params = list(model.parameters())
+        exact = torch.autograd.grad(jsigr_fast.input_gradient_penalty(model, x, y, backend="reference"), params)
+        g = batch_input_gradient(model, x, y)
+        d = g / g.norm(dim=1, keepdim=True)
+        for h in (1e-2, 1e-3, 1e-4):
+            fd = torch.autograd.grad(jsigr_fast.input_gradient_penalty(model, x, y, mode="fd", fd_step=h,
+                                                                       backend="reference"), params)
+            flips = int(((model[0](x) > 0) != (model[0](x + h * d) > 0)).sum())
+            err = rel_err(exact, fd)
+            if flips == 0:  # smooth along every segment: O(h), as for tanh
+                assert err < h, (seed, h, err)
+                seen["clean"] += 1
+            else:  # a crossed kink dominates, at any h
+                assert err > 0.5, (seed, h, flips, err)
+                seen["flipped"] += 1
+            if h == 1e-2:  # the default step crosses kinks on this batch
+                assert flips > 0
+    assert seen["clean"] >= 3 and seen["flipped"] >= 5, seen  # both cases were exercised
