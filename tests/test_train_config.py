@@ -1,12 +1,14 @@
 """jsigr-fast train's configuration: flags, files, presets, schedule, and the errors users see."""
 import json
+import os
 import math
 
 import pytest
 
 from jsigr_fast.cli import main
 from jsigr_fast.train.build import lr_factor
-from jsigr_fast.train.config import ATTACK_PRESETS, TrainConfig, build_config, load_config_file, resolve
+from jsigr_fast.train.config import (ATTACK_PRESETS, TrainConfig, build_config, load_config_file, reference_markdown,
+                                     resolve)
 from jsigr_fast.train.errors import ConfigError
 
 QUIET = ["--threads", "1", "--progress", "false", "--tensorboard", "false"]
@@ -185,3 +187,11 @@ def test_shipped_configs_are_valid():
         cfg, _ = build_config(load_config_file(f), file_source=f)
         methods.add(resolve(cfg).method)
     assert {"jsigr", "pgd_at"} <= methods
+
+
+def test_training_doc_lists_every_key():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "TRAINING.md"), encoding="utf-8") as f:
+        doc = f.read()
+    assert reference_markdown() in doc, ("docs/TRAINING.md's key tables differ from the config fields; regenerate "
+                                         "them with jsigr_fast.train.config.reference_markdown()")

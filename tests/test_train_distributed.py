@@ -6,7 +6,8 @@ whole batch for any loss that is a mean of per-sample terms (CE, input-gradient 
 Jacobian norm). BatchNorm would differ (each rank normalises with its own half-batch statistics),
 and so would every random draw (saliency noise, random projections, PGD starts: each rank draws
 for its own samples from its own stream), and Jakubovitz's ``sqrt(sum_n ||J_n||^2)`` is not a mean.
-So the comparison uses digits_cnn (no BatchNorm) with standard, input_grad and jacobian (exact);
+So the comparison uses digits_cnn (no BatchNorm) with standard, input_grad and jacobian (exact), the
+last two also in mode fd;
 for J-SIGR it checks that the replicas (classifier *and* adaptor/discriminator) stay identical,
 and that a NaN on one rank makes every rank skip the step.
 """
@@ -24,8 +25,16 @@ from jsigr_fast.cli import main
 COMMON = ["--epochs", "1", "--steps-per-epoch", "4", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05",
           "--momentum", "0.9", "--weight-decay", "0", "--eval-max-batches", "2", "--threads", "1",
           "--progress", "false", "--tensorboard", "false"]
-EXACT = {"standard": [], "input_grad": ["--lambda-ig", "1"],
-         "jacobian": ["--jacobian-estimator", "exact", "--lambda-j", "0.5"]}
+# run name -> (method, flags). The fd runs: mode="fd" is sold as needing no special care under DDP
+# (one ordinary backward, whose perturbed forwards run on the unwrapped module). They use GELU: with
+# ReLU a unit whose sign flips between x and x + h d adds O(1/h) to the fd gradient, so the rounding
+# differences between a 16- and a 32-sample convolution would move the weights by ~1 % (see
+# jsigr_fast.finite_difference on ReLU networks).
+_GELU = ["--model-arg", "activation=gelu"]
+EXACT = {"standard": ("standard", []), "input_grad": ("input_grad", ["--lambda-ig", "1"]),
+         "jacobian": ("jacobian", ["--jacobian-estimator", "exact", "--lambda-j", "0.5"]),
+         "input_grad_fd": ("input_grad", ["--lambda-ig", "1", "--mode", "fd", *_GELU]),
+         "jacobian_fd": ("jacobian", ["--jacobian-estimator", "exact", "--lambda-j", "0.5", "--mode", "fd", *_GELU])}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DRIVER = textwrap.dedent('''
@@ -35,8 +44,8 @@ DRIVER = textwrap.dedent('''
     dist.init_process_group("gloo")  # the trainer joins this group; one group for all runs
     from jsigr_fast.cli import main
     out, common, exact = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-    for method, extra in exact.items():
-        assert main(["train", "--method", method, *common, *extra, "--out", f"{out}/{method}"]) == 0
+    for name, (method, extra) in exact.items():
+        assert main(["train", "--method", method, *common, *extra, "--out", f"{out}/{name}"]) == 0
     # J-SIGR: random draws differ per rank, but the replicas must stay identical
     assert main(["train", "--method", "jsigr", *common, "--disc-every", "2", "--out", f"{out}/jsigr"]) == 0
     # resume on 2 ranks: every rank's RNG state comes back (constant schedule, so 1 + 1 epochs = 2 epochs)
@@ -94,18 +103,20 @@ def load(path):
     return torch.load(path, weights_only=True)
 
 
-@pytest.mark.parametrize("method", list(EXACT))
-def test_two_ranks_match_one_process_on_the_global_batch(ddp_runs, tmp_path, method):
+@pytest.mark.parametrize("name", list(EXACT))
+def test_two_ranks_match_one_process_on_the_global_batch(ddp_runs, tmp_path, name):
     out, _ = ddp_runs
-    assert main(["train", "--method", method, *COMMON, *EXACT[method], "--out", str(tmp_path)]) == 0
-    single, ddp = load(tmp_path / "last.pt"), load(out / method / "last.pt")
+    method, extra = EXACT[name]
+    assert main(["train", "--method", method, *COMMON, *extra, "--out", str(tmp_path)]) == 0
+    single, ddp = load(tmp_path / "last.pt"), load(out / name / "last.pt")
+    assert ddp["config"]["mode"] == single["config"]["mode"] == ("fd" if name.endswith("_fd") else "autograd")
     assert ddp["rng"]["world_size"] == 2 and len(ddp["rng"]["ranks"]) == 2
     for k, v in single["model"].items():
         torch.testing.assert_close(ddp["model"][k], v, rtol=1e-5, atol=1e-6)
     from jsigr_fast.models import get_model
 
     torch.manual_seed(0)
-    init = get_model("digits_cnn", dataset="digits").state_dict()
+    init = get_model("digits_cnn", dataset="digits", **single["config"]["model_args"]).state_dict()
     moved = (single["model"]["fc.weight"] - init["fc.weight"]).abs().max()
     assert moved > 1e-3  # the comparison is not between two untrained models
     assert ddp["metrics"]["eval_clean"] == single["metrics"]["eval_clean"]  # evaluation is sharded, then summed

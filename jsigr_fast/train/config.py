@@ -139,6 +139,9 @@ class TrainConfig:
     # --- J-SIGR ---------------------------------------------------------------------------------
     backend: str = _f("auto", "str", "auto | reference | fused (library kernels)", "jsigr",
                       choices=("auto", "reference", "fused"))
+    mode: str = _f("autograd", "str", "autograd (exact penalties, double backprop) | fd (finite differences, "
+                   "one ordinary backward; jsigr, jacobian, input_grad)", "jsigr", choices=("autograd", "fd"))
+    fd_step: float = _f(0.01, "float", "mode fd: the difference step, in input units", "jsigr", low=0, low_open=True)
     lambda_m: float | None = _f(None, "float", "weight of the selective input-gradient term (preset 0.5)", "jsigr",
                                 optional=True, low=0)
     lambda_j: float | None = _f(None, "float", "weight of the Jacobian term (jsigr 0.5; jacobian 0.1 on "
@@ -423,3 +426,27 @@ def check_combination(cfg: TrainConfig, *, resuming: bool = False) -> None:
     if cfg.ir_targets == "precompute" and cfg.dataset in ("cifar10", "imagenet", "imagefolder") and not cfg.synthetic:
         raise ConfigError(f"ir_targets=precompute needs un-augmented training images, but {cfg.dataset} is trained "
                           f"with random crops/flips; use ir_targets=online")
+
+
+def reference_markdown() -> str:
+    """The key tables of docs/TRAINING.md ("Every key"), one per group, from the fields themselves.
+    A test keeps the document equal to this; regenerate with
+    ``python -c "from jsigr_fast.train.config import reference_markdown as r; print(r())"``."""
+    groups: dict[str, list[str]] = {}
+    for name, f in FIELDS.items():
+        m = f.metadata
+        if m["choices"] and len(m["choices"]) <= 4:  # a long list is in the help already
+            kind = " \\| ".join(m["choices"])
+        else:
+            kind = {"str": "string", "list_int": "list of int", "list_float": "list of float"}.get(m["kind"], m["kind"])
+        if m["optional"]:
+            kind += " or null"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "preset" if default is None and "preset" in m["help"] else "null" if default is None else default
+        help_ = m["help"].replace("|", "\\|") + (" *(may change on resume)*" if m["resume_ok"] else "")
+        groups.setdefault(m["group"], []).append(f"| `{name}` | {kind} | `{shown}` | {help_} |")
+    out = []
+    for group, rows in groups.items():
+        out += [f"**{group}**", "", "| key (flag `--key-name`) | type | default | meaning |", "|---|---|---|---|",
+                *rows, ""]
+    return "\n".join(out[:-1])

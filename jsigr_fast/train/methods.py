@@ -67,6 +67,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return unwrap_parallel(model)
 
 
+def _mode(cfg) -> str:
+    """The describe() suffix of a gradient penalty taken by finite differences."""
+    return f", finite differences (step {cfg.fd_step:g})" if cfg.mode == "fd" else ""
+
+
 def _ce(model, x, y):
     ce = F.cross_entropy(model(x), y)
     return ce, {"ce": ce.detach()}
@@ -152,7 +157,7 @@ class _CriterionMethod(Method):
 class JSIGRMethod(_CriterionMethod):
     name = "jsigr"
     uses = ("lambda_m", "lambda_j", "jsigr_eps", "beta", "mask_quantile", "jacobian_estimator", "n_proj", "disc",
-            "disc_every", "adaptor_lr", "disc_lr", "generator_loss", "backend")
+            "disc_every", "adaptor_lr", "disc_lr", "generator_loss", "backend", "mode", "fd_step")
     terms = ("ce", "sig", "jac", "mask_fraction", "gen", "disc")
 
     def _make_criterion(self):
@@ -161,7 +166,7 @@ class JSIGRMethod(_CriterionMethod):
         c = self.cfg
         return JSIGR(self.ctx.input_shape, lambda_m=c.lambda_m, lambda_j=c.lambda_j, eps=c.jsigr_eps, beta=c.beta,
                      mask_quantile=c.mask_quantile, jacobian=c.jacobian_estimator, n_proj=c.n_proj,
-                     backend=c.backend, **self._gan_kwargs())
+                     backend=c.backend, mode=c.mode, fd_step=c.fd_step, **self._gan_kwargs())
 
     def loss(self, model, x, y, extra, *, step, grad_scale=None):
         return self.crit(model, x, y, return_terms=True, generator=self.ctx.generator, grad_scale=grad_scale)
@@ -170,7 +175,7 @@ class JSIGRMethod(_CriterionMethod):
         c = self.cfg
         mask = f"mask_quantile={c.mask_quantile}" if c.mask_quantile is not None else f"beta={c.beta}"
         return (f"jsigr: CE + {c.lambda_m}*R_sig + {c.lambda_j}*R_j ({c.jacobian_estimator}, n_proj={c.n_proj}), "
-                f"eps={c.jsigr_eps}, {mask}, disc {c.disc} every {c.disc_every}")
+                f"eps={c.jsigr_eps}, {mask}, disc {c.disc} every {c.disc_every}{_mode(c)}")
 
 
 class JARNMethod(_CriterionMethod):
@@ -226,7 +231,7 @@ class JARNAT1Method(JARNMethod):
 
 class JacobianMethod(Method):
     name = "jacobian"
-    uses = ("lambda_j", "jacobian_estimator", "n_proj", "jacobian_squared", "backend")
+    uses = ("lambda_j", "jacobian_estimator", "n_proj", "jacobian_squared", "backend", "mode", "fd_step")
     terms = ("ce", "jac")
 
     def loss(self, model, x, y, extra, *, step, grad_scale=None):
@@ -235,28 +240,30 @@ class JacobianMethod(Method):
         c = self.cfg
         return jacobian_regularization(model, x, y, lambda_j=c.lambda_j, squared=c.jacobian_squared,
                                        estimator=c.jacobian_estimator, n_proj=c.n_proj, backend=c.backend,
-                                       return_terms=True, generator=self.ctx.generator, grad_scale=grad_scale)
+                                       return_terms=True, generator=self.ctx.generator, grad_scale=grad_scale,
+                                       mode=c.mode, fd_step=c.fd_step)
 
     def describe(self):
         c = self.cfg
         reg = "mean ||J||_F^2" if c.jacobian_squared else "sqrt(sum ||J||_F^2)"
-        return f"jacobian: CE + {c.lambda_j}*{reg} ({c.jacobian_estimator}, n_proj={c.n_proj})"
+        return f"jacobian: CE + {c.lambda_j}*{reg} ({c.jacobian_estimator}, n_proj={c.n_proj}){_mode(c)}"
 
 
 class InputGradMethod(Method):
     name = "input_grad"
-    uses = ("lambda_ig", "backend")
+    uses = ("lambda_ig", "backend", "mode", "fd_step")
     terms = ("ce", "ig")
 
     def loss(self, model, x, y, extra, *, step, grad_scale=None):
         from jsigr_fast import double_backprop
 
-        loss, t = double_backprop(model, x, y, lambda_ig=self.cfg.lambda_ig, backend=self.cfg.backend,
-                                  return_terms=True, grad_scale=grad_scale)
+        c = self.cfg
+        loss, t = double_backprop(model, x, y, lambda_ig=c.lambda_ig, backend=c.backend, return_terms=True,
+                                  grad_scale=grad_scale, mode=c.mode, fd_step=c.fd_step)
         return loss, {"ce": t["ce"], "ig": t["sig"]}
 
     def describe(self):
-        return f"input_grad: CE + {self.cfg.lambda_ig}*mean||grad_x l||^2"
+        return f"input_grad: CE + {self.cfg.lambda_ig}*mean||grad_x l||^2{_mode(self.cfg)}"
 
 
 class PGDATMethod(Method):
