@@ -5,7 +5,7 @@
 # venv / pip downloads: the extension is built in place against the installed torch):
 #
 #   bash bench/gpu_session.sh build    # build the extension with nvcc + the CUDA/GPU tests    (~5 min)
-#   bash bench/gpu_session.sh step     # fused vs reference steps, BN/VJP/probes/loss-head/mask (~8 min)
+#   bash bench/gpu_session.sh step     # fused vs reference steps, BN/VJP/probes/loss-head/mask, fd accuracy (~8 min)
 #   bash bench/gpu_session.sh epoch    # Table-4 epoch bench (CIFAR ResNet-20) + ImageNet R18 throughput
 #
 # What comes back. The device tool returns at most 8 files from $OUT, so each stage writes its logs
@@ -101,6 +101,7 @@ case "$stage" in
     run probes_r20 "$PY" bench/bench_probes.py --device cuda --model resnet20 --batch 128 --out "$RES"
     run loss_head "$PY" bench/bench_loss_head.py --device cuda --out "$RES"
     run mask_bw "$PY" bench/bench_mask.py --device cuda --out "$RES"
+    run fd_accuracy "$PY" bench/bench_fd_accuracy.py --device cuda --out "$RES"
     ;;
   epoch)
     versions

@@ -6,8 +6,9 @@ take the detached direction ``d_n = m_n² ⊙ g_n / ||m_n ⊙ g_n||``; then ``g_
     ||m ⊙ g_n||²  ≈  ((ℓ_n(x + h d) − ℓ_n(x)) / h)²
 
 For the Jacobian term, the projection estimator uses ``d_n = u_n/||u_n||`` with ``u = Jᵀv`` and
-``K ((v_n · (z_n(x + h d) − z_n(x))) / h)²``; the Hutchinson estimator needs no direction at all:
-``||(z(x + h ζ) − z(x)) / h||²`` with ``ζ ~ N(0, I)``.
+``K ((v_n · (z_n(x + h d) − z_n(x))) / h)²``; the Hutchinson estimator needs no gradient for its
+direction: ``||ζ_n||² ||(z_n(x + h ζ̂) − z_n(x)) / h||²`` with ``ζ ~ N(0, I)`` and ``ζ̂_n = ζ_n / ||ζ_n||``
+(a unit step, like the others: ``h ζ`` itself would have norm ``h sqrt(D)``).
 
 The directions cost an input-only backward without a graph; each term then costs one extra forward,
 and the loss is differentiated by ONE ordinary backward through ordinary kernels: no BatchNorm
@@ -34,9 +35,19 @@ flips and O(1) or more where one does. A 12-256-4 ReLU MLP, batch 64: 19-29 unit
 the gradient differs from double backprop's by 83-121 % of its norm; digits_cnn (ReLU, batch 64):
 cosine 0.30 at h = 0.01, 0.10 at 1e-3; the same with GELU: cosine 1.000, 0.2 % off at h = 0.01.
 The penalty value converges either way. So on ReLU networks fd trains with a different gradient
-(Finlay & Oberman's), not an approximation of the exact path's.
+(Finlay & Oberman's), not an approximation of the exact path's. ResNet-20, batch 128, train mode
+(bench/bench_fd_accuracy.py, bench/results/fd_accuracy_cpu_*): the input-gradient penalty's fd
+parameter gradient has cosine 0.12 with the exact one at h = 0.01 (0.04 at 1e-3); with GELU, 0.998.
+
+Half precision (measured, same benchmark): under bf16 autocast the two forwards' rounding swamps
+the difference ``ℓ(x + h d) − ℓ(x)``: at h = 0.01 the input-gradient and projection terms are 8-14 %
+off and the Hutchinson estimate, whose difference is scaled by ``||ζ||² = D``, 134-202x the exact
+value (the exact path: within 3.5 %). A larger h trades this for the O(h) bias. So fd warns when its
+forwards run in fp16/bf16; compute an fd loss in float32.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -50,6 +61,27 @@ from .reference import forward, unit_sphere, vjp
 __all__ = ["jsigr", "input_gradient_penalty", "jacobian_norm"]
 
 _TINY = 1e-30
+
+
+def _low_precision(x: torch.Tensor) -> torch.dtype | None:
+    """The half-precision dtype the forwards run in (the input's, or autocast's on x's device), else None."""
+    half = (torch.float16, torch.bfloat16)
+    if x.dtype in half:
+        return x.dtype
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) in half:
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _warn_low_precision(x: torch.Tensor) -> None:
+    dtype = _low_precision(x)
+    if dtype is not None:
+        warnings.warn(f"mode='fd' with {dtype} forwards: the differences (l(x + h d) - l(x)) / h lose most of "
+                      f"their digits to the rounding of the two forwards (ResNet-20, batch 128, bf16 autocast, "
+                      f"fd_step 0.01: input-gradient penalty -14 %, Jacobian by projection -10 %, by Hutchinson "
+                      f"134x the exact value; bench/results/fd_accuracy_*). mode='autograd' stays within 3.5 % "
+                      f"there; or compute this loss outside autocast.", RuntimeWarning, stacklevel=4)
 
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -82,9 +114,14 @@ def _jacobian_fd(aux, x0, logits, xg, *, estimator, n_proj, generator, h, grad_s
     if estimator == "hutchinson":
         for _ in range(n_proj):
             zeta = _checks.randn(x0.shape, like=x0, generator=generator)
+            # ||J z||^2 = ||z||^2 ||J z/||z||||^2: step along the unit direction, so that h is the
+            # perturbation's norm as for the other terms (h * z itself has norm h * sqrt(D): 0.55
+            # on CIFAR, 3.9 at 224 px, far outside the linear range; ResNet-20: -19 % bias at h = 0.01)
+            sq = zeta.reshape(n, -1).pow(2).sum(1)
+            d = zeta / _expand(sq.sqrt().clamp_min(_TINY), zeta)
             with frozen_running_stats(aux):
-                plus = aux(x0 + h * zeta)
-            total = total + ((plus - logits) / h).reshape(n, -1).pow(2).sum(1)
+                plus = aux(x0 + h * d)
+            total = total + sq * ((plus - logits) / h).reshape(n, -1).pow(2).sum(1)
         return total / n_proj
     if estimator == "projection":
         cots = [(unit_sphere(n, k, like=logits, generator=generator), float(k)) for _ in range(n_proj)]
@@ -111,6 +148,7 @@ def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float
           **_unused) -> dict[str, torch.Tensor]:
     """J-SIGR Eq. 10 with both penalties by finite differences (same returns as reference.jsigr);
     ``backend``: whose layer rules the passes run under (see the module docstring)."""
+    _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
     x0 = x.detach()
     with torch.enable_grad(), layer_rules(backend):
@@ -134,6 +172,7 @@ def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float
 def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mask: torch.Tensor | None = None,
                            fd_step: float = 0.01, grad_scale=None, backend: str = "reference",
                            **_unused) -> dict[str, torch.Tensor]:
+    _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
     with torch.enable_grad(), layer_rules(backend):
         xg, logits = forward(model, x, y)
@@ -146,6 +185,7 @@ def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
 def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "projection", n_proj: int = 1,
                   generator: torch.Generator | None = None, fd_step: float = 0.01, grad_scale=None,
                   backend: str = "reference", **_unused) -> dict[str, torch.Tensor]:
+    _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
     with torch.enable_grad(), layer_rules(backend):
         xg, logits = forward(model, x, None)

@@ -139,3 +139,26 @@ def test_bench_probes_tiny_config(tmp_path, capsys):
     md = (tmp_path / "probes_cpu_digits_cnn_b8_float32.md").read_text()
     assert "| 1 | 11 |" in md and "| 3 | 17 |" in md and "nothing to batch" in md
     assert "agree" in capsys.readouterr().out  # the float64 equality check ran before the timing
+
+
+def test_bench_fd_accuracy_tiny_config(tmp_path):
+    import bench_fd_accuracy
+
+    bench_fd_accuracy.main(["--model", "digits_cnn", "--activation", "gelu", "--batch", "8", "--steps", "0.001,0.01",
+                            "--out", str(tmp_path)])
+    stem = tmp_path / "fd_accuracy_cpu_digits_cnn_gelu_b8"
+    with open(f"{stem}.json") as f:
+        record = json.load(f)
+    rows = record["rows"]
+    assert [(r["mode"], r["precision"], r["fd_step"]) for r in rows] == [
+        ("exact", "float32", None), ("exact", "bfloat16", None), ("fd", "float32", 0.001), ("fd", "float32", 0.01),
+        ("fd", "bfloat16", 0.001), ("fd", "bfloat16", 0.01)]
+    exact = rows[0]
+    assert all(exact[t + "_rel_err"] == 0 for t in bench_fd_accuracy.TERMS)
+    assert exact["input_grad_cos"] == pytest.approx(1.0, abs=1e-12)
+    for r in rows:
+        for t in bench_fd_accuracy.TERMS:  # each error is the row's value against the exact float32 one
+            assert r[t + "_rel_err"] == pytest.approx(r[t] / record["exact"][t] - 1)
+    # a smooth network in float32: fd close to exact, in value and in parameter gradient
+    assert abs(rows[3]["input_grad_rel_err"]) < 0.05 and rows[3]["input_grad_cos"] > 0.99
+    assert (tmp_path / "fd_accuracy_cpu_digits_cnn_gelu_b8.md").read_text().count("\n| fd |") == 4

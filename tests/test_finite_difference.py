@@ -1,6 +1,7 @@
 """mode="fd" (Finlay & Oberman): convergence to the exact penalties and gradients, its documented
 quantity under train-mode BatchNorm, and the absence of any double-backward node."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -75,13 +76,21 @@ def test_train_mode_batchnorm_measures_the_documented_quantity():
 
 
 def test_hutchinson_fd_matches_batch_jacobian_product():
+    # Under train-mode BatchNorm every sample's logits move with every sample's step. fd steps along
+    # the unit directions zeta_m/||zeta_m|| and scales sample n by ||zeta_n||^2; the cross terms
+    # (m != n) then carry ||zeta_n||^2/||zeta_m||^2, still unbiased for sum_m ||J_nm||_F^2 (a unit
+    # vector u uniform on the sphere has E||J u||^2 = ||J||_F^2 / D).
     model, x = tiny_model("conv_bn_train"), tiny_input("conv_bn_train")
-    zeta = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    n = x.shape[0]
+    zeta = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype).reshape(n, -1)
+    norms = zeta.norm(dim=1, keepdim=True)
     J = batch_jacobian(model, x)  # (N, K, N, D)
-    expect = torch.einsum("mknd,nd->mk", J, zeta.reshape(x.shape[0], -1)).pow(2).sum(1).mean()
+    expect = (norms[:, 0] ** 2 * torch.einsum("mknd,nd->mk", J, zeta / norms).pow(2).sum(1)).mean()
     got = jsigr_fast.jacobian_norm(model, x, estimator="hutchinson", mode="fd", fd_step=1e-7,
                                    generator=torch.Generator().manual_seed(3))
     assert float(got.detach()) == pytest.approx(float(expect), rel=1e-5)
+    plain = torch.einsum("mknd,nd->mk", J, zeta).pow(2).sum(1).mean()  # the same zeta, stepped along itself
+    assert abs(float(got.detach()) / float(plain) - 1) > 1e-4  # a different number: the test can tell
 
 
 @pytest.mark.parametrize("jacobian", ["projection", "hutchinson"])
@@ -237,3 +246,37 @@ def test_fd_gradient_on_relu_networks_carries_the_kinks():
             if h == 1e-2:  # the default step crosses kinks on this batch
                 assert flips > 0
     assert seen["clean"] >= 3 and seen["flipped"] >= 5, seen  # both cases were exercised
+
+
+def test_hutchinson_fd_steps_a_unit_distance():
+    # fd_step is the perturbation's norm for every term. For Hutchinson that means stepping along
+    # zeta/||zeta|| (and scaling by ||zeta||^2): stepping along zeta itself moves the input by
+    # h sqrt(D), 0.34 here at h = 0.01, and its bias was 7.9e-4 on this model (8e-6 now).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 3, padding=1), nn.Tanh(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 4)).double()
+    x = torch.rand(5, 2, 24, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # D = 1152
+
+    def jac(mode, h=0.01):
+        return float(jsigr_fast.jacobian_norm(model, x, estimator="hutchinson", mode=mode, fd_step=h,
+                                              generator=torch.Generator().manual_seed(3)).detach())
+
+    exact = jac("autograd")
+    assert abs(jac("fd") / exact - 1) < 1e-4
+    assert jac("fd", 1e-7) == pytest.approx(exact, rel=1e-6)  # same draws: the same estimate as h -> 0
+
+
+@pytest.mark.parametrize("how", ["autocast", "input"])
+def test_fd_in_half_precision_warns(how):
+    model, x = tiny_model("conv_tanh", dtype=torch.float32), tiny_input("conv_tanh", dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32: no warning
+        jsigr_fast.input_gradient_penalty(model, x, Y, mode="fd")
+    if how == "input":
+        model, x = model.bfloat16(), x.bfloat16()
+    with pytest.warns(RuntimeWarning, match="mode='fd' with torch.bfloat16 forwards"), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+        jsigr_fast.loss(model, x, Y, mode="fd", generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="mode='fd'"), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+        jsigr_fast.jacobian_norm(model, x, estimator="hutchinson", mode="fd")
