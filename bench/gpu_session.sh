@@ -5,7 +5,8 @@
 # venv / pip downloads: the extension is built in place against the installed torch):
 #
 #   bash bench/gpu_session.sh build    # build the extension with nvcc + the CUDA/GPU tests    (~5 min)
-#   bash bench/gpu_session.sh step     # fused vs reference steps, BN/VJP/probes/loss-head/mask, fd accuracy (~8 min)
+#   bash bench/gpu_session.sh step     # fused vs reference steps, BN/VJP/probes/loss-head/mask (~8 min)
+#   bash bench/gpu_session.sh memory   # peak memory vs the standard step (R20, R18), fd accuracy (~2 min)
 #   bash bench/gpu_session.sh epoch    # Table-4 epoch bench (CIFAR ResNet-20) + ImageNet R18 throughput
 #
 # What comes back. The device tool returns at most 8 files from $OUT, so each stage writes its logs
@@ -101,7 +102,15 @@ case "$stage" in
     run probes_r20 "$PY" bench/bench_probes.py --device cuda --model resnet20 --batch 128 --out "$RES"
     run loss_head "$PY" bench/bench_loss_head.py --device cuda --out "$RES"
     run mask_bw "$PY" bench/bench_mask.py --device cuda --out "$RES"
+    ;;
+  memory)
+    versions
+    ensure_built >/dev/null
+    run memory_r20 "$PY" bench/bench_memory.py --device cuda --out "$RES"
+    run memory_r18 "$PY" bench/bench_memory.py --device cuda --model resnet18 --batch 256 --dtype bfloat16 \
+      --channels-last --out "$RES"
     run fd_accuracy "$PY" bench/bench_fd_accuracy.py --device cuda --out "$RES"
+    run fd_accuracy_gelu "$PY" bench/bench_fd_accuracy.py --device cuda --activation gelu --out "$RES"
     ;;
   epoch)
     versions
@@ -110,7 +119,7 @@ case "$stage" in
     run epoch_imagenet "$PY" bench/bench_epoch.py --preset imagenet-gpu --rounds 2 --out "$RES"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh build|step|epoch   (results in \$OUT, default bench/results/gpu)" >&2
+    echo "usage: bash bench/gpu_session.sh build|step|memory|epoch   (results in \$OUT, default bench/results/gpu)" >&2
     exit 2
     ;;
 esac

@@ -162,3 +162,41 @@ def test_bench_fd_accuracy_tiny_config(tmp_path):
     # a smooth network in float32: fd close to exact, in value and in parameter gradient
     assert abs(rows[3]["input_grad_rel_err"]) < 0.05 and rows[3]["input_grad_cos"] > 0.99
     assert (tmp_path / "fd_accuracy_cpu_digits_cnn_gelu_b8.md").read_text().count("\n| fd |") == 4
+
+
+def test_cpu_step_peak_counts_a_known_allocation():
+    # the profiler-based peak against an allocation of known size, live while the forward's
+    # activations are: the peak grows by that size (an independent count: numel * 4 bytes)
+    import bench_memory
+
+    model, opt, x, y = steps.make_setup("digits_cnn", 16, dataset="digits")
+
+    def plain(m, xx, yy):
+        return F.cross_entropy(m(xx), yy)
+
+    def with_extra(m, xx, yy):
+        logits = m(xx)
+        extra = torch.ones(8 * 2**20 // 4)  # 8 MiB, freed after the sum
+        return F.cross_entropy(logits, yy) + 0 * extra.sum()
+
+    steps.train_step(model, opt, plain, x, y)
+    base, net = bench_memory.cpu_step_peak(model, opt, plain, x, y)
+    more, _ = bench_memory.cpu_step_peak(model, opt, with_extra, x, y)
+    assert base > 0 and abs(net) < 0.05 * base  # the accounting balances over the step
+    assert more - base == pytest.approx(8 * 2**20, rel=0.05)
+
+
+def test_bench_memory_tiny_config(tmp_path):
+    import bench_memory
+
+    bench_memory.main(["--model", "digits_cnn", "--batch", "16", "--methods", "jsigr,double_backprop",
+                       "--out", str(tmp_path)])
+    with open(tmp_path / "memory_cpu_digits_cnn_b16_float32.json") as f:
+        record = json.load(f)
+    rows = record["rows"]
+    assert list(rows) == ["standard", "jsigr", "double_backprop"]
+    assert rows["standard"]["x_standard"] == 1.0
+    assert rows["jsigr"]["peak_bytes"] > rows["double_backprop"]["peak_bytes"] > rows["standard"]["peak_bytes"]
+    assert all(abs(r["net_bytes"]) < 0.05 * r["peak_bytes"] for r in rows.values())
+    md = (tmp_path / "memory_cpu_digits_cnn_b16_float32.md").read_text()
+    assert "| standard CE |" in md and "≤ 2×" in md

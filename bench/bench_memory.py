@@ -1,0 +1,117 @@
+"""Peak memory of one training step per method, against the standard step's (the ≤ 2× target).
+
+    python bench/bench_memory.py --out bench/results                      # CPU, ResNet-20, batch 128
+    python bench/bench_memory.py --device cuda --out bench/results
+
+What is measured: the most tensor memory the step holds *above the resting state* (the weights,
+their optimizer state and the batch, which every method shares), i.e. the activations, the graphs
+kept for the backward and its temporaries. On CUDA, ``torch.cuda.max_memory_allocated`` minus the
+memory allocated when the step starts (the gradients of the previous step are freed by
+``zero_grad(set_to_none=True)`` inside the step). On the CPU, which keeps no allocator statistics,
+torch's profiler with ``profile_memory=True``: every allocation and free of the step in time order,
+summed from the moment the previous step's gradients are freed; the running total's maximum is the
+peak (it returns to ~0 at the end: tests/test_bench_smoke.py checks that, and the peak against an
+allocation of known size). Each method gets one untimed step first, so lazily built state (JARN's adaptor, the
+optimizer's momentum) is resting state too.
+
+Why J-SIGR sits near 3× (SPEC cost model): its loss keeps the forward's graph (1×) plus the graphs
+of two create_graph VJPs at the same x, the input-gradient penalty's and the Jacobian projection's,
+each holding an activation-sized set of cotangents for the double backward (2×).
+
+Results: ``<out>/memory_<device>_<model>_b<batch>_<dtype>.{md,json}``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, conditions, make_methods,  # noqa: E402
+                   make_setup, publish, sync, train_step)
+
+DEFAULT = ("standard,double_backprop,double_backprop_fused,jsigr,jsigr_fused,jsigr_hutchinson,jsigr_hutchinson_fused,"
+           "jsigr_fd,jsigr_fd_fused,pgd_at7")
+MIB = 2 ** 20
+
+
+def cpu_step_peak(model, opt, loss_fn, x, y) -> tuple[int, int]:
+    """(peak, net) bytes of one step above its starting point, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    # The previous step's gradients are freed by zero_grad(set_to_none=True) as the step starts, but
+    # the profiler only reports frees of memory it saw allocated: count them freed at the start.
+    stale = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_step(model, opt, loss_fn, x, y)
+    # an op's allocations are its own (self) memory; a tensor freed outside any op is a "[memory]" event
+    changes = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                     for e in prof.events())
+    total = peak = -stale
+    for _, b in changes:
+        total += b
+        peak = max(peak, total)
+    return peak, total
+
+
+def cuda_step_peak(model, opt, loss_fn, x, y) -> tuple[int, int]:
+    sync(x.device)
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    train_step(model, opt, loss_fn, x, y)
+    sync(x.device)
+    return torch.cuda.max_memory_allocated() - start, torch.cuda.memory_allocated() - start
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(p)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--methods", default=DEFAULT)
+    a = p.parse_args(argv)
+    dtype = apply_step_arguments(a)
+    model, opt, x, y = make_setup(a.model, a.batch, device=a.device, dtype=dtype, channels_last=a.channels_last)
+    methods = make_methods(model.input_shape, backend="reference", device=a.device)
+    names = [n for n in a.methods.split(",") if n]
+    unknown = [n for n in names if n not in methods]
+    if unknown:
+        p.error(f"unknown or unavailable methods {unknown}; available: {sorted(methods)}")
+    if "standard" not in names:
+        names.insert(0, "standard")
+    measure = cuda_step_peak if x.is_cuda else cpu_step_peak
+    cond = conditions(a.device)
+    cond.update(model=a.model, batch=a.batch, dtype=a.dtype, channels_last=a.channels_last,
+                how="torch.cuda.max_memory_allocated" if x.is_cuda else "torch.profiler profile_memory")
+    resting = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(), x, y])
+    resting += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor))
+    rows = {}
+    for n in names:
+        torch.manual_seed(0)
+        train_step(model, opt, methods[n].loss, x, y)  # warm-up: lazily built state is resting state too
+        peak, net = measure(model, opt, methods[n].loss, x, y)
+        rows[n] = {"label": methods[n].label, "peak_bytes": peak, "net_bytes": net,
+                   "floor_units": FLOOR_UNITS[methods[n].floor]}
+        print(f"  {methods[n].label:45s} peak {peak / MIB:9.1f} MiB (net {net / MIB:+.1f})", flush=True)
+    std = rows["standard"]["peak_bytes"]
+    for r in rows.values():
+        r["x_standard"] = r["peak_bytes"] / std
+    lines = [f"### Peak memory of a training step — {a.model}, batch {a.batch}, {a.dtype}"
+             f"{', channels-last' if a.channels_last else ''}, {cond['device']}", "",
+             f"torch {cond['torch']}, commit {cond['commit']}, {cond['date']}. Peak tensor memory above the resting "
+             f"state ({resting / MIB:.1f} MiB: weights, buffers, optimizer state, batch), measured with "
+             f"{cond['how']}; one step per method after an untimed one. Target (issue #3): ≤ 2× the standard "
+             f"step.", "",
+             "| method | peak MiB | × standard | ≤ 2× |", "|---|---:|---:|:---:|"]
+    for r in rows.values():
+        lines.append(f"| {r['label']} | {r['peak_bytes'] / MIB:.1f} | {r['x_standard']:.2f} | "
+                     f"{'yes' if r['x_standard'] <= 2 else '**no**'} |")
+    publish(lines, a.out, f"memory_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}"
+            f"{'_cl' if a.channels_last else ''}",
+            {"conditions": cond, "resting_bytes": resting, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
