@@ -21,8 +21,8 @@ is the native one's up to rounding.
 Bias (documented and tested): the forward difference has error ``(h/2) dᵀ∇²ℓ d + O(h²)`` in the
 directional derivative, so the penalty carries an O(h) bias that vanishes as h → 0; for smooth
 activations the parameter gradient (d held fixed) converges to the exact double-backprop gradient,
-because ``g · ∂d = 0`` for ``d ∥ g``. A too-small h loses precision to rounding (fp32: keep ``h·||g||`` well above 1e-7
-of the loss). Default ``h = 0.01`` in input units (the direction has unit norm for unmasked
+because ``g · ∂d = 0`` for ``d ∥ g``. A too-small h loses precision to rounding (fp32: keep
+``h·||g||`` well above 1e-7 of the loss). Default ``h = 0.01`` in input units (the direction has unit norm for unmasked
 penalties). Under train-mode BatchNorm the perturbed forward has its own batch statistics, so the
 per-sample difference measures ``sum_m (∂ℓ_n/∂x_m)·d_m`` rather than the exact path's
 ``g_n · d_n``: the two differ by the O(1/N) batch-statistics cross terms.
@@ -31,10 +31,9 @@ ReLU networks (measured and tested): the gradient does *not* converge to double 
 gradient differentiates ``ℓ(x + h d) − ℓ(x)``; a ReLU unit whose sign differs at the two ends adds
 an O(1/h) term (its kink), which double backprop (ReLU'' = 0) does not have. Such units number
 O(h · units), so the error does not shrink with h on average: it is O(h) on a batch where no unit
-flips and O(1) or more where one does. A 12-256-4 ReLU MLP, batch 64: 19-29 units flip at h = 0.01 and
-the gradient differs from double backprop's by 83-121 % of its norm; digits_cnn (ReLU, batch 64):
-cosine 0.30 at h = 0.01, 0.10 at 1e-3; the same with GELU: cosine 1.000, 0.2 % off at h = 0.01.
-The penalty value converges either way. So on ReLU networks fd trains with a different gradient
+flips and O(1) or more where one does (tests/test_finite_difference.py: a 12-256-4 ReLU MLP, batch
+64, float64; at h = 0.01 19-29 units flip and the gradient is 83-121 % of its norm off double
+backprop's). The penalty value converges either way. So on ReLU networks fd trains with a different gradient
 (Finlay & Oberman's), not an approximation of the exact path's. ResNet-20, batch 128, train mode
 (bench/bench_fd_accuracy.py, bench/results/fd_accuracy_cpu_*): the input-gradient penalty's fd
 parameter gradient has cosine 0.12 with the exact one at h = 0.01 (0.04 at 1e-3); with GELU, 0.998.

@@ -159,7 +159,7 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
             Oberman's finite differences along the detached gradient directions, step ``fd_step``:
             no double backprop, one ordinary backward; O(fd_step) bias, see
             :mod:`jsigr_fast.finite_difference`, which also says why on ReLU networks its parameter
-            gradient is not double backprop's at any step).
+            gradient is not double backprop's at any step, and why it wants float32 forwards).
 
     Returns:
         Scalar loss, differentiable w.r.t. the model's parameters (and ``(loss, terms)`` when

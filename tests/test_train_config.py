@@ -162,6 +162,9 @@ def test_unused_keys_draw_a_warning(capsys, tmp_path):
     assert main(["train", "--lambda-adv", "2", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "8",
                  "--eval-max-batches", "1", "--out", str(tmp_path), *QUIET]) == 0
     assert "warning: config key 'lambda_adv' is not used by method 'standard'" in capsys.readouterr().err
+    assert main(["train", "--method", "input_grad", "--fd-step", "0.02", "--epochs", "1", "--steps-per-epoch", "1",
+                 "--batch-size", "8", "--eval-max-batches", "1", "--out", str(tmp_path / "ig"), *QUIET]) == 0
+    assert "warning: config key 'fd_step' is only used with mode fd" in capsys.readouterr().err
 
 
 def test_lr_schedules():

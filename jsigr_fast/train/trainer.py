@@ -225,6 +225,9 @@ class Trainer:
             used |= {"attack_eps", "attack_steps", "attack_alpha"}
         for key in sorted(explicit & specific - used):
             warnings.warn(f"config key '{key}' is not used by method {self.cfg.method!r}", RuntimeWarning, stacklevel=3)
+        if "fd_step" in explicit & used and self.cfg.mode != "fd":
+            warnings.warn("config key 'fd_step' is only used with mode fd (mode is 'autograd')", RuntimeWarning,
+                          stacklevel=3)
 
     def _load_state(self, ckpt: dict) -> None:
         try:
