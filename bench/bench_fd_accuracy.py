@@ -7,10 +7,12 @@ batch with the same random draws:
 * the input-gradient penalty ``mean_n ||g_n||²``, and the cosine between its fd and exact parameter
   gradients (on ReLU networks the fd gradient also carries the kinks crossed between x and
   x + h d, so it does not tend to the exact one: jsigr_fast/finite_difference.py);
-* the Jacobian norm ``mean_n ||J_n||_F²`` by the projection and by the Hutchinson estimator.
+* the Jacobian norm ``mean_n ||J_n||_F²`` by the projection and by the Hutchinson estimator, and with
+  ``--exact-jacobian`` by the exact one (K directions per sample; N·K VJPs under train-mode
+  BatchNorm, so keep the batch small).
 
 The exact path under the same autocast is listed alongside. The model is in train mode (batch
-statistics), as in training; running statistics are not updated.
+statistics), as in training (``--eval-mode``: running statistics); running statistics are not updated.
 
     python bench/bench_fd_accuracy.py --out bench/results                     # CPU, ResNet-20, batch 128
     python bench/bench_fd_accuracy.py --activation gelu --out bench/results   # a smooth network
@@ -32,7 +34,9 @@ from steps import conditions, make_setup, publish  # noqa: E402
 
 import jsigr_fast  # noqa: E402
 
-TERMS = ("input_grad", "projection", "hutchinson")
+TERMS = ("input_grad", "projection", "hutchinson")  # and "exact" with --exact-jacobian
+LABELS = {"input_grad": "input-gradient penalty", "projection": "Jacobian, projection",
+          "hutchinson": "Jacobian, Hutchinson", "exact": "Jacobian, exact"}
 LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,6 +66,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", default="0.001,0.01,0.03,0.1", help="fd_step values")
     p.add_argument("--low", default="bfloat16", choices=sorted(LOW) + ["none"], help="the autocast dtype")
+    p.add_argument("--exact-jacobian", action="store_true", help="also the exact Jacobian estimator")
+    p.add_argument("--eval-mode", action="store_true", help="the model in eval mode (running statistics)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -70,16 +76,19 @@ def main(argv=None):
     steps = [float(s) for s in a.steps.split(",")]
     kw = {"activation": a.activation} if a.activation else {}
     model, _opt, x, y = make_setup(a.model, a.batch, device=a.device, **kw)
+    model.train(not a.eval_mode)
     cond = conditions(a.device)
-    cond.update(model=a.model, activation=a.activation, batch=a.batch, steps=steps, low=a.low)
+    cond.update(model=a.model, activation=a.activation, batch=a.batch, steps=steps, low=a.low,
+                train_mode=not a.eval_mode)
 
     precisions = [("float32", None)] + ([] if a.low == "none" else [(a.low, LOW[a.low])])
     rows = [("exact", prec, None) for prec in precisions] + [("fd", prec, h) for prec in precisions for h in steps]
-    exact = {t: evaluate(model, x, y, t, mode="autograd", h=0.01, low=None, grad=t == "input_grad") for t in TERMS}
+    terms = TERMS + (("exact",) if a.exact_jacobian else ())
+    exact = {t: evaluate(model, x, y, t, mode="autograd", h=0.01, low=None, grad=t == "input_grad") for t in terms}
     results = []
     for mode, (pname, low), h in rows:
         rec = {"mode": mode, "precision": pname, "fd_step": h}
-        for t in TERMS:
+        for t in terms:
             value, g = evaluate(model, x, y, t, mode="autograd" if mode == "exact" else "fd", h=h or 0.01, low=low,
                                 grad=t == "input_grad")
             rec[t] = value
@@ -87,28 +96,30 @@ def main(argv=None):
             if g is not None:
                 rec["input_grad_cos"] = float(torch.nn.functional.cosine_similarity(g, exact[t][1], dim=0))
         results.append(rec)
-        print(f"  {mode} {pname} h={h}: " + ", ".join(f"{t} {rec[t + '_rel_err']:+.2%}" for t in TERMS), flush=True)
+        print(f"  {mode} {pname} h={h}: " + ", ".join(f"{t} {rec[t + '_rel_err']:+.2%}" for t in terms), flush=True)
 
     def pct(v):
         return f"{v:+.2%}" if abs(v) < 10 else f"{v + 1:.0f}x"
 
     act = f", {a.activation}" if a.activation else ""
-    lines = [f"### mode=\"fd\" against the exact penalties — {a.model}{act}, batch {a.batch}, train mode, "
+    lines = [f"### mode=\"fd\" against the exact penalties — {a.model}{act}, batch {a.batch}, "
+             f"{'eval' if a.eval_mode else 'train'} mode, "
              f"{cond['device']}", "",
              f"torch {cond['torch']}, commit {cond['commit']}, {cond['date']}. Relative error of each value against "
-             f"the exact (double-backprop) float32 value with the same random draws: input-gradient penalty "
-             f"{exact['input_grad'][0]:.4g}, Jacobian by projection {exact['projection'][0]:.4g}, by Hutchinson "
-             f"{exact['hutchinson'][0]:.4g} (one draw each). ∇θ cosine: between the input-gradient penalty's "
+             f"the exact (double-backprop) float32 value with the same random draws: "
+             + ", ".join(f"{LABELS[t]} {exact[t][0]:.4g}" for t in terms)
+             + f" (one draw each). ∇θ cosine: between the input-gradient penalty's "
              f"parameter gradients, this row's and the exact float32 one. `{a.low}` rows run under autocast.", "",
-             "| path | forwards | fd_step | input-gradient penalty | ∇θ cosine | Jacobian, projection | "
-             "Jacobian, Hutchinson |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| path | forwards | fd_step | input-gradient penalty | ∇θ cosine | "
+             + " | ".join(LABELS[t] for t in terms[1:]) + " |", "|---|---|---:|---:|---:|" + "---:|" * (len(terms) - 1)]
     for r in results:
         lines.append(f"| {r['mode']} | {r['precision']} | {'' if r['fd_step'] is None else r['fd_step']} | "
-                     f"{pct(r['input_grad_rel_err'])} | {r['input_grad_cos']:.3f} | {pct(r['projection_rel_err'])} | "
-                     f"{pct(r['hutchinson_rel_err'])} |")
+                     f"{pct(r['input_grad_rel_err'])} | {r['input_grad_cos']:.3f} | "
+                     + " | ".join(pct(r[t + "_rel_err"]) for t in terms[1:]) + " |")
     lines += ["", "An error of 10 or more is shown as the value over the exact one (e.g. `134x`)."]
-    name = f"fd_accuracy_{torch.device(a.device).type}_{a.model}{'_' + a.activation if a.activation else ''}_b{a.batch}"
-    publish(lines, a.out, name, {"conditions": cond, "exact": {t: exact[t][0] for t in TERMS}, "rows": results})
+    name = (f"fd_accuracy_{torch.device(a.device).type}_{a.model}{'_' + a.activation if a.activation else ''}"
+            f"_b{a.batch}{'_exact' if a.exact_jacobian else ''}{'_eval' if a.eval_mode else ''}")
+    publish(lines, a.out, name, {"conditions": cond, "exact": {t: exact[t][0] for t in terms}, "rows": results})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,11 @@ because ``g · ∂d = 0`` for ``d ∥ g``. A too-small h loses precision to roun
 ``h·||g||`` well above 1e-7 of the loss). Default ``h = 0.01`` in input units (the direction has unit norm for unmasked
 penalties). Under train-mode BatchNorm the perturbed forward has its own batch statistics, so the
 per-sample difference measures ``sum_m (∂ℓ_n/∂x_m)·d_m`` rather than the exact path's
-``g_n · d_n``: the two differ by the O(1/N) batch-statistics cross terms.
+``g_n · d_n``: the two differ by the batch-statistics cross terms, small for the input-gradient
+penalty and the projection/Hutchinson estimators at batch 128 (ResNet-20: within 0.5 % at h = 1e-3).
+Not so for ``estimator="exact"`` (every sample steps along its class's gradient at once): ResNet-20,
+batch 16, train mode, 72 % below the exact path's value at h = 1e-2 and 1e-3 alike (eval mode:
+0.1 % at 1e-3). Prefer the stochastic estimators with fd under train-mode BatchNorm.
 
 ReLU networks (measured and tested): the gradient does *not* converge to double backprop's. The fd
 gradient differentiates ``ℓ(x + h d) − ℓ(x)``; a ReLU unit whose sign differs at the two ends adds

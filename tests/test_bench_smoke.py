@@ -200,3 +200,17 @@ def test_bench_memory_tiny_config(tmp_path):
     assert all(abs(r["net_bytes"]) < 0.05 * r["peak_bytes"] for r in rows.values())
     md = (tmp_path / "memory_cpu_digits_cnn_b16_float32.md").read_text()
     assert "| standard CE |" in md and "≤ 2×" in md
+
+
+def test_bench_fd_accuracy_exact_estimator_in_eval_mode(tmp_path):
+    import bench_fd_accuracy
+
+    bench_fd_accuracy.main(["--model", "digits_cnn", "--activation", "gelu", "--batch", "4", "--steps", "0.001",
+                            "--low", "none", "--exact-jacobian", "--eval-mode", "--out", str(tmp_path)])
+    with open(tmp_path / "fd_accuracy_cpu_digits_cnn_gelu_b4_exact_eval.json") as f:
+        record = json.load(f)
+    assert record["conditions"]["train_mode"] is False
+    assert [(r["mode"], r["precision"]) for r in record["rows"]] == [("exact", "float32"), ("fd", "float32")]
+    # eval mode, smooth network: the exact-K fd estimate is the exact one up to O(h)
+    assert abs(record["rows"][1]["exact_rel_err"]) < 0.01
+    assert "| Jacobian, exact |" in (tmp_path / "fd_accuracy_cpu_digits_cnn_gelu_b4_exact_eval.md").read_text()
