@@ -28,8 +28,9 @@ per-sample difference measures ``sum_m (∂ℓ_n/∂x_m)·d_m`` rather than the 
 ``g_n · d_n``: the two differ by the batch-statistics cross terms, small for the input-gradient
 penalty and the projection/Hutchinson estimators at batch 128 (ResNet-20: within 0.5 % at h = 1e-3).
 Not so for ``estimator="exact"`` (every sample steps along its class's gradient at once): ResNet-20,
-batch 16, train mode, 72 % below the exact path's value at h = 1e-2 and 1e-3 alike (eval mode:
-0.1 % at 1e-3). Prefer the stochastic estimators with fd under train-mode BatchNorm.
+batch 16, train mode, 71-72 % below the exact path's value at h = 1e-3 and 1e-2 alike (eval mode:
+0.15 % at 1e-3; bench/results/fd_accuracy_cpu_resnet20_b16_exact*). Prefer the stochastic
+estimators with fd under train-mode BatchNorm.
 
 ReLU networks (measured and tested): the gradient does *not* converge to double backprop's. The fd
 gradient differentiates ``ℓ(x + h d) − ℓ(x)``; a ReLU unit whose sign differs at the two ends adds
