@@ -27,10 +27,11 @@ penalties). Under train-mode BatchNorm the perturbed forward has its own batch s
 per-sample difference measures ``sum_m (∂ℓ_n/∂x_m)·d_m`` rather than the exact path's
 ``g_n · d_n``: the two differ by the batch-statistics cross terms, small for the input-gradient
 penalty and the projection/Hutchinson estimators at batch 128 (ResNet-20: within 0.5 % at h = 1e-3).
-Not so for ``estimator="exact"`` (every sample steps along its class's gradient at once): ResNet-20,
-batch 16, train mode, 71-72 % below the exact path's value at h = 1e-3 and 1e-2 alike (eval mode:
-0.15 % at 1e-3; bench/results/fd_accuracy_cpu_resnet20_b16_exact*). Prefer the stochastic
-estimators with fd under train-mode BatchNorm.
+Not so for ``estimator="exact"``, whose K directions step every sample along its class's gradient
+at once: that measures ``sum_k ||J^T e_k||^2``, the target only when samples do not interact.
+ResNet-20, batch 16, train mode: 71-72 % below the exact path's value at h = 1e-3 and 1e-2 alike
+(eval mode: 0.15 % at 1e-3; bench/results/fd_accuracy_cpu_resnet20_b16_exact*). So fd refuses the
+exact estimator on a model with train-mode BatchNorm (ValueError); the stochastic ones are fine.
 
 ReLU networks (measured and tested): the gradient does *not* converge to double backprop's. The fd
 gradient differentiates ``ℓ(x + h d) − ℓ(x)``; a ReLU unit whose sign differs at the two ends adds
@@ -58,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _checks
-from .batchnorm import frozen_running_stats
+from .batchnorm import batch_coupled, frozen_running_stats
 from .functional import layer_rules
 from .reference import forward, unit_sphere, vjp
 
@@ -86,6 +87,18 @@ def _warn_low_precision(x: torch.Tensor) -> None:
                       f"fd_step 0.01: input-gradient penalty -14 %, Jacobian by projection -10 %, by Hutchinson "
                       f"134x the exact value; bench/results/fd_accuracy_*). mode='autograd' stays within 3.5 % "
                       f"there; or compute this loss outside autocast.", RuntimeWarning, stacklevel=4)
+
+
+def check_estimator(aux: nn.Module, estimator: str) -> None:
+    """Raise unless ``estimator`` suits fd on ``aux`` (called by the public API before any work).
+    fd's exact estimator steps every sample along its class-k gradient at once (K forwards), which
+    measures ``sum_k ||J^T e_k||^2`` only when samples do not interact; under train-mode BatchNorm the
+    exact value ``(1/N) ||dZ/dX||_F^2`` would need one forward per (sample, class)."""
+    if estimator == "exact" and batch_coupled(aux):
+        raise ValueError("estimator='exact' with mode='fd' needs a model whose samples do not interact, but "
+                         "train-mode BatchNorm couples them (measured on ResNet-20: 71-72 % below the exact "
+                         "value at any fd_step); use estimator='projection' or 'hutchinson' with mode='fd', "
+                         "or mode='autograd' (which takes N*K VJPs for this case)")
 
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

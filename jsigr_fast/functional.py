@@ -104,6 +104,15 @@ def mode_kwargs(mode: str, fd_step: float, backend: str) -> dict:
     return {"fd_step": fd_step, "backend": backend} if mode == "fd" else {}
 
 
+def check_fd_estimator(model: nn.Module, mode: str, estimator: str) -> None:
+    """Before any work: ``mode="fd"`` refuses the exact Jacobian estimator on a model whose samples
+    interact (:func:`jsigr_fast.finite_difference.check_estimator`)."""
+    if mode == "fd":
+        from .finite_difference import check_estimator
+
+        check_estimator(_checks.unwrap_parallel(model), estimator)
+
+
 def _detached(d: dict, keys) -> dict:
     return {k: d[k].detach() for k in keys if k in d}
 
@@ -178,6 +187,8 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
     grad_scale = _checks.check_grad_scale(grad_scale)
     fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)
+    if lambda_j > 0:
+        check_fd_estimator(model, mode, jacobian)
 
     mask = None
     if lambda_m > 0 and not (isinstance(saliency, str) and saliency == "none"):
@@ -245,6 +256,7 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact"
     grad_scale = _checks.check_grad_scale(grad_scale)
     fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)
+    check_fd_estimator(model, mode, estimator)
     extra = mode_kwargs(mode, fd_step, backend)
     with frozen_running_stats(model):
         return backend_module(backend, mode).jacobian_norm(model, x, estimator=estimator, n_proj=n_proj,
@@ -274,6 +286,7 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     grad_scale = _checks.check_grad_scale(grad_scale)
     fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)
+    check_fd_estimator(model, mode, estimator)
     if mode == "fd":  # its forward at x is the training forward (running statistics updated once)
         out = backend_module(backend, mode).jacobian_norm(model, x, estimator=estimator, n_proj=n_proj,
                                                           generator=generator, grad_scale=grad_scale,

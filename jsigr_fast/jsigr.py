@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from . import _checks
 from .adversarial import GANCriterion
-from .functional import (_check_common, backend_module, layer_rules, mask_builder, mask_fraction, mode_kwargs,
-                         resolve_backend)
+from .functional import (_check_common, backend_module, check_fd_estimator, layer_rules, mask_builder, mask_fraction,
+                         mode_kwargs, resolve_backend)
 from .saliency import perturbed_input_gradient
 
 __all__ = ["JSIGR"]
@@ -85,6 +85,8 @@ class JSIGR(GANCriterion):
         _check_common(model, x, y)
         grad_scale = _checks.check_grad_scale(grad_scale)
         backend = resolve_backend(self.backend, x.device)
+        if self.lambda_j > 0:  # before the adaptor's step: a refused call changes nothing
+            check_fd_estimator(model, self.mode, self.jacobian)
         terms_extra = {}
         mask = None
         if self.lambda_m > 0 or self.training:

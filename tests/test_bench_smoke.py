@@ -214,3 +214,15 @@ def test_bench_fd_accuracy_exact_estimator_in_eval_mode(tmp_path):
     # eval mode, smooth network: the exact-K fd estimate is the exact one up to O(h)
     assert abs(record["rows"][1]["exact_rel_err"]) < 0.01
     assert "| Jacobian, exact |" in (tmp_path / "fd_accuracy_cpu_digits_cnn_gelu_b4_exact_eval.md").read_text()
+
+
+def test_bench_fd_accuracy_reports_the_refused_exact_estimator(tmp_path):
+    import bench_fd_accuracy
+
+    bench_fd_accuracy.main(["--model", "resnet20", "--batch", "2", "--steps", "0.01", "--low", "none",
+                            "--exact-jacobian", "--out", str(tmp_path)])
+    with open(tmp_path / "fd_accuracy_cpu_resnet20_b2_exact.json") as f:
+        fd_row = json.load(f)["rows"][1]
+    assert fd_row["exact"] is None and "train-mode BatchNorm couples them" in fd_row["exact_refused"]
+    assert fd_row["projection_rel_err"] is not None  # the stochastic estimators still ran
+    assert "| refused |" in (tmp_path / "fd_accuracy_cpu_resnet20_b2_exact.md").read_text()
