@@ -108,6 +108,9 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys, tmp_path):
     (["--batch-size", "5000"], "smaller than one batch of 5000 per rank"),
     (["--method", "ir", "--teacher", "{teacher}", "--dataset", "cifar10", "--data-root", "{empty}",
       "--ir-targets", "precompute"], "ir_targets=precompute needs un-augmented training images"),
+    (["--method", "jacobian", "--mode", "fd", "--jacobian-estimator", "exact", "--model", "resnet20",
+      "--dataset", "synthetic", "--image-size", "8", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4"],
+     "--mode fd --jacobian-estimator exact on resnet20: estimator='exact' with mode='fd' needs a model whose"),
 ])
 def test_bad_runs_fail_with_a_clear_message(capsys, tmp_path, argv, fragment):
     teacher = tmp_path / "teacher.pt"

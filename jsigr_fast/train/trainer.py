@@ -169,6 +169,14 @@ class Trainer:
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.net = model  # the unwrapped module (checkpoints, evaluation, attacks)
+        if cfg.mode == "fd" and "jacobian_estimator" in get_method(cfg.method).uses:
+            from jsigr_fast.functional import check_fd_estimator
+
+            try:  # fd's exact estimator and train-mode BatchNorm: say so now, not at the first step
+                check_fd_estimator(model, cfg.mode, cfg.jacobian_estimator)
+            except ValueError as exc:
+                raise ConfigError(f"--mode fd --jacobian-estimator {cfg.jacobian_estimator} on "
+                                  f"{self.arch['model']}: {exc}") from None
         self.generator = torch.Generator(device).manual_seed(mix_seed(cfg.seed, 1, env.rank))
         ctx = MethodContext(cfg=cfg, device=device, input_shape=self.spec.input_shape, arch=self.arch,
                             generator=self.generator, total_steps=self.total_steps, channels_last=cfg.channels_last)
