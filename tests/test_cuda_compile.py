@@ -75,9 +75,40 @@ def test_cuda_sources_compile():
             out, _ = p.communicate(timeout=600)
             if p.returncode != 0:
                 failures.append(f"--- {s.name} (exit {p.returncode}):\n{out[-4000:]}")
+            elif missing := _unresolved_torch_symbols(tmp / (s.stem + ".o")):
+                failures.append(f"--- {s.name}: references ATen/c10 symbols libtorch does not export (the "
+                                f"extension would fail to load):\n" + "\n".join(missing))
             else:
                 (cache / _key(s)).write_text("ok\n")
     assert not failures, "\n".join(failures)
+
+
+def _exported(lib: Path) -> set:
+    r = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True)
+    return {line.split()[-1] for line in r.stdout.splitlines() if line.strip()}
+
+
+def _unresolved_torch_symbols(obj: Path) -> list:
+    """The at:: / c10:: symbols an object needs that the torch libraries do not define. Compiling is
+    not linking: `t.data_ptr<long long>()` compiles, but libtorch instantiates data_ptr only for its
+    scalar types (int64_t is long on Linux), so the built extension fails to load on the GPU machine.
+    c10::cuda / at::cuda symbols are skipped: they live in the CUDA libraries a CPU wheel lacks."""
+    if shutil.which("nm") is None:
+        return []
+    lib = Path(torch.__file__).parent / "lib"
+    exported = set()
+    for name in ("libtorch_cpu.so", "libc10.so", "libtorch.so", "libtorch_python.so"):
+        if (lib / name).exists():
+            exported |= _exported(lib / name)
+    r = subprocess.run(["nm", "-u", str(obj)], capture_output=True, text=True, check=True)
+    needed = [line.split()[-1] for line in r.stdout.splitlines() if line.strip()]
+    torch_ns = ("_ZN2at", "_ZNK2at", "_ZN3c10", "_ZNK3c10")
+    cuda_ns = ("_ZN2at4cuda", "_ZNK2at4cuda", "_ZN3c104cuda", "_ZNK3c104cuda")
+    missing = [sym for sym in needed if sym.startswith(torch_ns) and not sym.startswith(cuda_ns) and sym not in exported]
+    if missing:
+        demangled = subprocess.run(["c++filt"], input="\n".join(missing), capture_output=True, text=True).stdout
+        return demangled.splitlines() or missing
+    return missing
 
 
 # setup.py's nvcc optimisation flags, with the device-only flags of FLAGS

@@ -142,6 +142,22 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 template <typename acc_t>
 using bits_type = std::conditional_t<std::is_same_v<acc_t, double>, long long, int>;
 
+// The key buffer's data as bits_t. long long (what atomicMax takes) is not int64_t (long) on
+// Linux, and libtorch instantiates data_ptr<T> only for its scalar types: data_ptr<long long>
+// compiles but is an undefined symbol when the extension is loaded. So the buffer is read as the
+// int32_t / int64_t of its dtype and reinterpreted (same size and representation).
+template <typename bits_t>
+using key_storage_t = std::conditional_t<sizeof(bits_t) == 8, int64_t, int32_t>;
+template <typename bits_t>
+bits_t* key_data(Tensor& keys) {
+  static_assert(sizeof(bits_t) == sizeof(key_storage_t<bits_t>));
+  return reinterpret_cast<bits_t*>(keys.mutable_data_ptr<key_storage_t<bits_t>>());
+}
+template <typename bits_t>
+const bits_t* key_data(const Tensor& keys) {
+  return reinterpret_cast<const bits_t*>(keys.const_data_ptr<key_storage_t<bits_t>>());
+}
+
 // ---------------------------------------------------------------------------------------------
 // block reductions (the result is valid in thread 0)
 // ---------------------------------------------------------------------------------------------
@@ -341,7 +357,7 @@ void launch_mask(const Tensor& src, const Tensor* keys, const Tensor* thr, doubl
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
   mask_kernel<MODE, scalar_t, acc_t, bits_t><<<elementwise_blocks(r.total()), kThreads, 0, stream>>>(
-      src.const_data_ptr<scalar_t>(), keys ? keys->const_data_ptr<bits_t>() : nullptr, tiny_key,
+      src.const_data_ptr<scalar_t>(), keys ? key_data<bits_t>(*keys) : nullptr, tiny_key,
       thr ? thr->const_data_ptr<acc_t>() : nullptr, beta_r, mask, m_out, r.D, r.total());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -375,7 +391,7 @@ Tensor gradient_saliency_mask_cuda(const Tensor& g, double beta, std::optional<d
     const int64_t splits = num_splits(r);
     abs_max_kernel<scalar_t, acc_t, bits_t><<<static_cast<unsigned>(r.N * splits), kThreads, 0,
                                              c10::cuda::getCurrentCUDAStream()>>>(
-        gc.const_data_ptr<scalar_t>(), keys.mutable_data_ptr<bits_t>(), r.D, splits);
+        gc.const_data_ptr<scalar_t>(), key_data<bits_t>(keys), r.D, splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!quantile.has_value()) {
       launch_mask<kGradMask, scalar_t>(gc, &keys, nullptr, beta, mask, r);
