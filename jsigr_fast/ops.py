@@ -22,8 +22,9 @@ The selective-mask family (``csrc/saliency_mask.cpp``, ``csrc/cuda/saliency_mask
 :func:`jsigr_fast.saliency.selective_mask` of :func:`~jsigr_fast.saliency.gradient_saliency`),
 ``threshold_mask`` (the same rule on any saliency map), ``adaptor_saliency_mask`` (the adaptor's
 ``tanh(conv1x1(g / rms(g)))`` and the rule, no graph) and ``masked_sq_norm_bool`` (+ backward: the
-masked squared norm with a one-byte mask). The CUDA and Triton kernels are compile-checked and
-interpreter-tested only: no GPU has run them yet. The loss head: ``cross_entropy_cotangent``
+masked squared norm with a one-byte mask). No GPU has run the CUDA and Triton kernels yet: CI
+compiles the CUDA ones and executes them in a CUDA-on-CPU emulator (``tests/cuda_emu``), and runs
+the Triton ones under ``TRITON_INTERPRET=1``. The loss head: ``cross_entropy_cotangent``
 (per-sample CE and ``softmax - onehot`` in one pass, differentiable twice).
 """
 from __future__ import annotations

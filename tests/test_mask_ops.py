@@ -631,9 +631,11 @@ def test_cuda_mask_ops_match_the_host_reference(dtype, shape):
                                           ((4, 3, 224, 224), "channels_last"), ((2, 4, 2, 3, 3), "channels_last")])
 def test_cuda_adaptor_mask_matches_oracle(dtype, shape, layout):
     # the CUDA (or Triton) adaptor kernel: compiled for the GPU, with its own tanh and summation order
-    g, W, b = adaptor_inputs(shape, dtype, True, lambda t: _layout(t, layout))
     assert ops.mask_ops_compiled_available("cuda")
     for normalize in (True, False):
+        # the inputs depend on normalize (g scaled by 1e-3 when normalising): with the normalised
+        # case's g un-normalised, pre ~ bias and every feature is within rounding of the threshold
+        g, W, b = adaptor_inputs(shape, dtype, normalize, lambda t: _layout(t, layout))
         M, S = _adaptor_oracle(g, W, b, normalize, dtype)
         for beta, q in [(0.2, None), (-0.3, None), (0.3, 0.3), (0.3, 0.75), (0.3, 1.0)]:
             mask = ops.adaptor_saliency_mask(g.cuda(), W.cuda(), b.cuda(), beta, q, normalize=normalize, compiled=True)

@@ -13,9 +13,9 @@
 // magnitude of the mean). Contiguous NCHW tensors are reduced one channel per blockIdx.x; channels-last
 // (and (N, C) / spatial 1x1) tensors as rows of C, a warp across 32 channels so loads coalesce.
 //
-// Not yet run on a device in this repository's CI (no GPU there): the tests compile this file with
-// nvcc; bench/bench_bn.py --device cuda and tests/test_bn_ops.py (CPU-only today) are what a GPU
-// session runs first.
+// Not yet run on a GPU. CI (no GPU) compiles this file with nvcc and executes its kernels in the
+// CUDA-on-CPU emulator (tests/test_cuda_emulated.py); bench/bench_bn.py --device cuda and the
+// `-m gpu` tests of tests/test_bn_ops.py are what a GPU session runs first.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -22,8 +22,9 @@
 // Targets: checked in the kernel (CUDA_KERNEL_ASSERT, as ATen's nll_loss: a host check would
 // synchronise every call), and never used to read outside the row.
 //
-// Not yet run on a device in this repository's CI (no GPU there): tests/test_cuda_compile.py
-// compiles this file with nvcc; tests/test_triton_loss_head.py checks the Triton twin on CPU tensors.
+// Not yet run on a GPU. CI (no GPU) compiles this file with nvcc (tests/test_cuda_compile.py) and
+// executes its kernels in the CUDA-on-CPU emulator (tests/test_cuda_emulated.py);
+// tests/test_triton_loss_head.py checks the Triton twin on CPU tensors.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 // c10 stream/guard headers rather than ATen/cuda/CUDAContext.h (which pulls in cuBLAS/cuSPARSE).

@@ -46,8 +46,10 @@
 // whose M lies within rounding of the threshold may differ, as with the CPU kernel. The mask is
 // contiguous whatever g's layout (the CPU op's contract); the quantile rule writes M for kthvalue.
 //
-// Not yet run on a device in this repository's CI (no GPU there): tests/test_cuda_compile.py
-// compiles this file with nvcc; tests/test_triton_mask.py checks the Triton twin on CPU tensors.
+// Not yet run on a GPU. CI (no GPU) compiles this file with nvcc (tests/test_cuda_compile.py) and
+// *executes* its kernels in the CUDA-on-CPU emulator (tests/test_cuda_emulated.py: barrier and
+// shuffle rules, poisoned shared memory, both thread orders; not the fast-math arithmetic, which
+// the PTX checks cover); tests/test_triton_mask.py checks the Triton twin on CPU tensors.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 // c10 stream/guard headers rather than ATen/cuda/CUDAContext.h (which pulls in cuBLAS/cuSPARSE).

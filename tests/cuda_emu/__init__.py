@@ -1,0 +1,71 @@
+"""The CUDA kernels of csrc/cuda/ built for the CPU emulator (cuda_emu.h, translate.py).
+
+load() translates every .cu file, compiles them with the op schemas into one shared library (g++ via
+torch.utils.cpp_extension, cached by a hash of everything it is built from) and returns
+torch.ops.jsigr_fast_cuda_emu: the same ops as torch.ops.jsigr_fast, with the CUDA kernels running on
+CPU tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .translate import NAMESPACE, schemas, translate
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE.parent.parent / "csrc"
+SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
+
+
+def unavailable() -> str | None:
+    """Why the emulator cannot be built here (None when it can)."""
+    if shutil.which("ninja") is None:
+        return "ninja not found (torch.utils.cpp_extension needs it)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler"
+    return None
+
+
+def _build(name: str, texts: dict, key_files: list, verbose: bool) -> None:
+    """Write the translated sources (only when they changed: ninja rebuilds by time stamp) and
+    compile them into one library, cached under the temp directory by a hash of its inputs."""
+    h = hashlib.sha256(torch.__version__.encode())
+    for p in [*key_files, *sorted(CSRC.glob("*.h")), HERE / "cuda_emu.h", HERE / "translate.py"]:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    build = Path(tempfile.gettempdir()) / "jsigr_fast_cuda_emu" / f"{name}-{h.hexdigest()[:16]}"
+    build.mkdir(parents=True, exist_ok=True)
+    files = []
+    for fname, text in texts.items():
+        out = build / fname
+        if not out.exists() or out.read_text() != text:
+            out.write_text(text)
+        files.append(str(out))
+    from torch.utils.cpp_extension import load as cpp_load
+
+    # -O1: the kernels are run at tiny sizes, so build time matters more than speed; C++20 for
+    # std::bit_cast. No -ffast-math: the host's IEEE operations stand in for the exact PTX ones.
+    cpp_load(name=name, sources=files, build_directory=str(build),
+             extra_cflags=["-O1", "-std=c++20", "-g0", "-Wno-unused-function"],
+             is_python_module=False, verbose=verbose)
+
+
+def load(verbose: bool = False):
+    """torch.ops.jsigr_fast_cuda_emu: every CUDA kernel of csrc/cuda/, on CPU tensors."""
+    texts = {"ops_emu.cpp": schemas(CSRC / "ops.cpp")}
+    texts.update({f"{cu.stem}_emu.cpp": translate(cu) for cu in SOURCES})
+    _build(NAMESPACE, texts, [*SOURCES, CSRC / "ops.cpp"], verbose)
+    return getattr(torch.ops, NAMESPACE)
+
+
+def load_selftest(verbose: bool = False):
+    """torch.ops.emu_selftest.run(case, x): the kernels of selftest.cu, for testing the emulator."""
+    cu = HERE / "selftest.cu"
+    _build("emu_selftest", {"selftest_emu.cpp": translate(cu, library="emu_selftest", target="emu_selftest")},
+           [cu], verbose)
+    return torch.ops.emu_selftest
