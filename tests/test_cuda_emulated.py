@@ -12,6 +12,11 @@ the CPU kernels and the GPU tests, in both thread orders (JSIGR_CUDA_EMU_ORDER),
 exercise several blocks, grid-stride loops, split reductions and partial warps; on a GPU the
 `-m gpu` tests run them for real.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -307,3 +312,37 @@ def test_every_op_runs_through_the_emulated_launch(E, monkeypatch, op):
             "cross_entropy_cotangent": lambda: E.cross_entropy_cotangent(x, torch.zeros(4, dtype=torch.long))}[op]
     with pytest.raises(RuntimeError, match="CUDA emulation: JSIGR_CUDA_EMU_ORDER must be"):
         call()
+
+
+# ----------------------------------------------------------------------------------------------
+# out-of-bounds accesses: the same kernels built with AddressSanitizer, in a subprocess that
+# preloads libasan (ASan must be the first library loaded)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(cuda_emu.asan(), reason="this process is the run under AddressSanitizer")
+def test_kernels_under_address_sanitizer(tmp_path):
+    preload = cuda_emu.asan_preload()
+    if preload is None:
+        pytest.skip("the C++ compiler has no libasan.so")
+    tests = Path(__file__).resolve().parent
+
+    def run(args, cwd, name):
+        # ASan writes its report to <name>.<pid> (pytest would capture stderr in the child, and lose
+        # it when ASan aborts the process)
+        env = dict(os.environ, JSIGR_CUDA_EMU_ASAN="1", LD_PRELOAD=preload,
+                   ASAN_OPTIONS=f"detect_leaks=0:log_path={tmp_path / name}")
+        env.pop("JSIGR_CUDA_EMU_ORDER", None)
+        r = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=3000)
+        reports = "\n".join(p.read_text() for p in sorted(tmp_path.glob(name + ".*")))
+        return r, reports
+
+    # the check has teeth: an off-by-one read one element past x (selftest.cu case 10) is reported
+    r, reports = run(["-c", "import cuda_emu, torch; cuda_emu.load_selftest().run(10, torch.ones(256))"], tests,
+                     "selftest")
+    assert r.returncode != 0, "the out-of-bounds read went unreported:\n" + r.stderr[-3000:]
+    assert "heap-buffer-overflow" in reports and "off_by_one_kernel" in reports, reports[-3000:] + r.stderr[-3000:]
+    # every emulated kernel test, in index order, with every global and shared access checked
+    r, reports = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                      "-k", "not reverse and not address_sanitizer"], tests.parent, "kernels")
+    assert r.returncode == 0 and "ERROR: AddressSanitizer" not in reports, \
+        (reports[:6000] or "(no ASan report)") + "\n" + (r.stdout + r.stderr)[-3000:]

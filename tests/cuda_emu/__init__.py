@@ -31,14 +31,46 @@ def unavailable() -> str | None:
     return None
 
 
+def asan() -> bool:
+    """JSIGR_CUDA_EMU_ASAN=1: build with AddressSanitizer (the process must preload libasan; see
+    tests/test_cuda_emulated.py::test_kernels_under_address_sanitizer and asan_preload)."""
+    return os.environ.get("JSIGR_CUDA_EMU_ASAN", "") == "1"
+
+
+def asan_preload() -> str | None:
+    """LD_PRELOAD for a process that loads the AddressSanitizer build: the compiler's libasan (it must
+    come first) and libstdc++ (Python does not link it, and ASan's __cxa_throw interceptor needs it
+    loaded at start-up, or the first C++ exception aborts). None when the compiler has no libasan."""
+    import subprocess
+
+    def find(name):
+        try:
+            path = subprocess.run([os.environ.get("CXX", "c++"), f"-print-file-name={name}"], capture_output=True,
+                                  text=True, timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return os.path.realpath(path) if path and os.path.isabs(path) and os.path.exists(path) else None
+
+    libs = [find("libasan.so"), find("libstdc++.so")]
+    return " ".join(libs) if all(libs) else None
+
+
 def _build(name: str, texts: dict, key_files: list, verbose: bool) -> None:
     """Write the translated sources (only when they changed: ninja rebuilds by time stamp) and
     compile them into one library, cached under the temp directory by a hash of its inputs."""
     h = hashlib.sha256(torch.__version__.encode())
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan() else []
+    h.update(" ".join(sanitize).encode())
     for p in [*key_files, *sorted(CSRC.glob("*.h")), HERE / "cuda_emu.h", HERE / "translate.py"]:
         h.update(p.name.encode())
         h.update(p.read_bytes())
-    build = Path(tempfile.gettempdir()) / "jsigr_fast_cuda_emu" / f"{name}-{h.hexdigest()[:16]}"
+    root = Path(tempfile.gettempdir()) / "jsigr_fast_cuda_emu"
+    prefix = f"{name}{'-asan' if sanitize else ''}-"
+    build = root / (prefix + h.hexdigest()[:16])
+    if root.is_dir():  # builds of older sources (tens of MB each); the length test keeps
+        for old in root.glob(prefix + "*"):  # "<name>-asan-<hash>" apart from "<name>-<hash>"
+            if old != build and len(old.name) == len(build.name):
+                shutil.rmtree(old, ignore_errors=True)
     build.mkdir(parents=True, exist_ok=True)
     files = []
     for fname, text in texts.items():
@@ -51,8 +83,8 @@ def _build(name: str, texts: dict, key_files: list, verbose: bool) -> None:
     # -O1: the kernels are run at tiny sizes, so build time matters more than speed; C++20 for
     # std::bit_cast. No -ffast-math: the host's IEEE operations stand in for the exact PTX ones.
     cpp_load(name=name, sources=files, build_directory=str(build),
-             extra_cflags=["-O1", "-std=c++20", "-g0", "-Wno-unused-function"],
-             is_python_module=False, verbose=verbose)
+             extra_cflags=["-O1", "-std=c++20", "-g0", "-Wno-unused-function", *sanitize],
+             extra_ldflags=sanitize, is_python_module=False, verbose=verbose)
 
 
 def load(verbose: bool = False):

@@ -18,14 +18,17 @@
 //   * __shared__ memory: one arena per block, filled with 0xFF bytes (NaN for floats) at the start
 //     of every block, so a read before any write shows up as a NaN or a garbage key;
 //   * atomics (trivially atomic: fibers switch only at barriers and shuffles);
-//   * CUDA_KERNEL_ASSERT: a failure is reported after the launch, as a device-side assert is.
+//   * CUDA_KERNEL_ASSERT: a failure is reported after the launch, as a device-side assert is;
+//   * out-of-bounds global (and local) accesses, when built with AddressSanitizer
+//     (JSIGR_CUDA_EMU_ASAN=1; the fiber switches are annotated for it).
 // Threads run in index order between synchronisation points, or in reverse order with
 // JSIGR_CUDA_EMU_ORDER=reverse: a missing barrier then reads data not yet written in one of the two.
 //
 // What it does not model: timing and performance, memory coalescing, the device's float
 // intrinsics (__expf, --use_fast_math, -ftz: the host's IEEE operations run instead; the PTX of
-// the flags is checked by tests/test_cuda_compile.py), data races between threads that do not
-// synchronise (no preemption), and out-of-bounds global accesses beyond what the tests compare.
+// the flags is checked by tests/test_cuda_compile.py), and data races between threads that do not
+// synchronise (no preemption). Out-of-bounds accesses within one allocation (row n reading row
+// n + 1 of the same tensor) are invisible even to ASan.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -48,6 +51,17 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+// ---- AddressSanitizer (JSIGR_CUDA_EMU_ASAN=1 builds with -fsanitize=address): told about every
+// switch between the scheduler's stack and a fiber's, so it checks the kernels' memory accesses
+// without mistaking the switches for stack corruption ----
+#if defined(__SANITIZE_ADDRESS__)
+extern "C" void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
+extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
+#define CUDA_EMU_ASAN 1
+#else
+#define CUDA_EMU_ASAN 0
+#endif
 
 // ---- CUDA's vector types and built-in variables ----
 struct uint3 {
@@ -99,6 +113,7 @@ struct Fiber {
   unsigned mask = 0;
   int arg = 0, width = 32, line = 0;
   uint64_t in = 0, out = 0;
+  void* asan_fake_stack = nullptr;
 };
 
 struct Runtime {
@@ -109,6 +124,9 @@ struct Runtime {
   std::function<void()> body;
   const char* kernel = "";
   std::string error;  // the first rule broken in this launch
+  void* asan_fake_stack = nullptr;  // the scheduler's, while a fiber runs
+  const void* scheduler_stack = nullptr;
+  size_t scheduler_stack_size = 0;
   // __shared__ arena: slots are registered on first use and keep their offset for the process
   std::vector<unsigned char> shared = std::vector<unsigned char>(1 << 20);
   size_t shared_used = 0;
@@ -142,7 +160,14 @@ inline void record(const std::string& what) {
 
 inline void yield_to_scheduler() {
   Runtime& rt = runtime();
-  swapcontext(&rt.fibers[rt.current].ctx, &rt.scheduler);
+  Fiber& f = rt.fibers[rt.current];
+#if CUDA_EMU_ASAN
+  __sanitizer_start_switch_fiber(&f.asan_fake_stack, rt.scheduler_stack, rt.scheduler_stack_size);
+#endif
+  swapcontext(&f.ctx, &rt.scheduler);
+#if CUDA_EMU_ASAN
+  __sanitizer_finish_switch_fiber(rt.fibers[rt.current].asan_fake_stack, nullptr, nullptr);
+#endif
 }
 
 inline void syncthreads(int line) {
@@ -230,12 +255,18 @@ inline char* stack_of(int i) {
 
 inline void fiber_entry() {
   Runtime& rt = runtime();
+#if CUDA_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &rt.scheduler_stack, &rt.scheduler_stack_size);
+#endif
   try {
     rt.body();
   } catch (const std::exception& e) {
     record(std::string("exception in device code: ") + e.what());
   }
   rt.fibers[rt.current].state = State::Done;
+#if CUDA_EMU_ASAN
+  __sanitizer_start_switch_fiber(nullptr, rt.scheduler_stack, rt.scheduler_stack_size);  // this fiber ends
+#endif
   // returning resumes uc_link, the scheduler
 }
 
@@ -356,7 +387,13 @@ inline void run_block(Runtime& rt, bool reverse) {
       if (rt.fibers[i].state != State::Run) continue;
       rt.current = i;
       threadIdx = thread_index(i);
+#if CUDA_EMU_ASAN
+      __sanitizer_start_switch_fiber(&rt.asan_fake_stack, stack_of(i), kStack);
+#endif
       swapcontext(&rt.scheduler, &rt.fibers[i].ctx);
+#if CUDA_EMU_ASAN
+      __sanitizer_finish_switch_fiber(rt.asan_fake_stack, nullptr, nullptr);
+#endif
     }
     if (!rt.error.empty()) fail(rt.error);
     int done = 0, barrier = 0, shuffle = 0;

@@ -78,6 +78,13 @@ __global__ void assert_kernel(const float* __restrict__ x, float* __restrict__ o
   }
 }
 
+// an off-by-one bound: the last thread reads one element past the end of x (wrong only under
+// AddressSanitizer: the value read is multiplied by 0)
+__global__ void off_by_one_kernel(const float* __restrict__ x, float* __restrict__ out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i <= n) out[i < n ? i : 0] += 0.f * x[i];
+}
+
 // Each case launches its kernel on x (float32, 1-d) and returns what it wrote.
 Tensor run(int64_t which, const Tensor& x_in) {
   const Tensor x = x_in.contiguous();
@@ -134,6 +141,11 @@ Tensor run(int64_t which, const Tensor& x_in) {
     case 9: {  // a block of 2048 threads: more than the device allows
       Tensor out = at::zeros_like(x);
       assert_kernel<<<1, 2048, 0, stream>>>(xp, out.mutable_data_ptr<float>(), n);
+      return out;
+    }
+    case 10: {
+      Tensor out = at::zeros_like(x);
+      off_by_one_kernel<<<(n + kThreads) / kThreads, kThreads, 0, stream>>>(xp, out.mutable_data_ptr<float>(), n);
       return out;
     }
   }
