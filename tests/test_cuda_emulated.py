@@ -9,8 +9,9 @@ races between unsynchronised threads).
 First the emulator itself is tested on kernels with known answers and known bugs
 (tests/cuda_emu/selftest.cu). Then every op's CUDA kernels run on the same oracles and references as
 the CPU kernels and the GPU tests, in both thread orders (JSIGR_CUDA_EMU_ORDER), at shapes that
-exercise several blocks, grid-stride loops, split reductions and partial warps; on a GPU the
-`-m gpu` tests run them for real.
+exercise several blocks, grid-stride loops, split reductions and partial warps. Then the library's
+own tests run with the emulated kernels installed as the CPU kernels, and the emulated tests run
+again under AddressSanitizer. On a GPU, the `-m gpu` tests run the kernels for real.
 """
 import os
 import subprocess
@@ -312,6 +313,42 @@ def test_every_op_runs_through_the_emulated_launch(E, monkeypatch, op):
             "cross_entropy_cotangent": lambda: E.cross_entropy_cotangent(x, torch.zeros(4, dtype=torch.long))}[op]
     with pytest.raises(RuntimeError, match="CUDA emulation: JSIGR_CUDA_EMU_ORDER must be"):
         call()
+
+
+# ----------------------------------------------------------------------------------------------
+# the library on the CUDA kernels: the emulated kernels installed as the CPU kernels of
+# torch.ops.jsigr_fast, and the op, fused-backend and regularizer tests run through them (so the
+# fused backend's autograd rules, layouts and dtypes meet the CUDA kernels' actual outputs)
+# ----------------------------------------------------------------------------------------------
+LIBRARY_TESTS = ["test_fused_backend.py", "test_fused_layers.py", "test_jsigr_loss.py", "test_finite_difference.py",
+                 "test_masked_sq_norm.py", "test_loss_head.py", "test_mask_ops.py", "test_bn_ops.py",
+                 "test_jacobian.py", "test_input_gradient.py", "test_hutchinson_probes.py", "test_errors.py"]
+# By design, not a difference to fix: the CPU loss head checks the targets on the host, with a
+# message; the CUDA kernel asserts on the device, as ATen's nll_loss does (a host check would
+# synchronise every call). test_cross_entropy_target_out_of_range_is_a_device_assert covers it.
+LIBRARY_DESELECT = "not test_target_out_of_range"  # (test_loss_head.py; the name is unique)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cuda_emu.asan(), reason="runs in the plain build")
+def test_library_runs_on_the_cuda_kernels():
+    tests = Path(__file__).resolve().parent
+    code = (
+        "import json, sys, pytest, cuda_emu\n"
+        "calls = cuda_emu.install_as_cpu_kernels()\n"
+        f"rc = pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'not slow', '--tb=short', '-k', "
+        f"{LIBRARY_DESELECT!r}, *{[str(tests / f) for f in LIBRARY_TESTS]!r}])\n"
+        "print('EMU_CALLS ' + json.dumps(calls))\n"
+        "sys.exit(int(rc))\n")
+    env = dict(os.environ)
+    env.pop("JSIGR_CUDA_EMU_ORDER", None)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tests, env=env, capture_output=True, text=True, timeout=3000)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    import json
+
+    calls = json.loads(out.split("EMU_CALLS ", 1)[1].splitlines()[0])
+    assert set(calls) == set(cuda_emu.OPS), f"ops never reached through the emulator: {set(cuda_emu.OPS) - set(calls)}"
 
 
 # ----------------------------------------------------------------------------------------------

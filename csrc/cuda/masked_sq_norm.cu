@@ -68,9 +68,11 @@ __global__ void masked_sq_norm_backward_kernel(const scalar_t* __restrict__ grad
 void check_inputs(const at::Tensor& g, const std::optional<at::Tensor>& mask, const char* op) {
   TORCH_CHECK(g.is_cuda(), op, ": g must be a CUDA tensor");
   TORCH_CHECK(g.dim() >= 1, op, ": g must have a batch dimension, got a 0-d tensor");
+  TORCH_CHECK(at::isFloatingType(g.scalar_type()), op, ": g must be floating point, got ", g.scalar_type());
   if (mask.has_value()) {
     TORCH_CHECK(mask->sizes() == g.sizes(), op, ": mask must have g's shape ", g.sizes(), ", got ", mask->sizes());
-    TORCH_CHECK(mask->scalar_type() == g.scalar_type(), op, ": mask must have g's dtype");
+    TORCH_CHECK(mask->scalar_type() == g.scalar_type(), op, ": mask must have g's dtype ", g.scalar_type(), ", got ",
+                mask->scalar_type());
     TORCH_CHECK(mask->device() == g.device(), op, ": mask and g must be on the same device");
   }
 }

@@ -101,3 +101,41 @@ def load_selftest(verbose: bool = False):
     _build("emu_selftest", {"selftest_emu.cpp": translate(cu, library="emu_selftest", target="emu_selftest")},
            [cu], verbose)
     return torch.ops.emu_selftest
+
+
+# every op of csrc/ops.cpp that has a CUDA kernel
+OPS = ("masked_sq_norm", "masked_sq_norm_backward", "batch_norm_train", "batch_norm_backward",
+       "batch_norm_double_backward", "gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask",
+       "masked_sq_norm_bool", "masked_sq_norm_bool_backward", "cross_entropy_cotangent",
+       "cross_entropy_cotangent_backward")
+
+
+def install_as_cpu_kernels() -> dict:
+    """Make the emulated CUDA kernels the CPU kernels of torch.ops.jsigr_fast, for this process, so
+    that the library's own code paths (the fused backend, its autograd rules) run on them. Returns a
+    dict counting the calls per op (to show the kernels were reached)."""
+    import warnings
+
+    import jsigr_fast  # loads jsigr_fast._C first: its CPU kernels, registered later, would win
+
+    if not jsigr_fast.extension_loaded():
+        raise RuntimeError(f"the compiled extension is not loaded: {jsigr_fast.extension_error()}")
+    E = load()
+    calls = {}
+    lib = torch.library.Library("jsigr_fast", "IMPL")
+
+    def kernel(name):
+        op = getattr(E, name)
+
+        def run(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return op(*args)
+
+        return run
+
+    with warnings.catch_warnings():  # "overriding a previously registered kernel": the point
+        warnings.simplefilter("ignore")
+        for name in OPS:
+            lib.impl(name, kernel(name), "CPU")
+    install_as_cpu_kernels.library = lib  # the registrations last as long as the Library object
+    return calls
