@@ -13,6 +13,7 @@ exercise several blocks, grid-stride loops, split reductions and partial warps. 
 own tests run with the emulated kernels installed as the CPU kernels, and the emulated tests run
 again under AddressSanitizer. On a GPU, the `-m gpu` tests run the kernels for real.
 """
+import json
 import os
 import subprocess
 import sys
@@ -345,8 +346,6 @@ def test_library_runs_on_the_cuda_kernels():
     r = subprocess.run([sys.executable, "-c", code], cwd=tests, env=env, capture_output=True, text=True, timeout=3000)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
-    import json
-
     calls = json.loads(out.split("EMU_CALLS ", 1)[1].splitlines()[0])
     assert set(calls) == set(cuda_emu.OPS), f"ops never reached through the emulator: {set(cuda_emu.OPS) - set(calls)}"
 
