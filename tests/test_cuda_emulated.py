@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import cuda_emu
 from bn_oracles import CASES as BN_CASES
-from bn_oracles import _assert_all_close, _inputs
+from bn_oracles import _assert_all_close, _inputs, _layout
 from jsigr_fast import reference
 from loss_head_oracles import DTYPES, UNIT, _ce_oracle, _logits, _tols, _vjp_oracle, check_special_values
 from mask_oracles import _adaptor_oracle, _check_near_threshold, adaptor_bad_arguments, adaptor_inputs
@@ -48,14 +48,6 @@ def selftest():
 def order(request, monkeypatch):
     monkeypatch.setenv("JSIGR_CUDA_EMU_ORDER", request.param)
     return request.param
-
-
-def _layout(t, layout):
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
-    if layout == "transposed":
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    return t
 
 
 # ----------------------------------------------------------------------------------------------
