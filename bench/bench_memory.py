@@ -9,8 +9,8 @@ kept for the backward and its temporaries. On CUDA, ``torch.cuda.max_memory_allo
 memory allocated when the step starts (the gradients of the previous step are freed by
 ``zero_grad(set_to_none=True)`` inside the step). On the CPU, which keeps no allocator statistics,
 torch's profiler with ``profile_memory=True``: every allocation and free of the step in time order,
-summed from the moment the previous step's gradients are freed; the running total's maximum is the
-peak (it returns to ~0 at the end: tests/test_bench_smoke.py checks that, and the peak against an
+matched by address and summed from the moment the previous step's gradients are freed; the running
+total's maximum is the peak (it returns to ~0 at the end: tests/test_bench_smoke.py checks that, and the peak against an
 allocation of known size). Each method gets one untimed step first, so lazily built state (JARN's adaptor, the
 optimizer's momentum) is resting state too.
 
@@ -23,6 +23,7 @@ Results: ``<out>/memory_<device>_<model>_b<batch>_<dtype>.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -37,21 +38,52 @@ DEFAULT = ("standard,double_backprop,double_backprop_fused,jsigr,jsigr_fused,jsi
 MIB = 2 ** 20
 
 
+def _allocation_events(prof):
+    """(time ns, address, bytes) of every CPU allocation (+) and free (-) the profiler recorded."""
+    from torch._C._profiler import _EventType
+
+    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+            out.append((node.start_time_ns, node.typed[1].ptr, node.typed[1].alloc_size))
+    return sorted(out)
+
+
 def cpu_step_peak(model, opt, loss_fn, x, y) -> tuple[int, int]:
-    """(peak, net) bytes of one step above its starting point, from the profiler's memory events."""
+    """(peak, net) bytes of one step above its starting point, from the profiler's allocation events.
+
+    Frees are matched to allocations by address. Only a free of a block allocated inside this step
+    counts: torch's CPU allocator remembers block sizes by address across profiler sessions and never
+    forgets one freed while no profiler runs, so a block allocated outside any session at a reused
+    address is "freed" with a stale size (the cause of a flaky net of -0.1 MiB in CI). The one
+    pre-existing memory the step frees on purpose, the previous gradients, is counted freed at the
+    start with its true size.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    # The previous step's gradients are freed by zero_grad(set_to_none=True) as the step starts, but
-    # the profiler only reports frees of memory it saw allocated: count them freed at the start.
-    stale = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(model, opt, loss_fn, x, y)
-    # an op's allocations are its own (self) memory; a tensor freed outside any op is a "[memory]" event
-    changes = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                     for e in prof.events())
-    total = peak = -stale
-    for _, b in changes:
-        total += b
+    stale = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            stale[p.grad.untyped_storage().data_ptr()] = p.grad.untyped_storage().nbytes()
+    gc.collect()  # no collection of older garbage inside the step
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            train_step(model, opt, loss_fn, x, y)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    live = {}
+    total = peak = -sum(stale.values())
+    for _, ptr, nbytes in _allocation_events(prof):
+        if nbytes > 0:
+            live[ptr] = nbytes
+            total += nbytes
+        elif ptr in live:
+            total -= live.pop(ptr)
         peak = max(peak, total)
     return peak, total
 
