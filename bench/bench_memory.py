@@ -16,7 +16,11 @@ optimizer's momentum) is resting state too.
 
 Why J-SIGR sits near 3× (SPEC cost model): its loss keeps the forward's graph (1×) plus the graphs
 of two create_graph VJPs at the same x, the input-gradient penalty's and the Jacobian projection's,
-each holding an activation-sized set of cotangents for the double backward (2×).
+each holding an activation-sized set of cotangents for the double backward (2×). The ablation
+``jsigr_eager_fused`` (bench/steps.py ``fused_jsigr_eager_penalty``: the input-gradient penalty's
+parameter gradients taken inside the loss call, so one such VJP graph is alive at a time) measures
+how much of that a split backward buys back, and ``bench_step.py --methods jsigr_fused,jsigr_eager_fused``
+what it costs in time.
 
 Results: ``<out>/memory_<device>_<model>_b<batch>_<dtype>.{md,json}``.
 """
@@ -33,8 +37,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, conditions, make_methods,  # noqa: E402
                    make_setup, publish, sync, train_step)
 
-DEFAULT = ("standard,double_backprop,double_backprop_fused,jsigr,jsigr_fused,jsigr_hutchinson,jsigr_hutchinson_fused,"
-           "jsigr_fd,jsigr_fd_fused,pgd_at7")
+DEFAULT = ("standard,double_backprop,double_backprop_fused,jsigr,jsigr_fused,jsigr_eager_fused,jsigr_hutchinson,"
+           "jsigr_hutchinson_fused,jsigr_fd,jsigr_fd_fused,pgd_at7")
 MIB = 2 ** 20
 
 

@@ -134,6 +134,39 @@ def _fused_nchw_jsigr(m, x, y):
         fused.CHANNELS_LAST[dev] = before
 
 
+def fused_jsigr_eager_penalty(m, x, y, *, generator=None):
+    """Ablation, not a library mode: ``jsigr_fast.loss(m, x, y, backend="fused")`` at its defaults
+    (lambda_m = lambda_j = 0.5, eps 0.3, the gradient saliency mask at beta 0.1, one projection; the same
+    random draws in the same order) with the input-gradient penalty's parameter gradients taken inside
+    the call (``torch.autograd.grad``, the forward's graph retained). Its create_graph VJP is then freed
+    before the Jacobian projection's is built: one such graph alive at a time instead of two, for one
+    more backward through the forward's graph (+2 units). Same loss value and parameter gradients; the
+    loss's gradient with respect to x misses the penalty's part (not needed to train)."""
+    from jsigr_fast import fused, ops, reference
+    from jsigr_fast.functional import layer_rules, mask_builder
+    from jsigr_fast.saliency import perturbed_input_gradient
+
+    lam_m = lam_j = 0.5
+    with layer_rules("fused"):
+        g_hat = perturbed_input_gradient(m, x, y, eps=0.3, generator=generator)
+    mask = mask_builder("fused")(None, g_hat, x, beta=0.1, quantile=None)
+    params = [p for p in m.parameters() if p.requires_grad]
+    with torch.enable_grad(), fused.fused_layers():
+        xg, logits = reference.forward(m, x, y)
+        per_sample = F.cross_entropy(logits, y, reduction="none")
+        g = reference.vjp(per_sample.sum(), xg)
+        sig = ops.masked_sq_norm(g, mask, compiled=True).mean()
+        sig_grads = torch.autograd.grad(lam_m * sig, params, retain_graph=True)
+        sig = sig.detach()
+        del g  # the last reference to the penalty's VJP graph: freed here
+        n, k = logits.shape
+        v = reference.unit_sphere(n, k, like=logits, generator=generator)
+        u = reference.vjp(logits, xg, v)
+        jac = (k * ops.masked_sq_norm(u, None, compiled=True)).mean()
+        eager = sum((p * gp).sum() for p, gp in zip(params, sig_grads))  # its gradient in p is gp
+        return per_sample.mean() + lam_m * sig + lam_j * jac + (eager - eager.detach())
+
+
 def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_EPS,
                  at_alpha: float = AT_ALPHA, device="cpu") -> dict[str, Method]:
     """The timed methods, including the fused backend's when it is built for ``device`` and the
@@ -208,6 +241,8 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
             "jsigr_fd_fused": Method("jsigr_fd_fused", "jsigr_fd",
                                      lambda m, x, y: jsigr_fast.loss(m, x, y, mode="fd", backend="fused"),
                                      "J-SIGR, finite differences (fd, fused)"),
+            "jsigr_eager_fused": Method("jsigr_eager_fused", "jsigr", fused_jsigr_eager_penalty,
+                                        "J-SIGR, projection (fused), penalty gradients eager (ablation)"),
             "jsigr_hutchinson_fused": Method(
                 "jsigr_hutchinson_fused", "jsigr_hutchinson",
                 lambda m, x, y: jsigr_fast.loss(m, x, y, jacobian="hutchinson", backend="fused"),
