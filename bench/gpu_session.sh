@@ -94,7 +94,7 @@ case "$stage" in
     run fused_r20 "$PY" bench/bench_fused.py --device cuda --model resnet20 --batch 128 --dtype float32 \
       --rounds 5 --repeats 5 --profile --out "$RES"
     run fused_r18 "$PY" bench/bench_fused.py --device cuda --model resnet18 --batch 256 --dtype bfloat16 \
-      --channels-last --rounds 3 --repeats 3 --out "$RES"
+      --channels-last --rounds 3 --repeats 3 --eager-ablation --out "$RES"
     run fused_r20_triton "$PY" bench/bench_fused.py --device cuda --model resnet20 --batch 128 --dtype float32 \
       --pairs jsigr --gpu-kernels triton --rounds 3 --repeats 5 --out "$RES"
     run step_r20 "$PY" bench/bench_step.py --device cuda --model resnet20 --batch 128 --repeats 10 --out "$RES"

@@ -305,3 +305,32 @@ def test_eager_penalty_ablation_is_the_same_loss_with_fewer_graphs_alive():
         steps.train_step(m, opt, fn, x, y)
         peaks[name], _ = bench_memory.cpu_step_peak(m, opt, fn, x, y)
     assert peaks["eager"] < 0.9 * peaks["fused"], peaks
+
+
+def test_bench_fused_tiny_config_with_the_eager_ablation(tmp_path):
+    import bench_fused
+
+    bench_fused.main(["--model", "digits_cnn", "--batch", "8", "--pairs", "jsigr", "--rounds", "2", "--repeats", "1",
+                      "--eager-ablation", "--out", str(tmp_path)])
+    (path,) = glob.glob(str(tmp_path / "fused_cpu_digits_cnn_b8_float32_t*_jsigr_eager.json"))
+    with open(path) as f:
+        rows = json.load(f)["results"]
+    assert list(rows) == ["standard", "jsigr", "jsigr_fused", "jsigr_eager_fused"]
+    for n in ("jsigr", "jsigr_fused", "jsigr_eager_fused"):
+        assert len(rows[n]["rounds_s"]) == 2 and rows[n]["x_standard"] == pytest.approx(
+            rows[n]["median_s"] / rows["standard"]["median_s"])
+    assert rows["jsigr_fused"]["speedup_rounds"] == pytest.approx(
+        [r / f for r, f in zip(rows["jsigr"]["rounds_s"], rows["jsigr_fused"]["rounds_s"])])
+    assert rows["jsigr_eager_fused"]["x_jsigr_fused_rounds"] == pytest.approx(
+        [e / f for e, f in zip(rows["jsigr_eager_fused"]["rounds_s"], rows["jsigr_fused"]["rounds_s"])])
+    md = open(path[:-len(".json")] + ".md").read()
+    assert "| J-SIGR, projection (fused), penalty gradients eager (ablation) |" in md
+    assert "Eager-penalty ablation:" in md
+
+
+def test_bench_fused_eager_ablation_needs_the_jsigr_pair(capsys):
+    import bench_fused
+
+    with pytest.raises(SystemExit):
+        bench_fused.main(["--model", "digits_cnn", "--batch", "8", "--pairs", "double_backprop", "--eager-ablation"])
+    assert "include the jsigr pair" in capsys.readouterr().err
