@@ -10,17 +10,16 @@ memory allocated when the step starts (the gradients of the previous step are fr
 ``zero_grad(set_to_none=True)`` inside the step). On the CPU, which keeps no allocator statistics,
 torch's profiler with ``profile_memory=True``: every allocation and free of the step in time order,
 matched by address and summed from the moment the previous step's gradients are freed; the running
-total's maximum is the peak (it returns to ~0 at the end: tests/test_bench_smoke.py checks that, and the peak against an
-allocation of known size). Each method gets one untimed step first, so lazily built state (JARN's adaptor, the
-optimizer's momentum) is resting state too.
+total's maximum is the peak (it returns to ~0 at the end: tests/test_bench_smoke.py checks that, and
+the peak against an allocation of known size). Each method gets one untimed step first, so lazily
+built state (JARN's adaptor, the optimizer's momentum) is resting state too.
 
 Why J-SIGR sits near 3× (SPEC cost model): its loss keeps the forward's graph (1×) plus the graphs
 of two create_graph VJPs at the same x, the input-gradient penalty's and the Jacobian projection's,
 each holding an activation-sized set of cotangents for the double backward (2×). The ablation
 ``jsigr_eager_fused`` (bench/steps.py ``fused_jsigr_eager_penalty``: the input-gradient penalty's
 parameter gradients taken inside the loss call, so one such VJP graph is alive at a time) measures
-how much of that a split backward buys back, and ``bench_step.py --methods jsigr_fused,jsigr_eager_fused``
-what it costs in time.
+how much of that a split backward buys back; ``bench_fused.py --pairs jsigr --eager-ablation`` times it.
 
 Results: ``<out>/memory_<device>_<model>_b<batch>_<dtype>.{md,json}``.
 """
