@@ -26,17 +26,39 @@
 #
 # Each stage keeps going after a failure (so one broken bench does not cost the others) and lists
 # what failed at the end.
+#
+# Nothing is lost to the device's 10-minute limit. The stage has a budget (STAGE_BUDGET_S, default
+# 540 s) that each command runs under (`timeout`, SIGINT first): a command that would overrun it is
+# stopped, and the commands after it are skipped, so the stage ends and packs its results itself.
+# $OUT is also repacked after every command, so even a call killed from outside returns what had
+# finished. The summary lists each command's seconds (timings.txt): the costs of the next session's plan.
 set -uo pipefail
 stage="${1:-}"
 OUT="${OUT:-bench/results/gpu}"
-RES="$(mktemp -d)/$stage"  # the full results of this stage; packed into $OUT at the end
+RES="$(mktemp -d)/$stage"  # the full results of this stage; packed into $OUT after every command
 mkdir -p "$OUT" "$RES"
 PY="${PYTHON:-python}"
+BUDGET="${STAGE_BUDGET_S:-540}"
+START=$SECONDS
 failed=()
-run() {  # run <log name> <command...>: tee into $RES/<name>.log, remember failures
+skipped=()
+run() {  # run <log name> <command...>: tee into $RES/<name>.log under the budget, remember failures
   local name="$1"; shift
+  local left=$((BUDGET - (SECONDS - START))) t0=$SECONDS
+  if ((left < 15)); then
+    echo "== $name: skipped, the stage's ${BUDGET} s budget is spent"; skipped+=("$name"); pack; return
+  fi
   echo "== $name: $*"
-  if ! "$@" 2>&1 | tee "$RES/$name.log"; then failed+=("$name"); fi
+  if declare -F "$1" >/dev/null; then  # a function of this script (ensure_built): no timeout wrapper
+    "$@" 2>&1 | tee "$RES/$name.log"
+  else
+    timeout --signal=INT --kill-after=15 "$left" "$@" 2>&1 | tee "$RES/$name.log"
+  fi
+  local rc=${PIPESTATUS[0]}
+  if ((rc == 124)); then echo "== $name: stopped after ${left} s (the stage's budget)" | tee -a "$RES/$name.log"; fi
+  if ((rc != 0)); then failed+=("$name"); fi
+  echo "$name $((SECONDS - t0)) s (exit $rc)" >> "$RES/timings.txt"
+  pack
 }
 versions() {
   {
@@ -64,13 +86,17 @@ pack() {  # the <= 8 files that come back
   {
     echo "# GPU session, stage $stage"
     echo '```'; cat "$RES/versions.txt" 2>/dev/null; echo '```'
-    if ((${#failed[@]})); then echo "FAILED: ${failed[*]}"; else echo "all of stage '$stage' ran"; fi
+    if ((${#failed[@]})); then echo "FAILED: ${failed[*]}"; else echo "nothing failed"; fi
+    if ((${#skipped[@]})); then echo "SKIPPED (budget spent): ${skipped[*]}"; fi
+    echo; echo "## seconds per command"; echo '```'; cat "$RES/timings.txt" 2>/dev/null; echo '```'
     echo; echo "## last lines of each log"
     for f in "$RES"/*.log; do [ -f "$f" ] && { echo "### $(basename "$f")"; echo '```'; tail -n 4 "$f"; echo '```'; }; done
     for f in "$RES"/*.md; do [ -f "$f" ] && { echo; echo "## $(basename "$f")"; cat "$f"; }; done
-  } > "$OUT/gpu_${stage}_summary.md"
+  } > "$OUT/gpu_${stage}_summary.md.tmp"
+  mv "$OUT/gpu_${stage}_summary.md.tmp" "$OUT/gpu_${stage}_summary.md"
   cp "$RES/versions.txt" "$OUT/" 2>/dev/null
-  tar czf "$OUT/gpu_${stage}.tar.gz" -C "$RES" .
+  # renamed into place: a call killed mid-pack still returns the previous, whole tarball
+  tar czf "$OUT/gpu_${stage}.tar.gz.tmp" -C "$RES" . && mv "$OUT/gpu_${stage}.tar.gz.tmp" "$OUT/gpu_${stage}.tar.gz"
 }
 
 case "$stage" in
@@ -118,11 +144,18 @@ case "$stage" in
     run epoch_cifar "$PY" bench/bench_epoch.py --preset cifar-gpu --rounds 3 --out "$RES"
     run epoch_imagenet "$PY" bench/bench_epoch.py --preset imagenet-gpu --rounds 2 --out "$RES"
     ;;
+  selftest)  # the machinery above, for tests/test_gpu_session_script.py (no GPU, nothing built)
+    run ok true
+    run fails false
+    run slow sleep 60
+    run after_budget true
+    ;;
   *)
     echo "usage: bash bench/gpu_session.sh build|step|memory|epoch   (results in \$OUT, default bench/results/gpu)" >&2
     exit 2
     ;;
 esac
 pack
+if ((${#skipped[@]})); then echo "SKIPPED (budget spent): ${skipped[*]}"; fi
 if ((${#failed[@]})); then echo "FAILED: ${failed[*]} (logs in $OUT/gpu_${stage}.tar.gz)"; exit 1; fi
 echo "all of stage '$stage' ran; results in $OUT/gpu_${stage}.tar.gz"
