@@ -115,19 +115,20 @@ case "$stage" in
   step)
     versions
     ensure_built >/dev/null
-    run bn_bw_fp32 "$PY" bench/bench_bn.py --device cuda --dtype float32 --out "$RES"
-    run bn_bw_bf16 "$PY" bench/bench_bn.py --device cuda --dtype bfloat16 --out "$RES"
+    # the targets first (fused vs reference, then the bandwidth ones): a spent budget skips the rest
     run fused_r20 "$PY" bench/bench_fused.py --device cuda --model resnet20 --batch 128 --dtype float32 \
       --rounds 5 --repeats 5 --profile --out "$RES"
     run fused_r18 "$PY" bench/bench_fused.py --device cuda --model resnet18 --batch 256 --dtype bfloat16 \
       --channels-last --rounds 3 --repeats 3 --eager-ablation --out "$RES"
+    run bn_bw_fp32 "$PY" bench/bench_bn.py --device cuda --dtype float32 --out "$RES"
+    run mask_bw "$PY" bench/bench_mask.py --device cuda --out "$RES"
+    run bn_bw_bf16 "$PY" bench/bench_bn.py --device cuda --dtype bfloat16 --out "$RES"
     run fused_r20_triton "$PY" bench/bench_fused.py --device cuda --model resnet20 --batch 128 --dtype float32 \
       --pairs jsigr --gpu-kernels triton --rounds 3 --repeats 5 --out "$RES"
     run step_r20 "$PY" bench/bench_step.py --device cuda --model resnet20 --batch 128 --repeats 10 --out "$RES"
     run vjp_r20 "$PY" bench/bench_vjp.py --device cuda --model resnet20 --batch 128 --out "$RES"
     run probes_r20 "$PY" bench/bench_probes.py --device cuda --model resnet20 --batch 128 --out "$RES"
     run loss_head "$PY" bench/bench_loss_head.py --device cuda --out "$RES"
-    run mask_bw "$PY" bench/bench_mask.py --device cuda --out "$RES"
     ;;
   memory)
     versions
