@@ -11,8 +11,20 @@ direction: ``||ζ_n||² ||(z_n(x + h ζ̂) − z_n(x)) / h||²`` with ``ζ ~ N(0
 (a unit step, like the others: ``h ζ`` itself would have norm ``h sqrt(D)``).
 
 The directions cost an input-only backward without a graph; each term then costs one extra forward,
-and the loss is differentiated by ONE ordinary backward through ordinary kernels: no BatchNorm
-double backward, nothing DDP or AMP has to treat specially, and less memory. With
+and the loss is differentiated by ordinary backwards through ordinary kernels: no BatchNorm double
+backward, nothing DDP or AMP has to treat specially.
+
+Memory. Each perturbed forward's graph is differentiated as soon as its term is computed and freed
+(:func:`_free_early`, switch :data:`FREE_EARLY`): its parameter gradients are taken for the per-sample
+values' sum and handed on, scaled, when the caller's backward reaches the values. Same values, same
+gradients, same backward work (it only runs earlier), but the step holds the unperturbed forward's
+graph plus one perturbed graph at a time instead of all of them: ResNet-20, batch 128, 1.99x the
+standard step's peak instead of 2.98x (bench/results/memory_*). What this asks of the caller: weight
+the per-sample values uniformly (every loss here takes their mean; an unequal weight is an error,
+checked on the device), and know that a tensor hook on a parameter runs twice, for that early part
+and then for the total. Under ``torch.no_grad()`` nothing is taken early (values only). Under DDP the
+early backward runs on the unwrapped module and touches no reducer hook; the caller's backward
+all-reduces the total as usual. With
 ``backend="fused"`` the forwards and that backward run under the fused backend's layer rules
 (:func:`jsigr_fast.functional.layer_rules`: fused BatchNorm, conv and ReLU, channels-last
 activations where they pay); here they are only differentiated once, and exactly, so the result
@@ -67,6 +79,11 @@ __all__ = ["jsigr", "input_gradient_penalty", "jacobian_norm"]
 
 _TINY = 1e-30
 
+# Differentiate each perturbed forward's graph as soon as its term is computed (see _free_early):
+# one perturbed graph alive at a time, same values and gradients, same backward work. False keeps
+# them all to the caller's backward, as before; bench/steps.py's jsigr_fd_kept ablation measures both.
+FREE_EARLY = True
+
 
 def _low_precision(x: torch.Tensor) -> torch.dtype | None:
     """The half-precision dtype the forwards run in (the input's, or autocast's on x's device), else None."""
@@ -118,14 +135,72 @@ def _direction(g: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return d / _expand(norm.clamp_min(_TINY), g)
 
 
-def _input_penalty_fd(aux, x0, y, per_sample, g, mask, h):
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors whose gradients accumulate at the ends of t's graph (the AccumulateGrad nodes)."""
+    seen, stack, leaves = set(), [t.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            leaves.append(var)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return leaves
+
+
+class _GradsTakenEarly(torch.autograd.Function):
+    """Per-sample values whose gradients in ``leaves`` through a graph now freed were taken already
+    (``grads``: of the values' sum). Backward hands them on scaled by the incoming per-sample weight,
+    which must be the same for every sample (the losses take a mean): checked on the device."""
+
+    @staticmethod
+    def forward(ctx, values, grads, *leaves):
+        ctx.grads = grads
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, c):
+        w = c.reshape(-1)[0]
+        # non-finite weights pass: the step is void anyway, and GradScaler skips it on the grads' inf
+        torch._assert_async(((c == w) | ~torch.isfinite(c)).all(),
+                            "mode='fd': the per-sample penalty values were weighted unequally in the backward; "
+                            "their parameter gradients were taken early for a uniform weight (a mean or sum)")
+        return (c, None, *(g * w.to(g.dtype) for g in ctx.grads))
+
+
+def _free_early(plus: torch.Tensor, base: torch.Tensor, f, grad_scale, early: bool) -> torch.Tensor:
+    """``f(plus, base)``, per sample, where ``plus`` is a perturbed forward's output and ``base`` the
+    unperturbed one's. With ``early``, the perturbed forward's graph is differentiated now and freed:
+    its leaves' gradients (the parameters') are taken here, for the values' sum, and handed on by
+    :class:`_GradsTakenEarly` in the caller's backward; ``base`` keeps its graph. Same values and
+    gradients, but each perturbed forward's graph lives only until its term is computed, so the step
+    holds one forward's graph plus one perturbed one at a time instead of all of them at the end
+    (ResNet-20, batch 128: 2.98x the standard step's peak memory -> bench/results/memory_*), for the
+    same backward work, just earlier. With ``grad_scale`` the early backward is scaled as the caller's
+    (fp16: no underflow of small gradients)."""
+    if not (early and plus.requires_grad):
+        return f(plus, base)
+    leaves = _leaves(plus)
+    partial = f(plus, base.detach())
+    cot = torch.ones_like(partial) if grad_scale is None else torch.full_like(partial, float(grad_scale))
+    grads = torch.autograd.grad(partial, leaves, grad_outputs=cot)
+    if grad_scale is not None:
+        grads = [g / grad_scale for g in grads]
+    return _GradsTakenEarly.apply(f(plus.detach(), base), list(grads), *leaves)
+
+
+def _input_penalty_fd(aux, x0, y, per_sample, g, mask, h, *, grad_scale=None, early=False):
     d = _direction(g.detach(), mask)
+    del g  # the callers hold no other reference: one input-sized tensor less during the forward
     with frozen_running_stats(aux):
         plus = F.cross_entropy(aux(x0 + h * d), y, reduction="none")
-    return ((plus - per_sample) / h).pow(2)
+    del d  # and one less during the early backward (its graph keeps x0 + h d)
+    return _free_early(plus, per_sample, lambda p, base: ((p - base) / h).pow(2), grad_scale, early)
 
 
-def _jacobian_fd(aux, x0, logits, xg, *, estimator, n_proj, generator, h, grad_scale):
+def _jacobian_fd(aux, x0, logits, xg, *, estimator, n_proj, generator, h, grad_scale, early=False):
     n, k = logits.shape
     total = logits.new_zeros(n)
     if estimator == "hutchinson":
@@ -138,7 +213,8 @@ def _jacobian_fd(aux, x0, logits, xg, *, estimator, n_proj, generator, h, grad_s
             d = zeta / _expand(sq.sqrt().clamp_min(_TINY), zeta)
             with frozen_running_stats(aux):
                 plus = aux(x0 + h * d)
-            total = total + sq * ((plus - logits) / h).reshape(n, -1).pow(2).sum(1)
+            total = total + _free_early(plus, logits, lambda p, base: sq * ((p - base) / h).reshape(n, -1).pow(2).sum(1),
+                                        grad_scale, early)
         return total / n_proj
     if estimator == "projection":
         cots = [(unit_sphere(n, k, like=logits, generator=generator), float(k)) for _ in range(n_proj)]
@@ -153,9 +229,12 @@ def _jacobian_fd(aux, x0, logits, xg, *, estimator, n_proj, generator, h, grad_s
     for v, weight in cots:
         u = vjp(logits, xg, v, create_graph=False, grad_scale=grad_scale).detach()
         d = u / _expand(u.reshape(n, -1).norm(dim=1).clamp_min(_TINY), u)
+        del u
         with frozen_running_stats(aux):
             plus = aux(x0 + h * d)
-        total = total + weight * (((plus - logits) * v).sum(1) / h).pow(2)
+        del d
+        total = total + _free_early(plus, logits, lambda p, base: weight * (((p - base) * v).sum(1) / h).pow(2),
+                                    grad_scale, early)
     return total / (n_proj if estimator == "projection" else 1)
 
 
@@ -168,6 +247,7 @@ def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float
     _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
     x0 = x.detach()
+    early = FREE_EARLY and torch.is_grad_enabled()  # the caller will differentiate (no_grad: values only)
     with torch.enable_grad(), layer_rules(backend):
         xg, logits = forward(model, x, y)
         per_sample = F.cross_entropy(logits, y, reduction="none")
@@ -175,12 +255,14 @@ def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float
         out = {"ce": ce, "logits": logits}
         loss = ce
         if lambda_m > 0:
-            g = vjp(per_sample.sum(), xg, create_graph=False, grad_scale=grad_scale)
-            out["sig"] = _input_penalty_fd(aux, x0, y, per_sample, g, mask, fd_step).mean()
+            # g passed without a name here, so that the callee's del frees it before its forward
+            out["sig"] = _input_penalty_fd(aux, x0, y, per_sample,
+                                           vjp(per_sample.sum(), xg, create_graph=False, grad_scale=grad_scale),
+                                           mask, fd_step, grad_scale=grad_scale, early=early).mean()
             loss = loss + lambda_m * out["sig"]
         if lambda_j > 0:
             out["jac"] = _jacobian_fd(aux, x0, logits, xg, estimator=jacobian, n_proj=n_proj, generator=generator,
-                                      h=fd_step, grad_scale=grad_scale).mean()
+                                      h=fd_step, grad_scale=grad_scale, early=early).mean()
             loss = loss + lambda_j * out["jac"]
         out["loss"] = loss
     return out
@@ -191,11 +273,13 @@ def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
                            **_unused) -> dict[str, torch.Tensor]:
     _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
+    early = FREE_EARLY and torch.is_grad_enabled()
     with torch.enable_grad(), layer_rules(backend):
         xg, logits = forward(model, x, y)
         per_sample = F.cross_entropy(logits, y, reduction="none")
-        g = vjp(per_sample.sum(), xg, create_graph=False, grad_scale=grad_scale)
-        penalty = _input_penalty_fd(aux, x.detach(), y, per_sample, g, mask, fd_step).mean()
+        penalty = _input_penalty_fd(aux, x.detach(), y, per_sample,
+                                    vjp(per_sample.sum(), xg, create_graph=False, grad_scale=grad_scale),
+                                    mask, fd_step, grad_scale=grad_scale, early=early).mean()
     return {"penalty": penalty, "ce": per_sample.mean(), "logits": logits}
 
 
@@ -204,8 +288,9 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "projec
                   backend: str = "reference", **_unused) -> dict[str, torch.Tensor]:
     _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
+    early = FREE_EARLY and torch.is_grad_enabled()
     with torch.enable_grad(), layer_rules(backend):
         xg, logits = forward(model, x, None)
         per = _jacobian_fd(aux, x.detach(), logits, xg, estimator=estimator, n_proj=n_proj, generator=generator,
-                           h=fd_step, grad_scale=grad_scale)
+                           h=fd_step, grad_scale=grad_scale, early=early)
     return {"jac": per.mean(), "per_sample": per, "logits": logits}

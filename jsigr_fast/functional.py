@@ -197,6 +197,7 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
             with layer_rules(backend):
                 g_hat = perturbed_input_gradient(model, x, y, eps=eps, generator=generator, grad_scale=grad_scale)
         mask = mask_builder(backend)(saliency, g_hat, x, beta=beta, quantile=mask_quantile)
+        del g_hat  # an input-sized tensor not to hold through the step's peak
 
     out = backend_module(backend, mode).jsigr(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, eps=eps, mask=mask,
                                               jacobian=jacobian, n_proj=n_proj, generator=generator,

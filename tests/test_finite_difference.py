@@ -309,3 +309,113 @@ def test_fd_refuses_the_exact_estimator_on_coupled_models():
     jsigr_fast.loss(model, x, Y, jacobian="exact", mode="fd", lambda_j=0.0)
     jsigr_fast.jacobian_norm(model, x, estimator="projection", mode="fd")
     jsigr_fast.jacobian_norm(tiny_model("conv_bn_eval"), x, estimator="exact", mode="fd")
+
+
+# ---- the perturbed forwards' graphs are differentiated early and freed (finite_difference._free_early) ----
+def _fd_oracle(model, x, h, *, y=None, v=None, zeta=None):
+    """The fd penalties written out with plain autograd, every graph kept until the caller's
+    autograd.grad: the input-gradient penalty (y given), the projection term (v given) or the
+    Hutchinson term (zeta given), each a batch mean."""
+    n = x.shape[0]
+    expand = (-1,) + (1,) * (x.dim() - 1)
+    xg = x.detach().requires_grad_(True)
+    logits = model(xg)
+    if y is not None:
+        per = F.cross_entropy(logits, y, reduction="none")
+        (g,) = torch.autograd.grad(per.sum(), xg, retain_graph=True)
+        d = g / g.reshape(n, -1).norm(dim=1).view(expand)
+        plus = F.cross_entropy(model(x + h * d), y, reduction="none")
+        return ((plus - per) / h).pow(2).mean()
+    if v is not None:
+        (u,) = torch.autograd.grad(logits, xg, v, retain_graph=True)
+        d = u / u.reshape(n, -1).norm(dim=1).view(expand)
+        return (v.shape[1] * (((model(x + h * d) - logits) * v).sum(1) / h).pow(2)).mean()
+    sq = zeta.reshape(n, -1).pow(2).sum(1)
+    d = zeta / sq.sqrt().view(expand)
+    return (sq * ((model(x + h * d) - logits) / h).reshape(n, -1).pow(2).sum(1)).mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("term", ["input_gradient", "projection", "hutchinson"])
+@pytest.mark.parametrize("name", ["conv_bn_train", "residual_bn", "conv_tanh"])
+def test_fd_gradients_equal_the_formula_with_every_graph_kept(name, term, backend):
+    # At h = 0.01, where the fd gradient is far from the exact one, so the parameter gradient of the
+    # perturbed forward (taken early, its graph freed) is a large part of it: without it the
+    # comparison fails. The oracle keeps all graphs and differentiates once at the end.
+    base, x = tiny_model(name), tiny_input(name)
+    h = 0.01
+    ours, oracle = copy.deepcopy(base), copy.deepcopy(base)
+    if term == "input_gradient":
+        value = jsigr_fast.input_gradient_penalty(ours, x, Y, mode="fd", fd_step=h, backend=backend)
+        expected = _fd_oracle(oracle, x, h, y=Y)
+    else:
+        value = jsigr_fast.jacobian_norm(ours, x, estimator=term, mode="fd", fd_step=h, backend=backend,
+                                         generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        if term == "projection":
+            v = torch.randn(x.shape[0], 4, generator=gen, dtype=x.dtype)
+            expected = _fd_oracle(oracle, x, h, v=v / v.norm(dim=1, keepdim=True))
+        else:
+            expected = _fd_oracle(oracle, x, h, zeta=torch.randn(x.shape, generator=gen, dtype=x.dtype))
+    grads = torch.autograd.grad(value, list(ours.parameters()))
+    expected_grads = torch.autograd.grad(expected, list(oracle.parameters()))
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
+    for a, b in zip(grads, expected_grads):  # atol: BN shifts' gradients cancel to ~1e-12 in both
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    # and the early part is not negligible here (else the check above could not fail)
+    m = copy.deepcopy(base)
+    exact = torch.autograd.grad(
+        jsigr_fast.input_gradient_penalty(m, x, Y, backend="reference") if term == "input_gradient"
+        else jsigr_fast.jacobian_norm(m, x, estimator=term, backend="reference",
+                                      generator=torch.Generator().manual_seed(0)),
+        list(m.parameters()), allow_unused=True, materialize_grads=True)  # e.g. the last bias: unused
+    assert any(float((a - b).norm()) > 1e-6 * float(b.norm()) for a, b in zip(grads, exact))
+
+
+def test_fd_jsigr_loss_gradients_equal_the_formula_with_every_graph_kept():
+    # the whole J-SIGR fd loss (no mask): CE + 0.5 (input-gradient penalty) + 0.5 (projection term)
+    base, x = tiny_model("residual_bn"), tiny_input("residual_bn")
+    ours, oracle = copy.deepcopy(base), copy.deepcopy(base)
+    loss = jsigr_fast.loss(ours, x, Y, saliency="none", mode="fd", fd_step=0.01,
+                           generator=torch.Generator().manual_seed(0))
+    v = torch.randn(x.shape[0], 4, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    expected = (F.cross_entropy(oracle(x), Y) + 0.5 * _fd_oracle(oracle, x, 0.01, y=Y)
+                + 0.5 * _fd_oracle(oracle, x, 0.01, v=v / v.norm(dim=1, keepdim=True)))
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+    for a, b in zip(torch.autograd.grad(loss, list(ours.parameters())),
+                    torch.autograd.grad(expected, list(oracle.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_fd_per_sample_values_refuse_unequal_weights():
+    # the early gradients are of the values' sum: any uniform weight is exact (a sum, a scaled mean),
+    # an unequal one is an error, not a silently wrong gradient
+    from jsigr_fast import finite_difference
+
+    model, x = tiny_model("conv_bn_train"), tiny_input("conv_bn_train")
+    params = list(model.parameters())
+    per = finite_difference.jacobian_norm(model, x, estimator="projection", generator=torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad(3 * per["per_sample"].sum(), params, retain_graph=True)
+    expected = torch.autograd.grad(per["jac"], params, retain_graph=True)  # the mean: 1/N each
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, 3 * x.shape[0] * b, rtol=1e-10, atol=1e-10)
+    weights = torch.arange(x.shape[0], dtype=x.dtype)
+    with pytest.raises(RuntimeError, match="weighted unequally"):
+        torch.autograd.grad((weights * per["per_sample"]).sum(), params)
+
+
+def test_fd_takes_no_early_gradient_under_no_grad():
+    # values only (evaluation): no backward through the perturbed forwards; in grad mode there is
+    # one, before the caller's (so a tensor hook on a parameter sees that part first, then the total)
+    model, x = tiny_model("conv_bn_train"), tiny_input("conv_bn_train")
+    seen = []
+    w = next(model.parameters())
+    w.register_hook(lambda g: seen.append(g.clone()))
+    with torch.no_grad():
+        value = jsigr_fast.input_gradient_penalty(model, x, Y, mode="fd")
+    assert not seen
+    loss = jsigr_fast.input_gradient_penalty(model, x, Y, mode="fd")
+    assert len(seen) == 1  # the early backward of the perturbed forward
+    (total,) = torch.autograd.grad(loss, [w])
+    assert len(seen) == 2 and torch.equal(seen[1], total)
+    assert float(value.detach()) == pytest.approx(float(loss.detach()), rel=1e-12)
