@@ -9,7 +9,7 @@ median over rounds, each step as a multiple of the standard step and of its FLOP
 "Cost model", bench/steps.py FLOOR_UNITS), and the fused/reference speedup of each pair — the
 median of the per-round ratios, a steadier statistic than the ratio of medians. ``--profile`` adds
 the top autograd nodes of the fused J-SIGR step. Results:
-``<out>/fused_<device>_<model>_b<batch>_<dtype>[_cl]_t<threads>[_<gpu kernels>][_<pairs>][_eager].{md,json}``.
+``<out>/fused_<device>_<model>_b<batch>_<dtype>[_cl]_t<threads>[_<gpu kernels>][_<pairs>][_<ablations>].{md,json}``.
 """
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ import jsigr_fast  # noqa: E402
 
 PAIRS = (("double_backprop", "double_backprop_fused"), ("jsigr", "jsigr_fused"),
          ("jsigr_hutchinson", "jsigr_hutchinson_fused"), ("jsigr_fd", "jsigr_fd_fused"))
+# --ablation NAME: (the ablation's method, the method it is timed against, what it changes); bench/steps.py
+ABLATIONS = {
+    "eager": ("jsigr_eager_fused", "jsigr_fused", "the input-gradient penalty's parameter gradients taken "
+              "inside the loss call (one create_graph VJP graph alive at a time)"),
+    "fd_kept": ("jsigr_fd_kept", "jsigr_fd", "every perturbed forward's graph kept to the backward "
+                "(finite_difference.FREE_EARLY off)"),
+}
 
 
 def main(argv=None):
@@ -42,10 +49,9 @@ def main(argv=None):
     p.add_argument("--layout-ablation", action="store_true",
                    help="add the standard and reference steps on a channels-last input and the fused J-SIGR "
                         "step with NCHW activations (fused.CHANNELS_LAST off)")
-    p.add_argument("--eager-ablation", action="store_true",
-                   help="add the fused J-SIGR step with the input-gradient penalty's parameter gradients taken "
-                        "eagerly (bench/steps.py fused_jsigr_eager_penalty: one create_graph VJP graph alive at a "
-                        "time) and its time as a multiple of the fused J-SIGR step's")
+    p.add_argument("--ablation", action="append", choices=sorted(ABLATIONS), default=[],
+                   help="add an ablation step and its time as a multiple of the step it changes (repeatable): "
+                        + "; ".join(f"{k}: {m} vs {base}, {what}" for k, (m, base, what) in ABLATIONS.items()))
     p.add_argument("--gpu-kernels", default=None, choices=["cuda", "triton"],
                    help="the GPU implementation of the batch-norm and mask ops (jsigr_fast.ops.use_gpu_kernels); "
                         "default: as selected at import")
@@ -62,10 +68,11 @@ def main(argv=None):
     names = ["standard"] + [n for pair in wanted for n in pair]
     if a.layout_ablation:
         names += ["standard_cl", "jsigr_cl", "jsigr_fused_nchw"]
-    if a.eager_ablation:
-        if "jsigr_fused" not in names:
-            p.error("--eager-ablation compares with the fused J-SIGR step: include the jsigr pair")
-        names.append("jsigr_eager_fused")
+    for abl in a.ablation:
+        method, base, _ = ABLATIONS[abl]
+        if base not in names:
+            p.error(f"--ablation {abl} is timed against {base}: include the pair that has it")
+        names.append(method)
     cond = conditions(a.device)
     cond.update({"model": a.model, "batch": a.batch, "dtype": a.dtype, "channels_last": a.channels_last,
                  "threads": torch.get_num_threads(), "rounds": a.rounds, "repeats": a.repeats})
@@ -105,9 +112,9 @@ def main(argv=None):
     ablation = [("jsigr", "jsigr_fused_nchw"), ("jsigr_cl", "jsigr_fused")] if a.layout_ablation else []
     for ref, fus in ablation:
         rows[f"{fus}_vs_{ref}"] = {"speedup_rounds": [a_ / b_ for a_, b_ in zip(times[ref], times[fus])]}
-    if a.eager_ablation:
-        rows["jsigr_eager_fused"]["x_jsigr_fused_rounds"] = [e / f for e, f in zip(times["jsigr_eager_fused"],
-                                                                                  times["jsigr_fused"])]
+    for abl in a.ablation:
+        method, base, _ = ABLATIONS[abl]
+        rows[method][f"x_{base}_rounds"] = [e / f for e, f in zip(times[method], times[base])]
     for ref, fus in wanted:
         ratios = [a_ / b_ for a_, b_ in zip(times[ref], times[fus])]
         rows[fus]["speedup_vs_reference"] = med(ratios)
@@ -145,17 +152,18 @@ def main(argv=None):
                       f"(fused.CHANNELS_LAST) whatever the input's layout; against the reference on a channels-last "
                       f"input the fused step is {med(q):.2f}x [{min(q):.2f}–{max(q):.2f}] faster, and with its "
                       f"activations kept NCHW it is the 'NCHW activations' row's speedup."]
-    if a.eager_ablation:
-        q = rows["jsigr_eager_fused"]["x_jsigr_fused_rounds"]
-        lines += ["", f"Eager-penalty ablation: {med(q):.2f}x [{min(q):.2f}–{max(q):.2f}] the fused J-SIGR step's time "
-                      f"(median [min–max] of rounds); its peak memory: bench/bench_memory.py."]
+    for abl in a.ablation:
+        method, base, what = ABLATIONS[abl]
+        q = rows[method][f"x_{base}_rounds"]
+        lines += ["", f"Ablation '{abl}' ({what}): {med(q):.2f}x [{min(q):.2f}–{max(q):.2f}] the time of "
+                      f"'{methods[base].label}' (median [min–max] of rounds); peak memory: bench/bench_memory.py."]
     if "top_ops" in rows.get("jsigr_fused", {}):
         lines += format_top_ops(rows["jsigr_fused"]["top_ops"], "the fused J-SIGR step")
     name = (f"fused_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}"
             f"{'_cl' if a.channels_last else ''}_t{torch.get_num_threads()}"
             f"{'_' + a.gpu_kernels if a.gpu_kernels else ''}"
             f"{'' if len(wanted) == len(PAIRS) else '_' + '_'.join(r for r, _ in wanted)}"
-            f"{'_eager' if a.eager_ablation else ''}")
+            f"{''.join('_' + abl for abl in a.ablation)}")
     publish(lines, a.out, name, {"conditions": cond, "results": rows})
     return rows
 

@@ -19,7 +19,10 @@ of two create_graph VJPs at the same x, the input-gradient penalty's and the Jac
 each holding an activation-sized set of cotangents for the double backward (2×). The ablation
 ``jsigr_eager_fused`` (bench/steps.py ``fused_jsigr_eager_penalty``: the input-gradient penalty's
 parameter gradients taken inside the loss call, so one such VJP graph is alive at a time) measures
-how much of that a split backward buys back; ``bench_fused.py --pairs jsigr --eager-ablation`` times it.
+how much of that a split backward buys back; ``bench_fused.py --pairs jsigr --ablation eager`` times it.
+fd needs no double backward and differentiates each perturbed forward's graph as soon as its term is
+computed (jsigr_fast.finite_difference.FREE_EARLY), so it holds about two forwards' graphs; the
+ablation ``jsigr_fd_kept`` keeps them all to the end (``--ablation fd_kept`` times it).
 
 Results: ``<out>/memory_<device>_<model>_b<batch>_<dtype>.{md,json}``.
 """
@@ -37,7 +40,7 @@ from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, condit
                    make_setup, publish, sync, train_step)
 
 DEFAULT = ("standard,double_backprop,double_backprop_fused,jsigr,jsigr_fused,jsigr_eager_fused,jsigr_hutchinson,"
-           "jsigr_hutchinson_fused,jsigr_fd,jsigr_fd_fused,pgd_at7")
+           "jsigr_hutchinson_fused,jsigr_fd,jsigr_fd_fused,jsigr_fd_kept,pgd_at7")
 MIB = 2 ** 20
 
 

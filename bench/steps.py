@@ -134,6 +134,21 @@ def _fused_nchw_jsigr(m, x, y):
         fused.CHANNELS_LAST[dev] = before
 
 
+def _fd_graphs_kept(backend):
+    """The fd J-SIGR loss with finite_difference.FREE_EARLY off: every perturbed forward's graph kept
+    to the backward (the ablation of the early differentiation; restored afterwards)."""
+    from jsigr_fast import finite_difference
+
+    def loss(m, x, y):
+        before = finite_difference.FREE_EARLY
+        finite_difference.FREE_EARLY = False
+        try:
+            return jsigr_fast.loss(m, x, y, mode="fd", backend=backend)
+        finally:
+            finite_difference.FREE_EARLY = before
+    return loss
+
+
 def fused_jsigr_eager_penalty(m, x, y, *, generator=None):
     """Ablation, not a library mode: ``jsigr_fast.loss(m, x, y, backend="fused")`` at its defaults
     (lambda_m = lambda_j = 0.5, eps 0.3, the gradient saliency mask at beta 0.1, one projection; the same
@@ -216,6 +231,8 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
     methods["jsigr_fd"] = Method("jsigr_fd", "jsigr_fd",
                                  lambda m, x, y: jsigr_fast.loss(m, x, y, mode="fd", backend=backend),
                                  f"J-SIGR, finite differences (fd, {backend})")
+    methods["jsigr_fd_kept"] = Method("jsigr_fd_kept", "jsigr_fd", _fd_graphs_kept(backend),
+                                      f"J-SIGR, fd ({backend}), perturbed graphs kept (ablation)")
     # the fused backend (jsigr_fast.fused: fused BatchNorm, conv/ReLU double-backward rules), when built
     if "fused" in jsigr_fast.available_backends(device):
         methods.update({
