@@ -419,3 +419,18 @@ def test_fd_takes_no_early_gradient_under_no_grad():
     (total,) = torch.autograd.grad(loss, [w])
     assert len(seen) == 2 and torch.equal(seen[1], total)
     assert float(value.detach()) == pytest.approx(float(loss.detach()), rel=1e-12)
+
+
+def test_fd_grad_scale_scales_the_early_backward_and_undoes_it():
+    # grad_scale multiplies the early backward's cotangent (fp16: no underflow) and divides its result:
+    # in float64 the gradients are those without it, for a float and for a tensor scale
+    base, x = tiny_model("residual_bn"), tiny_input("residual_bn")
+    grads = []
+    for scale in (None, 1024.0, torch.tensor(2.0 ** 14, dtype=torch.float64)):
+        m = copy.deepcopy(base)
+        loss = jsigr_fast.loss(m, x, Y, saliency="none", mode="fd", grad_scale=scale,
+                               generator=torch.Generator().manual_seed(0))
+        grads.append(torch.autograd.grad(loss, list(m.parameters())))
+    for scaled in grads[1:]:
+        for a, b in zip(scaled, grads[0]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
