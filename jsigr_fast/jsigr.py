@@ -105,6 +105,7 @@ class JSIGR(GANCriterion):
                 with torch.no_grad():  # the adaptor's map, no graph (the fused backend: one kernel)
                     mask = mask_builder(backend)(self.gan.adaptor, g_hat, x, beta=self.beta,
                                                  quantile=self.mask_quantile)
+            del g_hat  # input-sized: not to be held through the step's peak (as in functional.loss)
         extra = mode_kwargs(self.mode, self.fd_step, backend)
         out = backend_module(backend, self.mode).jsigr(model, x, y, lambda_m=self.lambda_m, lambda_j=self.lambda_j,
                                                        eps=self.eps, mask=mask, jacobian=self.jacobian,
