@@ -21,8 +21,9 @@ gradients, same backward work (it only runs earlier), but the step holds the unp
 graph plus one perturbed graph at a time instead of all of them: ResNet-20, batch 128, 1.99x the
 standard step's peak instead of 2.96x (bench/results/memory_*). What this asks of the caller: weight
 the per-sample values uniformly (every loss here takes their mean; an unequal weight is an error,
-checked on the device), and know that a tensor hook on a parameter runs twice, for that early part
-and then for the total. Under ``torch.no_grad()`` nothing is taken early (values only). Under DDP the
+checked on the device), know that a tensor hook on a parameter runs twice, for that early part and
+then for the total, and that the part taken early carries no graph (a ``create_graph`` backward
+through an fd loss sees it as a constant; first-order training is unaffected). Under ``torch.no_grad()`` nothing is taken early (values only). Under DDP the
 early backward runs on the unwrapped module and touches no reducer hook; the caller's backward
 all-reduces the total as usual. With
 ``backend="fused"`` the forwards and that backward run under the fused backend's layer rules
