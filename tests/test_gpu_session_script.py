@@ -42,6 +42,17 @@ class _Parsed(Exception):
     pass
 
 
+def _stop_after_parsing(monkeypatch):
+    """Make every ArgumentParser raise _Parsed(namespace) once parse_args succeeds (a bad flag or
+    choice still exits 2 from inside parse_args)."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+
+
 def test_the_script_runs_benchmarks_and_tests():
     # the parse below would pass vacuously on an empty list
     assert len(BENCH_CMDS) >= 15 and len(PYTEST_CMDS) == 2
@@ -53,13 +64,8 @@ def test_benchmark_arguments_parse(name, monkeypatch):
     script = cmd[0]
     assert os.path.isfile(os.path.join(ROOT, script)), script
     module = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
-    original = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(self, args=None, namespace=None):
-        raise _Parsed(original(self, args, namespace))
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    with pytest.raises(_Parsed) as parsed:  # a bad flag or choice exits 2 from inside parse_args instead
+    _stop_after_parsing(monkeypatch)
+    with pytest.raises(_Parsed) as parsed:
         module.main(cmd[1:])
     ns = parsed.value.args[0]
     # every GPU-session benchmark runs on the GPU (bench_epoch: through its preset)
@@ -70,9 +76,7 @@ def test_benchmark_arguments_parse(name, monkeypatch):
 def test_benchmark_parser_rejects_a_misspelt_flag(monkeypatch, capsys):
     # the check above can fail: the same machinery on a flag no script has
     module = importlib.import_module("bench_fused")
-    original = argparse.ArgumentParser.parse_args
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
-                        lambda self, args=None, ns=None: (_ for _ in ()).throw(_Parsed(original(self, args, ns))))
+    _stop_after_parsing(monkeypatch)
     with pytest.raises(SystemExit):
         module.main(["--device", "cuda", "--eager-ablations"])
     assert "unrecognized arguments: --eager-ablations" in capsys.readouterr().err
