@@ -65,6 +65,7 @@ forwards run in fp16/bf16; compute an fd loss in float32.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -171,7 +172,7 @@ class _GradsTakenEarly(torch.autograd.Function):
         return (c, None, *(g * w.to(device=g.device, dtype=g.dtype) for g in ctx.grads))
 
 
-def _free_early(plus: torch.Tensor, base: torch.Tensor, f, grad_scale, early: bool) -> torch.Tensor:
+def _free_early(plus: torch.Tensor, base: torch.Tensor, f, grad_scale, early: bool, swap=None) -> torch.Tensor:
     """``f(plus, base)``, per sample, where ``plus`` is a perturbed forward's output and ``base`` the
     unperturbed one's. With ``early``, the perturbed forward's graph is differentiated now and freed:
     its leaves' gradients (the parameters') are taken here, for the values' sum, and handed on by
@@ -180,7 +181,8 @@ def _free_early(plus: torch.Tensor, base: torch.Tensor, f, grad_scale, early: bo
     holds one forward's graph plus one perturbed one at a time instead of all of them at the end
     (ResNet-20, batch 128: 2.96x the standard step's peak memory -> 1.99x), for the same backward
     work, just earlier (and 1.11x faster there: less memory to fault in). With ``grad_scale`` the
-    early backward is scaled as the caller's will be (fp16: no underflow of small gradients)."""
+    early backward is scaled as the caller's will be (fp16: no underflow of small gradients).
+    ``swap = (leaf, x)``: the perturbed input's leaf, whose gradient goes on to x."""
     if not (early and plus.requires_grad):
         return f(plus, base)
     leaves = _leaves(plus)
@@ -189,20 +191,75 @@ def _free_early(plus: torch.Tensor, base: torch.Tensor, f, grad_scale, early: bo
     grads = torch.autograd.grad(partial, leaves, grad_outputs=cot)
     if grad_scale is not None:
         grads = [g / grad_scale for g in grads]
+    if swap is not None:
+        leaves = [swap[1] if t is swap[0] else t for t in leaves]
     return _GradsTakenEarly.apply(f(plus.detach(), base), list(grads), *leaves)
 
 
-def _input_penalty_fd(aux, x0, y, per_sample, g, mask, h, *, grad_scale=None, early=False):
+def _rng_state(device: torch.device) -> list:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _set_rng_state(device: torch.device, states: list) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
+
+
+class _ForwardRNG:
+    """The global random-number state the unperturbed forward started from (CPU, and x's CUDA device),
+    replayed for every perturbed forward: a model that draws random numbers in its forward (train-mode
+    dropout, RReLU) then draws the same ones at x + h d as at x, so the difference measures the
+    directional derivative of one function rather than the change of dropout mask / h (100-10^5 x the
+    penalty). The stream outside the perturbed forwards runs on as if they had not happened."""
+
+    def __init__(self, x: torch.Tensor):
+        self.device = x.device
+        self.start = _rng_state(self.device)
+
+    @contextlib.contextmanager
+    def replay(self):
+        now = _rng_state(self.device)
+        _set_rng_state(self.device, self.start)
+        try:
+            yield
+        finally:
+            _set_rng_state(self.device, now)
+
+
+def _perturbed_forward(aux, x, step, rng: _ForwardRNG, early: bool):
+    """``aux(x + step)`` with ``step`` detached, running statistics frozen and the unperturbed forward's
+    random numbers. Differentiable in x when x requires grad (d/dx of x + step is the identity): with
+    ``early`` through a fresh leaf, returned as ``(leaf, x)`` for :func:`_free_early` to hand its early
+    gradient on to x (walking into the graph that produced x would free it), else through x itself."""
+    swap = None
+    if x.requires_grad:
+        if early:
+            xp = (x.detach() + step).requires_grad_(True)
+            swap = (xp, x)
+        else:
+            xp = x + step
+    else:
+        xp = x.detach() + step
+    with frozen_running_stats(aux), rng.replay():
+        return aux(xp), swap
+
+
+def _input_penalty_fd(aux, x, y, per_sample, g, mask, h, *, rng, grad_scale=None, early=False):
     d = _direction(g.detach(), mask)
     del g  # the callers hold no other reference: one input-sized tensor less during the forward
-    with frozen_running_stats(aux):
-        plus = F.cross_entropy(aux(x0 + h * d), y, reduction="none")
-    del d  # and one less during the early backward (its graph keeps x0 + h d)
-    return _free_early(plus, per_sample, lambda p, base: ((p - base) / h).pow(2), grad_scale, early)
+    out, swap = _perturbed_forward(aux, x, h * d, rng, early)
+    plus = F.cross_entropy(out, y, reduction="none")
+    del d, out  # and one less during the early backward (its graph keeps x + h d)
+    return _free_early(plus, per_sample, lambda p, base: ((p - base) / h).pow(2), grad_scale, early, swap)
 
 
-def _jacobian_fd(aux, x0, logits, xg, *, estimator, n_proj, generator, h, grad_scale, early=False):
+def _jacobian_fd(aux, x, logits, xg, *, estimator, n_proj, generator, h, grad_scale, rng, early=False):
     n, k = logits.shape
+    x0 = x.detach()
     total = logits.new_zeros(n)
     if estimator == "hutchinson":
         for _ in range(n_proj):
@@ -212,11 +269,10 @@ def _jacobian_fd(aux, x0, logits, xg, *, estimator, n_proj, generator, h, grad_s
             # on CIFAR, 3.9 at 224 px, far outside the linear range; ResNet-20: -19 % bias at h = 0.01)
             sq = zeta.reshape(n, -1).pow(2).sum(1)
             d = zeta / _expand(sq.sqrt().clamp_min(_TINY), zeta)
-            with frozen_running_stats(aux):
-                plus = aux(x0 + h * d)
+            plus, swap = _perturbed_forward(aux, x, h * d, rng, early)
             total = total + _free_early(plus, logits,
                                         lambda p, base: sq * ((p - base) / h).reshape(n, -1).pow(2).sum(1),
-                                        grad_scale, early)
+                                        grad_scale, early, swap)
         return total / n_proj
     if estimator == "projection":
         cots = [(unit_sphere(n, k, like=logits, generator=generator), float(k)) for _ in range(n_proj)]
@@ -232,11 +288,10 @@ def _jacobian_fd(aux, x0, logits, xg, *, estimator, n_proj, generator, h, grad_s
         u = vjp(logits, xg, v, create_graph=False, grad_scale=grad_scale).detach()
         d = u / _expand(u.reshape(n, -1).norm(dim=1).clamp_min(_TINY), u)
         del u
-        with frozen_running_stats(aux):
-            plus = aux(x0 + h * d)
+        plus, swap = _perturbed_forward(aux, x, h * d, rng, early)
         del d
         total = total + _free_early(plus, logits, lambda p, base: weight * (((p - base) * v).sum(1) / h).pow(2),
-                                    grad_scale, early)
+                                    grad_scale, early, swap)
     return total / (n_proj if estimator == "projection" else 1)
 
 
@@ -248,9 +303,9 @@ def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float
     ``backend``: whose layer rules the passes run under (see the module docstring)."""
     _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
-    x0 = x.detach()
     early = FREE_EARLY and torch.is_grad_enabled()  # the caller will differentiate (no_grad: values only)
     with torch.enable_grad(), layer_rules(backend):
+        rng = _ForwardRNG(x)
         xg, logits = forward(model, x, y)
         per_sample = F.cross_entropy(logits, y, reduction="none")
         ce = per_sample.mean()
@@ -258,13 +313,13 @@ def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float
         loss = ce
         if lambda_m > 0:
             # g passed without a name here, so that the callee's del frees it before its forward
-            out["sig"] = _input_penalty_fd(aux, x0, y, per_sample,
+            out["sig"] = _input_penalty_fd(aux, x, y, per_sample,
                                            vjp(per_sample.sum(), xg, create_graph=False, grad_scale=grad_scale),
-                                           mask, fd_step, grad_scale=grad_scale, early=early).mean()
+                                           mask, fd_step, rng=rng, grad_scale=grad_scale, early=early).mean()
             loss = loss + lambda_m * out["sig"]
         if lambda_j > 0:
-            out["jac"] = _jacobian_fd(aux, x0, logits, xg, estimator=jacobian, n_proj=n_proj, generator=generator,
-                                      h=fd_step, grad_scale=grad_scale, early=early).mean()
+            out["jac"] = _jacobian_fd(aux, x, logits, xg, estimator=jacobian, n_proj=n_proj, generator=generator,
+                                      h=fd_step, grad_scale=grad_scale, rng=rng, early=early).mean()
             loss = loss + lambda_j * out["jac"]
         out["loss"] = loss
     return out
@@ -277,11 +332,12 @@ def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     aux = _checks.unwrap_parallel(model)
     early = FREE_EARLY and torch.is_grad_enabled()
     with torch.enable_grad(), layer_rules(backend):
+        rng = _ForwardRNG(x)
         xg, logits = forward(model, x, y)
         per_sample = F.cross_entropy(logits, y, reduction="none")
-        penalty = _input_penalty_fd(aux, x.detach(), y, per_sample,
+        penalty = _input_penalty_fd(aux, x, y, per_sample,
                                     vjp(per_sample.sum(), xg, create_graph=False, grad_scale=grad_scale),
-                                    mask, fd_step, grad_scale=grad_scale, early=early).mean()
+                                    mask, fd_step, rng=rng, grad_scale=grad_scale, early=early).mean()
     return {"penalty": penalty, "ce": per_sample.mean(), "logits": logits}
 
 
@@ -292,7 +348,8 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "projec
     aux = _checks.unwrap_parallel(model)
     early = FREE_EARLY and torch.is_grad_enabled()
     with torch.enable_grad(), layer_rules(backend):
+        rng = _ForwardRNG(x)
         xg, logits = forward(model, x, None)
-        per = _jacobian_fd(aux, x.detach(), logits, xg, estimator=estimator, n_proj=n_proj, generator=generator,
-                           h=fd_step, grad_scale=grad_scale, early=early)
+        per = _jacobian_fd(aux, x, logits, xg, estimator=estimator, n_proj=n_proj, generator=generator,
+                           h=fd_step, grad_scale=grad_scale, rng=rng, early=early)
     return {"jac": per.mean(), "per_sample": per, "logits": logits}

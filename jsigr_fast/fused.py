@@ -475,31 +475,32 @@ def jacobian_hutchinson_sq(model, x, *, n_proj: int = 1, generator=None):
     x0 = x.detach()
     if _use_batched_probes(model, x0, n_proj):
         zs = [_checks.randn(x0.shape, like=x0, generator=generator) for _ in range(n_proj)]
-        sq = _hutchinson_batched(model, x0, zs)
+        sq = _hutchinson_batched(model, x, zs)
         if sq is not None:
             return sq / n_proj
-        return _hutchinson_loop(model, x0, zs) / n_proj
-    return _hutchinson_loop(model, x0, [None] * n_proj, generator=generator) / n_proj
+        return _hutchinson_loop(model, x, zs) / n_proj
+    return _hutchinson_loop(model, x, [None] * n_proj, generator=generator) / n_proj
 
 
-def _hutchinson_loop(model, x0, zs, *, generator=None):
+def _hutchinson_loop(model, x, zs, *, generator=None):
     """Sum over the probes of ``||J z||^2`` per sample, one forward-mode pass per probe; a probe given
-    as None is drawn just before its pass (the reference's order of draws)."""
-    n = x0.shape[0]
+    as None is drawn just before its pass (the reference's order of draws). The primal is x itself,
+    so the result is differentiable in x when x requires grad."""
+    n = x.shape[0]
     total = None
     with torch.enable_grad(), frozen_running_stats(model), decomposed_normalization():
         for z in zs:
             if z is None:
-                z = _checks.randn(x0.shape, like=x0, generator=generator)
+                z = _checks.randn(x.shape, like=x.detach(), generator=generator)
             try:
                 with fused_layers(forward_ad=True):
-                    jz = reference._jvp_forward_mode(model, x0, z)
+                    jz = reference._jvp_forward_mode(model, x, z)
             except NotImplementedError as exc:
                 # a layer without a usable jvp rule: the reference's fallback, with the reference's layers
                 # (its J z is differentiated a third time, which the fused batch-norm ops do not support)
                 warnings.warn(f"hutchinson: forward-mode AD unsupported by a layer ({exc}); using the double-VJP JVP",
                               RuntimeWarning)
-                jz = reference._jvp_double_vjp(model, x0, z)
+                jz = reference._jvp_double_vjp(model, x, z)
             sq = jz.reshape(n, -1).pow(2).sum(dim=1)
             total = sq if total is None else total + sq
     return total
@@ -510,7 +511,7 @@ def _use_batched_probes(model, x, n_proj) -> bool:
     return least is not None and n_proj >= least and _deterministic_forward(model)
 
 
-def _hutchinson_batched(model, x0, zs):
+def _hutchinson_batched(model, x, zs):
     """Sum over the probes ``zs`` of ``||J z||^2`` per sample from **one** forward pass carrying all the
     tangents: ``torch.func.vmap`` over the tangent of ``torch.func.jvp``. The primal forward (and, in
     the reverse pass, its backward) runs once instead of once per probe; the tangent path runs batched
@@ -518,17 +519,18 @@ def _hutchinson_batched(model, x0, zs):
     The layer rules are the ones of the per-probe passes, so values and parameter gradients are the
     same to rounding. Returns None (after a warning) when a layer cannot run under vmap (a custom
     autograd.Function without a vmap rule, a random op in the forward, an op without a batching rule);
-    the caller then runs one pass per probe with the same draws."""
-    n = x0.shape[0]
+    the caller then runs one pass per probe with the same draws. The primal is x itself (differentiable
+    in x when x requires grad)."""
+    n = x.shape[0]
     z = torch.stack(zs)
-    if CHANNELS_LAST.get(x0.device.type, False) and x0.dim() == 4:
+    if CHANNELS_LAST.get(x.device.type, False) and x.dim() == 4:
         # conv2d cannot switch layouts inside vmap (no channels-last clone rule there), so the input
         # and every probe come in channels-last already
-        x0 = x0.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         z = z.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
     def tangent(t):
-        return torch.func.jvp(model, (x0,), (t,))[1]
+        return torch.func.jvp(model, (x,), (t,))[1]
 
     try:
         with torch.enable_grad(), frozen_running_stats(model), decomposed_normalization(), \

@@ -49,11 +49,13 @@ def masked_sq_norm_ref(g: torch.Tensor, mask: torch.Tensor | None = None) -> tor
 def input_leaf(x: torch.Tensor) -> torch.Tensor:
     """The tensor to differentiate with respect to, without touching the caller's ``x``.
 
-    If x already requires grad it is used as is (so the loss stays differentiable w.r.t. whatever
-    produced x); otherwise a detached alias with ``requires_grad=True`` is made. Either way the
-    caller's tensor and its ``requires_grad`` flag are left alone.
+    If x already requires grad, an alias of it (``x.view_as(x)``): the loss stays differentiable
+    w.r.t. whatever produced x, but the internal gradients w.r.t. the alias stop there, so gradient
+    hooks the caller registered on x run only in the caller's own backward (on x itself they would
+    also rescale the penalty's input gradient). Otherwise a detached alias with
+    ``requires_grad=True``. Either way the caller's tensor and its ``requires_grad`` flag are left alone.
     """
-    return x if x.requires_grad else x.detach().requires_grad_(True)
+    return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
 
 
 def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +154,7 @@ def _jvp_forward_mode(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> tor
 
 def _jvp_double_vjp(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     # J z = d/du <J^T u, z>: the VJP is linear in u, so differentiating it along z gives the JVP.
-    xg = x.detach().requires_grad_(True)
+    xg = input_leaf(x)  # x's own graph kept: J z stays differentiable in x
     with safe_ops():
         out = model(xg)
     u = torch.zeros_like(out, requires_grad=True)
@@ -166,25 +168,25 @@ def jacobian_hutchinson_sq(model: nn.Module, x: torch.Tensor, *, n_proj: int = 1
     """J-SIGR Eq. 6: ``||J z||^2`` with ``z ~ N(0, I_D)``, a forward-mode (JVP) pass per draw.
 
     Unbiased for ``||J||_F^2`` because ``E[z z^T] = I``. Returns ``(N,)`` (one value per output
-    sample), differentiable w.r.t. the parameters. Runs its own forward(s) at x, with running
+    sample), differentiable w.r.t. the parameters (and x, if it requires grad: the tangent's primal
+    is x itself). Runs its own forward(s) at x, with running
     statistics frozen and Batch/Instance/LayerNorm decomposed into elementary ops, because PyTorch's
     native kernels give wrong parameter gradients for a differentiated forward-mode tangent
     (see jsigr_fast.batchnorm). Forward mode needs no loss scaling under fp16 (tangents are not
     small the way cotangents are), so it takes no ``grad_scale``.
     """
     model = _checks.unwrap_parallel(model)
-    x0 = x.detach()
-    n = x0.shape[0]
+    n = x.shape[0]
     total = None
     with torch.enable_grad(), frozen_running_stats(model), decomposed_normalization():
         for _ in range(n_proj):
-            z = _checks.randn(x0.shape, like=x0, generator=generator)
+            z = _checks.randn(x.shape, like=x.detach(), generator=generator)
             try:
-                jz = _jvp_forward_mode(model, x0, z)
+                jz = _jvp_forward_mode(model, x, z)
             except NotImplementedError as exc:  # a layer (e.g. a custom autograd.Function) lacks a jvp rule
                 warnings.warn(f"hutchinson: forward-mode AD unsupported by a layer ({exc}); using the double-VJP JVP",
                               RuntimeWarning)
-                jz = _jvp_double_vjp(model, x0, z)
+                jz = _jvp_double_vjp(model, x, z)
             sq = jz.reshape(n, -1).pow(2).sum(dim=1)
             total = sq if total is None else total + sq
     return total / n_proj
