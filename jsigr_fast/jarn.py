@@ -57,9 +57,9 @@ class JARN(GANCriterion):
         """The classifier's loss; ``grad_scale`` as in :func:`jsigr_fast.loss` (fp16 + GradScaler)."""
         _check_common(model, x, y)
         grad_scale = _checks.check_grad_scale(grad_scale)
-        x_in = x.detach()
+        x_in = x  # kept attached: the loss is differentiable in x when x requires grad (README)
         if self.noise > 0:
-            x_in = x_in + (2 * _checks.rand(x_in.shape, like=x_in, generator=generator) - 1) * self.noise
+            x_in = x + (2 * _checks.rand(x.shape, like=x.detach(), generator=generator) - 1) * self.noise
         with torch.enable_grad():
             # the classifier's forward and input-gradient VJP with the backend's layer rules (the
             # adaptor and discriminator run natively)
@@ -78,10 +78,11 @@ class JARN(GANCriterion):
                 grads = torch.autograd.grad(gen, list(apt_params.values()), retain_graph=True)
         terms = {"ce": ce.detach(), "gen": gen.detach()}
         if self.training:
-            terms.update(self._stage(grads, x_in, J_adapted))
+            terms.update(self._stage(grads, x_in.detach(), J_adapted))
         if not return_terms:
             return total
         terms["loss"] = total.detach()
         with torch.no_grad():
-            terms["adv"] = adversarial_loss(self.gan.discriminator(x_in), self.gan.discriminator(J_adapted.detach()))
+            terms["adv"] = adversarial_loss(self.gan.discriminator(x_in.detach()),
+                                            self.gan.discriminator(J_adapted.detach()))
         return total, terms

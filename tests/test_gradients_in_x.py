@@ -171,3 +171,20 @@ def test_hooks_on_x_run_only_in_the_callers_backward(backend, mode):
         value_hooked.backward()
         assert len(runs) == 1
         torch.testing.assert_close(hooked.grad, 10 * plain.grad, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jarn_gradient_in_x_matches_central_differences(backend):
+    # JARN ran its classifier on x.detach() (plus noise): never differentiable in x, unlike JSIGR.
+    # Eval mode freezes the adaptor and discriminator, so the value is a fixed smooth function of x.
+    model, x0 = tiny_model("conv_tanh"), tiny_input("conv_tanh")
+    crit = jsigr_fast.JARN(input_shape=x0.shape[1:], noise=0.0, backend=backend).double().eval()
+    x = x0.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(crit(model, x, Y), x)
+    e = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=x0.dtype)
+    with torch.no_grad():
+        expected = _directional_fd(lambda xx: crit(model, xx, Y), x0, e)
+    torch.testing.assert_close((gx * e).sum(), expected, rtol=1e-6, atol=1e-12)
+    x = x0.clone().requires_grad_(True)
+    (ce_only,) = torch.autograd.grad(F.cross_entropy(model(x), Y), x)
+    assert float(((gx - ce_only) * e).sum().abs()) > 1e-4 * float(expected.abs())  # the adversarial term's part
