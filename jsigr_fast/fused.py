@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -173,8 +174,20 @@ class _FusedMode(SafeOps):
         super().__init__(forward_ad=forward_ad)  # forward_ad: batch norm through _BatchNormJVP (conv / ReLU have jvps)
         self.conv = conv
         self.relu = relu
+        # copies standing in for views of channels-last activations (see torch.Tensor.view below):
+        # storage address -> (weakref to the copy, weakref to the activation it stands for)
+        self._view_copies: dict[int, tuple] = {}
 
     def other(self, func, args, kwargs):  # after SafeOps' composites
+        if self._view_copies and args and isinstance(args[0], torch.Tensor) and _writes_in_place(func):
+            entry = self._view_copies.get(args[0].untyped_storage().data_ptr())
+            copy, source = (entry[0](), entry[1]()) if entry is not None else (None, None)
+            if copy is not None and source is not None:
+                # a write through the stand-in (or a view of it): what a write through the real view
+                # would do, the stand-in's values written back into the activation, in place
+                out = func(*args, **kwargs)
+                source.copy_(copy.view(source.shape))
+                return out
         if func is F.batch_norm:
             if self.forward_ad:
                 return _batch_norm_jvp(*args, **kwargs)
@@ -209,12 +222,26 @@ class _FusedMode(SafeOps):
                 return func(*args, **kwargs)
             except RuntimeError as e:
                 # x.view(n, -1) on a channels-last activation (see CHANNELS_LAST): reshape gives the
-                # same values (a copy instead of an alias; a forward pass does not write through it)
+                # same values in a contiguous copy instead of an alias; a write through it (or a view
+                # of it) is written back into x above, as a write through the view would change x
                 t = args[0]
                 if "view size is not compatible" not in str(e) or t.is_contiguous():
                     raise
-                return t.reshape(*args[1:], **kwargs)
+                out = t.reshape(*args[1:], **kwargs).contiguous()
+                self._view_copies[out.untyped_storage().data_ptr()] = (weakref.ref(out), weakref.ref(t))
+                return out
         return func(*args, **kwargs)
+
+
+_IN_PLACE_DUNDERS = frozenset(f"__{op}__" for op in (
+    "setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+    "ilshift", "irshift", "imatmul"))
+
+
+def _writes_in_place(func) -> bool:
+    """An in-place tensor method (``mul_``, ``copy_``, ``x[i] = v``, ``x += v``)."""
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.startswith("_")) or name in _IN_PLACE_DUNDERS
 
 
 def _global_pool(args, kwargs) -> bool:
@@ -530,7 +557,9 @@ def _hutchinson_batched(model, x, zs):
         z = z.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
     def tangent(t):
-        return torch.func.jvp(model, (x,), (t,))[1]
+        out, jz = torch.func.jvp(model, (x,), (t,))
+        _checks.check_logits(out, None, n)
+        return jz
 
     try:
         with torch.enable_grad(), frozen_running_stats(model), decomposed_normalization(), \

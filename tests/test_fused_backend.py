@@ -279,8 +279,28 @@ class _ViewFlattenNet(nn.Module):
         return self.fc(h.view(h.size(0), -1))
 
 
+class _ViewWriteNet(nn.Module):
+    """Writes through .view of an activation, then uses the activation: the write must reach it
+    (the reshape fallback's copy used to swallow it silently)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.conv(x))) * 1.0
+        flat = h.view(h.size(0), -1)
+        flat[:, :8].mul_(3.0)  # the first rows of channel 0
+        flat[:, -4:] = 0.5 * flat[:, -4:]
+        return self.fc(self.conv2(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("net", [_ViewFlattenNet, _ViewWriteNet])
 @pytest.mark.parametrize("kind", ["loss_projection", "double_backprop", "input_gradient_penalty"])
-def test_channels_last_activations_are_used_and_view_still_works(kind, monkeypatch):
+def test_channels_last_activations_are_used_and_view_still_works(kind, net, monkeypatch):
     # fused.CHANNELS_LAST (on for CPU): the first conv's input becomes channels-last, so the later
     # convs see channels-last activations; a model's .view on them falls back to reshape
     monkeypatch.setitem(fused.CHANNELS_LAST, "cpu", True)
@@ -289,7 +309,7 @@ def test_channels_last_activations_are_used_and_view_still_works(kind, monkeypat
     monkeypatch.setattr(fused._Conv2d, "apply",
                         lambda x, *a: layouts.append(x.is_contiguous(memory_format=torch.channels_last)) or real(x, *a))
     torch.manual_seed(0)
-    model = _ViewFlattenNet().double().train()
+    model = net().double().train()
     x = tiny_input("conv_bn_train")
     y = _labels(x)
     ref = _run(copy.deepcopy(model), x, y, "reference", kind)
