@@ -6,6 +6,7 @@ message that names the argument and says what was expected. None of them modifie
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable
 
 import torch
@@ -25,7 +26,7 @@ def check_choice(name: str, value, choices: Iterable[str]) -> str:
 
 def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real: numpy scalars too
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
@@ -38,11 +39,23 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
 
 
 def check_int(name: str, value, *, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
+
+
+def check_input_shape(name: str, shape) -> tuple[int, ...]:
+    """A per-sample input shape: (C, H, W) for images or (D,) for vectors, positive ints."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__"):
+        raise TypeError(f"{name} must be a per-sample shape such as (3, 32, 32) or (784,), got {type(shape).__name__}")
+    shape = tuple(shape)
+    if len(shape) not in (1, 3) or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1
+                                       for s in shape):
+        raise ValueError(f"{name} must be (C, H, W) or (D,) with positive ints, got {shape}")
+    return tuple(int(s) for s in shape)
 
 
 def check_model(model) -> nn.Module:
@@ -72,6 +85,12 @@ def check_input(x, model: nn.Module, name: str = "x") -> torch.Tensor:
             f"{name} must be a floating-point tensor (images scaled to [0, 1], say), got dtype {x.dtype}; "
             f"convert it first, e.g. {name}.float() / 255"
         )
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("called under torch.inference_mode(), which disables the autograd these gradients need; "
+                           "call it outside that block (torch.no_grad() is fine for values only)")
+    if x.is_inference():
+        raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode()), which autograd cannot "
+                         f"record; pass {name}.clone() made outside inference mode")
     if x.dim() < 2:
         raise ValueError(f"{name} must be batched, shape (N, C, H, W) or (N, D); got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
@@ -91,6 +110,9 @@ def check_labels(y, n: int, device: torch.device, name: str = "y") -> torch.Tens
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class indices (torch.long), got dtype {y.dtype}")
+    if y.dtype not in (torch.long, torch.uint8):  # what F.cross_entropy takes
+        raise TypeError(f"{name} must hold class indices as torch.long (int64), got dtype {y.dtype}; "
+                        f"convert it first: {name}.long()")
     if y.dim() != 1 or y.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},) to match the batch, got {tuple(y.shape)}")
     if y.device != device:

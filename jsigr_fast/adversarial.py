@@ -47,7 +47,7 @@ class Discriminator(nn.Module):
         channels = tuple(int(c) for c in channels)
         if not channels or any(c < 1 for c in channels):
             raise ValueError(f"channels must be a non-empty list of positive widths, got {channels}")
-        self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_shape = _checks.check_input_shape("input_shape", input_shape)
         layers: list[nn.Module] = []
         if len(self.input_shape) == 3:
             prev = self.input_shape[0]
@@ -103,7 +103,9 @@ class SaliencyGAN(nn.Module):
                  disc_every: int | None = None, adaptor_lr: float = 1e-3, disc_lr: float = 2e-4,
                  generator_loss: str = "minimax", sync_grads: bool | None = None):
         super().__init__()
-        input_shape = tuple(int(s) for s in input_shape)
+        input_shape = _checks.check_input_shape("input_shape", input_shape)
+        adaptor_lr = _checks.check_number("adaptor_lr", adaptor_lr, low=0, low_open=True)
+        disc_lr = _checks.check_number("disc_lr", disc_lr, low=0, low_open=True)
         channels = input_shape[0] if len(input_shape) == 3 else 1
         self.adaptor = SaliencyAdaptor(channels)
         self.discriminator = Discriminator(input_shape, discriminator)
@@ -116,6 +118,18 @@ class SaliencyGAN(nn.Module):
         self.sync_grads = sync_grads
         self.steps = 0
         self.skipped_steps = 0
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise unless x is a batch of this pair's input shape and dtype (a clear error up front
+        instead of a shape or dtype mismatch inside the adaptor or the discriminator)."""
+        shape = self.discriminator.input_shape
+        if tuple(x.shape[1:]) != shape:
+            raise ValueError(f"x has per-sample shape {tuple(x.shape[1:])} but this criterion was built for "
+                             f"input_shape={shape}")
+        dtype = self.adaptor.conv.weight.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x is {x.dtype} but the criterion's adaptor and discriminator are {dtype}; "
+                            f"convert the criterion with .to({x.dtype})")
 
     # -- losses -------------------------------------------------------------------------------
     def generator_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:

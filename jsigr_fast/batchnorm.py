@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["uses_batch_statistics", "batch_coupled", "frozen_running_stats", "decomposed_normalization",
@@ -56,16 +57,24 @@ def frozen_running_stats(model: nn.Module):
 
     Implemented by switching ``track_running_stats`` off for the duration (BatchNorm then passes no
     running buffers to ``F.batch_norm``), so no buffer is written and no autograd version counter
-    moves. Restored on exit, also on error.
+    moves. Train-mode InstanceNorm with ``track_running_stats=True`` passes its buffers whatever
+    that flag says, so its buffers are set to None for the duration instead. Restored on exit, also
+    on error.
     """
     switched = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    hidden = [(m, m.running_mean, m.running_var) for m in model.modules()
+              if isinstance(m, _InstanceNorm) and m.training and m.track_running_stats]
     for m in switched:
         m.track_running_stats = False
+    for m, _, _ in hidden:
+        m.running_mean = m.running_var = None
     try:
         yield
     finally:
         for m in switched:
             m.track_running_stats = True
+        for m, mean, var in hidden:
+            m.running_mean, m.running_var = mean, var
 
 
 def batch_norm_composite(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -74,6 +83,7 @@ def batch_norm_composite(input, running_mean, running_var, weight=None, bias=Non
     dims = [0] + list(range(2, input.dim()))
     shape = [1, -1] + [1] * (input.dim() - 2)
     if training:
+        F._verify_batch_size(input.size())  # one value per channel: no batch statistics (as F.batch_norm raises)
         mean = input.mean(dim=dims)
         var = input.var(dim=dims, unbiased=False)
         if running_mean is not None and running_var is not None:

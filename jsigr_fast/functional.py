@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import _checks, ops, reference
 from ._extension import extension_loaded
 from .batchnorm import frozen_running_stats
-from .saliency import Saliency, perturbed_input_gradient
+from .saliency import Saliency, check_saliency, perturbed_input_gradient
 
 __all__ = [
     "loss", "input_gradient_penalty", "jacobian_norm", "jacobian_regularization", "double_backprop",
@@ -184,6 +184,7 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
     _checks.check_choice("jacobian", jacobian, _checks.JACOBIAN_ESTIMATORS)
     _checks.check_int("n_proj", n_proj)
     _checks.as_generator(generator, x.device)
+    check_saliency(saliency, x)
     grad_scale = _checks.check_grad_scale(grad_scale)
     fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)
@@ -292,6 +293,7 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         out = backend_module(backend, mode).jacobian_norm(model, x, estimator=estimator, n_proj=n_proj,
                                                           generator=generator, grad_scale=grad_scale,
                                                           **mode_kwargs(mode, fd_step, backend))
+        _checks.check_logits(out["logits"], y, x.shape[0])  # the labels' range (its forward ran without y)
         with torch.enable_grad():
             ce, per = F.cross_entropy(out["logits"], y), out["per_sample"]
     else:

@@ -83,6 +83,7 @@ class JSIGR(GANCriterion):
                 generator: torch.Generator | None = None, grad_scale=None):
         """The classifier's loss; ``grad_scale`` as in :func:`jsigr_fast.loss` (fp16 + GradScaler)."""
         _check_common(model, x, y)
+        self.gan.check_input(x)
         grad_scale = _checks.check_grad_scale(grad_scale)
         backend = resolve_backend(self.backend, x.device)
         if self.lambda_j > 0:  # before the adaptor's step: a refused call changes nothing

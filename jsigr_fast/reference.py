@@ -145,7 +145,7 @@ def jacobian_exact_sq(logits: torch.Tensor, xg: torch.Tensor, *, coupled: bool =
 
 def _jvp_forward_mode(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     with safe_ops(forward_ad=True), fwAD.dual_level():
-        out = model(fwAD.make_dual(x, z))
+        out = _checks.check_logits(model(fwAD.make_dual(x, z)), None, x.shape[0])
         jz = fwAD.unpack_dual(out).tangent
     if jz is None:  # the output does not depend on x
         jz = torch.zeros_like(out)
@@ -156,7 +156,7 @@ def _jvp_double_vjp(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch
     # J z = d/du <J^T u, z>: the VJP is linear in u, so differentiating it along z gives the JVP.
     xg = input_leaf(x)  # x's own graph kept: J z stays differentiable in x
     with safe_ops():
-        out = model(xg)
+        out = _checks.check_logits(model(xg), None, x.shape[0])
     u = torch.zeros_like(out, requires_grad=True)
     (vjp_u,) = torch.autograd.grad(out, xg, grad_outputs=u, create_graph=True)
     (jz,) = torch.autograd.grad(vjp_u, u, grad_outputs=z, create_graph=True)

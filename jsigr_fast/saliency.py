@@ -81,6 +81,31 @@ def selective_mask(saliency_map: torch.Tensor, *, beta: float | None = 0.1,
     return (flat <= thresh).to(M.dtype).reshape(M.shape)
 
 
+def check_saliency(saliency, x: torch.Tensor) -> None:
+    """Raise unless ``saliency`` is a valid argument of :func:`jsigr_fast.loss` for ``x`` (checked up
+    front, whatever ``lambda_m`` is, so a typo does not wait for the day the term is switched on)."""
+    if saliency is None or callable(saliency):
+        return
+    if isinstance(saliency, str):
+        if saliency not in ("gradient", "none"):
+            raise ValueError(f"saliency must be None, 'gradient', 'none', a tensor or a callable; got {saliency!r}")
+        return
+    if not isinstance(saliency, torch.Tensor):
+        raise TypeError(f"saliency must be None, a string, a tensor or a callable, got {type(saliency).__name__}")
+    _check_map(saliency, x, "saliency")
+
+
+def _check_map(M: torch.Tensor, x: torch.Tensor, what: str) -> None:
+    if M.shape != x.shape:
+        raise ValueError(f"{what} must have x's shape {tuple(x.shape)}, got {tuple(M.shape)}")
+    if M.device != x.device:
+        raise ValueError(f"{what} is on {M.device} but x is on {x.device}")
+    if M.is_complex() or M.dtype == torch.bool:
+        raise TypeError(f"{what} must be a real-valued map (the mask keeps features with M <= beta), got dtype {M.dtype}")
+    if M.is_floating_point() and not bool(torch.isfinite(M.detach()).all()):
+        raise ValueError(f"{what} contains NaN or infinite values (a NaN feature would silently go unpenalised)")
+
+
 def compute_saliency(saliency: Saliency, g_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """Resolve the ``saliency`` argument of :func:`jsigr_fast.loss` to a map of x's shape (None: no mask)."""
     if saliency is None or (isinstance(saliency, str) and saliency == "gradient"):
@@ -97,8 +122,7 @@ def compute_saliency(saliency: Saliency, g_hat: torch.Tensor, x: torch.Tensor) -
             raise TypeError(f"the saliency callable must return a tensor, got {type(M).__name__}")
     else:
         raise TypeError(f"saliency must be None, a string, a tensor or a callable, got {type(saliency).__name__}")
-    if M.shape != x.shape:
-        raise ValueError(f"the saliency map must have x's shape {tuple(x.shape)}, got {tuple(M.shape)}")
+    _check_map(M, x, "the saliency map")
     return M.detach()
 
 

@@ -58,10 +58,29 @@ CASES = [
     ("n_proj float", lambda m, x, y: dict(n_proj=1.5), TypeError, "n_proj must be an int"),
     ("quantile > 1", lambda m, x, y: dict(mask_quantile=1.5), ValueError, "mask_quantile must be <= 1"),
     ("nan beta", lambda m, x, y: dict(beta=float("nan")), ValueError, "beta must be finite"),
-    ("saliency wrong shape", lambda m, x, y: dict(saliency=torch.zeros(5, 2)), ValueError, "saliency map must have x's shape"),
+    ("saliency wrong shape", lambda m, x, y: dict(saliency=torch.zeros(5, 2)), ValueError, "saliency must have x's shape"),
     ("saliency bad string", lambda m, x, y: dict(saliency="adaptor"), ValueError, "saliency must be"),
     ("generator wrong type", lambda m, x, y: dict(generator=0), TypeError, "generator must be a torch.Generator"),
+    # int32 labels passed the checks and failed inside F.cross_entropy
+    ("int32 labels", lambda m, x, y: dict(y=y.int()), TypeError, r"y must hold class indices as torch.long .* y.long\(\)"),
+    # checked whatever lambda_m is (it was only checked when the term was on)
+    ("saliency bad string, term off", lambda m, x, y: dict(saliency="bogus", lambda_m=0.0), ValueError,
+     "saliency must be"),
+    ("saliency complex", lambda m, x, y: dict(saliency=torch.zeros(x.shape, dtype=torch.complex128)), TypeError,
+     "saliency must be a real-valued map"),
+    ("saliency NaN", lambda m, x, y: dict(saliency=torch.full(x.shape, float("nan"), dtype=x.dtype)), ValueError,
+     "saliency contains NaN"),
+    ("saliency on another device", lambda m, x, y: dict(saliency=torch.zeros(x.shape, device="meta")), ValueError,
+     "saliency is on meta but x is on cpu"),
+    ("saliency callable returns NaN", lambda m, x, y: dict(saliency=lambda g, xx: g * float("nan")), ValueError,
+     "the saliency map contains NaN"),
+    ("inference tensor x", lambda m, x, y: dict(x=_inference_copy(x)), ValueError, "x is an inference tensor"),
 ]
+
+
+def _inference_copy(x):
+    with torch.inference_mode():
+        return x.clone()
 
 
 @pytest.mark.parametrize("desc,modify,exc,msg", CASES, ids=[c[0] for c in CASES])
@@ -115,6 +134,68 @@ def test_other_losses_validate_too():
         jsigr_fast.smoothgrad(model, x, y, n_samples=0)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
         jsigr_fast.input_gradient_penalty(model, x, y + 4)
+
+
+class TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(72, 4)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1)), x
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_hutchinson_checks_the_model_output(backend):
+    # its forward-mode pass skipped the logits check every other path makes (a tuple gave an obscure
+    # _unpack_dual error, an (N,) output a silent number)
+    if backend not in jsigr_fast.available_backends():
+        pytest.skip("extension not built")
+    _, x, y = _setup()
+    for n_proj in (1, 3):
+        with pytest.raises(TypeError, match="model must return a tensor of logits, got tuple"):
+            jsigr_fast.jacobian_norm(TupleOut().double(), x, estimator="hutchinson", n_proj=n_proj, backend=backend)
+    with pytest.raises(ValueError, match=r"model must return \(N, K\)"):
+        jsigr_fast.jacobian_norm(ThreeD().double(), x, estimator="hutchinson", backend=backend)
+
+
+def test_inference_mode_is_a_clear_error():
+    model, x, y = _setup()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"called under torch.inference_mode\(\)"):
+        jsigr_fast.loss(model, x, y)
+
+
+def test_fd_jacobian_regularization_checks_labels():
+    # its forward runs without y; the labels' range was never checked (-100: silently CE's ignore_index)
+    model, x, y = _setup()
+    for bad in (4, -1, -100):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+            jsigr_fast.jacobian_regularization(model, x, torch.tensor([0, 1, 2, 3, bad]), mode="fd",
+                                               estimator="projection")
+
+
+def test_numpy_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    model, x, y = _setup()
+    jsigr_fast.loss(model, x, y, lambda_m=np.float32(0.5), lambda_j=np.float64(0.1), n_proj=np.int64(2))
+
+
+def test_criteria_check_their_input_shape_and_dtype():
+    model, x, y = _setup()
+    for bad in ((3, -1, 8), (3.5, 8, 8), (-5,), (2, 6)):
+        with pytest.raises(ValueError, match="input_shape must be"):
+            jsigr_fast.JSIGR(bad)
+    for bad in ("abc", 5):
+        with pytest.raises(TypeError, match="input_shape must be a per-sample shape"):
+            jsigr_fast.JARN(bad)
+    with pytest.raises(TypeError, match="adaptor_lr must be a real number"):
+        jsigr_fast.JSIGR((2, 6, 6), adaptor_lr="0.1")
+    for crit in (jsigr_fast.JSIGR((2, 8, 8)).double(), jsigr_fast.JARN((2, 8, 8)).double()):
+        with pytest.raises(ValueError, match=r"x has per-sample shape \(2, 6, 6\) but this criterion was built for"):
+            crit(model, x, y)
+    for crit in (jsigr_fast.JSIGR((2, 6, 6)), jsigr_fast.JARN((2, 6, 6))):  # float32 criterion, float64 x
+        with pytest.raises(TypeError, match=r"convert the criterion with .to\(torch.float64\)"):
+            crit(model, x, y)
 
 
 def test_module_constructors_validate():

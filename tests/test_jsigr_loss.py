@@ -129,6 +129,31 @@ def test_running_stats_change_exactly_as_one_training_forward(name, estimator):
             assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("estimator", ["projection", "hutchinson"])
+def test_tracked_instance_norm_updates_once_and_not_in_the_bare_estimators(estimator, backend):
+    # InstanceNorm passes its running buffers to F.instance_norm whatever track_running_stats says,
+    # so the auxiliary passes (perturbed input, forward-mode JVP) used to update them too: 2-3 times
+    if backend not in jsigr_fast.available_backends():
+        pytest.skip("extension not built")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(3 * 36, 4)).double()
+    x = tiny_input("conv_tanh")
+    y = _labels(x.shape[0])
+    once = copy.deepcopy(model)
+    once(x)
+    jsigr_fast.loss(model, x, y, jacobian=estimator, backend=backend).backward()
+    for (k, a), b in zip(model.state_dict().items(), once.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, msg=k)
+    before = copy.deepcopy(model.state_dict())
+    jsigr_fast.jacobian_norm(model, x, estimator=estimator, backend=backend)
+    jsigr_fast.input_gradient_penalty(model, x, y, backend=backend)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model[1].running_mean is not None and model[1].track_running_stats  # restored
+
+
 def test_running_stats_cumulative_momentum():
     model = tiny_model("conv_bn_train")
     model[0][1].momentum = None  # cumulative moving average: counts num_batches_tracked
