@@ -10,6 +10,11 @@ For the Jacobian term, the projection estimator uses ``d_n = u_n/||u_n||`` with 
 direction: ``||ζ_n||² ||(z_n(x + h ζ̂) − z_n(x)) / h||²`` with ``ζ ~ N(0, I)`` and ``ζ̂_n = ζ_n / ||ζ_n||``
 (a unit step, like the others: ``h ζ`` itself would have norm ``h sqrt(D)``).
 
+Random layers: each perturbed forward replays the global random-number state the unperturbed
+forward started from (:class:`_ForwardRNG`), so train-mode dropout draws the same masks at x and at
+x + h d; without it the difference measures the change of mask / h. Gradients in x (when x requires
+grad) flow through both forwards of each difference, with the direction held fixed.
+
 The directions cost an input-only backward without a graph; each term then costs one extra forward,
 and the loss is differentiated by ordinary backwards through ordinary kernels: no BatchNorm double
 backward, nothing DDP or AMP has to treat specially.
