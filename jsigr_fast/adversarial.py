@@ -228,8 +228,11 @@ class GANCriterion(nn.Module):
         return self.gan.discriminator
 
     def _stage(self, adaptor_grads, real: torch.Tensor, fake: torch.Tensor) -> dict:
-        """Record one training call's updates; commit them now unless ``auto_step`` is off."""
-        self._pending = (adaptor_grads, real.detach(), fake.detach())
+        """Record one training call's updates; commit them now unless ``auto_step`` is off. The
+        discriminator's inputs are kept in its own dtype: under autocast the adaptor's map is bf16/fp16,
+        and a deferred commit (the trainer's) runs outside autocast, where they would not match."""
+        dtype = next(self.gan.discriminator.parameters()).dtype
+        self._pending = (adaptor_grads, real.detach().to(dtype), fake.detach().to(dtype))
         return self.step() if self.auto_step else {}
 
     def step(self) -> dict:

@@ -36,6 +36,22 @@ def test_deferred_step_equals_immediate_step(cls):
     assert now.gan.steps == later.gan.steps == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [jsigr_fast.JSIGR, jsigr_fast.JARN])
+def test_deferred_step_after_autocast(cls, dtype):
+    # the trainer's pattern under --amp: the loss under autocast, the commit after it, outside. The
+    # adaptor's map was staged in bf16/fp16 and the float32 discriminator step failed on it
+    model, x = tiny_model("conv_tanh", dtype=torch.float32), tiny_input("conv_tanh", dtype=torch.float32)
+    crit = cls((2, 6, 6), discriminator=(4, 8), disc_every=1, auto_step=False)
+    before = [p.detach().clone() for p in crit.discriminator.parameters()]
+    with torch.autocast("cpu", dtype=dtype):
+        loss = crit(model, x, Y, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    terms = crit.step()
+    assert "disc" in terms and torch.isfinite(terms["disc"])
+    assert any(not torch.equal(p, b) for p, b in zip(crit.discriminator.parameters(), before))
+
+
 def test_non_finite_gradient_skips_the_step_entirely():
     gan = jsigr_fast.SaliencyGAN((2, 6, 6), discriminator=(4,)).double()
     params = list(gan.adaptor.parameters())
