@@ -95,14 +95,14 @@ def check_saliency(saliency, x: torch.Tensor) -> None:
     _check_map(saliency, x, "saliency")
 
 
-def _check_map(M: torch.Tensor, x: torch.Tensor, what: str) -> None:
+def _check_map(M: torch.Tensor, x: torch.Tensor, what: str, *, finite: bool = True) -> None:
     if M.shape != x.shape:
         raise ValueError(f"{what} must have x's shape {tuple(x.shape)}, got {tuple(M.shape)}")
     if M.device != x.device:
         raise ValueError(f"{what} is on {M.device} but x is on {x.device}")
     if M.is_complex() or M.dtype == torch.bool:
         raise TypeError(f"{what} must be a real-valued map (the mask keeps features with M <= beta), got dtype {M.dtype}")
-    if M.is_floating_point() and not bool(torch.isfinite(M.detach()).all()):
+    if finite and M.is_floating_point() and not bool(torch.isfinite(M.detach()).all()):
         raise ValueError(f"{what} contains NaN or infinite values (a NaN feature would silently go unpenalised)")
 
 
@@ -122,7 +122,9 @@ def compute_saliency(saliency: Saliency, g_hat: torch.Tensor, x: torch.Tensor) -
             raise TypeError(f"the saliency callable must return a tensor, got {type(M).__name__}")
     else:
         raise TypeError(f"saliency must be None, a string, a tensor or a callable, got {type(saliency).__name__}")
-    _check_map(M, x, "the saliency map")
+    # maps computed in the step (a callable's, an adaptor's) may be non-finite on a non-finite batch:
+    # the step's loss then is too, and the trainer skips it; only a map the caller passed is checked
+    _check_map(M, x, "the saliency map", finite=False)
     return M.detach()
 
 
