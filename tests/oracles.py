@@ -100,3 +100,27 @@ def graph_node_names(t):
         names.add(type(node).__name__)
         stack.extend(nxt for nxt, _ in node.next_functions)
     return names
+
+
+def fd_penalty(model, x, h, *, y=None, v=None, zeta=None):
+    """mode="fd"'s penalties written out with plain autograd, every graph kept to the caller's
+    autograd.grad: the input-gradient penalty (y given), the projection term (v given) or the
+    Hutchinson term (zeta given), each a batch mean. The directions are detached, as fd defines
+    them; the value is differentiable in the parameters, and in x when x requires grad."""
+    n = x.shape[0]
+    expand = (-1,) + (1,) * (x.dim() - 1)
+    xg = x if x.requires_grad else x.detach().requires_grad_(True)
+    logits = model(xg)
+    if y is not None:
+        per = F.cross_entropy(logits, y, reduction="none")
+        (g,) = torch.autograd.grad(per.sum(), xg, retain_graph=True)
+        d = g / g.reshape(n, -1).norm(dim=1).view(expand)
+        plus = F.cross_entropy(model(x + h * d), y, reduction="none")
+        return ((plus - per) / h).pow(2).mean()
+    if v is not None:
+        (u,) = torch.autograd.grad(logits, xg, v, retain_graph=True)
+        d = u / u.reshape(n, -1).norm(dim=1).view(expand)
+        return (v.shape[1] * (((model(x + h * d) - logits) * v).sum(1) / h).pow(2)).mean()
+    sq = zeta.reshape(n, -1).pow(2).sum(1)
+    d = zeta / sq.sqrt().view(expand)
+    return (sq * ((model(x + h * d) - logits) / h).reshape(n, -1).pow(2).sum(1)).mean()

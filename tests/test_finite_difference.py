@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import jsigr_fast
 from jsigr_fast.testing import TINY_MODELS, tiny_input, tiny_model
-from oracles import batch_input_gradient, batch_jacobian, graph_node_names
+from oracles import batch_input_gradient, batch_jacobian, fd_penalty, graph_node_names
 
 Y = torch.tensor([0, 1, 2, 3, 0])
 BACKENDS = ["reference"] + (["fused"] if "fused" in jsigr_fast.available_backends() else [])
@@ -312,29 +312,6 @@ def test_fd_refuses_the_exact_estimator_on_coupled_models():
 
 
 # ---- the perturbed forwards' graphs are differentiated early and freed (finite_difference._free_early) ----
-def _fd_oracle(model, x, h, *, y=None, v=None, zeta=None):
-    """The fd penalties written out with plain autograd, every graph kept until the caller's
-    autograd.grad: the input-gradient penalty (y given), the projection term (v given) or the
-    Hutchinson term (zeta given), each a batch mean."""
-    n = x.shape[0]
-    expand = (-1,) + (1,) * (x.dim() - 1)
-    xg = x.detach().requires_grad_(True)
-    logits = model(xg)
-    if y is not None:
-        per = F.cross_entropy(logits, y, reduction="none")
-        (g,) = torch.autograd.grad(per.sum(), xg, retain_graph=True)
-        d = g / g.reshape(n, -1).norm(dim=1).view(expand)
-        plus = F.cross_entropy(model(x + h * d), y, reduction="none")
-        return ((plus - per) / h).pow(2).mean()
-    if v is not None:
-        (u,) = torch.autograd.grad(logits, xg, v, retain_graph=True)
-        d = u / u.reshape(n, -1).norm(dim=1).view(expand)
-        return (v.shape[1] * (((model(x + h * d) - logits) * v).sum(1) / h).pow(2)).mean()
-    sq = zeta.reshape(n, -1).pow(2).sum(1)
-    d = zeta / sq.sqrt().view(expand)
-    return (sq * ((model(x + h * d) - logits) / h).reshape(n, -1).pow(2).sum(1)).mean()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("term", ["input_gradient", "projection", "hutchinson"])
 @pytest.mark.parametrize("name", ["conv_bn_train", "residual_bn", "conv_tanh"])
@@ -347,16 +324,16 @@ def test_fd_gradients_equal_the_formula_with_every_graph_kept(name, term, backen
     ours, oracle = copy.deepcopy(base), copy.deepcopy(base)
     if term == "input_gradient":
         value = jsigr_fast.input_gradient_penalty(ours, x, Y, mode="fd", fd_step=h, backend=backend)
-        expected = _fd_oracle(oracle, x, h, y=Y)
+        expected = fd_penalty(oracle, x, h, y=Y)
     else:
         value = jsigr_fast.jacobian_norm(ours, x, estimator=term, mode="fd", fd_step=h, backend=backend,
                                          generator=torch.Generator().manual_seed(0))
         gen = torch.Generator().manual_seed(0)
         if term == "projection":
             v = torch.randn(x.shape[0], 4, generator=gen, dtype=x.dtype)
-            expected = _fd_oracle(oracle, x, h, v=v / v.norm(dim=1, keepdim=True))
+            expected = fd_penalty(oracle, x, h, v=v / v.norm(dim=1, keepdim=True))
         else:
-            expected = _fd_oracle(oracle, x, h, zeta=torch.randn(x.shape, generator=gen, dtype=x.dtype))
+            expected = fd_penalty(oracle, x, h, zeta=torch.randn(x.shape, generator=gen, dtype=x.dtype))
     grads = torch.autograd.grad(value, list(ours.parameters()))
     expected_grads = torch.autograd.grad(expected, list(oracle.parameters()))
     torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
@@ -379,8 +356,8 @@ def test_fd_jsigr_loss_gradients_equal_the_formula_with_every_graph_kept():
     loss = jsigr_fast.loss(ours, x, Y, saliency="none", mode="fd", fd_step=0.01,
                            generator=torch.Generator().manual_seed(0))
     v = torch.randn(x.shape[0], 4, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
-    expected = (F.cross_entropy(oracle(x), Y) + 0.5 * _fd_oracle(oracle, x, 0.01, y=Y)
-                + 0.5 * _fd_oracle(oracle, x, 0.01, v=v / v.norm(dim=1, keepdim=True)))
+    expected = (F.cross_entropy(oracle(x), Y) + 0.5 * fd_penalty(oracle, x, 0.01, y=Y)
+                + 0.5 * fd_penalty(oracle, x, 0.01, v=v / v.norm(dim=1, keepdim=True)))
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
     for a, b in zip(torch.autograd.grad(loss, list(ours.parameters())),
                     torch.autograd.grad(expected, list(oracle.parameters()))):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import jsigr_fast
 from jsigr_fast import finite_difference
 from jsigr_fast.testing import tiny_input, tiny_model
+from oracles import fd_penalty
 
 Y = torch.tensor([0, 1, 2, 3, 0])
 BACKENDS = ["reference"] + (["fused"] if "fused" in jsigr_fast.available_backends() else [])
@@ -67,26 +68,6 @@ def test_hutchinson_gradient_in_x_matches_central_differences(name, call, backen
         assert penalty_part > 1e-3 * total
 
 
-def _fd_oracle(model, x, h, term, *, v=None, zeta=None):
-    """The fd penalty's batch mean written out with plain autograd, differentiable in x (the
-    directions detached, as the fd mode defines them)."""
-    n = x.shape[0]
-    expand = (-1,) + (1,) * (x.dim() - 1)
-    logits = model(x)
-    if term == "input_gradient":
-        per = F.cross_entropy(logits, Y, reduction="none")
-        (g,) = torch.autograd.grad(per.sum(), x, retain_graph=True)
-        d = g / g.reshape(n, -1).norm(dim=1).view(expand)
-        return (((F.cross_entropy(model(x + h * d), Y, reduction="none") - per) / h).pow(2)).mean()
-    if term == "projection":
-        (u,) = torch.autograd.grad(logits, x, v, retain_graph=True)
-        d = u / u.reshape(n, -1).norm(dim=1).view(expand)
-        return (v.shape[1] * (((model(x + h * d) - logits) * v).sum(1) / h).pow(2)).mean()
-    sq = zeta.reshape(n, -1).pow(2).sum(1)
-    d = zeta / sq.sqrt().view(expand)
-    return (sq * ((model(x + h * d) - logits) / h).reshape(n, -1).pow(2).sum(1)).mean()
-
-
 @pytest.mark.parametrize("early", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("term", ["input_gradient", "projection", "hutchinson"])
@@ -99,7 +80,7 @@ def test_fd_gradient_in_x_is_the_formulas(term, backend, early, monkeypatch):
     x = x0.clone().requires_grad_(True)
     if term == "input_gradient":
         value = jsigr_fast.input_gradient_penalty(copy.deepcopy(base), x, Y, mode="fd", fd_step=h, backend=backend)
-        kw = {}
+        kw = {"y": Y}
     else:
         value = jsigr_fast.jacobian_norm(copy.deepcopy(base), x, estimator=term, mode="fd", fd_step=h,
                                          backend=backend, generator=_gen())
@@ -111,7 +92,7 @@ def test_fd_gradient_in_x_is_the_formulas(term, backend, early, monkeypatch):
             kw = {"zeta": torch.randn(x0.shape, generator=gen, dtype=x0.dtype)}
     (gx,) = torch.autograd.grad(value, x)
     xo = x0.clone().requires_grad_(True)
-    expected = _fd_oracle(copy.deepcopy(base), xo, h, term, **kw)
+    expected = fd_penalty(copy.deepcopy(base), xo, h, **kw)
     (gx_expected,) = torch.autograd.grad(expected, xo)
     torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
     torch.testing.assert_close(gx, gx_expected, rtol=1e-8, atol=1e-12)
