@@ -5,7 +5,10 @@ What it reports (all on the first ``--limit`` images of a dataset's test split, 
 * **accuracy** under ``clean`` and each attack (default: FGSM and PGD at the papers' budget for the
   dataset), as ``mean ± std`` over ``--seeds``: the seeds drive the attacks' random starts (PGD);
   deterministic attacks (clean, FGSM, MI/NI-FGSM, ABI-FGM) are run once and shown without ``±``.
-  The std is the sample standard deviation (n - 1 in the denominator).
+  The std is the sample standard deviation (n - 1 in the denominator). Columns are labelled by
+  attack, steps, eps, norm, restarts and a missing random start (``PGD-20 (ε=8/255)``); attacks that
+  differ only in their step size get ``α=`` as well (:func:`attack_labels`), and the same attack
+  requested twice is an error.
 * **transfer** (``--transfer``): for every ordered pair of models, the examples crafted on the
   source (row) scored by the target (column) — J-SIGR Table 2's protocol, the diagonal is white-box.
 * **per-layer Jacobian norms** (``--jacobian-layers``): ``mean_n ||d h_l(x_n)/d x_n||_F^2`` for every
@@ -60,7 +63,7 @@ import torch.nn as nn
 from .jacobian_layers import LayerJacobian, format_layer_markdown, layer_jacobian_norms
 
 __all__ = [
-    "AttackSpec", "Row", "LoadedModel", "parse_attack", "default_attacks", "craft", "robustness_table",
+    "AttackSpec", "Row", "LoadedModel", "parse_attack", "attack_labels", "default_attacks", "craft", "robustness_table",
     "rho_adv_table", "mean_std", "format_mean_std", "format_markdown", "format_rho_markdown",
     "write_csv", "read_csv", "load_checkpoint", "load_eval_data", "build_model", "DATASET_BUDGETS",
     "layer_jacobian_norms", "format_layer_markdown", "LayerJacobian",
@@ -135,16 +138,80 @@ class AttackSpec:
         return self.name == "pgd" and self.random_start
 
     @property
+    def step_size(self) -> float | None:
+        """The step the attack takes: ``alpha``, or its default (PGD ``2.5 * eps / steps``, the
+        momentum attacks ``eps / steps``); None for clean and FGSM."""
+        if self.name not in _ITERATIVE:
+            return None
+        if self.alpha is not None:
+            return self.alpha
+        return (2.5 if self.name == "pgd" else 1.0) * self.eps / self.steps
+
+    @property
+    def key(self) -> tuple:
+        """What the attack does: two specs with equal keys craft the same examples. Fields the attack
+        does not read (FGSM's steps) are left out; eps and the step size count to 10 digits."""
+        if self.name == "clean":
+            return ("clean",)
+        key = (self.name, _sig(self.eps))
+        if self.name in _ITERATIVE:
+            key += (self.steps, _sig(self.step_size))
+        if self.name == "pgd":
+            key += (self.norm, self.restarts, self.random_start)
+        return key
+
+    @property
     def label(self) -> str:
+        """The column name, e.g. ``PGD-20 (ε=8/255)``; :func:`attack_labels` adds the step size where
+        two requested attacks differ only in it."""
+        return self.describe()
+
+    def describe(self, *, step_size: bool = False, digits: int | None = None) -> str:
+        """:attr:`label`, with the step size (``α=``) if asked, and numbers to ``digits``
+        significant digits instead of the short form (8/255, 0.3) if given."""
         if self.name == "clean":
             return "clean"
+        num = _fmt_eps if digits is None else (lambda v: f"{v:.{digits}g}")
         base = _DISPLAY[self.name] + (f"-{self.steps}" if self.name in _ITERATIVE else "")
-        extra = [f"ε={_fmt_eps(self.eps)}"]
+        extra = [f"ε={num(self.eps)}"]
+        if step_size and self.step_size is not None:
+            extra.append(f"α={num(self.step_size)}")
         if self.norm == "l2":
             extra.append("ℓ2")
         if self.restarts > 1:
             extra.append(f"{self.restarts} restarts")
+        if self.name == "pgd" and not self.random_start:  # deterministic PGD: a different attack, always said
+            extra.append("no random start")
         return f"{base} ({', '.join(extra)})"
+
+
+def _sig(v: float) -> float:
+    return float(f"{v:.10g}")
+
+
+def attack_labels(specs: Sequence[AttackSpec], sources: Sequence[str] | None = None) -> list[str]:
+    """One distinct column label per attack (the keys of the table rows, the CSV and the JSON).
+
+    Each attack gets its :attr:`~AttackSpec.label`; attacks that would share one (they differ only
+    in the step size, which the label leaves out) get ``α=`` added, and full precision if even
+    that does not tell them apart, so no column overwrites another while the usual labels stay as
+    they are. Two attacks that craft the same examples (equal :attr:`~AttackSpec.key`) are refused
+    with a ValueError rather than computed twice: ``sources`` (e.g. the spec strings) name them.
+    """
+    names = [repr(str(n)) for n in sources] if sources is not None else [f"#{i + 1}" for i in range(len(specs))]
+    first: dict[tuple, int] = {}
+    for i, s in enumerate(specs):
+        j = first.setdefault(s.key, i)
+        if j != i:
+            raise ValueError(f"{'' if sources is not None else 'attacks '}{names[j]} and {names[i]} are the same "
+                             f"attack ({s.describe(step_size=True)}); list each attack once")
+    labels = [s.label for s in specs]
+    for rule in ({"step_size": True}, {"step_size": True, "digits": 10}):
+        shared = {lab for lab in labels if labels.count(lab) > 1}
+        if not shared:
+            break
+        labels = [s.describe(**rule) if lab in shared else lab for s, lab in zip(specs, labels)]
+    return labels
 
 
 def parse_attack(spec: str, *, eps: float | None = None, steps: int | None = None,
@@ -302,8 +369,9 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds must name at least one seed")
+    labels = attack_labels(specs)
     rows = []
-    for spec in specs:
+    for spec, label in zip(specs, labels):
         run_seeds = seeds if spec.stochastic else seeds[:1]
         acc: dict[tuple[str, str], list[float]] = {}
         for seed in run_seeds:
@@ -314,7 +382,7 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
                 for tgt, mt in targets:
                     acc.setdefault((src, tgt), []).append(accuracy(mt, x_adv, y, batch_size=batch_size))
         for (src, tgt), vals in acc.items():
-            rows.append(Row("robustness" if src == tgt else "transfer", src, tgt, spec.label, spec.eps,
+            rows.append(Row("robustness" if src == tgt else "transfer", src, tgt, label, spec.eps,
                             tuple(vals), tuple(run_seeds)))
     return rows
 
@@ -665,7 +733,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack", action="extend", nargs="+", metavar="SPEC",
                    help="attacks to tabulate (several per flag, or repeat the flag): clean, fgsm, pgd, mi_fgsm, "
                         "ni_fgsm, abi_fgm with options, "
-                        "e.g. 'pgd:eps=8/255,steps=20,alpha=2/255'. Default: clean, fgsm, pgd at the dataset's budget")
+                        "e.g. 'pgd:eps=8/255,steps=20,alpha=2/255'. Default: clean, fgsm, pgd at the dataset's budget. "
+                        "Attacks that differ only in alpha get it in their column label (α=...); the same attack "
+                        "given twice is an error")
     p.add_argument("--eps", type=_parse_number, help="default eps of the attacks (e.g. 8/255); default per dataset")
     p.add_argument("--steps", type=int, help="default steps of the iterative attacks; default per dataset")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="attack seeds (PGD random starts): mean ± std")
@@ -685,7 +755,12 @@ def _attacks_from_args(args, dataset: str | None) -> list[AttackSpec]:
     if args.steps is not None:
         steps, alpha = args.steps, None
     specs = args.attack or ["clean", "fgsm", "pgd"]
-    return [parse_attack(s, eps=eps, steps=steps, alpha=alpha) for s in specs]
+    attacks = [parse_attack(s, eps=eps, steps=steps, alpha=alpha) for s in specs]
+    try:
+        attack_labels(attacks, specs)
+    except ValueError as err:
+        raise ValueError(f"--attack: {err}") from None
+    return attacks
 
 
 def run(args) -> int:
@@ -711,7 +786,7 @@ def run(args) -> int:
     sections = ["\n".join(head) + "\n" + format_markdown(rows)]
     write_csv(rows, os.path.join(args.out, "accuracy.csv"))
     record = {"dataset": dataset, "n_images": int(x.shape[0]), "seeds": args.seeds,
-              "attacks": [asdict(a) | {"label": a.label} for a in attacks],
+              "attacks": [asdict(a) | {"label": lab} for a, lab in zip(attacks, attack_labels(attacks))],
               "models": {n: {"path": lm.path, "arch": lm.arch, "model_kwargs": lm.model_kwargs}
                          for n, lm in loaded.items()},
               "accuracy": [r.as_dict() for r in rows]}

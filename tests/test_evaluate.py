@@ -84,6 +84,59 @@ def test_parse_attack():
             E.parse_attack(bad)
 
 
+def test_attacks_that_differ_only_in_the_step_size_or_random_start_get_their_own_columns():
+    """Labels name eps, steps, norm and restarts; the step size is added only where two attacks
+    would otherwise share a label (so the usual columns keep their names), a missing random start
+    always. Two attacks that craft the same examples are refused."""
+    specs = [E.parse_attack(s) for s in ("pgd:eps=8/255,steps=10,alpha=1/255", "pgd:eps=8/255,steps=10,alpha=3/255",
+                                         "pgd:eps=8/255,steps=10", "fgsm:eps=8/255", "clean")]
+    # the third takes PGD's default step 2.5 eps / steps = 2/255, shown as such
+    assert E.attack_labels(specs) == ["PGD-10 (ε=8/255, α=1/255)", "PGD-10 (ε=8/255, α=3/255)",
+                                      "PGD-10 (ε=8/255, α=2/255)", "FGSM (ε=8/255)", "clean"]
+    assert E.attack_labels(specs[:1] + specs[3:]) == ["PGD-10 (ε=8/255)", "FGSM (ε=8/255)", "clean"]  # unchanged
+    assert E.parse_attack("pgd:eps=0.1,random_start=0").label == "PGD-10 (ε=0.1, no random start)"
+    # alpha 2.5 eps / steps is PGD's default: the same attack as leaving alpha out
+    for same in (["pgd:eps=8/255,steps=10", "pgd:eps=8/255,steps=10,alpha=2/255"],
+                 ["fgsm:eps=0.1,steps=3", "fgsm:eps=0.1"], ["clean", "clean"]):
+        with pytest.raises(ValueError, match="attacks #1 and #2 are the same attack"):
+            E.attack_labels([E.parse_attack(s) for s in same])
+
+    a = Affine(5)
+    x, y = data(seed=2)
+    big, small = (E.AttackSpec("pgd", eps=0.1, steps=3, alpha=a_) for a_ in (0.1, 0.01))
+    det = E.AttackSpec("pgd", eps=0.1, steps=3, alpha=0.1, random_start=False)
+    rows = E.robustness_table({"a": a}, x, y, [big, small, det], seeds=[0])
+    assert [r.attack for r in rows] == ["PGD-3 (ε=0.1, α=0.1)", "PGD-3 (ε=0.1, α=0.01)",
+                                        "PGD-3 (ε=0.1, no random start)"]
+    for r, spec in zip(rows, (big, small, det)):
+        assert r.values == (hand_acc(a, E.craft(a, x, y, spec, generator=torch.Generator().manual_seed(0)), y),)
+    assert rows[0].values != rows[1].values  # the step size matters here: two columns, two numbers
+    header = E.format_markdown(rows).splitlines()[0]
+    assert header.count("PGD-3") == 3
+
+
+def test_eval_cli_keeps_attacks_apart_and_refuses_duplicates(tmp_path, capsys):
+    import json
+
+    from jsigr_fast.cli import main
+
+    torch.save(_train_ckpt(_digits_model()), tmp_path / "ok.pt")
+    out = tmp_path / "out"
+    assert main(["eval", str(tmp_path / "ok.pt"), "--limit", "8", "--attack", "pgd:eps=0.1,steps=2,alpha=0.05",
+                 "pgd:eps=0.1,steps=2,alpha=0.01", "--out", str(out)]) == 0
+    record = json.loads((out / "results.json").read_text())
+    labels = ["PGD-2 (ε=0.1, α=0.05)", "PGD-2 (ε=0.1, α=0.01)"]
+    assert [a["label"] for a in record["attacks"]] == labels
+    assert [r["attack"] for r in record["accuracy"]] == labels
+    assert [r.attack for r in E.read_csv(str(out / "accuracy.csv"))] == labels
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "ok.pt"), "--limit", "8", "--attack", "pgd:eps=0.1,steps=2",
+                 "pgd:steps=2,eps=0.1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--attack: 'pgd:eps=0.1,steps=2' and 'pgd:steps=2,eps=0.1' are the same attack" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def _rows():
     return [
         E.Row("robustness", "a", "a", "clean", 0.0, (0.975,), (0,)),
