@@ -160,6 +160,25 @@ def rand(shape, *, like: torch.Tensor, generator: torch.Generator | None) -> tor
     return torch.rand(shape, device=generator.device, dtype=like.dtype, generator=generator).to(like.device)
 
 
+def rng_state(device: torch.device) -> list:
+    """The global random-number state a forward on ``device`` draws from: the CPU generator's, and
+    the CUDA generator of that device if it is one."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def set_rng_state(device: torch.device, states: list) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def same_rng_state(a: list, b: list) -> bool:
+    return all(torch.equal(s, t) for s, t in zip(a, b))
+
+
 def check_grad_scale(grad_scale):
     """``None`` or a positive finite number / 0-d tensor (e.g. ``GradScaler.get_scale()``)."""
     if grad_scale is None:

@@ -201,19 +201,6 @@ def _free_early(plus: torch.Tensor, base: torch.Tensor, f, grad_scale, early: bo
     return _GradsTakenEarly.apply(f(plus.detach(), base), list(grads), *leaves)
 
 
-def _rng_state(device: torch.device) -> list:
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-def _set_rng_state(device: torch.device, states: list) -> None:
-    torch.set_rng_state(states[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[1], device)
-
-
 class _ForwardRNG:
     """The global random-number state the unperturbed forward started from (CPU, and x's CUDA device),
     replayed for every perturbed forward: a model that draws random numbers in its forward (train-mode
@@ -223,16 +210,16 @@ class _ForwardRNG:
 
     def __init__(self, x: torch.Tensor):
         self.device = x.device
-        self.start = _rng_state(self.device)
+        self.start = _checks.rng_state(self.device)
 
     @contextlib.contextmanager
     def replay(self):
-        now = _rng_state(self.device)
-        _set_rng_state(self.device, self.start)
+        now = _checks.rng_state(self.device)
+        _checks.set_rng_state(self.device, self.start)
         try:
             yield
         finally:
-            _set_rng_state(self.device, now)
+            _checks.set_rng_state(self.device, now)
 
 
 def _perturbed_forward(aux, x, step, rng: _ForwardRNG, early: bool):

@@ -501,11 +501,17 @@ def jacobian_hutchinson_sq(model, x, *, n_proj: int = 1, generator=None):
     model = _checks.unwrap_parallel(model)
     x0 = x.detach()
     if _use_batched_probes(model, x0, n_proj):
+        start = generator.get_state() if generator is not None else _checks.rng_state(x0.device)
         zs = [_checks.randn(x0.shape, like=x0, generator=generator) for _ in range(n_proj)]
         sq = _hutchinson_batched(model, x, zs)
         if sq is not None:
             return sq / n_proj
-        return _hutchinson_loop(model, x, zs) / n_proj
+        # one pass per probe, each drawn just before its pass as the reference draws them (a random
+        # forward draws from the same global state in between)
+        if generator is not None:
+            generator.set_state(start)
+        else:
+            _checks.set_rng_state(x0.device, start)
     return _hutchinson_loop(model, x, [None] * n_proj, generator=generator) / n_proj
 
 
@@ -535,7 +541,7 @@ def _hutchinson_loop(model, x, zs, *, generator=None):
 
 def _use_batched_probes(model, x, n_proj) -> bool:
     least = BATCH_PROBES.get(x.device.type)
-    return least is not None and n_proj >= least and _deterministic_forward(model)
+    return least is not None and n_proj >= least and _deterministic_forward(model) and not _seen(_NO_VMAP, model)
 
 
 def _hutchinson_batched(model, x, zs):
@@ -544,11 +550,14 @@ def _hutchinson_batched(model, x, zs):
     the reverse pass, its backward) runs once instead of once per probe; the tangent path runs batched
     (convolutions see a k-times bigger batch; the batch-norm ops run once per probe on their vmap rule).
     The layer rules are the ones of the per-probe passes, so values and parameter gradients are the
-    same to rounding. Returns None (after a warning) when a layer cannot run under vmap (a custom
-    autograd.Function without a vmap rule, a random op in the forward, an op without a batching rule);
-    the caller then runs one pass per probe with the same draws. The primal is x itself (differentiable
-    in x when x requires grad)."""
+    same to rounding. Returns None when the probes need passes of their own: after a warning when a
+    layer cannot run under vmap (a custom autograd.Function without a vmap rule, an op without a
+    batching rule), silently when the forward draws random numbers or writes buffers (the reference's
+    passes draw and write once per probe; :class:`_ForwardEffects`, whose buffers are then restored).
+    The model is remembered either way, so later calls go straight to the per-probe passes, which
+    the caller runs with the same draws. The primal is x itself (differentiable in x when x requires grad)."""
     n = x.shape[0]
+    effects = _ForwardEffects(model, x.device, snapshot=True)
     z = torch.stack(zs)
     if CHANNELS_LAST.get(x.device.type, False) and x.dim() == 4:
         # conv2d cannot switch layouts inside vmap (no channels-last clone rule there), so the input
@@ -566,12 +575,24 @@ def _hutchinson_batched(model, x, zs):
                 fused_layers(forward_ad=True):
             jz = torch.func.vmap(tangent)(z)
     except torch.OutOfMemoryError:
+        effects.undo()
         raise  # not a missing rule: one pass per probe would hold as many activations
     except ForwardADUnsupported:
+        effects.undo()
+        _remember(_NO_VMAP, model)
         return None  # the per-probe passes take their double-VJP fallback (and say so)
     except (RuntimeError, NotImplementedError) as exc:
+        effects.undo()
+        if "random operation" in str(exc):  # vmap refuses to draw: a random forward, not a missing rule
+            _remember(_IMPURE, model)
+            return None
+        _remember(_NO_VMAP, model)
         warnings.warn(f"hutchinson: the {len(zs)} probes cannot share one forward pass ({exc}); "
                       "running one forward-mode pass per probe", RuntimeWarning)
+        return None
+    if effects.seen():
+        effects.undo()
+        _remember(_IMPURE, model)
         return None
     return jz.reshape(len(zs), n, -1).pow(2).sum(dim=2).sum(dim=0)
 
@@ -671,17 +692,15 @@ def jsigr(model, x, y, *, lambda_m, lambda_j, eps, mask, jacobian, n_proj, gener
           grad_scale=None):
     """:func:`jsigr_fast.reference.jsigr`, fused (see the module docstring)."""
     if jacobian == "hutchinson" and lambda_j > 0 and _can_share_forward(model):
-        state = generator.get_state() if generator is not None else None
         try:
             return _jsigr_hutchinson_shared(model, x, y, lambda_m=lambda_m, lambda_j=lambda_j, mask=mask,
                                             n_proj=n_proj, generator=generator, sq_norm=sq_norm, grad_scale=grad_scale)
         except ForwardADUnsupported as exc:
             # a layer found only during the forward (a functional F.multi_head_attention_forward call):
             # the batch-norm layers before it have already updated their running statistics once
+            # (the random state and the probe's generator are back where the call found them)
             warnings.warn(f"hutchinson: {exc}; this step runs the JVP separately (double-VJP), and the "
                           "BatchNorm layers before that layer update their running statistics twice", RuntimeWarning)
-            if state is not None:
-                generator.set_state(state)  # the same probe as the reference draws
     if jacobian == "hutchinson" and lambda_j > 0:  # and the training forward cannot carry the tangent
         with torch.enable_grad(), fused_layers():
             out = reference.jsigr(model, x, y, lambda_m=lambda_m, lambda_j=0.0, eps=eps, mask=mask,
@@ -713,17 +732,68 @@ def jsigr(model, x, y, *, lambda_m, lambda_j, eps, mask, jacobian, n_proj, gener
         return {"ce": ce, "logits": logits, "sig": sig, "jac": jac, "loss": ce + lambda_m * sig + lambda_j * jac}
 
 
+# Models whose forward was seen (by _ForwardEffects) to draw from the global random state or to write a
+# buffer other than a norm layer's running statistics, keyed weakly by the module, with the training
+# flags they were seen under: their Hutchinson probes need forwards of their own, as in the reference.
+_IMPURE: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+# Models (and training flags) whose batched-probe pass failed for want of a vmap rule: not retried.
+_NO_VMAP: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def _seen(cache, model) -> bool:
+    return model.training in cache.get(model, ())
+
+
+def _remember(cache, model) -> None:
+    cache.setdefault(model, set()).add(model.training)
+
+
+class _ForwardEffects:
+    """What a forward did besides computing: drew from the global random state (CPU, and x's CUDA
+    device), or wrote a buffer other than a norm layer's running statistics. The reference runs the
+    Hutchinson tangent in a forward of its own (running statistics frozen), so for a model that does
+    either (``F.dropout`` without a module, ``nn.RReLU``, ``torch.rand`` in ``forward``; spectral norm's
+    power iteration, any buffer a forward updates) that forward's effects are part of the result and a
+    shared or batched forward would give other values, buffers and random stream. Norm running
+    statistics are left out: a training forward writes them once in either path. ``undo`` restores the
+    random state and (with ``snapshot=True``) the watched buffers."""
+
+    def __init__(self, model, device, *, snapshot: bool = False):
+        norm = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None}
+        self.buffers = [(b, b._version) for b in model.buffers() if id(b) not in norm]
+        self.saved = [b.clone() for b, _ in self.buffers] if snapshot else None
+        self.device = device
+        self.rng = _checks.rng_state(device)
+
+    def seen(self) -> bool:
+        return (any(b._version != v for b, v in self.buffers)
+                or not _checks.same_rng_state(self.rng, _checks.rng_state(self.device)))
+
+    def undo(self) -> None:
+        _checks.set_rng_state(self.device, self.rng)
+        with torch.no_grad():
+            for (b, version), old in zip(self.buffers, self.saved or ()):
+                if b._version != version:
+                    b.copy_(old)
+
+
 def _deterministic_forward(model) -> bool:
-    """No active dropout module (whose masks the reference draws afresh in each forward)."""
+    """No active dropout module (whose masks the reference draws afresh in each forward), and not
+    seen drawing random numbers or writing buffers in an earlier call (:class:`_ForwardEffects`)."""
+    if _seen(_IMPURE, model):
+        return False
     return not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules())
 
 
 def _can_share_forward(model) -> bool:
     """The Hutchinson tangent can ride on the training forward unless the model is DDP/DP-wrapped (the
-    reference runs its JVP on the unwrapped module), draws random numbers in its forward (dropout:
-    the reference's separate JVP forward draws its own masks), or has a layer whose tangent cannot be
-    differentiated again (nn.MultiheadAttention: the JVP then takes the double-VJP fallback, which
-    needs a forward of its own; see jsigr_fast.higher_order)."""
+    reference runs its JVP on the unwrapped module), draws random numbers or writes buffers in its
+    forward (dropout: the reference's separate JVP forward draws its own masks; a model that does so
+    without a dropout module is found out by the first shared forward, see
+    :func:`_jsigr_hutchinson_shared`), or has a layer whose tangent cannot be differentiated again
+    (nn.MultiheadAttention: the JVP then takes the double-VJP fallback, which needs a forward of its
+    own; see jsigr_fast.higher_order)."""
     if _checks.unwrap_parallel(model) is not model:
         return False
     if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
@@ -741,17 +811,44 @@ def _jsigr_hutchinson_shared(model, x, y, *, lambda_m, lambda_j, mask, n_proj, g
     ``generator`` after the mask, as in the reference) and the running-statistics update are the same.
     Extra draws (``n_proj > 1``) run their own forward-mode pass (one per draw as in the reference, or
     one for all of them where :data:`BATCH_PROBES` says so).
+
+    A forward that draws random numbers or writes buffers (:class:`_ForwardEffects`) is the reference's
+    training forward only: it draws from the random state the call found (``z`` is drawn first but the
+    state is wound back), and its tangent is dropped; the probes then run their own passes, as in the
+    reference, and the model is remembered so that later calls do not carry a tangent for nothing.
     """
     n = x.shape[0]
+    dev = x.device
     xg = reference.input_leaf(x)
+    start = _checks.rng_state(dev) if generator is None else generator.get_state()
     z = _checks.randn(x.shape, like=x.detach(), generator=generator)
+    if generator is None:
+        # the reference draws z after its training forward, from the state that forward left; this
+        # forward draws (if at all) from the state z was drawn from, as the reference's does
+        after_z = _checks.rng_state(dev)
+        _checks.set_rng_state(dev, start)
+    effects = _ForwardEffects(model, dev)
     with torch.enable_grad():
-        with decomposed_normalization(), fused_layers(forward_ad=True), fwAD.dual_level():
-            out = _checks.check_logits(model(fwAD.make_dual(xg, z)), y, n)
-            unpacked = fwAD.unpack_dual(out)
-            logits = unpacked.primal
-            jz = unpacked.tangent if unpacked.tangent is not None else torch.zeros_like(logits)
-        sq = jz.reshape(n, -1).pow(2).sum(dim=1)
+        try:
+            with decomposed_normalization(), fused_layers(forward_ad=True), fwAD.dual_level():
+                out = _checks.check_logits(model(fwAD.make_dual(xg, z)), y, n)
+                unpacked = fwAD.unpack_dual(out)
+                logits = unpacked.primal
+                jz = unpacked.tangent if unpacked.tangent is not None else torch.zeros_like(logits)
+        except ForwardADUnsupported:
+            # the caller's fallback draws the probe (and any dropout masks) as the reference does
+            if generator is None:
+                _checks.set_rng_state(dev, start)
+            else:
+                generator.set_state(start)
+            raise
+        if effects.seen():
+            _remember(_IMPURE, model)
+            jz = None
+            if generator is not None:
+                generator.set_state(start)  # the probes are drawn again, after this forward
+        elif generator is None:
+            _checks.set_rng_state(dev, after_z)  # as if z had been drawn after the forward
         with fused_layers():
             per_sample = F.cross_entropy(logits, y, reduction="none")
             ce = per_sample.mean()
@@ -761,8 +858,12 @@ def _jsigr_hutchinson_shared(model, x, y, *, lambda_m, lambda_j, mask, n_proj, g
                 g = reference.vjp(per_sample.sum(), xg, grad_scale=grad_scale)
                 res["sig"] = sq_norm(g, mask).mean()
                 loss = loss + lambda_m * res["sig"]
-        if n_proj > 1:
-            sq = sq + jacobian_hutchinson_sq(model, x, n_proj=n_proj - 1, generator=generator) * (n_proj - 1)
+        if jz is None:  # every probe in a forward of its own
+            sq = jacobian_hutchinson_sq(model, x, n_proj=n_proj, generator=generator) * n_proj
+        else:
+            sq = jz.reshape(n, -1).pow(2).sum(dim=1)
+            if n_proj > 1:
+                sq = sq + jacobian_hutchinson_sq(model, x, n_proj=n_proj - 1, generator=generator) * (n_proj - 1)
         res["jac"] = (sq / n_proj).mean()
         res["loss"] = loss + lambda_j * res["jac"]
     return res

@@ -1,10 +1,12 @@
 """backend="fused" against backend="reference": same loss, same parameter gradients, same running
 statistics, for every regularizer on every tiny model; and the fused BatchNorm really is used."""
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import jsigr_fast
 from jsigr_fast import fused, ops
@@ -332,3 +334,78 @@ def test_view_that_fails_for_other_reasons_still_raises():
     # the reshape fallback is only for the layout: a wrong view size is still the caller's error
     with fused.fused_layers(), pytest.raises(RuntimeError, match="shape"):
         torch.randn(2, 3).view(7)
+
+
+# --- models whose forward draws random numbers or updates buffers outside any nn.Dropout module:
+# the fused Hutchinson estimator shares the training forward only where that gives the reference's
+# values, gradients, buffers and random stream (fused._jsigr_hutchinson_shared)
+class _FunctionalDropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 36, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.conv(x)))
+        h = F.dropout(h, 0.3, training=self.training)  # no module: invisible to a model.modules() scan
+        return self.fc(h.flatten(1))
+
+
+def _rrelu_net():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.RReLU(), nn.Flatten(), nn.Linear(108, 4))
+
+
+def _spectral_net():
+    return nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Conv2d(2, 3, 3, padding=1)), nn.BatchNorm2d(3),
+                         nn.Tanh(), nn.Flatten(), nn.Linear(108, 4))
+
+
+def _old_spectral_net():
+    return nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(2, 3, 3, padding=1)), nn.BatchNorm2d(3),
+                         nn.Tanh(), nn.Flatten(), nn.Linear(108, 4))
+
+
+STATEFUL_NETS = {"functional_dropout": _FunctionalDropoutNet, "rrelu": _rrelu_net, "spectral_norm": _spectral_net,
+                 "old_spectral_norm": _old_spectral_net}
+
+
+def _hutchinson_call(model, x, y, backend, kind, gen):
+    torch.manual_seed(5)
+    if kind == "loss":
+        out = jsigr_fast.loss(model, x, y, jacobian="hutchinson", backend=backend, generator=gen, n_proj=1)
+    elif kind == "loss3":
+        out = jsigr_fast.loss(model, x, y, jacobian="hutchinson", backend=backend, generator=gen, n_proj=3)
+    else:  # the bare estimator: n_proj probes batched into one vmapped pass where BATCH_PROBES says so
+        out = jsigr_fast.jacobian_norm(model, x, estimator="hutchinson", backend=backend, generator=gen, n_proj=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out, params, allow_unused=True)
+    stream = torch.rand(4)  # the global random stream after the call
+    return out.detach(), grads, {k: v.clone() for k, v in model.state_dict().items()}, stream
+
+
+@pytest.mark.parametrize("net", sorted(STATEFUL_NETS))
+@pytest.mark.parametrize("kind", ["loss", "loss3", "jacobian"])
+@pytest.mark.parametrize("own_generator", [True, False])
+def test_hutchinson_on_random_or_stateful_forward_equals_reference(net, kind, own_generator):
+    torch.manual_seed(0)
+    model = STATEFUL_NETS[net]().double().train()
+    x = tiny_input("conv_bn_train")
+    y = _labels(x)
+    results = []
+    for backend in ("reference", "fused"):
+        m = copy.deepcopy(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = _hutchinson_call(m, x, y, backend, kind, torch.Generator().manual_seed(3) if own_generator else None)
+            n_first = len(caught)
+            # a second call: a backend that remembers the model must still agree
+            second = _hutchinson_call(m, x, y, backend, kind, torch.Generator().manual_seed(4) if own_generator else None)
+        runtime = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        # the one warning allowed: RReLU has no vmap rule, so batched probes run one pass each (said once)
+        assert all("cannot share one forward pass" in w for w in runtime), runtime
+        assert not [w for w in caught[n_first:] if issubclass(w.category, RuntimeWarning)], "warned again"
+        results.append((first, second))
+    for r, f in zip(*results):
+        _compare(r[:3], f[:3], rtol=1e-10, atol_scale=1e-12)
+        assert torch.equal(r[3], f[3]), "the global random stream after the call differs"

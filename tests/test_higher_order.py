@@ -254,18 +254,22 @@ def test_multihead_attention_hutchinson_falls_back_and_says_so(backend):
 @pytest.mark.skipif("fused" not in BACKENDS, reason="fused backend unavailable")
 @pytest.mark.parametrize("kind", KINDS + ["mha_functional"])
 @pytest.mark.parametrize("jacobian", ["hutchinson", "projection"])
-def test_jsigr_loss_fused_equals_reference(kind, jacobian):
+@pytest.mark.parametrize("own_generator", [True, False])
+def test_jsigr_loss_fused_equals_reference(kind, jacobian, own_generator):
     x, y = _data()
     out = {}
     for backend in ("reference", "fused"):
         model = _model(kind, True)
-        gen = torch.Generator().manual_seed(5)
+        gen = torch.Generator().manual_seed(5) if own_generator else None
+        torch.manual_seed(6)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             loss = jsigr_fast.loss(model, x, y, jacobian=jacobian, n_proj=2, backend=backend, generator=gen)
+        stream = torch.rand(3)  # with generator=None the probes come from the global stream
         grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
-        out[backend] = (loss.detach(), grads, [str(w.message) for w in caught])
-    (lr, gr, _), (lf, gf, notes) = out["reference"], out["fused"]
+        out[backend] = (loss.detach(), grads, [str(w.message) for w in caught], stream)
+    (lr, gr, _, sr), (lf, gf, notes, sf) = out["reference"], out["fused"]
+    assert torch.equal(sf, sr), "the global random stream after the call differs"
     torch.testing.assert_close(lf, lr, rtol=1e-10, atol=1e-12)
     for a, b in zip(gr, gf):
         assert (a is None) == (b is None)
