@@ -131,6 +131,18 @@ class AttackSpec:
             raise ValueError(f"attack {self.name}: norm must be 'linf' (or 'l2' for pgd), got {self.norm!r}")
         if not isinstance(self.restarts, int) or self.restarts < 1:
             raise ValueError(f"attack {self.name}: restarts must be an int >= 1, got {self.restarts!r}")
+        if self.alpha is not None:
+            if self.name not in _ITERATIVE:
+                raise ValueError(f"attack {self.name}: alpha applies to the iterative attacks only "
+                                 f"({', '.join(_ITERATIVE)})")
+            if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+                raise ValueError(f"attack {self.name}: alpha must be a finite number > 0, got {self.alpha!r}")
+        # options another attack would silently ignore are refused, so every column is what it says
+        if self.name != "pgd" and (self.restarts != 1 or not self.random_start):
+            raise ValueError(f"attack {self.name}: restarts and random_start apply to pgd only")
+        if self.restarts > 1 and not self.random_start:
+            raise ValueError(f"attack pgd: restarts={self.restarts} needs the random start: without it every restart "
+                             "starts from x and finds the same example (drop random_start=0, or use restarts=1)")
 
     @property
     def stochastic(self) -> bool:
@@ -362,6 +374,8 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
     from .attacks import accuracy
 
     models = _check_models(models)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     specs = [parse_attack(a) if isinstance(a, str) else a for a in attacks]
     for s in specs:
         if not isinstance(s, AttackSpec):
@@ -714,6 +728,52 @@ def _check_shapes(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
+def _number_arg(text: str) -> float:
+    """argparse type for --eps: 0.03 or 8/255, with the parser's own one-line error otherwise."""
+    try:
+        return _parse_number(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def check_device(spec: str, flag: str = "--device") -> str:
+    """``spec`` if this machine has that device, else a ValueError naming ``flag`` (checked before
+    anything is loaded: a missing GPU would otherwise surface as a traceback from ``.to()``)."""
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{flag} {spec!r} is not a device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {spec}: CUDA is not available on this machine (use {flag} cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as err:  # noqa: BLE001 - any backend's refusal is the same user error
+            raise ValueError(f"{flag} {spec}: not usable on this machine: {str(err).splitlines()[0]}") from None
+    return spec
+
+
+def check_positive(args, *names: str) -> None:
+    """Each of these integer flags, when given, is >= 1."""
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v}")
+
+
+def _check_args(args) -> None:
+    """The flags' own ranges, before any checkpoint is read (each error names its flag)."""
+    check_positive(args, "batch_size", "limit", "n_proj", "jacobian_limit", "deepfool_max_iter", "steps")
+    if args.eps is not None and not (math.isfinite(args.eps) and args.eps > 0):
+        raise ValueError(f"--eps must be a finite number > 0, got {args.eps:g}")
+    if len(set(args.seeds)) != len(args.seeds):  # a repeated seed would shrink the reported std
+        raise ValueError(f"--seeds must be distinct, got {args.seeds}")
+    check_device(args.device)
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """Checkpoint / model / data flags shared with ``jsigr-fast visualize``."""
     p.add_argument("checkpoints", nargs="+", help="model checkpoints (state_dict or training checkpoint)")
@@ -736,7 +796,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "e.g. 'pgd:eps=8/255,steps=20,alpha=2/255'. Default: clean, fgsm, pgd at the dataset's budget. "
                         "Attacks that differ only in alpha get it in their column label (α=...); the same attack "
                         "given twice is an error")
-    p.add_argument("--eps", type=_parse_number, help="default eps of the attacks (e.g. 8/255); default per dataset")
+    p.add_argument("--eps", type=_number_arg, help="default eps of the attacks (e.g. 8/255); default per dataset")
     p.add_argument("--steps", type=int, help="default steps of the iterative attacks; default per dataset")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="attack seeds (PGD random starts): mean ± std")
     p.add_argument("--transfer", action="store_true", help="also the transfer matrix over all given models")
@@ -755,7 +815,12 @@ def _attacks_from_args(args, dataset: str | None) -> list[AttackSpec]:
     if args.steps is not None:
         steps, alpha = args.steps, None
     specs = args.attack or ["clean", "fgsm", "pgd"]
-    attacks = [parse_attack(s, eps=eps, steps=steps, alpha=alpha) for s in specs]
+    attacks = []
+    for spec in specs:
+        try:
+            attacks.append(parse_attack(spec, eps=eps, steps=steps, alpha=alpha))
+        except ValueError as err:
+            raise ValueError(f"--attack {spec!r}: {err}") from None
     try:
         attack_labels(attacks, specs)
     except ValueError as err:
@@ -765,17 +830,21 @@ def _attacks_from_args(args, dataset: str | None) -> list[AttackSpec]:
 
 def run(args) -> int:
     try:
+        _check_args(args)
         loaded, dataset, dataset_kwargs = load_models(args)
         x, y = load_eval_data(dataset, args.data_root, limit=args.limit, dataset_kwargs=dataset_kwargs,
                               device=args.device)
         models = {n: lm.model for n, lm in loaded.items()}
         _check_shapes(models, x, y)
         attacks = _attacks_from_args(args, dataset)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"--out {args.out}: cannot create the output folder: {err.strerror or err}") from None
     except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"jsigr-fast eval: error: {err}", file=sys.stderr)
         return 2
 
-    os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     rows = robustness_table(models, x, y, attacks, args.seeds, transfer=args.transfer, batch_size=args.batch_size)
     seeds_note = (f"mean ± std over seeds {args.seeds} (PGD random starts; deterministic attacks run once)"

@@ -477,3 +477,57 @@ def test_eval_cli_errors(tmp_path, capsys):
     with pytest.warns(UserWarning, match="overrides the checkpoint's dataset"):
         assert main(["eval", str(tmp_path / "ok.pt"), "--dataset", "cifar10", "--out", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--jacobian-layers", "--n-proj", "0"], "--n-proj must be an integer >= 1, got 0"),
+    (["--limit", "0"], "--limit must be an integer >= 1, got 0"),
+    (["--jacobian-layers", "--jacobian-limit", "0"], "--jacobian-limit must be an integer >= 1, got 0"),
+    (["--rho-adv", "--deepfool-max-iter", "0"], "--deepfool-max-iter must be an integer >= 1, got 0"),
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--eps=-8/255"], "--eps must be a finite number > 0, got -0.0313725"),
+    (["--eps", "inf"], "--eps must be a finite number > 0, got inf"),
+    (["--seeds", "0", "1", "0"], "--seeds must be distinct, got [0, 1, 0]"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["--device", "cuda:1"], "--device cuda:1: CUDA is not available"),
+    (["--device", "toaster"], "--device 'toaster' is not a device"),
+    (["--attack", "pgd:eps=0.1,restarts=2,random_start=0"],
+     "--attack 'pgd:eps=0.1,restarts=2,random_start=0': attack pgd: restarts=2 needs the random start"),
+    (["--attack", "fgsm:eps=0.1,restarts=2"], "--attack 'fgsm:eps=0.1,restarts=2': attack fgsm: restarts"),
+    (["--attack", "fgsm:eps=0.1,random_start=0"], "attack fgsm: restarts and random_start apply to pgd only"),
+    (["--attack", "fgsm:eps=0.1,alpha=0.05"], "attack fgsm: alpha applies to the iterative attacks only"),
+    (["--out", "{file}"], "--out {file}: cannot create the output folder"),
+])
+def test_eval_cli_argument_errors_exit_2_and_name_the_argument(tmp_path, capsys, monkeypatch, argv, fragment):
+    """Every bad argument is one line on stderr naming it, exit status 2, no traceback, nothing run."""
+    from jsigr_fast.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    torch.save(_train_ckpt(_digits_model()), tmp_path / "ok.pt")
+    (tmp_path / "file").write_text("not a folder")
+    fill = {"file": str(tmp_path / "file")}
+    argv = [a.format(**fill) for a in argv]
+    assert main(["eval", str(tmp_path / "ok.pt"), "--limit", "4", "--device", "cpu", "--out", str(tmp_path / "o"),
+                 *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment.format(**fill) in err, err
+    assert err.startswith("jsigr-fast eval: error: ") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_cli_unparsable_number_is_an_argparse_error(tmp_path, capsys):
+    from jsigr_fast.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["eval", str(tmp_path / "ok.pt"), "--eps", "8/zero"])
+    assert info.value.code == 2
+    assert "argument --eps: not a number: '8/zero' (write e.g. 0.03 or 8/255)" in capsys.readouterr().err
+
+
+def test_library_attack_and_table_checks():
+    with pytest.raises(ValueError, match="restarts=3 needs the random start"):
+        E.AttackSpec("pgd", eps=0.1, restarts=3, random_start=False)
+    x, y = data()
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        E.robustness_table({"a": Affine(0)}, x, y, ["clean"], batch_size=0)
