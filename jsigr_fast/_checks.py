@@ -186,6 +186,8 @@ def check_grad_scale(grad_scale):
     if isinstance(grad_scale, torch.Tensor):
         if grad_scale.numel() != 1:
             raise ValueError(f"grad_scale must be a scalar, got a tensor of shape {tuple(grad_scale.shape)}")
+        if grad_scale.dtype == torch.bool or grad_scale.is_complex():
+            raise TypeError(f"grad_scale must be a real number, got a {grad_scale.dtype} tensor")
         value = float(grad_scale)
     else:
         value = check_number("grad_scale", grad_scale)

@@ -28,7 +28,8 @@ standard step's peak instead of 2.96x (bench/results/memory_*). What this asks o
 the per-sample values uniformly (every loss here takes their mean; an unequal weight is an error,
 checked on the device), know that a tensor hook on a parameter runs twice, for that early part and
 then for the total, and that the part taken early carries no graph (a ``create_graph`` backward
-through an fd loss sees it as a constant; first-order training is unaffected). Under ``torch.no_grad()`` nothing is taken early (values only). Under DDP the
+through an fd loss sees it as a constant; first-order training is unaffected). Called under ``torch.no_grad()`` these functions take nothing early (values only); the public
+losses of :mod:`jsigr_fast.functional` run with grad on whatever the caller's mode. Under DDP the
 early backward runs on the unwrapped module and touches no reducer hook; the caller's backward
 all-reduces the total as usual. With
 ``backend="fused"`` the forwards and that backward run under the fused backend's layer rules

@@ -2,7 +2,8 @@
 
 Every function here validates its arguments (TypeError / ValueError naming the argument), never
 modifies ``x`` or its ``requires_grad`` flag, never changes the model's train/eval mode, and
-returns a scalar differentiable w.r.t. the model's parameters. Scaling conventions are those of
+returns a scalar differentiable w.r.t. the model's parameters (under ``torch.no_grad()``: its value,
+without a graph). Scaling conventions are those of
 :mod:`jsigr_fast.reference` (per-sample quantities averaged over the batch).
 
 BatchNorm running statistics: a loss that includes the cross-entropy (:func:`loss`,
@@ -14,6 +15,7 @@ since they are meant to be added to a loss whose own forward already updated the
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
@@ -117,6 +119,22 @@ def _detached(d: dict, keys) -> dict:
     return {k: d[k].detach() for k in keys if k in d}
 
 
+def _values_under_no_grad(fn):
+    """Under ``torch.no_grad()`` a loss here is a value, as any PyTorch op's result is there: the
+    input gradients it is built from still need autograd inside, but no graph is handed back (some
+    paths used to return one and others not; an evaluation loop summing losses would keep every
+    batch's activations alive through it). ``inference_mode`` is refused by the checks instead."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        out = fn(*args, **kwargs)
+        if isinstance(out, tuple):  # (loss, terms): the terms are detached already
+            return (out[0].detach(), *out[1:])
+        return out.detach()
+    return wrapper
+
+
 def _check_common(model, x, y=None):
     _checks.check_model(model)
     _checks.check_input(x, model)
@@ -127,6 +145,7 @@ def _check_common(model, x, y=None):
 # ----------------------------------------------------------------------------------------------
 # J-SIGR
 # ----------------------------------------------------------------------------------------------
+@_values_under_no_grad
 def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float = 0.5, lambda_j: float = 0.5,
          eps: float = 0.3, beta: float = 0.1, mask_quantile: float | None = None, jacobian: str = "projection",
          n_proj: int = 1, saliency: Saliency = None, backend: str = "auto", return_terms: bool = False,
@@ -216,6 +235,7 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
 # ----------------------------------------------------------------------------------------------
 # the individual regularizers
 # ----------------------------------------------------------------------------------------------
+@_values_under_no_grad
 def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mask: torch.Tensor | None = None,
                            backend: str = "auto", grad_scale=None, mode: str = "autograd",
                            fd_step: float = 0.01) -> torch.Tensor:
@@ -239,6 +259,7 @@ def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     return out["penalty"]
 
 
+@_values_under_no_grad
 def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact", n_proj: int = 1,
                   backend: str = "auto", generator: torch.Generator | None = None, grad_scale=None,
                   mode: str = "autograd", fd_step: float = 0.01) -> torch.Tensor:
@@ -265,6 +286,7 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact"
                                                            generator=generator, grad_scale=grad_scale, **extra)["jac"]
 
 
+@_values_under_no_grad
 def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_j: float = 0.1,
                             squared: bool = True, estimator: str = "exact", n_proj: int = 1,
                             backend: str = "auto", return_terms: bool = False,
@@ -321,6 +343,7 @@ def _jacobian_regularization_terms(model, x, y, *, estimator, n_proj, backend, g
     return ce, per
 
 
+@_values_under_no_grad
 def double_backprop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_ig: float = 1.0,
                     backend: str = "auto", return_terms: bool = False, grad_scale=None, mode: str = "autograd",
                     fd_step: float = 0.01):
@@ -385,6 +408,7 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, n_samples:
     return target
 
 
+@_values_under_no_grad
 def interpretation_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor, *,
                                   lambda_d: float = 3.0, lambda_m: float = 0.15, backend: str = "auto",
                                   return_terms: bool = False, grad_scale=None):

@@ -42,7 +42,8 @@ def test_grad_scale_rescues_fp16_underflow_under_autocast():
     assert scaled == pytest.approx(ref, rel=0.01)
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), torch.tensor([1.0, 2.0])])
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), torch.tensor([1.0, 2.0]), True, torch.tensor(True),
+                                 torch.tensor(2 + 0j)])
 def test_grad_scale_validation(bad):
     model, x = tiny_model("conv_tanh"), tiny_input("conv_tanh")
     with pytest.raises((ValueError, TypeError), match="grad_scale"):

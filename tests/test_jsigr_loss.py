@@ -95,6 +95,22 @@ def test_mask_semantics_threshold_and_quantile():
     assert jsigr_fast.selective_mask(M, quantile=1.0).tolist() == [[0] * 5] * 2
 
 
+def test_mask_quantile_keeps_exactly_q_d_features():
+    # the top q fraction is floor(q D) features in exact arithmetic, not floor of the rounded q * D:
+    # 0.29 * 100 == 28.999999999999996 in floating point, yet q = 0.29 of 100 features is 29
+    from fractions import Fraction
+
+    from jsigr_fast.saliency import quantile_kept
+
+    M = torch.arange(1, 101, dtype=torch.float64).unsqueeze(0) / 100
+    for q, kept in [(0.29, 29), (0.57, 57), (0.58, 58), (1 / 3, 33), (0.0, 0), (1.0, 100)]:
+        assert (jsigr_fast.selective_mask(M, quantile=q) == 0).sum() == kept, q
+    assert quantile_kept(1 / 3, 3072) == 1024 and quantile_kept(1 / 3, 3) == 1
+    for D in [*range(1, 30), 100, 1000, 150528]:
+        for i in range(101):
+            assert quantile_kept(i / 100, D) == (Fraction(i, 100) * D).__floor__(), (i, D)
+
+
 def test_default_saliency_scale():
     g = torch.tensor([[[-4.0, 2.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
     M = jsigr_fast.gradient_saliency(g)
@@ -279,11 +295,43 @@ def test_channels_last_input():
     torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
 
 
-def test_no_grad_context_is_handled():
-    model, x = tiny_model("conv_tanh"), tiny_input("conv_tanh")
+_PUBLIC_LOSSES = {
+    "loss": lambda m, x, y, **kw: jsigr_fast.loss(m, x, y, generator=torch.Generator().manual_seed(0), **kw),
+    "loss_hutchinson": lambda m, x, y, **kw: jsigr_fast.loss(m, x, y, jacobian="hutchinson",
+                                                              generator=torch.Generator().manual_seed(0), **kw),
+    "loss_fd": lambda m, x, y, **kw: jsigr_fast.loss(m, x, y, mode="fd", generator=torch.Generator().manual_seed(0),
+                                                      **kw),
+    "input_gradient_penalty": lambda m, x, y, **kw: jsigr_fast.input_gradient_penalty(m, x, y, **kw),
+    "jacobian_exact": lambda m, x, y, **kw: jsigr_fast.jacobian_norm(m, x, estimator="exact", **kw),
+    "jacobian_projection": lambda m, x, y, **kw: jsigr_fast.jacobian_norm(
+        m, x, estimator="projection", generator=torch.Generator().manual_seed(0), **kw),
+    "jacobian_hutchinson": lambda m, x, y, **kw: jsigr_fast.jacobian_norm(
+        m, x, estimator="hutchinson", generator=torch.Generator().manual_seed(0), **kw),
+    "jacobian_regularization": lambda m, x, y, **kw: jsigr_fast.jacobian_regularization(m, x, y, **kw),
+    "double_backprop": lambda m, x, y, **kw: jsigr_fast.double_backprop(m, x, y, **kw),
+    "interpretation": lambda m, x, y, **kw: jsigr_fast.interpretation_regularization(m, x, y, torch.sin(3 * x),
+                                                                                      **kw),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what", sorted(_PUBLIC_LOSSES))
+def test_no_grad_context_gives_the_value_without_a_graph(what, backend):
+    # under no_grad every loss is a value, as a PyTorch op's result is (some paths used to return a
+    # graph there and others not); oracle: the same call with grad on, same value
+    model, x = tiny_model("conv_bn_train"), tiny_input("conv_bn_train")
+    y = _labels(x.shape[0])
+    call = _PUBLIC_LOSSES[what]
     with torch.no_grad():
-        loss = jsigr_fast.loss(model, x, _labels(x.shape[0]))
-    assert loss.requires_grad  # the loss is still a differentiable function of the parameters
+        quiet = call(copy.deepcopy(model), x, y, backend=backend)
+    assert not quiet.requires_grad and quiet.grad_fn is None
+    loud = call(copy.deepcopy(model), x, y, backend=backend)
+    assert loud.requires_grad
+    torch.testing.assert_close(quiet, loud.detach(), rtol=1e-12, atol=0)
+    if what in ("loss", "double_backprop"):  # (loss, terms) too
+        with torch.no_grad():
+            pair = call(copy.deepcopy(model), x, y, backend=backend, return_terms=True)
+        assert not pair[0].requires_grad and not any(t.requires_grad for t in pair[1].values())
 
 
 def test_user_model_nn_module_subclass():
