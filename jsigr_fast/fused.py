@@ -16,6 +16,8 @@ any layer without a rule below keeps its ordinary autograd formula:
   skip the weight gradient that ATen's create-graph path cannot tell is unused.
 * **ReLU** (``F.relu``, not in-place): its backward's dependence on the input is zero almost
   everywhere; the rule says so, where ATen materialises ``zeros_like`` and adds it in every double backward.
+  (So a parameter that reaches the bare Jacobian norm only through the ReLU's on/off pattern gets no gradient,
+  None, where the reference's is zeros; see the README.)
 * **Forward mode through BatchNorm** (Hutchinson estimator): the JVP of train-mode batch norm is
   its own backward applied to the tangent (the normalisation's Jacobian is symmetric), so the
   tangent is computed with the fused backward op, and differentiating ``||J z||^2`` in reverse runs
