@@ -46,6 +46,14 @@ DRIVER = textwrap.dedent('''
     out, common, exact = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     for name, (method, extra) in exact.items():
         assert main(["train", "--method", method, *common, *extra, "--out", f"{out}/{name}"]) == 0
+    # a second run into a used folder: rank 0 alone looks (rank 1 is made to see an empty folder) and
+    # every rank refuses; had rank 1 gone on, the collectives below would hang
+    import jsigr_fast.train.trainer as trainer_module
+    looks = trainer_module.previous_run
+    if dist.get_rank() == 1:
+        trainer_module.previous_run = lambda out: []
+    assert main(["train", "--method", "standard", *common, "--out", f"{out}/standard"]) == 2
+    trainer_module.previous_run = looks
     # J-SIGR: random draws differ per rank, but the replicas must stay identical
     assert main(["train", "--method", "jsigr", *common, "--disc-every", "2", "--out", f"{out}/jsigr"]) == 0
     # resume on 2 ranks: every rank's RNG state comes back (constant schedule, so 1 + 1 epochs = 2 epochs)
@@ -133,6 +141,11 @@ def test_jsigr_replicas_stay_identical(ddp_runs):
     # the two ranks drew different noise (independent streams), so their RNG states differ
     g = [r["generators"]["method"] for r in ckpt["rng"]["ranks"]]
     assert not torch.equal(g[0], g[1])
+
+
+def test_every_rank_refuses_a_used_folder(ddp_runs):
+    out, proc = ddp_runs
+    assert proc.stderr.count(f"error: {out}/standard already holds a run (last.pt, steps.csv, epochs.csv)") == 2
 
 
 def test_ddp_resume_is_exact(ddp_runs):

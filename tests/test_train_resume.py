@@ -117,6 +117,65 @@ def test_resume_refuses_a_different_trajectory_and_allows_more_epochs(tmp_path, 
     assert "no " + str(fresh / "last.pt") + " yet, starting a new run" in capsys.readouterr().out
 
 
+SMALL = ["train", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--eval-max-batches", "1",
+         "--log-every", "1", *QUIET]
+
+
+def snapshot(out):
+    return {f: (out / f).read_bytes() for f in sorted(os.listdir(out)) if (out / f).is_file()}
+
+
+def test_a_used_run_folder_needs_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*SMALL, "--out", str(out)]) == 0
+    before = snapshot(out)
+    assert {"last.pt", "steps.csv", "epochs.csv", "config.yaml"} <= set(before)
+    capsys.readouterr()
+    # a second run into the folder (the default --out makes this easy) is refused, touching nothing
+    assert main([*SMALL, "--lr", "0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (f"jsigr-fast train: error: {out} already holds a run (last.pt, steps.csv, epochs.csv): pass --resume to "
+            f"continue it, --overwrite to start over in it") in err and "or choose another --out" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert snapshot(out) == before
+    # a throughput measurement writes only its report, so it may share the folder
+    assert main([*SMALL, "--throughput-steps", "1", "--throughput-warmup", "0", "--out", str(out)]) == 0
+    assert snapshot(out) == before | {"throughput.json": (out / "throughput.json").read_bytes()}
+    # --resume and --overwrite contradict each other
+    assert main(["train", "--resume", str(out), "--overwrite", *QUIET]) == 2
+    assert "--overwrite starts a new run and --resume continues one" in capsys.readouterr().err
+    # --overwrite starts over: the logs hold the new run's rows only, the checkpoint and config are the new run's
+    assert main([*SMALL, "--lr", "0.5", "--overwrite", "--out", str(out)]) == 0
+    assert f"--overwrite: starting over in {out} (its last.pt, steps.csv, epochs.csv are replaced)" in \
+        capsys.readouterr().out
+    steps = (out / "steps.csv").read_text().splitlines()
+    assert [int(line.split(",")[2]) for line in steps[1:]] == [1, 2]
+    assert len((out / "epochs.csv").read_text().splitlines()) == 2
+    assert load(out / "last.pt")["config"]["lr"] == 0.5 and "lr: 0.5" in (out / "config.yaml").read_text()
+    assert not [f for f in os.listdir(out) if f.endswith(".old")]  # nothing moved aside either
+
+
+def test_logs_without_a_checkpoint_count_as_a_run(tmp_path, capsys):
+    """A run killed in its first epoch leaves logged steps but no checkpoint: a new run must not
+    append to them; --resume auto (a restart loop) starts over and says it clears them."""
+    out = tmp_path / "run"
+    assert main([*SMALL, "--out", str(out)]) == 0
+    os.unlink(out / "last.pt")
+    assert main([*SMALL, "--out", str(out)]) == 2
+    assert "already holds a run (steps.csv, epochs.csv)" in capsys.readouterr().err
+    assert main([*SMALL, "--resume", "auto", "--out", str(out)]) == 0
+    assert "--resume auto: no " + str(out / "last.pt") + " yet, starting a new run; the logs of the earlier " \
+        "attempt (steps.csv, epochs.csv) are cleared" in capsys.readouterr().out
+    steps = (out / "steps.csv").read_text().splitlines()
+    assert [int(line.split(",")[2]) for line in steps[1:]] == [1, 2]
+    # a folder where a run failed before its first step (config.yaml, header-only logs) holds nothing to lose
+    fresh = tmp_path / "failed"
+    fresh.mkdir()
+    (fresh / "config.yaml").write_text("method: standard\n")
+    (fresh / "steps.csv").write_text(steps[0] + "\n")
+    assert main([*SMALL, "--out", str(fresh)]) == 0
+
+
 def test_resume_does_not_need_the_teacher_file_any_more(tmp_path):
     teacher = tmp_path / "teacher"
     assert main(["train", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--out", str(teacher),

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
                    help="continue a run exactly: a checkpoint, a run folder, nothing (<out>/last.pt) or 'auto' "
                         "(resume if <out>/last.pt exists, else start)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out folder that holds a run (its last.pt is replaced, its logs cleared); "
+                        "without it (or --resume) such a folder is refused")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     groups = {g: p.add_argument_group(g) for g in _GROUPS}
     for name, f in FIELDS.items():
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
                 print(yaml.safe_dump(to_dict(resolve(cfg)), sort_keys=False), end="")
                 return 0
-            return train(cfg, resume=args.resume, explicit=explicit)
+            return train(cfg, resume=args.resume, overwrite=args.overwrite, explicit=explicit)
         except TrainError as exc:
             print(f"jsigr-fast train: error: {exc}", file=sys.stderr, flush=True)
             return exc.exit_code

@@ -3,7 +3,8 @@
 Columns are fixed when the run starts (the method declares its loss terms); a term a step did
 not produce (the discriminator's, between its updates) is left empty. On resume, rows written
 after the checkpoint by the interrupted run are dropped, and TensorBoard purges its events from
-the resumed step on, so the logs read as one uninterrupted run.
+the resumed step on, so the logs read as one uninterrupted run. A run that starts over in a used
+folder (``fresh``: ``--overwrite``) truncates the CSVs and purges every event.
 """
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ import csv
 import os
 import warnings
 
-__all__ = ["RunLog"]
+__all__ = ["RunLog", "LOG_FILES", "logged_rows"]
+
+LOG_FILES = ("steps.csv", "epochs.csv")
+
+
+def logged_rows(path: str) -> bool:
+    """Whether the CSV log at ``path`` holds a row beyond its header."""
+    try:
+        with open(path, newline="") as f:
+            return bool(f.readline()) and bool(f.readline().strip())
+    except OSError:  # absent (or unreadable: then it is not ours to judge)
+        return False
 
 
 def _truncate_csv(path: str, keep) -> None:
@@ -31,8 +43,10 @@ def _truncate_csv(path: str, keep) -> None:
 
 
 class _Csv:
-    def __init__(self, path: str, columns: list[str]):
+    def __init__(self, path: str, columns: list[str], fresh: bool = False):
         self.path, self.columns = path, columns
+        if fresh and os.path.exists(path):
+            os.unlink(path)
         if os.path.exists(path):
             with open(path, newline="") as f:
                 header = next(csv.reader(f), None)
@@ -63,7 +77,7 @@ class RunLog:
     """CSV + TensorBoard writer; every method is a no-op on ranks other than 0."""
 
     def __init__(self, out: str, terms: tuple, *, enabled: bool, tensorboard: bool, resume_step: int | None,
-                 resume_epoch: int | None):
+                 resume_epoch: int | None, fresh: bool = False):
         self.enabled = enabled
         self.tb = None
         if not enabled:
@@ -79,8 +93,8 @@ class RunLog:
 
             _truncate_csv(steps_path, upto("global_step", resume_step))
             _truncate_csv(epochs_path, upto("epoch", resume_epoch))
-        self.steps = _Csv(steps_path, self.step_cols)
-        self.epochs = _Csv(epochs_path, self.epoch_cols)
+        self.steps = _Csv(steps_path, self.step_cols, fresh)
+        self.epochs = _Csv(epochs_path, self.epoch_cols, fresh)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -88,7 +102,7 @@ class RunLog:
                 warnings.warn(f"TensorBoard logging is off: {exc} (pip install tensorboard); the CSV logs are written",
                               RuntimeWarning, stacklevel=2)
             else:
-                self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=resume_step)
+                self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=0 if fresh else resume_step)
 
     def step(self, row: dict) -> None:
         if not self.enabled:

@@ -6,7 +6,8 @@ steps between two device synchronisations, through the real data loader (so with
 it measures the step plus the loader, minus JPEG decoding; "data wait" is the host time spent
 waiting for the next batch). Methods with a warm-up phase (JARN) are measured in their full phase.
 The classifier's learning rate is set to 0 (the optimizer still runs, at the same cost), so the
-measurement is a steady state that cannot diverge from a random start. Nothing is checkpointed.
+measurement is a steady state that cannot diverge from a random start. Nothing is checkpointed or
+logged: ``throughput.json`` is all it writes, so it may run in a folder that holds a run.
 The projection is ``epoch_images / img_per_s``: for this run as launched,
 and for 1 and 8 devices assuming each device keeps this run's per-device rate (linear scaling, an
 upper bound: DDP on one NVLink node typically reaches 90-95 % of it for ResNet-18; the double

@@ -37,7 +37,7 @@ from .config import RESUMABLE_CHANGES, TrainConfig, build_config, check_combinat
 from .data import build_data
 from .distributed import all_reduce_, broadcast_module, gather_objects, setup, teardown
 from .errors import CheckpointError, ConfigError, DataError, NonFiniteError
-from .logs import RunLog
+from .logs import LOG_FILES, RunLog, logged_rows
 from .methods import METHODS, MethodContext, get_method
 from .signals import StopSignal
 
@@ -46,6 +46,14 @@ __all__ = ["Trainer", "train", "STEP_DELAY_ENV"]
 # Testing hook: sleep this many seconds after every step, so a test can interrupt a run mid-epoch.
 STEP_DELAY_ENV = "JSIGR_FAST_TRAIN_STEP_DELAY"
 CHECKPOINT_NAME = "last.pt"
+
+
+def previous_run(out: str) -> list[str]:
+    """What an earlier run left in ``out`` that a new one would overwrite or append to: its
+    checkpoint, and logs holding rows. (A run that failed before its first step leaves
+    ``config.yaml`` and header-only logs: nothing to lose.)"""
+    found = [CHECKPOINT_NAME] if os.path.exists(os.path.join(out, CHECKPOINT_NAME)) else []
+    return found + [name for name in LOG_FILES if logged_rows(os.path.join(out, name))]
 
 
 def _resume_path(resume: str, cfg: TrainConfig) -> str:
@@ -84,6 +92,8 @@ class Trainer:
     Args:
         cfg: the configuration (resolved here).
         resume: a checkpoint path, a run folder, or "auto" (``<out>/last.pt``; start fresh if absent).
+        overwrite: start over in an ``out`` folder that holds a run (its checkpoint is removed, its
+            logs truncated); without it, and without ``resume``, such a folder is a ConfigError.
         model: an ``nn.Module`` to train instead of ``cfg.model`` (Python API; pass it again to resume).
         explicit: config keys the user set (resume checks, warnings about unused keys).
     """
@@ -91,21 +101,23 @@ class Trainer:
     resumed_from: str | None = None
     env = log = None
 
-    def __init__(self, cfg: TrainConfig, *, resume: str | None = None, model: nn.Module | None = None,
-                 explicit=frozenset()):
+    def __init__(self, cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False,
+                 model: nn.Module | None = None, explicit=frozenset()):
         self._saved_threads = torch.get_num_threads()
         try:
-            self._build(cfg, resume, model, set(explicit))
+            self._build(cfg, resume, overwrite, model, set(explicit))
         except BaseException:
             self.close()
             raise
 
-    def _build(self, cfg, resume, model, explicit) -> None:
+    def _build(self, cfg, resume, overwrite, model, explicit) -> None:
+        if resume and overwrite:
+            raise ConfigError("--overwrite starts a new run and --resume continues one: give only one of them")
         ckpt = None
         if resume:
             path = _resume_path(resume, cfg)
             if resume == "auto" and not os.path.exists(path):
-                print(f"--resume auto: no {path} yet, starting a new run", flush=True)
+                pass  # a new run: _claim_out says so
             else:
                 ckpt = ckpt_io.load_checkpoint(path)
                 cfg = merge_resumed_config(ckpt["config"], cfg, explicit)
@@ -119,6 +131,11 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.env = env = setup(cfg.device)
         self.device = device = env.device
+        # a throughput measurement writes only throughput.json, so it may share a run's folder
+        self.writes_run = not cfg.throughput_steps
+        self.fresh_logs = False
+        if ckpt is None and self.writes_run:
+            self._claim_out(cfg.out, resume, overwrite)
         self._warn_unused(explicit)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
@@ -209,10 +226,14 @@ class Trainer:
         if ckpt is not None:
             self._load_state(ckpt)
         self.terms = ("loss",) + tuple(self.method.terms)
-        self.log = RunLog(self.out, self.method.terms, enabled=env.is_main, tensorboard=cfg.tensorboard,
-                          resume_step=self.global_step if ckpt is not None else None,
-                          resume_epoch=self.epoch if ckpt is not None else None)
-        if env.is_main:
+        if self.fresh_logs and env.is_main and os.path.exists(os.path.join(self.out, CHECKPOINT_NAME)):
+            # removed now, not at the first save: a crash before it must not leave the old run's
+            # checkpoint beside the new run's logs (--resume auto would pick it up)
+            os.unlink(os.path.join(self.out, CHECKPOINT_NAME))
+        self.log = RunLog(self.out, self.method.terms, enabled=env.is_main and self.writes_run,
+                          tensorboard=cfg.tensorboard, resume_step=self.global_step if ckpt is not None else None,
+                          resume_epoch=self.epoch if ckpt is not None else None, fresh=self.fresh_logs)
+        if env.is_main and self.writes_run:
             import yaml
 
             with open(os.path.join(self.out, "config.yaml"), "w") as f:
@@ -223,6 +244,22 @@ class Trainer:
     def print(self, *args, **kw):
         if self.env.is_main:
             print(*args, **kw, flush=True)
+
+    def _claim_out(self, out: str, resume, overwrite: bool) -> None:
+        """Refuse to write a new run over an earlier one's checkpoint and logs, unless told to."""
+        # Rank 0 alone looks (the other ranks need not share its filesystem) and every rank acts on
+        # its answer, so all of them stop, or all go on, together.
+        found = gather_objects(previous_run(out) if self.env.is_main else None, self.env)[0]
+        what = ", ".join(found)
+        if resume == "auto":  # a restart loop: logs here are from an attempt that never wrote a checkpoint
+            self.print(f"--resume auto: no {os.path.join(out, CHECKPOINT_NAME)} yet, starting a new run"
+                       + (f"; the logs of the earlier attempt ({what}) are cleared" if found else ""))
+        elif found and overwrite:
+            self.print(f"--overwrite: starting over in {out} (its {what} are replaced)")
+        elif found:
+            raise ConfigError(f"{out} already holds a run ({what}): pass --resume to continue it, --overwrite to "
+                              f"start over in it (its checkpoint and logs are replaced), or choose another --out")
+        self.fresh_logs = bool(found)
 
     def _warn_unused(self, explicit: set) -> None:
         if not self.env.is_main:
@@ -543,11 +580,12 @@ def _version() -> str:
     return jsigr_fast.__version__
 
 
-def train(cfg: TrainConfig, *, resume: str | None = None, model: nn.Module | None = None, explicit=frozenset()) -> int:
+def train(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False, model: nn.Module | None = None,
+          explicit=frozenset()) -> int:
     """Build a :class:`Trainer` and run it; returns the exit code (0 done, 128 + signum stopped)."""
     trainer = None
     try:
-        trainer = Trainer(cfg, resume=resume, model=model, explicit=explicit)
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite, model=model, explicit=explicit)
         return trainer.fit()
     finally:
         if trainer is not None:
