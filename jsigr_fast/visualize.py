@@ -14,6 +14,11 @@ test image four panels:
 ``mask``       ``m = 1[M <= beta]`` (:func:`jsigr_fast.selective_mask`): white = penalised by R_sig
 =============  ==================================================================================
 
+``jsigr-fast visualize`` draws each run's mask as the run trained it: with its trained adaptor, the
+run's ``mask_quantile`` or else its ``beta`` (from the checkpoint's config); with gradient saliency,
+the run's ``mask_quantile`` (scale-free) or else β = 0.1, since the run's beta thresholds the adaptor's
+tanh output, not M in [0, 1]. ``--beta`` / ``--quantile`` override it; it prints each model's rule.
+
 Multi-channel maps are shown as their mean over channels (for the mask: the fraction of the
 pixel's channels that are penalised). :func:`saliency_panels` returns the library's tensors and
 :func:`display_arrays` exactly what is drawn, so both can be checked without looking at a PNG.
@@ -24,6 +29,7 @@ matplotlib (Agg backend) is imported only when a figure is drawn.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -61,15 +67,17 @@ def _saliency_fn(spec, name: str):
 
 
 def saliency_panels(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
-                    beta: float | Mapping[str, float] | None = 0.1, quantile: float | None = None,
+                    beta: float | Mapping[str, float | None] | None = 0.1,
+                    quantile: float | Mapping[str, float | None] | None = None,
                     saliency: Any = None, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """The tensors behind the figure, per model: ``input``, ``gradient`` (signed ∇ₓℓ at x),
-    ``perturbed_gradient`` (ĝ), ``saliency`` (M) and ``mask``, all detached on the CPU, x's shape, and
-    ``beta`` (float), the threshold used.
+    ``perturbed_gradient`` (ĝ), ``saliency`` (M) and ``mask``, all detached on the CPU, x's shape,
+    ``beta`` (float), the threshold, and ``quantile`` (float or None; when set, the rule used instead).
 
     ``beta``: the mask threshold (a number, or per-model dict). ``None`` takes the adaptor's own
     default (a JSIGR criterion's ``beta``, 0.0 for a bare adaptor) and 0.1 for gradient saliency.
-    ``quantile``: leave the top q fraction unpenalised instead (see :func:`jsigr_fast.selective_mask`).
+    ``quantile``: leave the top q fraction unpenalised instead (see :func:`jsigr_fast.selective_mask`);
+    a number, or a per-model dict (None there: that model uses ``beta``).
     ``saliency``: None / ``"gradient"`` / JSIGR / SaliencyAdaptor / callable, or a dict per model name.
     Models run in their current mode (use eval mode); BatchNorm running statistics do not move.
     """
@@ -90,15 +98,17 @@ def saliency_panels(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.T
         b = beta.get(name) if isinstance(beta, Mapping) else beta
         if b is None:
             b = 0.1 if own_beta is None else own_beta
+        q = quantile.get(name) if isinstance(quantile, Mapping) else quantile
         g = perturbed_input_gradient(model, xm, ym, eps=0.0)
         g_hat = perturbed_input_gradient(model, xm, ym, eps=eps, generator=torch.Generator(device="cpu").manual_seed(seed))
         with torch.no_grad():
             M = fn(g_hat, xm)
         if not isinstance(M, torch.Tensor) or M.shape != xm.shape:
             raise ValueError(f"the saliency of {name!r} must be a tensor of x's shape {tuple(xm.shape)}")
-        mask = selective_mask(M, beta=b, quantile=quantile)
+        mask = selective_mask(M, beta=b, quantile=q)
         out[name] = {"input": xm.cpu(), "gradient": g.cpu(), "perturbed_gradient": g_hat.cpu(),
-                     "saliency": M.detach().cpu(), "mask": mask.cpu(), "beta": float(b)}
+                     "saliency": M.detach().cpu(), "mask": mask.cpu(), "beta": float(b),
+                     "quantile": None if q is None else float(q)}
     return out
 
 
@@ -144,6 +154,8 @@ def build_saliency_figure(panels: Mapping[str, Mapping[str, torch.Tensor]], *, p
     for r, name in enumerate(names):
         arrays = display_arrays(panels[name])
         beta = float(panels[name].get("beta", float("nan")))
+        q = panels[name].get("quantile")
+        rule = f"top {q:g} kept" if q is not None else f"β={beta:g}"
         frac = float(panels[name]["mask"].float().mean())
         row = []
         for i in range(n_images):
@@ -165,7 +177,7 @@ def build_saliency_figure(panels: Mapping[str, Mapping[str, torch.Tensor]], *, p
                     ax.set_title(_TITLES[kind] + (f" #{i}" if kind == "input" else ""), fontsize=7)
                 row.append(ax)
         fig.text(0.1 / W, 1 - (lay["top_inches"] + (r + 0.5) * panel_inches) / H,
-                 f"{name}\nβ={beta:g}, {100 * frac:.0f}% penalised", fontsize=8, va="center", ha="left")
+                 f"{name}\n{rule}, {100 * frac:.0f}% penalised", fontsize=8, va="center", ha="left")
         axes.append(row)
     if title:
         fig.text(0.5, 1 - 0.12 / H, title, fontsize=9, ha="center", va="top")
@@ -173,13 +185,17 @@ def build_saliency_figure(panels: Mapping[str, Mapping[str, torch.Tensor]], *, p
 
 
 def saliency_figure(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, *, path: str,
-                    eps: float = 0.3, beta: float | None = 0.1, quantile: float | None = None, saliency: Any = None,
+                    eps: float = 0.3, beta: float | Mapping[str, float | None] | None = 0.1,
+                    quantile: float | Mapping[str, float | None] | None = None, saliency: Any = None,
                     seed: int = 0, panel_inches: float = 1.2, dpi: int = 100) -> str:
     """Write the PNG grid of :func:`build_saliency_figure` for ``models`` on the images ``x`` (labels
     ``y``) to ``path`` (folders created) and return ``path``. Arguments as in :func:`saliency_panels`."""
     panels = saliency_panels(models, x, y, eps=eps, beta=beta, quantile=quantile, saliency=saliency, seed=seed)
-    title = (f"input gradients, saliency of the gradient at x + {eps:g}·σ·z, and the selective mask "
-             f"({'top ' + format(quantile, 'g') + ' kept' if quantile is not None else 'M ≤ β penalised'})")
+    if isinstance(quantile, Mapping):
+        rule = "white = penalised; each row's rule on its left"
+    else:
+        rule = "top " + format(quantile, "g") + " kept" if quantile is not None else "M ≤ β penalised"
+    title = f"input gradients, saliency of the gradient at x + {eps:g}·σ·z, and the selective mask ({rule})"
     fig, _ = build_saliency_figure(panels, panel_inches=panel_inches, dpi=dpi, title=title)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -197,34 +213,92 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-images", type=int, default=4, help="test images to show (the first N)")
     p.add_argument("--eps", type=float, default=0.3, help="saliency perturbation scale, x std(x) (paper: 0.3)")
     p.add_argument("--beta", type=float, default=None,
-                   help="mask threshold; default 0.1 for gradient saliency, the adaptor's for a trained one (0.0)")
-    p.add_argument("--quantile", type=float, default=None, help="leave the top q fraction unpenalised instead")
+                   help="mask threshold in [-1, 1] (the saliency's range; >= 0 for gradient saliency, which is in "
+                        "[0, 1]). Default: the run's beta with its trained adaptor, else 0.1 for gradient saliency "
+                        "(0.0 for an adaptor from a checkpoint without a config)")
+    p.add_argument("--quantile", type=float, default=None,
+                   help="leave the top q fraction in [0, 1] unpenalised instead of --beta. Default: the run's "
+                        "mask_quantile, when it trained with one")
     p.add_argument("--saliency", choices=("auto", "gradient", "adaptor"), default="auto",
                    help="auto: a checkpoint's trained adaptor when it holds one, else gradient saliency")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/saliency.png", help="PNG path")
 
 
+def _config_number(lm, key: str, low: float, high: float, optional: bool):
+    """The run's config value ``key`` (a checkpoint is untrusted input: checked, with its path)."""
+    v = lm.config.get(key)
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+        raise ValueError(f"checkpoint {lm.path}: the run's config key {key!r} must be a number in [{low:g}, "
+                         f"{high:g}]{' or null' if optional else ''}, got {v!r}")
+    return float(v)
+
+
+def _mask_rule(name: str, lm, use_adaptor: bool, args) -> tuple[float | None, float | None, str]:
+    """``(beta, quantile, where from)`` for one model. Flags win; then the run's own setting: its
+    mask_quantile (scale-free, so it means the same for gradient saliency), or its beta, which
+    thresholds its adaptor's tanh output and so is taken only with that adaptor; then the defaults."""
+    if args.quantile is not None:
+        return None, args.quantile, "--quantile"
+    if args.beta is not None:
+        if args.beta < 0 and not use_adaptor:
+            raise ValueError(f"--beta {args.beta:g} penalises nothing: gradient saliency M is in [0, 1] "
+                             f"(model {name!r}); use a beta in [0, 1], or --quantile")
+        return args.beta, None, "--beta"
+    if lm.config.get("method", "jsigr") == "jsigr" and ("beta" in lm.config or "mask_quantile" in lm.config):
+        q = _config_number(lm, "mask_quantile", 0.0, 1.0, optional=True)
+        b = _config_number(lm, "beta", -1.0, 1.0, optional=False) if "beta" in lm.config else None
+        if q is not None:
+            return None, q, "the run's mask_quantile"
+        if b is not None and use_adaptor:
+            return b, None, "the run's beta"
+    if use_adaptor:
+        return 0.0, None, "default for an adaptor: the tanh midpoint"
+    return 0.1, None, "default for gradient saliency"
+
+
+def _check_args(args) -> None:
+    from .evaluate import check_device, check_positive
+
+    check_positive(args, "n_images")
+    if not (math.isfinite(args.eps) and args.eps >= 0):
+        raise ValueError(f"--eps must be a finite number >= 0, got {args.eps:g}")
+    if args.quantile is not None and not 0 <= args.quantile <= 1:  # also refuses nan
+        raise ValueError(f"--quantile must be a number in [0, 1], got {args.quantile:g}")
+    if args.beta is not None and not -1 <= args.beta <= 1:
+        raise ValueError(f"--beta must be a number in [-1, 1] (the saliency's range), got {args.beta:g}")
+    if args.beta is not None and args.quantile is not None:
+        raise ValueError("give --beta or --quantile, not both (a quantile replaces the threshold)")
+    check_device(args.device)
+
+
 def run(args) -> int:
     from .evaluate import load_eval_data, load_models
 
     try:
-        if args.n_images < 1:
-            raise ValueError("--n-images must be >= 1")
+        _check_args(args)
         loaded, dataset, dataset_kwargs = load_models(args)
         x, y = load_eval_data(dataset, args.data_root, limit=args.n_images, dataset_kwargs=dataset_kwargs,
                               device=args.device)
-        saliency = {}
+        saliency, beta, quantile, notes = {}, {}, {}, []
         for name, lm in loaded.items():
             if args.saliency == "adaptor" and lm.adaptor is None:
                 raise ValueError(f"--saliency adaptor: checkpoint {lm.path} holds no trained saliency adaptor")
             use = lm.adaptor is not None and args.saliency != "gradient"
             saliency[name] = lm.adaptor.to(args.device) if use else None
+            beta[name], quantile[name], source = _mask_rule(name, lm, use, args)
+            rule = (f"leaves the top {quantile[name]:g} unpenalised" if quantile[name] is not None
+                    else f"1[M ≤ β] at β={beta[name]:g}")
+            kind = "the run's adaptor" if use else "gradient"
+            notes.append(f"  {name}: {kind} saliency, mask {rule} ({source})")
     except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"jsigr-fast visualize: error: {err}", file=sys.stderr)
         return 2
     models = {n: lm.model for n, lm in loaded.items()}
-    path = saliency_figure(models, x, y, path=args.out, eps=args.eps, beta=args.beta, quantile=args.quantile,
+    path = saliency_figure(models, x, y, path=args.out, eps=args.eps, beta=beta, quantile=quantile,
                            saliency=saliency, seed=args.seed)
     print(f"wrote {os.path.abspath(path)} ({len(models)} models x {x.shape[0]} images of {dataset})")
+    print("\n".join(notes))
     return 0

@@ -84,6 +84,21 @@ def test_quantile_and_trained_adaptor():
         V.saliency_panels(models, torch.rand(2, 2, 6, 6), y)
 
 
+def test_per_model_quantile_and_its_row_label(tmp_path):
+    models = {"q": Tiny(1, 0).eval(), "b": Tiny(1, 1).eval()}
+    x, y = batch(1, n=2)
+    panels = V.saliency_panels(models, x, y, beta={"q": None, "b": 0.2}, quantile={"q": 0.25, "b": None})
+    assert panels["q"]["quantile"] == 0.25 and panels["b"]["quantile"] is None
+    assert panels["q"]["mask"].flatten(1).sum(1).tolist() == [36 - 9, 36 - 9]
+    assert torch.equal(panels["b"]["mask"], (panels["b"]["saliency"] <= 0.2).float())
+    fig, _ = V.build_saliency_figure(panels)
+    texts = [t.get_text() for t in fig.texts]
+    assert any(t.startswith("q\ntop 0.25 kept") for t in texts) and any(t.startswith("b\nβ=0.2") for t in texts)
+    path = V.saliency_figure(models, x, y, path=str(tmp_path / "f.png"), beta={"q": None, "b": 0.2},
+                             quantile={"q": 0.25, "b": None})
+    assert (tmp_path / "f.png").stat().st_size > 0 and path.endswith("f.png")
+
+
 def test_saliency_figure_png_size_grid_and_panel_data(tmp_path):
     import matplotlib.image as mpimg
 
@@ -128,3 +143,84 @@ def test_visualize_cli(tmp_path, capsys):
     assert main(["visualize", paths[0], "--saliency", "adaptor", "--out", out]) == 2
     assert "no trained saliency adaptor" in capsys.readouterr().err
     assert main(["visualize", str(tmp_path / "missing.pt"), "--out", out]) == 2
+
+
+def _run_ckpt(path, *, seed=0, adaptor=True, **config):
+    """A checkpoint as jsigr-fast train writes it, as far as visualize reads it: weights, the run's
+    config, and (for J-SIGR) the criterion's adaptor."""
+    from jsigr_fast.models import get_model
+
+    torch.manual_seed(seed)
+    ckpt = {"model": get_model("digits_cnn").state_dict(),
+            "config": {"model": "digits_cnn", "dataset": "digits", **config}}
+    if adaptor:
+        crit = jsigr_fast.JSIGR((1, 8, 8), discriminator="mnist")
+        ckpt["method"] = {"criterion": crit.state_dict()}
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def test_visualize_cli_takes_the_mask_rule_from_the_run(tmp_path, capsys, monkeypatch):
+    from jsigr_fast.cli import main
+
+    drawn = {}
+
+    def fake_figure(models, x, y, *, path, beta, quantile, saliency, **kw):  # what would be drawn
+        drawn.update(beta=beta, quantile=quantile, saliency=saliency)
+        return path
+
+    monkeypatch.setattr(V, "saliency_figure", fake_figure)
+    beta_run = _run_ckpt(tmp_path / "b.pt", method="jsigr", beta=0.3, mask_quantile=None)
+    q_run = _run_ckpt(tmp_path / "q.pt", seed=1, method="jsigr", beta=0.0, mask_quantile=0.2)
+    std_run = _run_ckpt(tmp_path / "s.pt", seed=2, adaptor=False, method="standard", beta=0.0, mask_quantile=None)
+    out = str(tmp_path / "fig.png")
+    assert main(["visualize", beta_run, q_run, std_run, "--names", "b,q,s", "--n-images", "1", "--out", out]) == 0
+    assert drawn["beta"] == {"b": 0.3, "q": None, "s": 0.1} and drawn["quantile"] == {"b": None, "q": 0.2, "s": None}
+    text = capsys.readouterr().out
+    assert "b: the run's adaptor saliency, mask 1[M ≤ β] at β=0.3 (the run's beta)" in text
+    assert "q: the run's adaptor saliency, mask leaves the top 0.2 unpenalised (the run's mask_quantile)" in text
+    assert "s: gradient saliency, mask 1[M ≤ β] at β=0.1 (default for gradient saliency)" in text
+    # explicit flags override the run; the run's beta is on its adaptor's tanh scale, so gradient saliency
+    # keeps its own default, while a quantile (scale-free) still applies
+    assert main(["visualize", beta_run, q_run, "--names", "b,q", "--n-images", "1", "--beta", "0.5", "--out", out]) == 0
+    assert drawn["beta"] == {"b": 0.5, "q": 0.5} and drawn["quantile"] == {"b": None, "q": None}
+    assert main(["visualize", beta_run, q_run, "--names", "b,q", "--n-images", "1", "--quantile", "0.1",
+                 "--out", out]) == 0
+    assert drawn["quantile"] == {"b": 0.1, "q": 0.1}
+    assert main(["visualize", beta_run, q_run, "--names", "b,q", "--n-images", "1", "--saliency", "gradient",
+                 "--out", out]) == 0
+    assert drawn["beta"] == {"b": 0.1, "q": None} and drawn["quantile"] == {"b": None, "q": 0.2}
+    assert main(["visualize", beta_run, "--n-images", "1", "--beta=-0.5", "--out", out]) == 0  # tanh: in range
+    assert drawn["beta"] == {"b": -0.5}
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--quantile", "1.5"], "--quantile must be a number in [0, 1], got 1.5"),
+    (["--quantile=-0.1"], "--quantile must be a number in [0, 1], got -0.1"),
+    (["--beta", "2"], "--beta must be a number in [-1, 1] (the saliency's range), got 2"),
+    (["--beta", "nan"], "--beta must be a number in [-1, 1]"),
+    (["--beta=-0.2", "--saliency", "gradient"],
+     "--beta -0.2 penalises nothing: gradient saliency M is in [0, 1] (model 'b')"),
+    (["--beta", "0.2", "--quantile", "0.5"], "give --beta or --quantile, not both"),
+    (["--n-images", "0"], "--n-images must be an integer >= 1, got 0"),
+    (["--eps=-1"], "--eps must be a finite number >= 0, got -1"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["{bad_q}"], "checkpoint {bad_q}: the run's config key 'mask_quantile' must be a number in [0, 1] or null, "
+                  "got 3"),
+    (["{bad_b}"], "checkpoint {bad_b}: the run's config key 'beta' must be a number in [-1, 1], got 'high'"),
+])
+def test_visualize_cli_argument_errors(tmp_path, capsys, monkeypatch, argv, fragment):
+    from jsigr_fast.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fill = {"bad_q": _run_ckpt(tmp_path / "bad_q.pt", method="jsigr", beta=0.0, mask_quantile=3),
+            "bad_b": _run_ckpt(tmp_path / "bad_b.pt", method="jsigr", beta="high", mask_quantile=None)}
+    ckpts = [a.format(**fill) for a in argv if a.startswith("{")] or [_run_ckpt(tmp_path / "b.pt", method="jsigr")]
+    flags = [a for a in argv if not a.startswith("{")]
+    out = tmp_path / "fig.png"
+    assert main(["visualize", *ckpts, "--names", ",".join("b" * len(ckpts)), "--n-images", "1", "--device", "cpu",
+                 *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert fragment.format(**fill) in err, err
+    assert err.startswith("jsigr-fast visualize: error: ") and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
