@@ -176,7 +176,7 @@ def test_logs_without_a_checkpoint_count_as_a_run(tmp_path, capsys):
     assert main([*SMALL, "--out", str(fresh)]) == 0
 
 
-def test_resume_does_not_need_the_teacher_file_any_more(tmp_path):
+def test_resume_does_not_need_the_teacher_file_any_more(tmp_path, capsys):
     teacher = tmp_path / "teacher"
     assert main(["train", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--out", str(teacher),
                  "--eval-max-batches", "1", *QUIET]) == 0
@@ -190,6 +190,12 @@ def test_resume_does_not_need_the_teacher_file_any_more(tmp_path):
     assert main(["train", "--resume", str(tmp_path / "b"), "--epochs", "2", *QUIET]) == 0
     a, b = load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")
     assert all(torch.equal(a["method"]["teacher"][k], v) for k, v in b["method"]["teacher"].items())
+    b["method"]["teacher_arch"] = "digits_cnn"  # a damaged teacher record: named, not a traceback
+    torch.save(b, tmp_path / "bad_teacher.pt")
+    assert main(["train", "--resume", str(tmp_path / "bad_teacher.pt"), *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {tmp_path / 'bad_teacher.pt'}: 'method': the teacher needs 'teacher'" in err, err
+    assert "Traceback" not in err
 
 
 def test_fp16_grad_scaler_state_is_checkpointed(tmp_path):
@@ -253,6 +259,36 @@ def test_bad_checkpoints_fail_clearly(tmp_path, good, capsys):
     assert main(["train", "--method", "distill", "--teacher", str(tmp_path / "garbage.pt"), *QUIET]) == 2
     assert "is not a readable PyTorch file" in capsys.readouterr().err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("epoch", "three", "'epoch' must be an integer >= 0, got str 'three'"),
+    ("global_step", -1, "'global_step' must be an integer >= 0, got int -1"),
+    ("batch", 1.5, "'batch' must be an integer >= 0, got float 1.5"),
+    ("config", ["method"], "'config' must be a mapping, got list"),
+    ("config", {"method": "jsigr", "epochs": "many"}, "'config': config key 'epochs' must be an integer"),
+    ("model", None, "'model' must be a mapping, got NoneType"),
+    ("optimizer", {"state": {}}, "'optimizer' does not fit this run: 'param_groups'"),
+    ("scheduler", 7, "'scheduler' must be a mapping, got int 7"),
+    ("scaler", "big", "'scaler' must be a mapping or None, got str 'big'"),
+    ("counters", [0, 1], "'counters' must be a mapping of names to integers >= 0, got list"),
+    ("counters", {"images": "many"}, "'counters' must be a mapping of names to integers >= 0, got dict"),
+    ("metrics", "good", "'metrics' must be a mapping or None, got str 'good'"),
+    ("rng", {"world_size": 1}, "'rng' must be {'world_size': N, 'ranks': [N per-rank states]}"),
+    ("rng", {"world_size": 1, "ranks": [{"torch": torch.zeros(3)}]}, "'rng' of rank 0 cannot be restored"),
+    ("method", [1], "'method' must be a mapping, got list"),
+    ("method", {"criterion": 5}, "'method': the jsigr adaptor/discriminator state does not fit this configuration"),
+])
+def test_malformed_checkpoint_fields_name_the_file_and_the_field(tmp_path, good, capsys, field, value, fragment):
+    ckpt = load(good)
+    ckpt[field] = value
+    path = tmp_path / "bad.pt"
+    torch.save(ckpt, path)
+    assert main(["train", "--resume", str(path), *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert f"jsigr-fast train: error: checkpoint {path}: {fragment}" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["bad.pt"]  # nothing written beside it
 
 
 def test_foreign_weights_do_not_fit(tmp_path, capsys):

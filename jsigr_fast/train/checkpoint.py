@@ -99,7 +99,43 @@ def load_checkpoint(path: str) -> dict:
     arch = ckpt["arch"]
     if not (isinstance(arch, dict) and isinstance(arch.get("model"), str) and isinstance(arch.get("kwargs"), dict)):
         raise CheckpointError(f"checkpoint {path} has a malformed 'arch' entry: {arch!r}")
+    _check_fields(ckpt, path)
     return ckpt
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_fields(ckpt: dict, path: str) -> None:
+    """The types the trainer relies on, so a damaged or hand-edited checkpoint fails here with
+    the file and the field, not later with a traceback. (Whether the states fit the run is
+    checked when they are loaded.)"""
+    def bad(key, expected):
+        return CheckpointError(f"checkpoint {path}: {key!r} must be {expected}, got {_shown(ckpt[key])}")
+
+    for key in ("epoch", "batch", "global_step"):
+        if not _is_count(ckpt[key]):
+            raise bad(key, "an integer >= 0")
+    for key in ("config", "model", "optimizer", "scheduler", "method"):
+        if not isinstance(ckpt[key], dict):
+            raise bad(key, "a mapping")
+    for key in ("scaler", "metrics"):  # optional
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
+            raise bad(key, "a mapping or None")
+    counters = ckpt["counters"]
+    if not (isinstance(counters, dict) and all(isinstance(k, str) and _is_count(v) for k, v in counters.items())):
+        raise bad("counters", "a mapping of names to integers >= 0")
+    rng = ckpt["rng"]
+    if not (isinstance(rng, dict) and isinstance(rng.get("world_size"), int) and rng["world_size"] >= 1
+            and isinstance(rng.get("ranks"), list) and len(rng["ranks"]) == rng["world_size"]
+            and all(isinstance(r, dict) for r in rng["ranks"])):
+        raise bad("rng", "{'world_size': N, 'ranks': [N per-rank states]}")
 
 
 def load_weights(path: str) -> tuple[dict, dict | None, dict | None]:

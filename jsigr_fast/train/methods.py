@@ -130,9 +130,10 @@ class _CriterionMethod(Method):
         if state is not None:
             try:
                 self.crit.load_state_dict(state["criterion"])
-            except (KeyError, RuntimeError) as exc:
-                raise CheckpointError(f"the checkpoint's {self.name} adaptor/discriminator state does not fit this "
-                                      f"configuration: {exc}") from None
+            except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
+                detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+                raise CheckpointError(f"the {self.name} adaptor/discriminator state does not fit this "
+                                      f"configuration: {detail}") from None
 
     def state_dict(self):
         return {"criterion": self.crit.state_dict()}
@@ -326,8 +327,15 @@ class _TeacherMethod(Method):
         super().__init__(cfg, ctx, state)
         self.teacher_arch = self.teacher_info = None
         if state is not None and state.get("teacher") is not None:
-            self._set_teacher(state["teacher_arch"], state["teacher"], source="the checkpoint")
+            arch = state.get("teacher_arch")
+            if not (isinstance(arch, dict) and isinstance(arch.get("model"), str)
+                    and isinstance(arch.get("kwargs", {}), dict) and isinstance(state["teacher"], dict)):
+                raise CheckpointError(f"the teacher needs 'teacher' (a state_dict) and 'teacher_arch' ({{'model': name, "
+                                      f"'kwargs': {{...}}}}), got teacher_arch {arch!r}"[:300])
+            self._set_teacher(arch, state["teacher"], source="the checkpoint")
             self.teacher_info = state.get("teacher_info")
+            if self.teacher_info is not None and not isinstance(self.teacher_info, dict):
+                raise CheckpointError(f"'teacher_info' must be a mapping or None, got {self.teacher_info!r}"[:300])
         elif cfg.teacher:
             sd, arch, conf = load_weights(cfg.teacher)
             self._set_teacher(arch or ctx.arch, sd, source=cfg.teacher)

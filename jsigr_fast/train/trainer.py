@@ -62,15 +62,15 @@ def _resume_path(resume: str, cfg: TrainConfig) -> str:
     return os.path.join(resume, CHECKPOINT_NAME) if os.path.isdir(resume) else resume
 
 
-def merge_resumed_config(saved: dict, current: TrainConfig, explicit: set) -> TrainConfig:
+def merge_resumed_config(saved: dict, current: TrainConfig, explicit: set, path: str = "the checkpoint") -> TrainConfig:
     """The checkpoint's config, with the keys given explicitly now. Changing a key that alters the
     trajectory (anything but ``RESUMABLE_CHANGES``) is an error: the run would not continue exactly."""
     if not isinstance(saved, dict):
-        raise CheckpointError("the checkpoint's config is not a mapping")
+        raise CheckpointError(f"checkpoint {path}: 'config' is not a mapping")
     try:  # a checkpoint is untrusted input: its config goes through the same checks as a config file
         base, _ = build_config(saved, file_source="the checkpoint's config", flags_from_text=False)
     except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
+        raise CheckpointError(f"checkpoint {path}: 'config': {exc}") from None
     changed = {}
     for k in explicit:
         new, old = getattr(current, k), saved.get(k)
@@ -120,7 +120,7 @@ class Trainer:
                 pass  # a new run: _claim_out says so
             else:
                 ckpt = ckpt_io.load_checkpoint(path)
-                cfg = merge_resumed_config(ckpt["config"], cfg, explicit)
+                cfg = merge_resumed_config(ckpt["config"], cfg, explicit, path)
                 if "out" not in explicit:  # continue where the checkpoint is, even if the folder was moved
                     cfg.out = os.path.dirname(os.path.abspath(path))
                 self.resumed_from = path
@@ -197,7 +197,12 @@ class Trainer:
         self.generator = torch.Generator(device).manual_seed(mix_seed(cfg.seed, 1, env.rank))
         ctx = MethodContext(cfg=cfg, device=device, input_shape=self.spec.input_shape, arch=self.arch,
                             generator=self.generator, total_steps=self.total_steps, channels_last=cfg.channels_last)
-        self.method = get_method(cfg.method)(cfg, ctx, state=ckpt["method"] if ckpt is not None else None)
+        try:
+            self.method = get_method(cfg.method)(cfg, ctx, state=ckpt["method"] if ckpt is not None else None)
+        except CheckpointError as exc:
+            if ckpt is None:
+                raise
+            raise CheckpointError(f"checkpoint {self.resumed_from}: 'method': {exc}") from None
         train_before = self.spec.train
         self.spec = self.method.prepare_data(self.spec, log=self.print)
         if self.spec.train is not train_before:
@@ -275,20 +280,28 @@ class Trainer:
                           stacklevel=3)
 
     def _load_state(self, ckpt: dict) -> None:
-        try:
-            self.net.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler") is not None and self.scaler.is_enabled():
-                self.scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{self.resumed_from} does not fit this run: {str(exc).splitlines()[0]}") from None
-        self.epoch, self.batch, self.global_step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["global_step"])
-        self.counters.update({k: int(v) for k, v in ckpt["counters"].items()})
+        # load_checkpoint checked the fields' types; here each state must also fit this run
+        parts = [("model", self.net), ("optimizer", self.optimizer), ("scheduler", self.scheduler)]
+        if ckpt.get("scaler") is not None and self.scaler.is_enabled():
+            parts.append(("scaler", self.scaler))
+        for key, target in parts:
+            try:
+                target.load_state_dict(ckpt[key])
+            except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+                detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+                raise CheckpointError(f"checkpoint {self.resumed_from}: {key!r} does not fit this run: {detail}") \
+                    from None
+        self.epoch, self.batch, self.global_step = ckpt["epoch"], ckpt["batch"], ckpt["global_step"]
+        self.counters.update(ckpt["counters"])
         self.metrics = dict(ckpt.get("metrics") or {})
         rng = ckpt["rng"]
-        if int(rng["world_size"]) == self.env.world_size:
-            ckpt_io.restore_rng(rng["ranks"][self.env.rank], {"method": self.generator}, self.device)
+        if rng["world_size"] == self.env.world_size:
+            try:
+                ckpt_io.restore_rng(rng["ranks"][self.env.rank], {"method": self.generator}, self.device)
+            except (CheckpointError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+                detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+                raise CheckpointError(f"checkpoint {self.resumed_from}: 'rng' of rank {self.env.rank} cannot be "
+                                      f"restored: {detail}") from None
         else:
             warnings.warn(f"checkpoint written by {rng['world_size']} ranks, resumed on {self.env.world_size}: random "
                           f"streams are reseeded (the run continues, but not bit-for-bit)", RuntimeWarning,
