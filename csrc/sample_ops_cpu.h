@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "quantile_rule.h"
+
 namespace jsigr_fast::sample_cpu {
 
 struct Rows {
@@ -21,8 +23,8 @@ struct Rows {
 };
 
 // The selection rule shared by the mask kernels: quantile < 0 means "mask = M <= beta"; otherwise
-// the k = D - floor(quantile * D) least salient features of each row (ties at the k-th smallest
-// value included), exactly as jsigr_fast.saliency.selective_mask.
+// the k = D - quantile_kept(quantile, D) least salient features of each row (quantile_rule.h; ties at
+// the k-th smallest value included), exactly as jsigr_fast.saliency.selective_mask.
 struct Rule {
   double beta = 0.0;
   double quantile = -1.0;

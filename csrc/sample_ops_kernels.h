@@ -167,8 +167,9 @@ void apply_rule(const Rows& r, const Rule& rule, bool* mask, const MRange& m_ran
     });
     return;
   }
-  // k = D - floor(q D) features penalised per row (Python's int(q * D) on the same doubles)
-  const int64_t k = r.D - static_cast<int64_t>(rule.quantile * static_cast<double>(r.D));
+  // k features penalised per row: all but the quantile_kept(q, D) most salient (csrc/quantile_rule.h,
+  // not floor(q D), which float rounding of q * D can leave one short)
+  const int64_t k = r.D - quantile_kept(rule.quantile, r.D);
   if (k <= 0 || k >= r.D) {
     std::fill(mask, mask + r.N * r.D, k > 0);
     return;

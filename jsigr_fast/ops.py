@@ -430,8 +430,9 @@ def gradient_saliency_mask(g_hat: torch.Tensor, beta: float, quantile: float | N
     """J-SIGR's default selective mask from the perturbed-input gradient, in one kernel.
 
     ``M = |g_hat| / max_d |g_hat|`` per sample (:func:`jsigr_fast.saliency.gradient_saliency`; never
-    materialised), then ``M <= beta``, or with ``quantile=q`` the ``k = D - floor(q D)`` least salient
-    features of each sample (ties at the k-th smallest value included), exactly as
+    materialised), then ``M <= beta``, or with ``quantile=q`` the ``k = D - quantile_kept(q, D)`` least
+    salient features of each sample (:func:`jsigr_fast.saliency.quantile_kept`: ``floor(q D)`` computed
+    exactly; ties at the k-th smallest value included), exactly as
     :func:`jsigr_fast.saliency.selective_mask`. Bit-identical to those two functions (in every dtype).
 
     Args:

@@ -58,12 +58,35 @@ def gradient_saliency(g_hat: torch.Tensor, x: torch.Tensor | None = None) -> tor
     return a / peak.view(-1, *([1] * (a.dim() - 1)))
 
 
+def quantile_kept(quantile: float, d: int) -> int:
+    """How many of a sample's ``d`` features the quantile rule leaves unpenalised: the largest
+    ``k`` in ``[0, d]`` with ``k / d <= q`` (``k / d`` the correctly rounded float division).
+
+    Not ``int(q * d)``: the product is rounded, and for many decimal ``q`` it lands just below an
+    integer (``0.29 * 100 == 28.999999999999996``, which would keep 28 features, not 29). ``q`` is the
+    float nearest the decimal the user wrote and ``k / d`` is correctly rounded, so a ``q`` equal to
+    some ``k / d`` keeps exactly ``k``. ``k / d`` is non-decreasing in ``k``, so the count is found from
+    ``int(q * d)`` (off by at most one) by stepping. The compiled kernels use the same steps
+    (``csrc/quantile_rule.h``), the Triton launchers this function: every backend agrees.
+    """
+    q, d = float(quantile), int(d)
+    k = int(q * d)  # floor, q * d >= 0
+    while k < d and (k + 1) / d <= q:
+        k += 1
+    while k > 0 and k / d > q:
+        k -= 1
+    return k
+
+
 def selective_mask(saliency_map: torch.Tensor, *, beta: float | None = 0.1,
                    quantile: float | None = None) -> torch.Tensor:
     """``1[M <= beta]`` (penalise the non-salient features), as a float tensor of M's shape.
 
     With ``quantile=q`` the threshold is chosen per sample so the top ``q`` fraction of features by
-    saliency are left unpenalised (``beta`` is then ignored); ties at the threshold are penalised.
+    saliency are left unpenalised (``beta`` is then ignored): the :func:`quantile_kept` most salient
+    of the ``D`` features of each sample (``floor(q D)`` computed exactly: the largest ``k`` with
+    ``k / D <= q``), and the other ``D - quantile_kept(q, D)`` are penalised; ties at the threshold
+    are penalised.
     """
     M = saliency_map.detach()
     if quantile is None:
@@ -71,7 +94,7 @@ def selective_mask(saliency_map: torch.Tensor, *, beta: float | None = 0.1,
             raise ValueError("selective_mask needs beta or quantile")
         return (M <= beta).to(M.dtype if M.is_floating_point() else torch.float32)
     n, d = M.shape[0], M[0].numel()
-    k = d - int(quantile * d)  # number of features penalised, the k least salient
+    k = d - quantile_kept(quantile, d)  # number of features penalised, the k least salient
     flat = M.reshape(n, d)
     if k <= 0:
         return torch.zeros_like(M)

@@ -37,8 +37,9 @@ Exactness (bit-identical to ``selective_mask(gradient_saliency(g), ...) != 0``):
   applies to a Python float: for bfloat16 / half through float32, out-of-range values to inf),
   then compared in the accumulator type.
 
-Quantile rule (``k = D - floor(q D)`` least salient features; ``k <= 0``: all False, ``k >= D``:
-all True). A k-th-smallest selection per sample is a sort or a radix select, which has no good
+Quantile rule (the ``k = D - quantile_kept(q, D)`` least salient features, ``quantile_kept`` being
+selective_mask's exact ``floor(q D)``, jsigr_fast.saliency; ``k <= 0``: all False, ``k >= D``: all
+True). A k-th-smallest selection per sample is a sort or a radix select, which has no good
 Triton form for D up to 150528, so the threshold ``t_n`` is computed with ``torch.kthvalue`` — the
 function the reference itself uses, hence the same NaN ordering (NaN last) and ties — on the
 per-sample ``M``: for ``threshold_mask`` that is the input; for ``gradient_saliency_mask`` the same
@@ -73,6 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..saliency import quantile_kept
 from ._dtype import _load, _round_to, _store
 
 __all__ = ["gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask", "masked_sq_norm_bool",
@@ -283,7 +285,9 @@ def _rule_k(quantile, D, op):
     q = float(quantile)
     if not (q == q and 0.0 <= q <= 1.0):
         raise RuntimeError(f"{op}: quantile must be in [0, 1], got {q}")
-    return D - int(q * D)  # features penalised per sample, as selective_mask (and the C++ op)
+    # features penalised per sample: the count of selective_mask itself (and of the C++ ops' twin,
+    # csrc/quantile_rule.h), not D - int(q * D), which float rounding of q * D can leave one short
+    return D - quantile_kept(q, D)
 
 
 def _beta_thresholds(R, beta):

@@ -2,13 +2,19 @@
 ops) and tests/test_triton_mask.py (the Triton kernels): written from the definitions in float64 numpy,
 never from the library.
 
-* the rule (``M <= beta`` with beta rounded to the dtype, or the ``k = D - floor(q D)`` smallest
-  values of each sample, ties at the k-th included) is a per-sample numpy loop with a sort;
+* the rule (``M <= beta`` with beta rounded to the dtype, or the ``k = D - kept`` smallest values of
+  each sample, ties at the k-th included) is a per-sample numpy loop with a sort; ``kept`` (the
+  features left unpenalised) is the largest ``j`` in ``[0, D]`` with ``j / D <= q`` (Python's correctly
+  rounded division), found by trying every ``j`` — not ``floor(q * D)``, whose rounded product falls
+  just below an integer for many decimal ``q`` (0.29 * 100 = 28.999999999999996);
+* the count of the quantile rule is also checked against exact rationals (``QUANTILE_COUNT_CASES``:
+  ``q`` as the user meant it, e.g. ``Fraction("0.29")``, and ``floor(q D)`` in ``fractions.Fraction``);
 * the adaptor's ``tanh(conv1x1(g / rms(g)) + b)`` is a float64 numpy einsum, and a finite-precision
   evaluation of it may disagree with the oracle's mask only at features within rounding of the threshold
   (``check_near_threshold``).
 """
 import math
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -37,6 +43,33 @@ def _rows(t):
     return t.detach().double().reshape(t.shape[0], -1).numpy()
 
 
+def _kept(quantile, D):
+    """Features the quantile rule leaves unpenalised: the largest j in [0, D] with j / D <= q (the
+    division correctly rounded, as Python's int / int is), by trying every j (j / D is non-decreasing)."""
+    return sum(1 for j in range(1, D + 1) if j / D <= quantile)
+
+
+# The quantile rule's count against exact arithmetic: (q as passed, q as the user meant it). The
+# decimals are exact as Fraction(str); 1/3 is the rational 1/3 (Fraction("0.3333333333333333") is
+# below it, and 1024 of 3072 features is what q = 1/3 asks for).
+QUANTILE_COUNT_CASES = [(0.29, Fraction("0.29")), (0.57, Fraction("0.57")), (0.58, Fraction("0.58")),
+                        (0.1, Fraction("0.1")), (0.3, Fraction("0.3")), (0.7, Fraction("0.7")),
+                        (1 / 3, Fraction(1, 3)), (0.0, Fraction(0)), (1.0, Fraction(1))]
+QUANTILE_COUNT_DS = [100, 7, 3 * 32 * 32]
+
+
+def kept_exact(q_exact: Fraction, D: int) -> int:
+    """floor(q D) in exact rational arithmetic: how many of D features q leaves unpenalised."""
+    return math.floor(q_exact * D)
+
+
+def distinct_ranks(N, D, seed=0):
+    """(N, D) int64: each row a random permutation of 0..D-1 (distinct values, so a quantile mask
+    penalises exactly D - kept features of each row: those of rank < D - kept)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(D, generator=gen) for _ in range(N)])
+
+
 def _rule_oracle(M, beta, quantile, dtype):
     """The selection rule on an (N, D) float64 array of dtype values: per-sample loop with a sort."""
     N, D = M.shape
@@ -47,7 +80,7 @@ def _rule_oracle(M, beta, quantile, dtype):
             for d in range(D):
                 out[n, d] = M[n, d] <= b
         return out
-    k = D - math.floor(quantile * D)
+    k = D - _kept(quantile, D)
     for n in range(N):
         if k <= 0:
             continue
@@ -94,7 +127,7 @@ def _ambiguous(M, S, beta, q, dtype):
     if q is None:
         lo = hi = np.full(N, _round([beta], dtype)[0])
     else:
-        k = D - math.floor(q * D)
+        k = D - _kept(q, D)
         if k <= 0 or k >= D:
             return np.zeros_like(M, dtype=bool)
         lo = np.sort(M - delta, axis=1)[:, k - 1]

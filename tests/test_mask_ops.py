@@ -6,8 +6,9 @@ fused backend's ``make_mask`` that picks among them.
 
 Oracles are written here from the definitions, never from the library:
 
-* the rule (``M <= beta`` with beta rounded to the dtype, or the ``k = D - floor(q D)`` smallest
-  values of each sample, ties at the k-th included) is a per-sample numpy loop with a sort;
+* the rule (``M <= beta`` with beta rounded to the dtype, or the ``k = D - kept`` smallest values of
+  each sample, ``kept`` the largest j with ``j / D <= q``, ties at the k-th included) is a per-sample
+  numpy loop with a sort; the count ``kept`` is also checked against ``floor(q D)`` in exact rationals;
 * ``M = |g| / max(max_d |g|, tiny)`` is computed in float64 from the dtype's exact values and rounded
   to the dtype once (numpy casts; torch's cast only for bfloat16, which numpy lacks). float64 holds the
   correctly rounded quotient, and rounding it again to a format of at most 24 bits gives the correctly
@@ -29,8 +30,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import jsigr_fast
 from jsigr_fast import fused, ops, reference
 from jsigr_fast.saliency import SaliencyAdaptor, gradient_saliency, selective_mask
-from mask_oracles import (TINY, UNIT, _adaptor_oracle, _adaptor_params, _check_near_threshold, _round, _rows,
-                          _rule_oracle, adaptor_bad_arguments, adaptor_inputs)
+from mask_oracles import (QUANTILE_COUNT_CASES, QUANTILE_COUNT_DS, TINY, UNIT, _adaptor_oracle, _adaptor_params,
+                          _check_near_threshold, _round, _rows, _rule_oracle, adaptor_bad_arguments, adaptor_inputs,
+                          distinct_ranks, kept_exact)
 
 pytestmark = pytest.mark.skipif(
     not (jsigr_fast.extension_loaded() and ops.mask_ops_compiled_available("cpu")),
@@ -206,11 +208,12 @@ def test_beta_beyond_the_dtype_range():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_quantile_edges(dtype):
-    # distinct values: exactly k = D - floor(q D) features per sample, the k smallest
+    # distinct values: exactly k = D - kept features per sample, the k smallest, kept = q D exactly for
+    # these q (not floor(q * D): 0.29 * 100 = 28.999999999999996 would give k = 72, not 71)
     D = 100
     M = torch.stack([torch.randperm(D, generator=torch.Generator().manual_seed(s)) for s in range(3)]).to(dtype) / 128
-    for q in [0.0, 0.01, 0.29, 0.5, 0.57, 0.99, 1.0]:
-        k = D - math.floor(q * D)  # 0.29 * 100 = 28.999999999999996 -> k = 72 (not 71)
+    for q, kept in [(0.0, 0), (0.01, 1), (0.29, 29), (0.5, 50), (0.57, 57), (0.99, 99), (1.0, 100)]:
+        k = D - kept
         mask = ops.threshold_mask(M, 0.5, q)
         assert mask.sum(1).tolist() == [k] * 3, q
         for n in range(3):
@@ -226,6 +229,52 @@ def test_quantile_edges(dtype):
     assert ops.threshold_mask(tied, 0.0, 0.5).tolist() == [[True, True, True, True, False, True]]  # k = 3
     assert ops.threshold_mask(tied, 0.0, 5 / 6).tolist() == [[True, False, False, False, False, False]]  # k=1
     assert ops.threshold_mask(torch.full((2, 9), 0.5, dtype=dtype), 0.0, 0.6).all()
+
+
+@pytest.mark.parametrize("D", QUANTILE_COUNT_DS)
+@pytest.mark.parametrize("q,q_exact", QUANTILE_COUNT_CASES, ids=[f"q={q:.4g}" for q, _ in QUANTILE_COUNT_CASES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_quantile_keeps_exactly_floor_q_d(dtype, q, q_exact, D):
+    # mask_quantile=q leaves floor(q D) features of each sample unpenalised, floor(q D) in exact
+    # arithmetic (0.29 of 100 features is 29; floor(0.29 * 100) in floating point was 28), in every
+    # backend: the reference, the compiled ops, the fused backend's make_mask
+    kept = kept_exact(q_exact, D)
+    ranks = distinct_ranks(2, D, seed=D)
+    want = ranks < D - kept  # the D - kept least salient are penalised
+    M = ((ranks + 1).double() / D).to(dtype)  # distinct saliency values, increasing with the rank
+    g = (ranks + 1).to(dtype) * torch.tensor([1.0, -1.0], dtype=dtype)[ranks % 2]  # |g| / max|g| = M
+    x = torch.zeros(2, D, dtype=dtype)
+    masks = {
+        "selective_mask": selective_mask(M, quantile=q) != 0,
+        "selective_mask(gradient_saliency)": selective_mask(gradient_saliency(g), quantile=q) != 0,
+        "threshold_mask": ops.threshold_mask(M, 0.5, q),
+        "gradient_saliency_mask": ops.gradient_saliency_mask(g, 0.5, q),
+        # one channel (g is (N, D)), weight 1, no bias, no normalisation: M = tanh(g), increasing
+        "adaptor_saliency_mask": ops.adaptor_saliency_mask((ranks + 1).to(dtype) / D, torch.ones(1, 1, dtype=dtype),
+                                                           None, 0.5, q, normalize=False),
+        "fused.make_mask(map)": fused.make_mask(M, None, x, beta=0.5, quantile=q),
+        "fused.make_mask(gradient)": fused.make_mask("gradient", g, x, beta=0.5, quantile=q),
+        "reference.make_mask(map)": reference.make_mask(M, None, x, beta=0.5, quantile=q) != 0,
+    }
+    for name, mask in masks.items():
+        assert (~mask).sum(1).tolist() == [kept, kept], (name, q, D)
+        assert torch.equal(mask, want), (name, q, D)
+
+
+def test_quantile_count_matches_exact_arithmetic_for_every_percent():
+    # the compiled count (csrc/quantile_rule.h) and the Python one (jsigr_fast.saliency.quantile_kept)
+    # against floor(q D) in exact rationals, for q = i / 100 (the decimal as typed) and many D
+    from fractions import Fraction
+
+    from jsigr_fast.saliency import quantile_kept
+
+    for D in [*range(1, 41), 99, 100, 101, 1000, 3072]:
+        M = (torch.arange(D, dtype=torch.float64) + 1).unsqueeze(0)  # distinct: the mask penalises exactly k
+        for i in range(101):
+            q = i / 100
+            kept = kept_exact(Fraction(i, 100), D)
+            assert quantile_kept(q, D) == kept, (q, D)
+            assert int(ops.threshold_mask(M, 0.5, q).sum()) == D - kept, (q, D)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -19,8 +19,8 @@ import torch
 
 from jsigr_fast.reference import gradient_saliency_mask_ref, threshold_mask_ref
 from jsigr_fast.saliency import SaliencyAdaptor, gradient_saliency
-from mask_oracles import (_adaptor_oracle, _adaptor_params, _check_near_threshold, adaptor_bad_arguments,
-                          adaptor_inputs)
+from mask_oracles import (QUANTILE_COUNT_CASES, QUANTILE_COUNT_DS, _adaptor_oracle, _adaptor_params,
+                          _check_near_threshold, adaptor_bad_arguments, adaptor_inputs, distinct_ranks, kept_exact)
 from triton_testing import CHILD, child_only, parent_driver, ptx, ptx_test, run_in_interpreter
 
 
@@ -37,8 +37,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 def test_triton_mask_kernels_in_interpreter():
     # every child test must really run there
     # 3 tests over CASES x DTYPES, 3 over DTYPES (special values, saliency values, empty), test_errors,
-    # the adaptor over ADAPTOR_CASES x DTYPES x normalize, and its 2 tests over DTYPES
-    expected = 3 * len(CASES) * len(DTYPES) + 3 * len(DTYPES) + 1 + 2 * len(ADAPTOR_CASES) * len(DTYPES) \
+    # the quantile count, the adaptor over ADAPTOR_CASES x DTYPES x normalize, and its 2 tests over DTYPES
+    expected = 3 * len(CASES) * len(DTYPES) + 3 * len(DTYPES) + 2 + 2 * len(ADAPTOR_CASES) * len(DTYPES) \
         + 2 * len(DTYPES)
     # the only skips allowed there are the two parent-only tests
     run_in_interpreter(__file__, passed=expected, skipped=2)
@@ -370,6 +370,27 @@ def test_empty(dtype):
         out = tm.masked_sq_norm_bool(g, mask)
         assert out.shape == (shape[0],) and out.dtype == dtype and not out.any()
         assert tm.masked_sq_norm_bool_backward(torch.ones(shape[0], dtype=dtype), g, mask).shape == shape
+
+
+@child_only
+def test_quantile_keeps_exactly_floor_q_d():
+    # mask_quantile=q leaves floor(q D) features per sample unpenalised, floor(q D) in exact arithmetic
+    # (0.29 of 100 is 29; floor(0.29 * 100) in floating point was 28), as the reference and the C++ ops
+    from jsigr_fast.kernels import saliency_mask as tm
+
+    for D in QUANTILE_COUNT_DS:
+        ranks = distinct_ranks(2, D, seed=D)
+        M = (ranks + 1).float() / D  # distinct saliency values, increasing with the rank
+        g = (ranks + 1).float() * torch.tensor([1.0, -1.0])[ranks % 2]  # |g| / max|g| = M
+        for q, q_exact in QUANTILE_COUNT_CASES:
+            kept = kept_exact(q_exact, D)
+            want = ranks < D - kept
+            for name, mask in (("threshold_mask", tm.threshold_mask(M, 0.5, q)),
+                               ("gradient_saliency_mask", tm.gradient_saliency_mask(g, 0.5, q)),
+                               ("adaptor_saliency_mask",  # one channel, weight 1: M = tanh(g), increasing
+                                tm.adaptor_saliency_mask(M, torch.ones(1, 1), None, 0.5, q, normalize=False))):
+                assert (~mask).sum(1).tolist() == [kept, kept], (name, q, D)
+                assert torch.equal(mask, want), (name, q, D)
 
 
 @child_only

@@ -71,6 +71,7 @@
 
 #include "../adaptor_params.h"
 #include "../memory_format.h"
+#include "../quantile_rule.h"
 
 namespace jsigr_fast {
 namespace {
@@ -337,8 +338,9 @@ unsigned elementwise_blocks(int64_t total) {
   return static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxElementwiseBlocks));
 }
 
-// k = D - floor(q D) features penalised per sample (selective_mask's int(q * D)); 0 for beta.
-int64_t quantile_k(const Rows& r, double q) { return r.D - static_cast<int64_t>(q * static_cast<double>(r.D)); }
+// k features penalised per sample: all but the quantile_kept(q, D) most salient (../quantile_rule.h,
+// shared with the CPU kernels; not floor(q D), which float rounding of q * D can leave one short).
+int64_t quantile_k(const Rows& r, double q) { return r.D - quantile_kept(q, r.D); }
 
 // The compare launch, given M's source (g with its peak keys, or M itself) and the rule's
 // threshold: a per-sample [N] acc tensor (quantile) or beta.
