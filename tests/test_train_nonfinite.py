@@ -55,7 +55,8 @@ def test_persistent_nan_stops_with_the_last_good_checkpoint(tmp_path):
     cfg = TrainConfig(method="standard", epochs=3, steps_per_epoch=4, batch_size=16, optimizer="sgd", lr=0.05,
                       max_nonfinite=3, out=str(tmp_path), **QUIET)
     with pytest.raises(NonFiniteError,
-                       match=r"the loss was non-finite for 3 consecutive steps \(epoch 2, batch 3, global step 7\)"):
+                       match=r"the loss was non-finite for 3 consecutive steps \(epoch 2, batch 3, global step 7\)"
+                             r".* The last checkpoint is .*last.pt \(end of epoch 1\)"):
         train(cfg, model=model)
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and finite(ckpt["model"])  # epoch 1's checkpoint, never overwritten
@@ -82,4 +83,5 @@ def test_divergence_from_the_cli_exits_3(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 3, err
     assert "non-finite for 2 consecutive steps" in err and "Try a lower --lr" in err and "Traceback" not in err
+    assert "No checkpoint was written yet" in err and "last checkpoint is" not in err  # none exists
     assert not (tmp_path / "last.pt").exists()  # nothing finite to save yet: nothing written

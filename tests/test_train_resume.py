@@ -108,9 +108,30 @@ def test_resume_refuses_a_different_trajectory_and_allows_more_epochs(tmp_path, 
     assert main([*RUN, "--epochs", "1", "--out", str(out)]) == 0
     assert main(["train", "--resume", str(out), "--lr", "0.1", *QUIET]) == 2
     assert "cannot resume with a different lr: 0.002 -> 0.1" in capsys.readouterr().err
+    capsys.readouterr()
+    # a finished run: one true statement, not "finished 1 of 1" beside "resumed at epoch 2"
+    assert main(["train", "--resume", str(out), *QUIET]) == 0
+    text = capsys.readouterr().out
+    assert f"resumed from {out / 'last.pt'}, which has finished 1 of 1 epochs: nothing to do (raise --epochs" in text
+    assert "at epoch 2" not in text and "already finished" not in text
     assert main(["train", "--resume", str(out), "--epochs", "2", *QUIET]) == 0
-    assert "the LR schedule is stretched" in capsys.readouterr().err
-    assert load(out / "last.pt")["epoch"] == 2
+    captured = capsys.readouterr()
+    assert "resuming with epochs 1 -> 2: the cosine LR schedule is stretched to the new total of 12 steps" in \
+        captured.err
+    assert f"resumed from {out / 'last.pt'}: epoch 2 of 2, from its start" in captured.out
+    assert load(out / "last.pt")["epoch"] == 2 and load(out / "last.pt")["config"]["epochs"] == 2
+    # config.yaml stays the config the run started with; the resume's change is recorded under it
+    import yaml
+
+    config_text = (out / "config.yaml").read_text()
+    assert yaml.safe_load(config_text)["epochs"] == 1
+    assert config_text.endswith("# resumed at epoch 2, step 0 (global step 6) with epochs 1 -> 2\n"), config_text
+    # fewer epochs than the checkpoint has finished cannot be honoured: refused, nothing written
+    before = snapshot(out)
+    assert main(["train", "--resume", str(out), "--epochs", "1", *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {out / 'last.pt'} has already finished 2 epochs: --epochs 1 would end before that" in err
+    assert snapshot(out) == before
     # --resume auto: a fresh folder starts, an existing one continues
     fresh = tmp_path / "fresh"
     assert main([*RUN, "--epochs", "1", "--steps-per-epoch", "1", "--out", str(fresh), "--resume", "auto"]) == 0
@@ -174,6 +195,26 @@ def test_logs_without_a_checkpoint_count_as_a_run(tmp_path, capsys):
     (fresh / "config.yaml").write_text("method: standard\n")
     (fresh / "steps.csv").write_text(steps[0] + "\n")
     assert main([*SMALL, "--out", str(fresh)]) == 0
+
+
+def test_fewer_epochs_compress_the_schedule_and_move_jarn_start(tmp_path, capsys):
+    out = tmp_path / "jarn"
+    jarn = ["train", "--method", "jarn", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16",
+            "--eval-max-batches", "1", *QUIET]
+    assert main([*jarn, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--epochs", "2", *QUIET]) == 0
+    err = capsys.readouterr().err
+    assert ("jarn_start 0.75 is a fraction of all training steps, so JARN now starts at step 3 instead of 2 "
+            "(the run is at step 2)") in err, err
+    # a checkpoint of a 4-epoch run after its first epoch, resumed to end after 2: compressed, said so
+    ckpt = load(out / "last.pt")
+    ckpt["config"]["epochs"], ckpt["epoch"], ckpt["global_step"] = 4, 1, 2
+    torch.save(ckpt, out / "last.pt")
+    assert main(["train", "--resume", str(out), "--epochs", "2", *QUIET]) == 0
+    err = capsys.readouterr().err
+    assert "resuming with epochs 4 -> 2: the cosine LR schedule is compressed to the new total of 4 steps" in err
+    assert "JARN now starts at step 3 instead of 6 (the run is at step 2)" in err
 
 
 def test_resume_does_not_need_the_teacher_file_any_more(tmp_path, capsys):

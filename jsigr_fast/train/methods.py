@@ -330,8 +330,8 @@ class _TeacherMethod(Method):
             arch = state.get("teacher_arch")
             if not (isinstance(arch, dict) and isinstance(arch.get("model"), str)
                     and isinstance(arch.get("kwargs", {}), dict) and isinstance(state["teacher"], dict)):
-                raise CheckpointError(f"the teacher needs 'teacher' (a state_dict) and 'teacher_arch' ({{'model': name, "
-                                      f"'kwargs': {{...}}}}), got teacher_arch {arch!r}"[:300])
+                raise CheckpointError(f"the teacher needs 'teacher' (a state_dict) and 'teacher_arch' "
+                                      f"({{'model': name, 'kwargs': {{...}}}}), got teacher_arch {arch!r}"[:300])
             self._set_teacher(arch, state["teacher"], source="the checkpoint")
             self.teacher_info = state.get("teacher_info")
             if self.teacher_info is not None and not isinstance(self.teacher_info, dict):

@@ -80,10 +80,12 @@ def merge_resumed_config(saved: dict, current: TrainConfig, explicit: set, path:
         desc = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
         raise ConfigError(f"cannot resume with a different {desc}: the run would not continue where it stopped. "
                           f"Start a new run (--init-from CKPT keeps the weights) or drop these flags")
-    if "epochs" in explicit and current.epochs != saved.get("epochs") and os.environ.get("RANK", "0") == "0":
-        warnings.warn(f"resuming with epochs {saved.get('epochs')} -> {current.epochs}: the LR schedule is "
-                      f"stretched from here on", RuntimeWarning, stacklevel=3)
     return dataclasses.replace(base, **{k: getattr(current, k) for k in explicit})
+
+
+def _where(epoch: int, batch: int) -> str:
+    """A checkpoint's position in words."""
+    return f"end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, step {batch}"
 
 
 class Trainer:
@@ -114,6 +116,7 @@ class Trainer:
         if resume and overwrite:
             raise ConfigError("--overwrite starts a new run and --resume continues one: give only one of them")
         ckpt = None
+        self.resume_changes = {}  # key -> (the checkpoint's value, this resume's)
         if resume:
             path = _resume_path(resume, cfg)
             if resume == "auto" and not os.path.exists(path):
@@ -121,6 +124,14 @@ class Trainer:
             else:
                 ckpt = ckpt_io.load_checkpoint(path)
                 cfg = merge_resumed_config(ckpt["config"], cfg, explicit, path)
+                done = ckpt["epoch"] + (ckpt["batch"] > 0)  # epochs finished or begun
+                if cfg.epochs < done:  # cannot be honoured: the weights are already past that point
+                    begun = f" and {ckpt['batch']} steps of epoch {done}" if ckpt["batch"] else ""
+                    raise ConfigError(f"checkpoint {path} has already finished {ckpt['epoch']} epochs{begun}: --epochs "
+                                      f"{cfg.epochs} would end before that. Pass --epochs {done} or more, or leave "
+                                      f"--epochs out (the run's {ckpt['config'].get('epochs')})")
+                self.resume_changes = {k: (ckpt["config"].get(k), getattr(cfg, k)) for k in sorted(explicit)
+                                       if getattr(cfg, k) != ckpt["config"].get(k)}
                 if "out" not in explicit:  # continue where the checkpoint is, even if the folder was moved
                     cfg.out = os.path.dirname(os.path.abspath(path))
                 self.resumed_from = path
@@ -166,6 +177,8 @@ class Trainer:
             raise DataError(f"the training set ({len(self.spec.train)} images) is smaller than one batch of "
                             f"{self.per_rank_batch} per rank; lower --batch-size")
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        if "epochs" in self.resume_changes and env.is_main:
+            self._warn_epochs(*self.resume_changes["epochs"], ckpt["global_step"])
 
         # model and method ----------------------------------------------------------------------
         torch.manual_seed(cfg.seed)
@@ -228,8 +241,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.epoch = self.batch = self.global_step = 0
         self.metrics: dict = {}
+        self.last_checkpoint = None  # (path, epoch, batch) of this run's latest checkpoint, once there is one
         if ckpt is not None:
             self._load_state(ckpt)
+            self.last_checkpoint = (self.resumed_from, self.epoch, self.batch)
         self.terms = ("loss",) + tuple(self.method.terms)
         if self.fresh_logs and env.is_main and os.path.exists(os.path.join(self.out, CHECKPOINT_NAME)):
             # removed now, not at the first save: a crash before it must not leave the old run's
@@ -239,16 +254,43 @@ class Trainer:
                           tensorboard=cfg.tensorboard, resume_step=self.global_step if ckpt is not None else None,
                           resume_epoch=self.epoch if ckpt is not None else None, fresh=self.fresh_logs)
         if env.is_main and self.writes_run:
-            import yaml
-
-            with open(os.path.join(self.out, "config.yaml"), "w") as f:
-                yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+            self._write_config(ckpt)
         self.step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
 
     # --------------------------------------------------------------------------------------------
     def print(self, *args, **kw):
         if self.env.is_main:
             print(*args, **kw, flush=True)
+
+    def _write_config(self, ckpt) -> None:
+        """``config.yaml``: the config the run started with. A resume leaves it as it is (the
+        checkpoint holds the config in use) and appends a comment line with the keys it changed, so
+        the file still reads as a config file and says what the run really did."""
+        import yaml
+
+        path = os.path.join(self.out, "config.yaml")
+        if ckpt is None or not os.path.exists(path):  # a new run, or a resumed one in a new folder
+            with open(path, "w") as f:
+                yaml.safe_dump(to_dict(self.cfg) if ckpt is None else ckpt["config"], f, sort_keys=False)
+        if self.resume_changes and self.epoch < self.cfg.epochs:  # nothing to record when nothing runs
+            changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.resume_changes.items())
+            with open(path, "a") as f:
+                f.write(f"# resumed at epoch {self.epoch + 1}, step {self.batch} (global step {self.global_step}) "
+                        f"with {changes}\n")
+
+    def _warn_epochs(self, old: int, new: int, step: int) -> None:
+        """What a changed ``epochs`` moves: everything defined as a fraction of all training steps."""
+        cfg, old_total = self.cfg, old * self.steps_per_epoch
+        what = []
+        if cfg.schedule != "constant":
+            what.append(f"the {cfg.schedule} LR schedule is {'stretched' if new > old else 'compressed'} to the new "
+                        f"total of {self.total_steps} steps from here on")
+        if cfg.method in ("jarn", "jarn_at1"):  # as JARNMethod computes its start
+            was, now = int(round(cfg.jarn_start * old_total)), int(round(cfg.jarn_start * self.total_steps))
+            what.append(f"jarn_start {cfg.jarn_start:g} is a fraction of all training steps, so JARN now starts at "
+                        f"step {now} instead of {was} (the run is at step {step})")
+        warnings.warn(f"resuming with epochs {old} -> {new}" + (": " + "; ".join(what) if what else ""),
+                      RuntimeWarning, stacklevel=2)
 
     def _claim_out(self, out: str, resume, overwrite: bool) -> None:
         """Refuse to write a new run over an earlier one's checkpoint and logs, unless told to."""
@@ -311,9 +353,6 @@ class Trainer:
             s = mix_seed(self.cfg.seed, 7, self.global_step, self.env.rank)
             torch.manual_seed(s)
             self.generator.manual_seed(mix_seed(s, 1))
-        if self.epoch >= self.cfg.epochs:
-            self.print(f"{self.resumed_from} already finished {self.epoch} of {self.cfg.epochs} epochs; nothing to do "
-                       f"(raise --epochs to train longer)")
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -375,10 +414,14 @@ class Trainer:
             self.print(f"\nwarning: non-finite {what} at {where}: step skipped ({row} in a row, {total} in all)",
                        file=sys.stderr)
             if self.counters["nonfinite_consecutive"] >= self.cfg.max_nonfinite:
+                if self.last_checkpoint is None:
+                    last = "No checkpoint was written yet."
+                else:
+                    path, e, b = self.last_checkpoint
+                    last = f"The last checkpoint is {path} ({_where(e, b)})."
                 raise NonFiniteError(
                     f"the {what} was non-finite for {self.counters['nonfinite_consecutive']} consecutive steps "
-                    f"({where}); stopping with the weights untouched. The last "
-                    f"checkpoint is {os.path.join(self.out, CHECKPOINT_NAME)}. Try a lower --lr, --grad-clip, "
+                    f"({where}); stopping with the weights untouched. {last} Try a lower --lr, --grad-clip, "
                     f"--amp bf16 instead of fp16, or check the data for NaN")
         with warnings.catch_warnings():  # skipped steps still advance the schedule
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
@@ -525,6 +568,7 @@ class Trainer:
             ckpt_io.save_atomic(state, path)
         if self.env.distributed:
             dist.barrier()
+        self.last_checkpoint = (path, self.epoch, self.batch)
         return path
 
     # --------------------------------------------------------------------------------------------
@@ -541,8 +585,13 @@ class Trainer:
                    f"{cfg.schedule}")
         self.print(f"  {self.method.describe()}")
         where = "new run"
-        if self.ckpt:
-            where = f"resumed from {self.resumed_from} at epoch {self.epoch + 1}, step {self.batch}"
+        if self.ckpt and self.epoch >= cfg.epochs:
+            where = (f"resumed from {self.resumed_from}, which has finished {self.epoch} of {cfg.epochs} epochs: "
+                     f"nothing to do (raise --epochs to train longer)")
+        elif self.ckpt:
+            within = (f"after its first {self.batch} of {self.steps_per_epoch} steps" if self.batch
+                      else "from its start")
+            where = f"resumed from {self.resumed_from}: epoch {self.epoch + 1} of {cfg.epochs}, {within}"
         self.print(f"  out: {self.out} ({where})")
 
     def fit(self) -> int:
