@@ -294,10 +294,12 @@ def test_bad_checkpoints_fail_clearly(tmp_path, good, capsys):
         err = capsys.readouterr().err
         assert fragment in err and "Traceback" not in err, (name, err)
     assert not marker.exists()  # weights_only: the payload never ran
-    # the same files as --init-from / --teacher
-    assert main(["train", "--init-from", str(tmp_path / "evil2.pt"), *QUIET]) == 2
+    # the same files as --init-from / --teacher (in a folder of the test's own: the default --out,
+    # runs/<dataset>-<method> under the working directory, may hold a real run, which would be refused first)
+    out = ["--out", str(tmp_path / "run")]
+    assert main(["train", "--init-from", str(tmp_path / "evil2.pt"), *out, *QUIET]) == 2
     assert "refused rather than unpickled" in capsys.readouterr().err
-    assert main(["train", "--method", "distill", "--teacher", str(tmp_path / "garbage.pt"), *QUIET]) == 2
+    assert main(["train", "--method", "distill", "--teacher", str(tmp_path / "garbage.pt"), *out, *QUIET]) == 2
     assert "is not a readable PyTorch file" in capsys.readouterr().err
     assert not marker.exists()
 
