@@ -294,10 +294,12 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                             fd_step: float = 0.01):
     r"""Jakubovitz & Giryes' Jacobian regularization: ``CE + lambda_j * R``.
 
-    ``squared=True``: ``R = mean_n ||J_n||_F²``. ``squared=False``: ``R = sqrt(sum_n ||J_n||_F²)``,
-    the Frobenius norm of the whole batch's Jacobian, exactly as their Eq. 6 writes it (a norm, not
-    its square; it grows like sqrt(N)). They use it as post-processing (fine-tuning a trained
-    model) with lambda_j = 0.1 on MNIST and 0.5 on CIFAR-10. ``backend``, ``grad_scale``, ``mode``,
+    ``squared=True``: ``R = mean_n ||J_n||_F²``. ``squared=False``: ``R = sqrt(sum_n ||J_n||_F²) / N``,
+    the Frobenius norm of the whole batch's Jacobian as their Eq. 6 writes it (a norm, not its
+    square), divided by the batch size N like everything else here: their Eq. 6 sums the CE over the
+    batch where this CE is the mean, so the total is their loss / N and their lambda means what it
+    meant there (without the 1/N it would weigh the norm N times as much). They use it as
+    post-processing (fine-tuning a trained model) with lambda_j = 0.1 on MNIST and 0.5 on CIFAR-10. ``backend``, ``grad_scale``, ``mode``,
     ``fd_step``: see :func:`loss` (the fused backend runs the forward and the Jacobian VJPs / JVPs
     with its layer rules; ``mode="fd"`` takes ``||J_n||²`` by finite differences).
     """
@@ -322,7 +324,7 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         ce, per = _jacobian_regularization_terms(model, x, y, estimator=estimator, n_proj=n_proj, backend=backend,
                                                  generator=generator, grad_scale=grad_scale)
     with torch.enable_grad():
-        reg = per.mean() if squared else per.sum().sqrt()
+        reg = per.mean() if squared else per.sum().sqrt() / x.shape[0]
         total = ce + lambda_j * reg
     if return_terms:
         return total, {"loss": total.detach(), "ce": ce.detach(), "jac": reg.detach()}

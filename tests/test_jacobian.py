@@ -139,9 +139,11 @@ def test_jacobian_regularization_forms():
     ce = torch.nn.functional.cross_entropy(model(x), y)
     sq = jsigr_fast.jacobian_regularization(model, x, y, lambda_j=0.7)
     torch.testing.assert_close(sq, ce + 0.7 * per.mean(), rtol=1e-10, atol=0)
-    # squared=False: Jakubovitz Eq. 6, sqrt of the batch *sum* (a norm, not its square, not a mean)
+    # squared=False: Jakubovitz Eq. 6 (summed CE + lambda * sqrt of the batch *sum*: a norm, not its
+    # square, not a mean), divided by N as every loss here is a batch mean
     nsq = jsigr_fast.jacobian_regularization(model, x, y, lambda_j=0.7, squared=False)
-    torch.testing.assert_close(nsq, ce + 0.7 * per.sum().sqrt(), rtol=1e-10, atol=0)
+    eq6 = torch.nn.functional.cross_entropy(model(x), y, reduction="sum") + 0.7 * per.sum().sqrt()
+    torch.testing.assert_close(nsq, eq6 / x.shape[0], rtol=1e-10, atol=0)
 
 
 def test_jacobian_norm_leaves_running_stats_alone():

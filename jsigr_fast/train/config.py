@@ -162,7 +162,7 @@ class TrainConfig:
     generator_loss: str = _f("minimax", "str", "minimax | nonsaturating", "jsigr",
                              choices=("minimax", "nonsaturating"))
     # --- Jacobian regularization / double backprop ----------------------------------------------
-    jacobian_squared: bool = _f(True, "bool", "mean ||J||_F^2 (true) or Jakubovitz's sqrt(sum ||J||_F^2)",
+    jacobian_squared: bool = _f(True, "bool", "mean ||J||_F^2 (true) or Jakubovitz's sqrt(sum ||J||_F^2) / N",
                                 "jacobian")
     lambda_ig: float = _f(1.0, "float", "input_grad: weight of mean ||grad_x l||^2", "input_grad", low=0)
     # --- JARN -----------------------------------------------------------------------------------

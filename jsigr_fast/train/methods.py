@@ -15,8 +15,8 @@ standard       ``CE(f(x), y)``
 jsigr          ``CE + lambda_m mean||m * grad_x l||^2 + lambda_j mean||J||_F^2`` (J-SIGR Eq. 10) with
                the mask from the trained adaptor's saliency of the gradient at ``x + eps std(x) z``;
                adaptor step every call, discriminator every ``disc_every`` (JSIGR criterion)
-jacobian       ``CE + lambda_j mean||J||_F^2``, or ``CE + lambda_j sqrt(sum||J||_F^2)`` with
-               ``jacobian_squared=false`` (Jakubovitz & Giryes Eq. 6)
+jacobian       ``CE + lambda_j mean||J||_F^2``, or ``CE + lambda_j sqrt(sum||J||_F^2) / N`` with
+               ``jacobian_squared=false`` (Jakubovitz & Giryes Eq. 6 / N)
 input_grad     ``CE + lambda_ig mean||grad_x l||^2`` (double backprop)
 jarn           ``CE(f(x), y)`` before ``jarn_start`` of the steps; then JARN's ``CE(f(x+u)) +
                lambda_adv E log(1 - D(f_apt(grad_x l)))``, ``u ~ U[-noise, noise]``
@@ -246,7 +246,7 @@ class JacobianMethod(Method):
 
     def describe(self):
         c = self.cfg
-        reg = "mean ||J||_F^2" if c.jacobian_squared else "sqrt(sum ||J||_F^2)"
+        reg = "mean ||J||_F^2" if c.jacobian_squared else "sqrt(sum ||J||_F^2) / N"
         return f"jacobian: CE + {c.lambda_j}*{reg} ({c.jacobian_estimator}, n_proj={c.n_proj}){_mode(c)}"
 
 
