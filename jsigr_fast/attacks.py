@@ -13,8 +13,8 @@ DeepFool's rho_adv from Jakubovitz & Giryes (ECCV 2018):
 * :func:`ni_fgsm` -- Nesterov Iterative FGSM (Lin et al., ICLR 2020): MI-FGSM with the gradient
   taken at the look-ahead point ``x + alpha * decay * g``.
 * :func:`abi_fgm` -- AdaBelief Iterative Fast Gradient Method (Yang et al., Applied Intelligence
-  2023): the sign step follows AdaBelief's bias-corrected first moment divided by the root of its
-  "belief" (the variance of the gradient around its moving mean).
+  2023): the step follows AdaBelief's bias-corrected first moment divided by the root of its
+  "belief" (the variance of the gradient around its moving mean), L2-normalised, not signed.
 * :func:`jsma` -- Jacobian-based Saliency Map Attack (Papernot et al., EuroS&P 2016): a targeted
   L0 attack that changes a few features at a time, chosen by a saliency map of the logits'
   forward derivative.
@@ -64,7 +64,7 @@ Clamp = Optional[Tuple[float, float]]
 
 # AdaBelief's additive term inside the second moment (Zhuang et al. 2020 add eps to s_t), so that
 # s_hat > 0 even when every gradient equals its running mean.
-_ABI_DELTA = 1e-16
+_ABI_DELTA = 1e-14  # the authors' code
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,15 +311,19 @@ def ni_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, s
 def abi_fgm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 10,
             alpha: float | None = None, beta1: float = 0.9, beta2: float = 0.999, targeted: bool = False,
             clamp: Clamp = (0.0, 1.0)) -> torch.Tensor:
-    """ABI-FGM (Yang et al. 2023), linf. With ``g_t`` the input gradient at step t::
+    """ABI-FGM (Yang et al. 2023), linf ball, as the authors' code runs it (CI-AB-FGM.py, without its
+    random crop). With ``g_t`` the input gradient at step t, L1-normalised per sample::
 
+        g_t <- g_t / ||g_t||_1
         m_t = beta1 m_{t-1} + (1 - beta1) g_t
-        s_t = beta2 s_{t-1} + (1 - beta2) (g_t - m_t)^2 + delta          (delta = 1e-16)
-        x   <- Proj_eps(x + alpha * sign(m_hat / (sqrt(s_hat) + 1e-8)))   (bias-corrected hats)
+        s_t = beta2 s_{t-1} + (1 - beta2) (g_t - m_t)^2
+        d   = m_hat / (sqrt(s_hat) + delta),  m_hat = m_t / (1 - beta1^t),  s_hat = (s_t + delta) / (1 - beta2^t)
+        x  <- Proj_eps(x + alpha sqrt(D) d / ||d||_2)                                     (delta = 1e-14)
 
-    clamped to ``clamp``; ``alpha`` defaults to ``eps / steps``. Because ``sqrt(s_hat) + 1e-8 > 0``,
-    the sign equals ``sign(m_hat)``: with a sign step the belief term sets no direction (it would
-    only matter in a non-sign variant); it is computed anyway, as written in the paper.
+    clamped to ``clamp``. The step is not a sign: AdaBelief's belief ``s`` rescales each feature
+    (a sign would discard it: ``sign(m_hat / (sqrt(s_hat) + delta)) = sign(m_hat)``), and its L2
+    length ``alpha sqrt(D)`` is that of a sign step of ``alpha`` (D = features per sample), so
+    ``alpha`` (default ``eps / steps``) means what it means for the other iterative attacks.
     """
     x0, clamp = _prepare(model, x, y, clamp)
     eps, steps, alpha = _check_eps_steps_alpha(eps, steps, alpha, lambda e, s: e / s)
@@ -330,17 +334,23 @@ def abi_fgm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, s
     if beta2 >= 1.0:
         raise ValueError(f"beta2 must be < 1, got {beta2}")
     direction = -1.0 if _check_bool("targeted", targeted) else 1.0
+    n = x0.shape[0]
+    shape = (n,) + (1,) * (x0.dim() - 1)
+    length = alpha * math.sqrt(x0[0].numel())
+    tiny = torch.finfo(x0.dtype).tiny
     m = torch.zeros_like(x0)
     s = torch.zeros_like(x0)
     xa = x0.clone()
     for t in range(1, steps + 1):
         _, _, g = _loss_grad(model, xa, y)
+        g = g / g.abs().reshape(n, -1).sum(1).clamp_min(tiny).view(shape)
         m = beta1 * m + (1.0 - beta1) * g
-        s = beta2 * s + (1.0 - beta2) * (g - m).pow(2) + _ABI_DELTA
+        s = beta2 * s + (1.0 - beta2) * (g - m).pow(2)
         m_hat = m / (1.0 - beta1 ** t)
-        s_hat = s / (1.0 - beta2 ** t)
-        step = (m_hat / (s_hat.sqrt() + 1e-8)).sign()
-        xa = _box(x0 + _project(xa + (direction * alpha) * step - x0, eps, "linf"), clamp)
+        s_hat = (s + _ABI_DELTA) / (1.0 - beta2 ** t)
+        d = m_hat / (s_hat.sqrt() + _ABI_DELTA)
+        d = d / d.reshape(n, -1).norm(dim=1).clamp_min(tiny).view(shape)
+        xa = _box(x0 + _project(xa + (direction * length) * d - x0, eps, "linf"), clamp)
     return xa.detach()
 
 
