@@ -10,7 +10,8 @@ saliency maps and selective masks) when matplotlib is installed, and both checkp
 Settings (a small sweep on this data, 30 epochs, Adam 1e-3, batch 64): lambda_m = 5, lambda_j = 0.5,
 eps = 0.3 (the paper's 0.5 / 0.5 under-regularizes 64-pixel images), GELU activations (gradient
 penalties fit poorly on ReLU nets; with ReLU the same run gets clean 0.83 / PGD 0.63).
-Measured on the 2-core CPU machine: standard 0.978 clean / 0.58 PGD; J-SIGR 0.949 / 0.84.
+Measured on the 2-core CPU machine (bench/results/demo_cpu_digits.md): standard 0.982 clean / 0.553 PGD;
+J-SIGR 0.953 / 0.836.
 """
 from __future__ import annotations
 

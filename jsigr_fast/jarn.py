@@ -21,7 +21,7 @@ class JARN(GANCriterion):
 
     ``crit(model, x, y)`` adds uniform noise ``U[-noise, noise]`` to ``x`` (JARN, Alg. 1 line 4),
     computes the per-sample input gradient ``J = ∇_x ℓ`` with its graph, adapts it
-    (``J' = tanh(conv1x1(J))``) and returns the classifier's loss ``CE + lambda_adv * E[log(1 - D(J'))]``
+    (``J' = tanh(conv1x1(J / rms(J)))``, rms per sample) and returns the classifier's loss ``CE + lambda_adv * E[log(1 - D(J'))]``
     (the ``E log D(x)`` half of L_adv does not depend on the classifier). In training mode the call
     also takes the adaptor's step on the same L_adv and, every ``disc_every`` calls, the
     discriminator's. The gradient through ``J'`` into the classifier is a double backprop.
