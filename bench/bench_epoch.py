@@ -17,7 +17,7 @@ timed batch x batches per real epoch (``--epoch-images`` // batch; CIFAR-10's 50
 32x32 inputs, ImageNet's 1,281,167 for 224 px). The output says so.
 
 Next to each measured time: its multiple of the standard step, its conv-FLOP floor (SPEC.md "Cost
-model": standard 3 units, PGD-AT7 17, FGSM-AT1 4, JARN 6 + adaptor/discriminator, J-SIGR 11) and how
+model": standard 3 units, PGD-AT7 17, FGSM-AT1 5, JARN 6 + adaptor/discriminator, J-SIGR 11) and how
 far above that floor it runs; the speed-up over PGD-AT7, measured, at the floors (17/units) and in
 JARN's Table 4 (PGD-AT7 704 s, JARN-AT1 294 s, FGSM-AT1 267 s, JARN only 217 s on CIFAR-10), and
 the two targets: JARN only at least 704/217 = 3.2x ahead of PGD-AT7, fused J-SIGR >= 1.5x.
@@ -289,8 +289,8 @@ def format_markdown(a, cond, results, targets, info) -> str:
                      f"| {r['floor_units']} | {r['x_floor']:.2f} | {sp} | {fl} | {jp} |")
     lines += ["", "× floor = (time / standard time) / (units / 3): 1.00 runs exactly at its conv-FLOP floor. "
               "PGD-AT7 ÷ method: the speed-up over PGD-AT7 (JARN Table 4: 704/294 = 2.39 JARN-AT1, 704/267 = 2.64 "
-              "FGSM-AT1, 704/217 = 3.24 JARN only). FGSM-AT1 crafts only its adversarial half (4 units; SPEC's "
-              "≈5 crafts the whole batch); JARN's adaptor and discriminator are not in its 6 units.", ""]
+              "FGSM-AT1, 704/217 = 3.24 JARN only). FGSM-AT1 and JARN-AT1 take the training CLI's FGSM example "
+              "(random start, the whole batch: 2 units); JARN's adaptor and discriminator are not in its 6 units.", ""]
     for name, t in targets.items():
         what = {"jarn": "JARN only (reference) ≥ 704/217 = 3.24× faster than PGD-AT7",
                 "jarn_fused": "JARN only (fused) ≥ 704/217 = 3.24× faster than PGD-AT7",

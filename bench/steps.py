@@ -33,12 +33,12 @@ FLOOR_UNITS = {
     "jarn": 6,
     "fgsm_at": 5,
     "pgd_at7": 17,
-    # FGSM-AT1 as SPEC's recipe (half clean, half adversarial, predicted labels), crafting only the
-    # adversarial half: forward + input-only backward on N/2 (1) + a standard step on N (3) = 4. SPEC's
-    # "~5" (key fgsm_at) counts crafting the whole batch, 1*(1+1) + 3, i.e. JARN's all-adversarial variant.
-    "fgsm_at1": 4,
-    # JARN-AT1 = JARN's loss on FGSM-AT1's half-adversarial batch: 1 + 6 (adaptor, discriminator not counted).
-    "jarn_at1": 7,
+    # FGSM-AT1 as `jsigr-fast train --method fgsm_at` runs it by default (Wong et al.'s random start,
+    # every sample adversarial): forward + input-only backward on N (2) + a standard step on N (3) = 5.
+    "fgsm_at1": 5,
+    # JARN-AT1 as `--method jarn_at1` runs it: JARN's loss on that FGSM example, 2 + 6 (adaptor and
+    # discriminator not counted).
+    "jarn_at1": 8,
     # finite-difference J-SIGR (Finlay & Oberman): 3 forwards (x, x + h d_g, x + h d_J) and their backwards
     # (3 + 6), two input-only VJPs for the directions (2) and the saliency gradient (2) = 13.
     "jsigr_fd": 13,
@@ -58,24 +58,17 @@ class Method:
     label: str
 
 
-def fgsm_predicted(model, x, eps):
-    """FGSM at ``x`` against the model's *predicted* labels (no label leaking, Kurakin et al.), from
-    the same forward: one forward + one input-only backward, no parameter gradients, BatchNorm
-    running statistics untouched."""
-    from jsigr_fast.batchnorm import frozen_running_stats
+def fgsm_random_start(model, x, y, eps, generator):
+    """The adversarial batch of the training CLI's ``fgsm_at`` (default variant) and ``jarn_at1``: its
+    own function (jsigr_fast.train.methods), at the CLI's default step ``fgsm_alpha * eps``, so the
+    benchmark times what training runs."""
+    from types import SimpleNamespace
 
-    xr = x.detach().requires_grad_(True)
-    with torch.enable_grad(), frozen_running_stats(model):
-        logits = model(xr)
-        loss = F.cross_entropy(logits, logits.argmax(1).detach(), reduction="sum")
-        (g,) = torch.autograd.grad(loss, xr)
-    return (x.detach() + eps * g.sign()).clamp(0, 1).to(x.dtype)
+    from jsigr_fast.train.config import TrainConfig
+    from jsigr_fast.train.methods import _fgsm_random_start
 
-
-def _half_adversarial(model, x, eps):
-    """FGSM-AT's batch: the first half clean, the second half FGSM examples of itself."""
-    h = x.shape[0] // 2
-    return torch.cat([x[:h], fgsm_predicted(model, x[h:], eps)])  # cat keeps channels_last
+    cfg = SimpleNamespace(attack_eps=eps, fgsm_alpha=TrainConfig().fgsm_alpha)
+    return _fgsm_random_start(model, x, y, cfg, generator)
 
 
 class _Lazy:
@@ -202,15 +195,15 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
         return F.cross_entropy(m(x_adv), y)
 
     def fgsm_at1(m, x, y):
-        return F.cross_entropy(m(_half_adversarial(m, x, at_eps)), y)
+        return F.cross_entropy(m(fgsm_random_start(m, x, y, at_eps, gen(x))), y)
 
     def jarn_at1(m, x, y):
-        return jarn(x)(m, _half_adversarial(m, x, at_eps), y)
+        return jarn(x)(m, fgsm_random_start(m, x, y, at_eps, gen(x)), y)
 
     jarn_at1_f_state = _jarn("fused")
 
     def jarn_at1_fused(m, x, y):
-        return jarn_at1_f_state(x)(m, _half_adversarial(m, x, at_eps), y)
+        return jarn_at1_f_state(x)(m, fgsm_random_start(m, x, y, at_eps, gen(x)), y)
 
     methods = {
         "standard": Method("standard", "standard", lambda m, x, y: F.cross_entropy(m(x), y), "standard CE"),
@@ -223,9 +216,9 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
                                    lambda m, x, y: jsigr_fast.loss(m, x, y, jacobian="hutchinson", backend=backend),
                                    f"J-SIGR, Hutchinson JVP ({backend})"),
         "pgd_at7": Method("pgd_at7", "pgd_at7", pgd_at7, "PGD-AT7 (7 x 2/255, eps 8/255)"),
-        "fgsm_at1": Method("fgsm_at1", "fgsm_at1", fgsm_at1, "FGSM-AT1 (half clean, predicted labels)"),
+        "fgsm_at1": Method("fgsm_at1", "fgsm_at1", fgsm_at1, "FGSM-AT1 (random start, as --method fgsm_at)"),
         "jarn": Method("jarn", "jarn", lambda m, x, y: jarn(x)(m, x, y), f"JARN only ({disc} discriminator, {backend})"),
-        "jarn_at1": Method("jarn_at1", "jarn_at1", jarn_at1, f"JARN-AT1 (JARN on the FGSM-AT1 batch, {backend})"),
+        "jarn_at1": Method("jarn_at1", "jarn_at1", jarn_at1, f"JARN-AT1 (JARN on the FGSM-AT1 example, {backend})"),
     }
     # finite differences (jsigr_fast.finite_difference): first-order autograd only, through the backend's layers
     methods["jsigr_fd"] = Method("jsigr_fd", "jsigr_fd",
@@ -254,7 +247,7 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
             "jarn_fused": Method("jarn_fused", "jarn", lambda m, x, y: jarn_f(x)(m, x, y),
                                  f"JARN only ({disc} discriminator, fused)"),
             "jarn_at1_fused": Method("jarn_at1_fused", "jarn_at1", jarn_at1_fused,
-                                     "JARN-AT1 (JARN on the FGSM-AT1 batch, fused)"),
+                                     "JARN-AT1 (JARN on the FGSM-AT1 example, fused)"),
             "jsigr_fd_fused": Method("jsigr_fd_fused", "jsigr_fd",
                                      lambda m, x, y: jsigr_fast.loss(m, x, y, mode="fd", backend="fused"),
                                      "J-SIGR, finite differences (fd, fused)"),

@@ -96,21 +96,26 @@ class Affine(nn.Module):
         return self.lin(x.flatten(1))
 
 
-def test_fgsm_predicted_and_fgsm_at1_by_hand():
+def test_fgsm_at1_times_the_training_clis_fgsm_example():
+    # the benchmark's FGSM-AT1 is `--method fgsm_at` (default): one step of 1.25 eps from a uniform
+    # random start, every sample. Oracle, by hand for an affine model: the same start u (same
+    # generator), then the sign of the CE gradient at x + u, projected onto the ball and [0, 1]
+    from jsigr_fast.attacks import pgd
+    from jsigr_fast.train.config import TrainConfig
+
     m = Affine()
     x = torch.rand(6, 1, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 4, (6,))
-    with torch.no_grad():
-        p = torch.softmax(m(x), 1)
-        pred = p.argmax(1)
-        p[torch.arange(6), pred] -= 1
-        g = (p @ m.lin.weight).reshape(x.shape)
-    want = (x + 0.1 * g.sign()).clamp(0, 1)
-    assert torch.allclose(steps.fgsm_predicted(m, x, 0.1), want)
     methods = steps.make_methods((1, 4, 4), at_eps=0.1)
     loss = methods["fgsm_at1"].loss(m, x, y)
-    mixed = torch.cat([x[:3], want[3:]])
-    assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(m(mixed), y).detach()))
+    start = pgd(m, x, y, 0.1, alpha=1e-12, steps=1, random_start=True,
+                  generator=torch.Generator().manual_seed(0))  # x + u, to 1e-12
+    with torch.no_grad():
+        p = torch.softmax(m(start), 1)
+        p[torch.arange(6), y] -= 1
+        g = (p @ m.lin.weight).reshape(x.shape)
+    want = (x + (start + TrainConfig().fgsm_alpha * 0.1 * g.sign() - x).clamp(-0.1, 0.1)).clamp(0, 1)
+    assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(m(want), y).detach()), rel=1e-9)
     assert {"pgd_at7", "fgsm_at1", "jarn", "jarn_at1", "standard", "jsigr"} <= set(methods)
     for name in ("pgd_at7", "jarn", "jarn_at1"):
         out = methods[name].loss(m, x, y)
