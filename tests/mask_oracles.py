@@ -70,6 +70,23 @@ def distinct_ranks(N, D, seed=0):
     return torch.stack([torch.randperm(D, generator=gen) for _ in range(N)])
 
 
+def check_quantile_counts(threshold_mask, gradient_saliency_mask, adaptor_saliency_mask, D):
+    """Each mask op with every ``QUANTILE_COUNT_CASES`` q keeps exactly ``kept_exact`` of D distinct
+    saliency values per sample, the most salient ones. ``adaptor_saliency_mask(g, weight, q)`` with
+    one channel, weight 1, no normalisation: M = tanh(g), increasing in g."""
+    ranks = distinct_ranks(2, D, seed=D)
+    M = (ranks + 1).float() / D  # distinct saliency values, increasing with the rank
+    g = (ranks + 1).float() * torch.tensor([1.0, -1.0])[ranks % 2]  # |g| / max|g| = M
+    for q, q_exact in QUANTILE_COUNT_CASES:
+        kept = kept_exact(q_exact, D)
+        want = ranks < D - kept
+        for name, mask in (("threshold_mask", threshold_mask(M, 0.5, q)),
+                           ("gradient_saliency_mask", gradient_saliency_mask(g, 0.5, q)),
+                           ("adaptor_saliency_mask", adaptor_saliency_mask(M, torch.ones(1, 1), q))):
+            assert (~mask).sum(1).tolist() == [kept, kept], (name, q, D)
+            assert torch.equal(mask, want), (name, q, D)
+
+
 def _rule_oracle(M, beta, quantile, dtype):
     """The selection rule on an (N, D) float64 array of dtype values: per-sample loop with a sort."""
     N, D = M.shape

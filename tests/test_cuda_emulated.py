@@ -29,8 +29,8 @@ from bn_oracles import CASES as BN_CASES
 from bn_oracles import _assert_all_close, _inputs, _layout
 from jsigr_fast import reference
 from loss_head_oracles import DTYPES, UNIT, _ce_oracle, _logits, _tols, _vjp_oracle, check_special_values
-from mask_oracles import (QUANTILE_COUNT_CASES, QUANTILE_COUNT_DS, _adaptor_oracle, _check_near_threshold,
-                          adaptor_bad_arguments, adaptor_inputs, distinct_ranks, kept_exact)
+from mask_oracles import (QUANTILE_COUNT_DS, _adaptor_oracle, _check_near_threshold, adaptor_bad_arguments,
+                          adaptor_inputs, check_quantile_counts)
 
 pytestmark = pytest.mark.skipif(cuda_emu.unavailable() is not None, reason=f"{cuda_emu.unavailable()}")
 
@@ -242,18 +242,8 @@ def test_mask_nan_and_inf_as_the_reference(E, dtype):
 def test_mask_quantile_keeps_exactly_floor_q_d(E, D):
     # mask_quantile=q leaves floor(q D) features per sample unpenalised, floor(q D) in exact arithmetic
     # (0.29 of 100 is 29; floor(0.29 * 100) in floating point was 28): the count of the CUDA ops' host code
-    ranks = distinct_ranks(2, D, seed=D)
-    M = (ranks + 1).float() / D  # distinct saliency values, increasing with the rank
-    g = (ranks + 1).float() * torch.tensor([1.0, -1.0])[ranks % 2]  # |g| / max|g| = M
-    for q, q_exact in QUANTILE_COUNT_CASES:
-        kept = kept_exact(q_exact, D)
-        want = ranks < D - kept
-        for name, mask in (("threshold_mask", E.threshold_mask(M, 0.5, q)),
-                           ("gradient_saliency_mask", E.gradient_saliency_mask(g, 0.5, q)),
-                           ("adaptor_saliency_mask",  # one channel, weight 1: M = tanh(g), increasing
-                            E.adaptor_saliency_mask(M, torch.ones(1, 1), None, 0.5, q, False))):
-            assert (~mask).sum(1).tolist() == [kept, kept], (name, q, D)
-            assert torch.equal(mask, want), (name, q, D)
+    check_quantile_counts(E.threshold_mask, E.gradient_saliency_mask,
+                          lambda M, w, q: E.adaptor_saliency_mask(M, w, None, 0.5, q, False), D)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -339,13 +339,7 @@ def test_view_that_fails_for_other_reasons_still_raises():
 # --- models whose forward draws random numbers or updates buffers outside any nn.Dropout module:
 # the fused Hutchinson estimator shares the training forward only where that gives the reference's
 # values, gradients, buffers and random stream (fused._jsigr_hutchinson_shared)
-class _FunctionalDropoutNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1)
-        self.bn = nn.BatchNorm2d(3)
-        self.fc = nn.Linear(3 * 36, 4)
-
+class _FunctionalDropoutNet(_ViewFlattenNet):  # its layers, another forward
     def forward(self, x):
         h = torch.tanh(self.bn(self.conv(x)))
         h = F.dropout(h, 0.3, training=self.training)  # no module: invisible to a model.modules() scan

@@ -19,8 +19,8 @@ import torch
 
 from jsigr_fast.reference import gradient_saliency_mask_ref, threshold_mask_ref
 from jsigr_fast.saliency import SaliencyAdaptor, gradient_saliency
-from mask_oracles import (QUANTILE_COUNT_CASES, QUANTILE_COUNT_DS, _adaptor_oracle, _adaptor_params,
-                          _check_near_threshold, adaptor_bad_arguments, adaptor_inputs, distinct_ranks, kept_exact)
+from mask_oracles import (QUANTILE_COUNT_DS, _adaptor_oracle, _adaptor_params, _check_near_threshold,
+                          adaptor_bad_arguments, adaptor_inputs, check_quantile_counts)
 from triton_testing import CHILD, child_only, parent_driver, ptx, ptx_test, run_in_interpreter
 
 
@@ -379,18 +379,8 @@ def test_quantile_keeps_exactly_floor_q_d():
     from jsigr_fast.kernels import saliency_mask as tm
 
     for D in QUANTILE_COUNT_DS:
-        ranks = distinct_ranks(2, D, seed=D)
-        M = (ranks + 1).float() / D  # distinct saliency values, increasing with the rank
-        g = (ranks + 1).float() * torch.tensor([1.0, -1.0])[ranks % 2]  # |g| / max|g| = M
-        for q, q_exact in QUANTILE_COUNT_CASES:
-            kept = kept_exact(q_exact, D)
-            want = ranks < D - kept
-            for name, mask in (("threshold_mask", tm.threshold_mask(M, 0.5, q)),
-                               ("gradient_saliency_mask", tm.gradient_saliency_mask(g, 0.5, q)),
-                               ("adaptor_saliency_mask",  # one channel, weight 1: M = tanh(g), increasing
-                                tm.adaptor_saliency_mask(M, torch.ones(1, 1), None, 0.5, q, normalize=False))):
-                assert (~mask).sum(1).tolist() == [kept, kept], (name, q, D)
-                assert torch.equal(mask, want), (name, q, D)
+        check_quantile_counts(tm.threshold_mask, tm.gradient_saliency_mask,
+                              lambda M, w, q: tm.adaptor_saliency_mask(M, w, None, 0.5, q, normalize=False), D)
 
 
 @child_only
