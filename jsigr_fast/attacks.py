@@ -57,7 +57,7 @@ from .batchnorm import frozen_running_stats
 
 __all__ = [
     "fgsm", "pgd", "mi_fgsm", "ni_fgsm", "abi_fgm", "jsma", "deepfool", "rho_adv", "RhoAdv",
-    "accuracy", "transfer_accuracy", "ATTACKS",
+    "accuracy", "transfer_accuracy", "default_alpha", "ATTACKS",
 ]
 
 Clamp = Optional[Tuple[float, float]]
@@ -115,10 +115,17 @@ def _prepare(model, x, labels, clamp, *, label_name: str = "y"):
     return x0, clamp
 
 
-def _check_eps_steps_alpha(eps, steps, alpha, default_alpha: Callable[[float, int], float]):
+def default_alpha(name: str, eps: float, steps: int) -> float:
+    """The step size an iterative attack takes when ``alpha`` is not given: PGD ``2.5 eps / steps``
+    (Madry et al.: enough to reach the boundary from a random start), the momentum attacks
+    ``eps / steps`` (their papers: the steps add up to eps)."""
+    return (2.5 if name == "pgd" else 1.0) * eps / steps
+
+
+def _check_eps_steps_alpha(name, eps, steps, alpha):
     eps = _checks.check_number("eps", eps, low=0.0)
     steps = _checks.check_int("steps", steps, low=1)
-    alpha = default_alpha(eps, steps) if alpha is None else _checks.check_number("alpha", alpha, low=0.0)
+    alpha = default_alpha(name, eps, steps) if alpha is None else _checks.check_number("alpha", alpha, low=0.0)
     return eps, steps, alpha
 
 
@@ -220,7 +227,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
     ``random_start=True`` (otherwise every restart would be the same).
     """
     x0, clamp = _prepare(model, x, y, clamp)
-    eps, steps, alpha = _check_eps_steps_alpha(eps, steps, alpha, lambda e, s: 2.5 * e / s)
+    eps, steps, alpha = _check_eps_steps_alpha("pgd", eps, steps, alpha)
     norm = _checks.check_choice("norm", norm, ("linf", "l2"))
     random_start = _check_bool("random_start", random_start)
     restarts = _checks.check_int("restarts", restarts, low=1)
@@ -268,7 +275,7 @@ def _l1_normalised(g: torch.Tensor) -> torch.Tensor:
 
 def _momentum_attack(kind: str, model, x, y, eps, steps, alpha, decay, targeted, clamp):
     x0, clamp = _prepare(model, x, y, clamp)
-    eps, steps, alpha = _check_eps_steps_alpha(eps, steps, alpha, lambda e, s: e / s)
+    eps, steps, alpha = _check_eps_steps_alpha(kind, eps, steps, alpha)
     decay = _checks.check_number("decay", decay, low=0.0)
     direction = -1.0 if _check_bool("targeted", targeted) else 1.0
     momentum = torch.zeros_like(x0)
@@ -326,7 +333,7 @@ def abi_fgm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, s
     ``alpha`` (default ``eps / steps``) means what it means for the other iterative attacks.
     """
     x0, clamp = _prepare(model, x, y, clamp)
-    eps, steps, alpha = _check_eps_steps_alpha(eps, steps, alpha, lambda e, s: e / s)
+    eps, steps, alpha = _check_eps_steps_alpha("abi_fgm", eps, steps, alpha)
     beta1 = _checks.check_number("beta1", beta1, low=0.0)
     beta2 = _checks.check_number("beta2", beta2, low=0.0)
     if beta1 >= 1.0:

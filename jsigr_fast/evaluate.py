@@ -151,13 +151,13 @@ class AttackSpec:
 
     @property
     def step_size(self) -> float | None:
-        """The step the attack takes: ``alpha``, or its default (PGD ``2.5 * eps / steps``, the
-        momentum attacks ``eps / steps``); None for clean and FGSM."""
+        """The step the attack takes: ``alpha``, or the attack's default
+        (:func:`jsigr_fast.attacks.default_alpha`); None for clean and FGSM."""
+        from .attacks import default_alpha
+
         if self.name not in _ITERATIVE:
             return None
-        if self.alpha is not None:
-            return self.alpha
-        return (2.5 if self.name == "pgd" else 1.0) * self.eps / self.steps
+        return self.alpha if self.alpha is not None else default_alpha(self.name, self.eps, self.steps)
 
     @property
     def key(self) -> tuple:
