@@ -82,7 +82,15 @@ DRIVER = textwrap.dedent('''
     cfg = TrainConfig(method="standard", epochs=1, steps_per_epoch=6, batch_size=32, optimizer="adam", lr=1e-3,
                       threads=1, progress=False, tensorboard=False, eval_max_batches=1, out=f"{out}/nan")
     assert train(cfg, model=model) == 0
+    dist.barrier()  # both ranks done before either tears down
     dist.destroy_process_group()
+    # Skip interpreter finalization: once in ~15 fresh-clone runs a rank died there with SIGABRT
+    # ("terminate called without an active exception", gloo's threads at exit; cf. pytorch#179291)
+    # after every assertion above had passed. What is tested is written out already.
+    import os
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 ''')
 
 
