@@ -232,6 +232,7 @@ def parse_attack(spec: str, *, eps: float | None = None, steps: int | None = Non
 
     Options missing from ``spec`` take the keyword defaults given here (``eps``, ``steps``,
     ``alpha``: usually the dataset's :data:`DATASET_BUDGETS`). Numbers may be fractions (8/255).
+    ``clean`` ignores those defaults and refuses options in ``spec`` (``"clean:eps=8/255"``).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"attack spec must be a non-empty string like 'pgd:eps=8/255,steps=20', got {spec!r}")
@@ -244,11 +245,13 @@ def parse_attack(spec: str, *, eps: float | None = None, steps: int | None = Non
         kw["steps"] = int(steps)
     if alpha is not None and name == "pgd":
         kw["alpha"] = float(alpha)
+    given = []  # the options written in the spec (not the keyword defaults)
     for item in filter(None, (o.strip() for o in opts.split(","))):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep:
             raise ValueError(f"attack option {item!r} in {spec!r} is not key=value")
+        given.append(item)
         if key in ("eps", "alpha"):
             kw[key] = _parse_number(value)
         elif key in ("steps", "restarts"):
@@ -266,6 +269,11 @@ def parse_attack(spec: str, *, eps: float | None = None, steps: int | None = Non
     if name not in ATTACK_NAMES:
         raise ValueError(f"unknown attack {name!r} in {spec!r}; choose one of {', '.join(ATTACK_NAMES)}")
     if name == "clean":
+        # The keyword defaults (the dataset's budget, applied to every attack) do not apply to clean
+        # and are dropped; options written into the spec itself were meant for it, and ignoring them
+        # would label a column with something it did not do.
+        if given:
+            raise ValueError(f"attack 'clean' takes no options, got {', '.join(given)} in {spec!r}")
         kw = {}
     elif "eps" not in kw:
         raise ValueError(f"attack {spec!r} needs eps= (no dataset default given)")
@@ -554,17 +562,37 @@ def _find_adaptor(obj: Mapping, depth: int = 3):
     return None
 
 
+def _kwargs_field(value, path: str, field: str) -> dict:
+    """A constructor-arguments entry of a checkpoint (``field`` names it for the message): absent
+    (None) or a mapping, copied. Checked here because ``dict(...)`` of a list, a string or a number
+    fails with a TypeError that names neither the file nor the entry, or turns pairs into a dict."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ValueError(f"checkpoint {path!r}: {field} must be a dict of keyword arguments, got "
+                         f"{type(value).__name__} {shown}")
+    return dict(value)
+
+
 def load_checkpoint(path: str, *, model: str | None = None, dataset: str | None = None,
                     model_kwargs: Mapping | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild a model from ``path`` (see the module docstring for the accepted layouts).
 
     Raises:
+        TypeError: ``model_kwargs`` is neither None nor a mapping.
         FileNotFoundError: no such file.
-        ValueError: not loadable with ``weights_only=True``, an unknown layout, no model name, or
-            weights that do not fit the named architecture (the message lists the mismatches).
+        ValueError: not loadable with ``weights_only=True``, an unknown layout, a config entry of the
+            wrong type (``model_kwargs`` that is not a dict, ...), no model name, or weights that do
+            not fit the named architecture (the message lists the mismatches).
     """
     from .models import get_model
 
+    # checked before the file is read: a caller's mistake, whatever the checkpoint holds
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a mapping of constructor arguments (or None), got "
+                        f"{type(model_kwargs).__name__} {model_kwargs!r:.60}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r}: no such file")
@@ -597,17 +625,20 @@ def load_checkpoint(path: str, *, model: str | None = None, dataset: str | None 
 
     arch_rec = obj.get("arch") if isinstance(obj.get("arch"), Mapping) else None
     if arch_rec is not None and isinstance(arch_rec.get("model"), str):  # jsigr-fast train: exact constructor args
-        cfg_model, cfg_kwargs = arch_rec["model"], dict(arch_rec.get("kwargs") or {})
+        cfg_model, cfg_kwargs = arch_rec["model"], _kwargs_field(arch_rec.get("kwargs"), path, "arch['kwargs']")
     else:
         cfg_model = config.get("model")
-        cfg_kwargs = dict(config.get("model_kwargs") or config.get("model_args") or {})
+        # both are checked, so a malformed one is reported even where the other would be used
+        kw_given = _kwargs_field(config.get("model_kwargs"), path, "config['model_kwargs']")
+        args_given = _kwargs_field(config.get("model_args"), path, "config['model_args']")
+        cfg_kwargs = kw_given or args_given
         if isinstance(cfg_model, Mapping):
-            cfg_kwargs = {**dict(cfg_model.get("kwargs") or {}), **cfg_kwargs}
+            cfg_kwargs = {**_kwargs_field(cfg_model.get("kwargs"), path, "config['model']['kwargs']"), **cfg_kwargs}
             cfg_model = cfg_model.get("name")
     cfg_dataset = config.get("dataset")
     if isinstance(cfg_dataset, Mapping):
         cfg_dataset = cfg_dataset.get("name")
-    dataset_kwargs = dict(config.get("dataset_kwargs") or {})
+    dataset_kwargs = _kwargs_field(config.get("dataset_kwargs"), path, "config['dataset_kwargs']")
     if config.get("synthetic") and cfg_dataset:  # trained on random images of the dataset's shape
         cfg_dataset = "synthetic"
     for flag, cfg, what in ((model, cfg_model, "model"), (dataset, cfg_dataset, "dataset")):

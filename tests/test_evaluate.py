@@ -7,6 +7,7 @@ forms, rho_adv against DeepFool's exact first step on an affine binary classifie
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -82,6 +83,16 @@ def test_parse_attack():
                        ("fgsm:eps=0.1,norm=l2", "norm"), ("pgd:eps=0.1,steps=0", "steps")]:
         with pytest.raises(ValueError, match=match):
             E.parse_attack(bad)
+
+
+def test_clean_refuses_options_in_its_spec_but_ignores_the_keyword_defaults():
+    # the dataset's budget, passed to every attack as keyword defaults, does not concern clean
+    assert E.parse_attack("clean", eps=8 / 255, steps=20, alpha=2 / 255) == E.AttackSpec("clean")
+    assert E.parse_attack("clean:", eps=0.1) == E.AttackSpec("clean")
+    # options written for clean itself were silently dropped, labelling the column with what it did not do
+    for spec, shown in [("clean:eps=8/255", "eps=8/255"), ("clean:steps=5,norm=l2", "steps=5, norm=l2")]:
+        with pytest.raises(ValueError, match=f"attack 'clean' takes no options, got {shown} in '{spec}'"):
+            E.parse_attack(spec, eps=0.1, steps=10)
 
 
 def test_attacks_that_differ_only_in_the_step_size_or_random_start_get_their_own_columns():
@@ -429,6 +440,43 @@ def test_load_checkpoint_errors(tmp_path):
         E.load_checkpoint(str(tmp_path / "ok.pt"), dataset="mnist", model_kwargs={"input_size": 8})
 
 
+@pytest.mark.parametrize("where, value, field", [
+    ({"model_kwargs": ["activation", "gelu"]}, None, "config['model_kwargs']"),
+    ({"model_kwargs": "gelu"}, None, "config['model_kwargs']"),
+    ({"model_kwargs": None, "model_args": 3}, None, "config['model_args']"),
+    ({"model": {"name": "digits_cnn", "kwargs": [["activation", "gelu"]]}}, None, "config['model']['kwargs']"),
+    ({"dataset_kwargs": 5}, None, "config['dataset_kwargs']"),
+    ({}, {"model": "digits_cnn", "kwargs": "gelu"}, "arch['kwargs']"),
+])
+def test_checkpoint_kwargs_that_are_not_dicts_name_the_file_and_the_field(tmp_path, capsys, where, value, field):
+    """Was a bare TypeError from dict(...) (or a list of pairs quietly taken as a dict)."""
+    from jsigr_fast.cli import main
+
+    ckpt = _train_ckpt(_digits_model())
+    ckpt["config"].update(where)
+    if value is not None:
+        ckpt["arch"] = value
+    path = tmp_path / "bad.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {str(path)!r}: {field} must be a dict")):
+        E.load_checkpoint(str(path))
+    # the eval CLI: one line naming the file and the field, exit status 2
+    assert main(["eval", str(path), "--limit", "4", "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jsigr-fast eval: error: checkpoint {str(path)!r}: {field} must be a dict"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_load_checkpoint_model_kwargs_argument_must_be_a_mapping(tmp_path):
+    torch.save(_train_ckpt(_digits_model()), tmp_path / "ok.pt")
+    for bad in (["activation", "gelu"], "gelu", 3):
+        with pytest.raises(TypeError, match="model_kwargs must be a mapping of constructor arguments"):
+            E.load_checkpoint(str(tmp_path / "ok.pt"), model_kwargs=bad)
+    given = {"activation": "gelu"}
+    assert E.load_checkpoint(str(tmp_path / "ok.pt"), model_kwargs=given).model_kwargs == given
+    assert given == {"activation": "gelu"}  # the caller's mapping is not modified
+
+
 # ----------------------------------------------------------------------------------------------
 # the CLI
 # ----------------------------------------------------------------------------------------------
@@ -497,6 +545,7 @@ def test_eval_cli_errors(tmp_path, capsys):
     (["--attack", "fgsm:eps=0.1,restarts=2"], "--attack 'fgsm:eps=0.1,restarts=2': attack fgsm: restarts"),
     (["--attack", "fgsm:eps=0.1,random_start=0"], "attack fgsm: restarts and random_start apply to pgd only"),
     (["--attack", "fgsm:eps=0.1,alpha=0.05"], "attack fgsm: alpha applies to the iterative attacks only"),
+    (["--attack", "clean:eps=8/255"], "--attack 'clean:eps=8/255': attack 'clean' takes no options, got eps=8/255"),
     (["--out", "{file}"], "--out {file}: cannot create the output folder"),
 ])
 def test_eval_cli_argument_errors_exit_2_and_name_the_argument(tmp_path, capsys, monkeypatch, argv, fragment):
