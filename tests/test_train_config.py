@@ -201,3 +201,47 @@ def test_training_doc_lists_every_key():
         doc = f.read()
     assert reference_markdown() in doc, ("docs/TRAINING.md's key tables differ from the config fields; regenerate "
                                          "them with jsigr_fast.train.config.reference_markdown()")
+
+
+def test_ranks_other_than_0_tag_their_error_lines(capsys, tmp_path, monkeypatch):
+    """Under torchrun every rank printed the same untagged line. Rank 0's stays as it is; the other
+    ranks' lines are tagged, never dropped (a rank-specific failure must show), exit codes as before."""
+    import warnings
+
+    from jsigr_fast.train import trainer
+    from jsigr_fast.train.errors import DataError
+
+    def no_group(*args, **kwargs):  # these errors come before the process group is joined
+        raise AssertionError("setup() must not be reached")
+
+    monkeypatch.setattr(trainer, "setup", no_group)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("wieght_decay: 0.1\n")
+    runs = [(["--config", str(bad)], "unknown config key 'wieght_decay'"),  # while reading the config
+            (["--method", "ir"], "method 'ir' needs a teacher: --teacher CKPT")]  # in the trainer, before setup()
+    for rank, world, tag in [("1", "2", "[rank 1] "), ("3", "4", "[rank 3] "), ("0", "2", ""), ("0", "1", "")]:
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        for argv, fragment in runs:
+            assert main(["train", *argv, "--out", str(tmp_path / "run"), *QUIET]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"{tag}jsigr-fast train: error: {fragment}"), err
+            assert len(err.strip().splitlines()) == 1, err
+
+    # a failure of one rank only (its node lacks the data): shown, tagged, with its own exit code
+    def fails_here(cfg, **kwargs):
+        warnings.warn("only this rank warns", RuntimeWarning)
+        raise DataError("cannot read dataset 'mnist' at /data on this node")
+
+    monkeypatch.setattr(trainer, "train", fails_here)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--out", str(tmp_path / "run"), *QUIET]) == DataError.exit_code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "[rank 1] jsigr-fast train: warning: only this rank warns",
+        "[rank 1] jsigr-fast train: error: cannot read dataset 'mnist' at /data on this node"]
+    # malformed variables (not torchrun's) leave the lines plain rather than fail while reporting
+    monkeypatch.setenv("RANK", "one")
+    assert main(["train", "--out", str(tmp_path / "run"), *QUIET]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "jsigr-fast train: error: cannot read dataset 'mnist' at /data on this node"

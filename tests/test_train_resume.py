@@ -176,6 +176,50 @@ def test_a_used_run_folder_needs_resume_or_overwrite(tmp_path, capsys):
     assert not [f for f in os.listdir(out) if f.endswith(".old")]  # nothing moved aside either
 
 
+def test_resume_into_a_folder_holding_another_run_needs_overwrite(tmp_path, capsys):
+    """--resume CKPT --out OTHER wrote OTHER's last.pt and appended to its logs whatever OTHER held."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([*SMALL, "--out", str(a)]) == 0
+    assert main([*SMALL, "--lr", "0.5", "--out", str(b)]) == 0
+    before_a, before_b = snapshot(a), snapshot(b)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(a), "--epochs", "2", "--out", str(b), *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert (f"jsigr-fast train: error: {b} already holds another run (last.pt, steps.csv, epochs.csv); resuming "
+            f"{a / 'last.pt'} there would overwrite it: pass --resume {b} to continue that run, --overwrite to "
+            f"replace it with the resumed run, or choose another --out") in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert snapshot(a) == before_a and snapshot(b) == before_b
+    # logs without a checkpoint: nothing to --resume there, so that is not suggested
+    logs_only = tmp_path / "logs_only"
+    logs_only.mkdir()
+    (logs_only / "steps.csv").write_bytes(before_b["steps.csv"])
+    assert main(["train", "--resume", str(a), "--epochs", "2", "--out", str(logs_only), *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert f"{logs_only} already holds another run (steps.csv); resuming" in err and "--resume" not in \
+        err.split("would overwrite it")[1], err
+    # in place still continues, however --out spells the checkpoint's folder; --overwrite there still contradicts
+    assert main(["train", "--resume", str(a / "last.pt"), "--overwrite", "--out", str(a), *QUIET]) == 2
+    assert "--overwrite starts a new run and --resume continues one" in capsys.readouterr().err
+    assert main(["train", "--resume", str(a / "last.pt"), "--epochs", "2", "--out", str(a) + os.sep, *QUIET]) == 0
+    assert load(a / "last.pt")["global_step"] == 4
+    before_a = snapshot(a)
+    # --overwrite: b now holds a's run continued, with its own config and logs only; a is untouched
+    capsys.readouterr()
+    assert main(["train", "--resume", str(a), "--epochs", "3", "--out", str(b), "--overwrite", *QUIET]) == 0
+    assert (f"--overwrite: resuming {a / 'last.pt'} in {b} (its last.pt, steps.csv, epochs.csv are replaced)"
+            in capsys.readouterr().out)
+    ckpt = load(b / "last.pt")
+    assert ckpt["global_step"] == 6 and ckpt["config"]["lr"] != 0.5
+    steps = (b / "steps.csv").read_text().splitlines()
+    assert [int(line.split(",")[2]) for line in steps[1:]] == [5, 6]  # none of b's old rows (1, 2)
+    assert [line.split(",")[0] for line in (b / "epochs.csv").read_text().splitlines()[1:]] == ["3"]
+    assert "lr: 0.5" not in (b / "config.yaml").read_text()
+    assert snapshot(a) == before_a
+    # a folder holding nothing needs no --overwrite
+    assert main(["train", "--resume", str(a), "--epochs", "3", "--out", str(tmp_path / "c"), *QUIET]) == 0
+
+
 def test_logs_without_a_checkpoint_count_as_a_run(tmp_path, capsys):
     """A run killed in its first epoch leaves logged steps but no checkpoint: a new run must not
     append to them; --resume auto (a restart loop) starts over and says it clears them."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 
@@ -28,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(resume if <out>/last.pt exists, else start)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out folder that holds a run (its last.pt is replaced, its logs cleared); "
-                        "without it (or --resume) such a folder is refused")
+                        "without it (or --resume) such a folder is refused. With --resume CKPT --out DIR: let the "
+                        "resumed run replace the other run DIR holds")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     groups = {g: p.add_argument_group(g) for g in _GROUPS}
     for name, f in FIELDS.items():
@@ -78,11 +80,30 @@ def parse(args: argparse.Namespace):
     return build_config(file_values, flags, file_source=args.config or "config file")
 
 
+def _rank_tag() -> str:
+    """``"[rank N] "`` on a torchrun rank other than 0, else ``""``.
+
+    Under torchrun every rank runs this CLI and prints its own errors, so the same line appears
+    once per rank. Rank 0's line stays as it would be in a single process; the others are tagged
+    rather than dropped: before the process group is joined a rank cannot know whether rank 0 failed
+    the same way (each node reads its own config file, checkpoint, data), and dropping a line that
+    differs would hide the one failure that matters. Read from torchrun's environment (as
+    :func:`jsigr_fast.train.distributed.setup` does), since the error may come before the group
+    exists or after it was torn down."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:  # not torchrun's values: print plain lines rather than fail while reporting
+        return ""
+    return f"[rank {rank}] " if world > 1 and rank != 0 else ""
+
+
 def run(args: argparse.Namespace) -> int:
     from .trainer import train
 
+    tag = _rank_tag()
+
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"jsigr-fast train: warning: {message}", file=sys.stderr, flush=True)
+        print(f"{tag}jsigr-fast train: warning: {message}", file=sys.stderr, flush=True)
 
     with warnings.catch_warnings():
         warnings.showwarning = show
@@ -95,5 +116,5 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             return train(cfg, resume=args.resume, overwrite=args.overwrite, explicit=explicit)
         except TrainError as exc:
-            print(f"jsigr-fast train: error: {exc}", file=sys.stderr, flush=True)
-            return exc.exit_code
+            print(f"{tag}jsigr-fast train: error: {exc}", file=sys.stderr, flush=True)
+            return exc.exit_code  # the same on every rank, tagged or not

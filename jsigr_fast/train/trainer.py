@@ -56,6 +56,11 @@ def previous_run(out: str) -> list[str]:
     return found + [name for name in LOG_FILES if logged_rows(os.path.join(out, name))]
 
 
+def _same_folder(a: str, b: str) -> bool:
+    """Whether two paths name one folder (relative, trailing slashes, symlinks)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _resume_path(resume: str, cfg: TrainConfig) -> str:
     if resume in ("auto", "last"):
         return os.path.join(cfg.out or resolve(cfg).out, CHECKPOINT_NAME)
@@ -95,12 +100,15 @@ class Trainer:
         cfg: the configuration (resolved here).
         resume: a checkpoint path, a run folder, or "auto" (``<out>/last.pt``; start fresh if absent).
         overwrite: start over in an ``out`` folder that holds a run (its checkpoint is removed, its
-            logs truncated); without it, and without ``resume``, such a folder is a ConfigError.
+            logs truncated); without it, and without ``resume``, such a folder is a ConfigError. With
+            ``resume`` it is allowed only when ``out`` is given and is not the checkpoint's folder: the
+            resumed run then replaces the run ``out`` holds (refused without it).
         model: an ``nn.Module`` to train instead of ``cfg.model`` (Python API; pass it again to resume).
         explicit: config keys the user set (resume checks, warnings about unused keys).
     """
 
     resumed_from: str | None = None
+    resume_elsewhere = False  # resumed into an --out other than the checkpoint's folder
     env = log = None
 
     def __init__(self, cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False,
@@ -113,8 +121,10 @@ class Trainer:
             raise
 
     def _build(self, cfg, resume, overwrite, model, explicit) -> None:
-        if resume and overwrite:
-            raise ConfigError("--overwrite starts a new run and --resume continues one: give only one of them")
+        contradiction = ("--overwrite starts a new run and --resume continues one: give only one of them "
+                         "(with --resume, --overwrite only lets the run continue in another --out that holds a run)")
+        if resume and overwrite and (resume in ("auto", "last") or "out" not in explicit):
+            raise ConfigError(contradiction)  # in place for sure: said before any file is read
         ckpt = None
         self.resume_changes = {}  # key -> (the checkpoint's value, this resume's)
         if resume:
@@ -136,6 +146,12 @@ class Trainer:
                     cfg.out = os.path.dirname(os.path.abspath(path))
                 self.resumed_from = path
         cfg = resolve(cfg)
+        # A resume into another folder (--resume CKPT --out OTHER) writes OTHER's last.pt and logs;
+        # if OTHER holds another run, that run would be lost, so it is claimed like a new run's folder.
+        self.resume_elsewhere = ckpt is not None and not _same_folder(cfg.out, os.path.dirname(
+            os.path.abspath(self.resumed_from)))
+        if resume and overwrite and not self.resume_elsewhere:
+            raise ConfigError(contradiction)
         check_combination(cfg, resuming=ckpt is not None)
         self.cfg, self.ckpt = cfg, ckpt
         if cfg.threads:
@@ -145,7 +161,7 @@ class Trainer:
         # a throughput measurement writes only throughput.json, so it may share a run's folder
         self.writes_run = not cfg.throughput_steps
         self.fresh_logs = False
-        if ckpt is None and self.writes_run:
+        if (ckpt is None or self.resume_elsewhere) and self.writes_run:
             self._claim_out(cfg.out, resume, overwrite)
         self._warn_unused(explicit)
         if device.type == "cuda":
@@ -269,7 +285,8 @@ class Trainer:
         import yaml
 
         path = os.path.join(self.out, "config.yaml")
-        if ckpt is None or not os.path.exists(path):  # a new run, or a resumed one in a new folder
+        # a new run, or a resumed one in another folder (whose config.yaml, if any, is not this run's)
+        if ckpt is None or self.resume_elsewhere or not os.path.exists(path):
             with open(path, "w") as f:
                 yaml.safe_dump(to_dict(self.cfg) if ckpt is None else ckpt["config"], f, sort_keys=False)
         if self.resume_changes and self.epoch < self.cfg.epochs:  # nothing to record when nothing runs
@@ -293,12 +310,22 @@ class Trainer:
                       RuntimeWarning, stacklevel=2)
 
     def _claim_out(self, out: str, resume, overwrite: bool) -> None:
-        """Refuse to write a new run over an earlier one's checkpoint and logs, unless told to."""
+        """Refuse to write a new run, or a run resumed from another folder, over an earlier run's
+        checkpoint and logs in ``out``, unless told to."""
         # Rank 0 alone looks (the other ranks need not share its filesystem) and every rank acts on
         # its answer, so all of them stop, or all go on, together.
         found = gather_objects(previous_run(out) if self.env.is_main else None, self.env)[0]
         what = ", ".join(found)
-        if resume == "auto":  # a restart loop: logs here are from an attempt that never wrote a checkpoint
+        if self.ckpt is not None:  # resuming into a folder other than the checkpoint's
+            if found and overwrite:
+                self.print(f"--overwrite: resuming {self.resumed_from} in {out} (its {what} are replaced)")
+            elif found:
+                # only a checkpoint there can be continued; logs alone are an attempt that never saved one
+                own = f"--resume {out} to continue that run, " if CHECKPOINT_NAME in found else ""
+                raise ConfigError(f"{out} already holds another run ({what}); resuming {self.resumed_from} there "
+                                  f"would overwrite it: pass {own}--overwrite to replace it with the resumed run, "
+                                  f"or choose another --out")
+        elif resume == "auto":  # a restart loop: logs here are from an attempt that never wrote a checkpoint
             self.print(f"--resume auto: no {os.path.join(out, CHECKPOINT_NAME)} yet, starting a new run"
                        + (f"; the logs of the earlier attempt ({what}) are cleared" if found else ""))
         elif found and overwrite:
