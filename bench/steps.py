@@ -142,6 +142,19 @@ def _fd_graphs_kept(backend):
     return loss
 
 
+def _fd_fused_rules(m, x, y):
+    """The fused fd J-SIGR loss with fused.FIRST_ORDER_NATIVE off: its first-order passes through the
+    conv / ReLU double-backward rules instead of ATen's ops (the ablation of that choice; restored afterwards)."""
+    from jsigr_fast import fused
+
+    before = fused.FIRST_ORDER_NATIVE
+    fused.FIRST_ORDER_NATIVE = False
+    try:
+        return jsigr_fast.loss(m, x, y, mode="fd", backend="fused")
+    finally:
+        fused.FIRST_ORDER_NATIVE = before
+
+
 def fused_jsigr_eager_penalty(m, x, y, *, generator=None):
     """Ablation, not a library mode: ``jsigr_fast.loss(m, x, y, backend="fused")`` at its defaults
     (lambda_m = lambda_j = 0.5, eps 0.3, the gradient saliency mask at beta 0.1, one projection; the same
@@ -251,6 +264,8 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
             "jsigr_fd_fused": Method("jsigr_fd_fused", "jsigr_fd",
                                      lambda m, x, y: jsigr_fast.loss(m, x, y, mode="fd", backend="fused"),
                                      "J-SIGR, finite differences (fd, fused)"),
+            "jsigr_fd_rules": Method("jsigr_fd_rules", "jsigr_fd", _fd_fused_rules,
+                                     "J-SIGR, fd (fused), conv/ReLU rules in its first-order passes (ablation)"),
             "jsigr_eager_fused": Method("jsigr_eager_fused", "jsigr", fused_jsigr_eager_penalty,
                                         "J-SIGR, projection (fused), penalty gradients eager (ablation)"),
             "jsigr_hutchinson_fused": Method(

@@ -33,9 +33,10 @@ losses of :mod:`jsigr_fast.functional` run with grad on whatever the caller's mo
 early backward runs on the unwrapped module and touches no reducer hook; the caller's backward
 all-reduces the total as usual. With
 ``backend="fused"`` the forwards and that backward run under the fused backend's layer rules
-(:func:`jsigr_fast.functional.layer_rules`: fused BatchNorm, conv and ReLU, channels-last
-activations where they pay); here they are only differentiated once, and exactly, so the result
-is the native one's up to rounding.
+(:func:`jsigr_fast.functional.layer_rules` with ``first_order=True``: fused BatchNorm and
+channels-last activations where they pay; conv and ReLU stay ATen's, whose first derivatives are
+already what the fused rules compute); here they are only differentiated once, and exactly, so the
+result is the native one's up to rounding.
 
 Bias (documented and tested): the forward difference has error ``(h/2) dᵀ∇²ℓ d + O(h²)`` in the
 directional derivative, so the penalty carries an O(h) bias that vanishes as h → 0; for smooth
@@ -297,7 +298,7 @@ def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float
     _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
     early = FREE_EARLY and torch.is_grad_enabled()  # the caller will differentiate (no_grad: values only)
-    with torch.enable_grad(), layer_rules(backend):
+    with torch.enable_grad(), layer_rules(backend, first_order=True):
         rng = _ForwardRNG(x)
         xg, logits = forward(model, x, y)
         per_sample = F.cross_entropy(logits, y, reduction="none")
@@ -324,7 +325,7 @@ def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
     early = FREE_EARLY and torch.is_grad_enabled()
-    with torch.enable_grad(), layer_rules(backend):
+    with torch.enable_grad(), layer_rules(backend, first_order=True):
         rng = _ForwardRNG(x)
         xg, logits = forward(model, x, y)
         per_sample = F.cross_entropy(logits, y, reduction="none")
@@ -340,7 +341,7 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "projec
     _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
     early = FREE_EARLY and torch.is_grad_enabled()
-    with torch.enable_grad(), layer_rules(backend):
+    with torch.enable_grad(), layer_rules(backend, first_order=True):
         rng = _ForwardRNG(x)
         xg, logits = forward(model, x, None)
         per = _jacobian_fd(aux, x, logits, xg, estimator=estimator, n_proj=n_proj, generator=generator,

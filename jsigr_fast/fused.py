@@ -102,6 +102,12 @@ BATCH_PROBES = {"cpu": 2, "cuda": None}
 # and flip it per device.
 LOSS_HEAD = {"cpu": False, "cuda": False}
 
+# Keep ATen's conv and ReLU in first-order blocks (fused_layers(first_order=True): the perturbed saliency
+# pass and mode="fd")? Their rules exist for the double backward; differentiated once they compute the
+# same first derivatives as ATen's, through a Python autograd node per call. Measured on the 2-core CPU
+# (ResNet-20, batch 128, fp32; bench/results/fused_cpu_*_fd_rules.md, --ablation fd_rules): see that record.
+FIRST_ORDER_NATIVE = True
+
 
 def _sq_norm(g, mask):
     return ops.masked_sq_norm(g, mask, compiled=True)
@@ -172,13 +178,22 @@ class _FusedMode(SafeOps):
     """The layer rules below, and (as a :class:`~jsigr_fast.higher_order.SafeOps`) the composites of
     the layers PyTorch cannot differentiate twice, in one mode: one Python dispatch per op, not two."""
 
-    def __init__(self, *, forward_ad: bool = False, conv: bool = True, relu: bool = True):
+    def __init__(self, *, forward_ad: bool = False, conv: bool = True, relu: bool = True, first_order: bool = False):
         super().__init__(forward_ad=forward_ad)  # forward_ad: batch norm through _BatchNormJVP (conv / ReLU have jvps)
         self.conv = conv
         self.relu = relu
+        # first_order: no double backward will run, so conv / ReLU keep ATen's autograd (their
+        # rules here only pay off twice differentiated: per call they cost a Python autograd.Function)
+        self.first_order = first_order and FIRST_ORDER_NATIVE
         # copies standing in for views of channels-last activations (see torch.Tensor.view below):
         # storage address -> (weakref to the copy, weakref to the activation it stands for)
         self._view_copies: dict[int, tuple] = {}
+        # Whether this block turned NCHW activations channels-last (CHANNELS_LAST; set by the first conv
+        # that does, or by a caller that converts beforehand). Only then do activations have a layout the
+        # caller's plain forward would not give them, and only then is the dropout mask redrawn in NCHW
+        # order and a failing view replaced: with the caller's own channels-last input, the plain
+        # forward's activations are channels-last too (masks drawn in memory order, views failing alike).
+        self.relaid = False
 
     def other(self, func, args, kwargs):  # after SafeOps' composites
         if self._view_copies and args and isinstance(args[0], torch.Tensor) and _writes_in_place(func):
@@ -195,8 +210,8 @@ class _FusedMode(SafeOps):
                 return _batch_norm_jvp(*args, **kwargs)
             return ops.batch_norm(*args, **kwargs)
         if func is F.conv2d and self.conv:
-            return conv2d(*args, **kwargs, _layout=True)
-        if func is F.relu and self.relu:
+            return conv2d(*args, **kwargs, _mode=self)
+        if func is F.relu and self.relu and not self.first_order:
             return relu(*args, **kwargs)
         if func is F.adaptive_avg_pool2d and self.forward_ad and _global_pool(args, kwargs):
             # a global average pool inside the batched Hutchinson probes (vmap): ATen's forward-mode
@@ -211,7 +226,7 @@ class _FusedMode(SafeOps):
                 rest = args[1:] if args else ()
                 kw = {k: v for k, v in kwargs.items() if k != "input"}
                 return func(t.contiguous(), *rest, **kw)
-        if func is F.dropout and self.conv:
+        if func is F.dropout and self.conv and self.relaid:
             t = args[0] if args else kwargs["input"]
             if not t.is_contiguous() and t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
                 # a channels-last activation (see CHANNELS_LAST): ATen would draw the mask in memory
@@ -219,7 +234,7 @@ class _FusedMode(SafeOps):
                 rest = args[1:] if args else ()
                 kw = {k: v for k, v in kwargs.items() if k != "input"}
                 return func(t.contiguous(), *rest, **kw).contiguous(memory_format=torch.channels_last)
-        if func is torch.Tensor.view and self.conv:
+        if func is torch.Tensor.view and self.conv and self.relaid:
             try:
                 return func(*args, **kwargs)
             except RuntimeError as e:
@@ -264,12 +279,17 @@ def _batch_norm_jvp(input, running_mean, running_var, weight=None, bias=None, tr
 
 
 @contextlib.contextmanager
-def fused_layers(*, forward_ad: bool = False, conv: bool = True, relu: bool = True):
+def fused_layers(*, forward_ad: bool = False, conv: bool = True, relu: bool = True, first_order: bool = False):
     """Inside the block, train-mode ``F.batch_norm`` runs the fused op (:func:`jsigr_fast.ops.batch_norm`),
     ``F.conv2d`` and ``F.relu`` get the explicit double-backward rules of :func:`conv2d` / :func:`relu`.
-    With ``forward_ad=True`` batch norm goes through a wrapper that also has an exact forward-mode rule."""
-    with _FusedMode(forward_ad=forward_ad, conv=conv, relu=relu):
-        yield
+    With ``forward_ad=True`` batch norm goes through a wrapper that also has an exact forward-mode rule.
+    With ``first_order=True`` (a block whose graph is differentiated at most once: the perturbed
+    saliency pass, ``mode="fd"``) conv and ReLU stay ATen's own ops, only the activations' layout
+    follows :data:`CHANNELS_LAST`: their rules would cost a Python autograd node per call and buy
+    nothing there (see FIRST_ORDER_NATIVE). A graph built so is still exact when
+    differentiated twice, through ATen's double backward."""
+    with _FusedMode(forward_ad=forward_ad, conv=conv, relu=relu, first_order=first_order) as mode:
+        yield mode
 
 
 @contextlib.contextmanager
@@ -438,19 +458,29 @@ def _pair(v):
     return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, _layout=False):
+def _relayout(input) -> bool:
+    """Whether a conv inside :func:`fused_layers` makes its 4-D input channels-last (:data:`CHANNELS_LAST`):
+    once, at the first conv of an NCHW network. Not inside torch.func transforms (the batched
+    Hutchinson probes), whose clone has no channels-last rule: that caller converts its inputs beforehand."""
+    return (isinstance(input, torch.Tensor) and input.dim() == 4 and CHANNELS_LAST.get(input.device.type, False)
+            and input.is_contiguous() and not input.is_contiguous(memory_format=torch.channels_last)
+            and not in_transform(input))
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, _mode=None):
     """``F.conv2d`` whose double backward uses ordinary convolution kernels (see the module docstring).
-    String padding ("same"/"valid") and non-4-D inputs fall back to ``F.conv2d``. With ``_layout``
-    (inside :func:`fused_layers`) the activation becomes channels-last where :data:`CHANNELS_LAST` says so."""
+    String padding ("same"/"valid") and non-4-D inputs fall back to ``F.conv2d``. Called by the mode of
+    :func:`fused_layers` (``_mode``), the activation becomes channels-last where :data:`CHANNELS_LAST`
+    says so (recorded in ``_mode.relaid``); in a first-order block that is all, the conv itself is ``F.conv2d``."""
     if isinstance(padding, str) or input.dim() != 4:
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     p = (_pair(stride), _pair(padding), _pair(dilation), groups)
     dev = input.device.type
-    if _layout and CHANNELS_LAST.get(dev, False) and input.is_contiguous() and not input.is_contiguous(
-            memory_format=torch.channels_last) and not in_transform(input):
-        # once, at the first conv. Not inside torch.func transforms (the batched Hutchinson probes),
-        # whose clone has no channels-last rule: that caller converts its inputs beforehand
+    if _mode is not None and _relayout(input):
         input = input.contiguous(memory_format=torch.channels_last)
+        _mode.relaid = True
+    if _mode is not None and _mode.first_order:
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     if torch.is_autocast_enabled(dev) and input.is_floating_point():
         # cast as autocast would (conv runs in the low-precision dtype), so the rule saves and
         # differentiates the cast tensors, whatever autocast state the backward later runs under
@@ -561,9 +591,11 @@ def _hutchinson_batched(model, x, zs):
     n = x.shape[0]
     effects = _ForwardEffects(model, x.device, snapshot=True)
     z = torch.stack(zs)
+    relaid = False
     if CHANNELS_LAST.get(x.device.type, False) and x.dim() == 4:
         # conv2d cannot switch layouts inside vmap (no channels-last clone rule there), so the input
         # and every probe come in channels-last already
+        relaid = _relayout(x)
         x = x.contiguous(memory_format=torch.channels_last)
         z = z.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
@@ -574,7 +606,8 @@ def _hutchinson_batched(model, x, zs):
 
     try:
         with torch.enable_grad(), frozen_running_stats(model), decomposed_normalization(), \
-                fused_layers(forward_ad=True):
+                fused_layers(forward_ad=True) as mode:
+            mode.relaid = relaid
             jz = torch.func.vmap(tangent)(z)
     except torch.OutOfMemoryError:
         effects.undo()

@@ -316,23 +316,25 @@ def test_eager_penalty_ablation_is_the_same_loss_with_fewer_graphs_alive():
     assert peaks["eager"] < 0.9 * peaks["fused"], peaks
 
 
-def test_bench_fused_tiny_config_with_both_ablations(tmp_path):
+def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
     import bench_fused
 
     bench_fused.main(["--model", "digits_cnn", "--batch", "8", "--pairs", "jsigr,jsigr_fd", "--rounds", "2",
-                      "--repeats", "1", "--ablation", "eager", "--ablation", "fd_kept", "--out", str(tmp_path)])
-    (path,) = glob.glob(str(tmp_path / "fused_cpu_digits_cnn_b8_float32_t*_jsigr_jsigr_fd_eager_fd_kept.json"))
+                      "--repeats", "1", "--ablation", "eager", "--ablation", "fd_kept", "--ablation", "fd_rules",
+                      "--out", str(tmp_path)])
+    (path,) = glob.glob(str(tmp_path / "fused_cpu_digits_cnn_b8_float32_t*_jsigr_jsigr_fd_eager_fd_kept_fd_rules.json"))
     with open(path) as f:
         rows = json.load(f)["results"]
     assert list(rows) == ["standard", "jsigr", "jsigr_fused", "jsigr_fd", "jsigr_fd_fused", "jsigr_eager_fused",
-                          "jsigr_fd_kept"]
+                          "jsigr_fd_kept", "jsigr_fd_rules"]
     for n in list(rows)[1:]:
         assert len(rows[n]["rounds_s"]) == 2 and rows[n]["x_standard"] == pytest.approx(
             rows[n]["median_s"] / rows["standard"]["median_s"])
     for ref, fus in (("jsigr", "jsigr_fused"), ("jsigr_fd", "jsigr_fd_fused")):
         assert rows[fus]["speedup_rounds"] == pytest.approx(
             [r / f for r, f in zip(rows[ref]["rounds_s"], rows[fus]["rounds_s"])])
-    for abl, base in (("jsigr_eager_fused", "jsigr_fused"), ("jsigr_fd_kept", "jsigr_fd")):
+    for abl, base in (("jsigr_eager_fused", "jsigr_fused"), ("jsigr_fd_kept", "jsigr_fd"),
+                      ("jsigr_fd_rules", "jsigr_fd_fused")):
         assert rows[abl][f"x_{base}_rounds"] == pytest.approx(
             [e / f for e, f in zip(rows[abl]["rounds_s"], rows[base]["rounds_s"])])
     md = open(path[:-len(".json")] + ".md").read()
@@ -340,6 +342,27 @@ def test_bench_fused_tiny_config_with_both_ablations(tmp_path):
     assert "| J-SIGR, fd (reference), perturbed graphs kept (ablation) |" in md
     assert "Ablation 'eager' (the input-gradient penalty's parameter gradients" in md
     assert "Ablation 'fd_kept' (every perturbed forward's graph kept" in md
+    assert "Ablation 'fd_rules' (the fused conv / ReLU double-backward rules in fd's" in md
+
+
+def test_fd_rules_ablation_is_the_same_loss_through_the_rules(monkeypatch):
+    # The fd_rules ablation must time what it says: the fused fd loss, its first-order passes through
+    # the conv / ReLU rules (which the library's default skips there), with the switch restored.
+    import jsigr_fast
+    from jsigr_fast import fused
+
+    calls = []
+    orig = fused._Conv2d.apply
+    monkeypatch.setattr(fused._Conv2d, "apply", lambda *a: calls.append(1) or orig(*a))
+    m, _, x, y = steps.make_setup("digits_cnn", 4, dtype=torch.float64)
+    torch.manual_seed(0)
+    ablation = steps._fd_fused_rules(m, x, y)
+    assert calls and fused.FIRST_ORDER_NATIVE
+    del calls[:]
+    torch.manual_seed(0)
+    default = jsigr_fast.loss(m, x, y, mode="fd", backend="fused")
+    assert not calls
+    torch.testing.assert_close(ablation, default, rtol=1e-12, atol=0)
 
 
 def test_bench_fused_ablation_needs_its_pair(capsys):

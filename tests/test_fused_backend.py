@@ -403,3 +403,32 @@ def test_hutchinson_on_random_or_stateful_forward_equals_reference(net, kind, ow
     for r, f in zip(*results):
         _compare(r[:3], f[:3], rtol=1e-10, atol_scale=1e-12)
         assert torch.equal(r[3], f[3]), "the global random stream after the call differs"
+
+
+# --- the caller's own channels-last input: the fused backend's layout fixes (dropout masks redrawn
+# in NCHW order, failing views replaced) are for the activations it made channels-last, not these
+@pytest.mark.parametrize("kind", ["loss_projection", "loss_hutchinson", "double_backprop", "input_gradient_penalty"])
+def test_callers_channels_last_input_keeps_its_dropout_masks(kind, monkeypatch):
+    # a plain forward on a channels-last input has channels-last activations and draws the dropout
+    # mask in memory order; the fused backend must draw the same one
+    monkeypatch.setitem(fused.CHANNELS_LAST, "cpu", True)
+    torch.manual_seed(0)
+    model = _FunctionalDropoutNet().double().train()
+    x = tiny_input("conv_bn_train").contiguous(memory_format=torch.channels_last)
+    y = _labels(x)
+    ref = _run(copy.deepcopy(model), x, y, "reference", kind)
+    got = _run(copy.deepcopy(model), x, y, "fused", kind)
+    _compare(ref, got, rtol=1e-10, atol_scale=1e-12)
+
+
+def test_callers_channels_last_input_view_fails_as_in_a_plain_forward(monkeypatch):
+    # .view(n, -1) on a channels-last activation fails in the caller's own forward; the fused
+    # backend replaces such views only for activations it made channels-last itself
+    monkeypatch.setitem(fused.CHANNELS_LAST, "cpu", True)
+    model = _ViewFlattenNet().double().train()
+    x = tiny_input("conv_bn_train").contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        model(x)
+    for backend in ("reference", "fused"):
+        with pytest.raises(RuntimeError, match="view size is not compatible"):
+            jsigr_fast.loss(copy.deepcopy(model), x, _labels(x), backend=backend)

@@ -100,3 +100,81 @@ def test_relu_rule_gradgradcheck_and_no_zero_branch():
     (g,) = torch.autograd.grad(fused.relu(x).sum(), x, create_graph=True)
     assert g_native.requires_grad and not g.requires_grad
     torch.testing.assert_close(g, g_native, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# first-order blocks (the saliency pass, mode="fd"): ATen's conv / ReLU, the layout still switched
+# ----------------------------------------------------------------------------------------------
+def _conv_relu_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                               torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(3 * 5 * 6, 4)).double()
+
+
+def _spy_rules(monkeypatch):
+    """Counts of the rules' autograd.Function applications, by name."""
+    calls = {"conv": 0, "relu": 0}
+    for key, cls in (("conv", fused._Conv2d), ("relu", fused._ReLU)):
+        orig = cls.apply
+
+        def apply(*a, _orig=orig, _key=key):
+            calls[_key] += 1
+            return _orig(*a)
+
+        monkeypatch.setattr(cls, "apply", apply)
+    return calls
+
+
+def test_first_order_block_keeps_aten_conv_and_relu_with_the_layout(monkeypatch):
+    # Inside fused_layers(first_order=True) no conv / ReLU rule runs (each would be a Python
+    # autograd node buying nothing without a double backward), the first conv still makes the
+    # activations channels-last where CHANNELS_LAST says so, and the graph is ATen's own.
+    calls = _spy_rules(monkeypatch)
+    net = _conv_relu_net()
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64)
+    seen = []
+    net[3].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with fused.fused_layers(first_order=True):
+        out = net(x)
+    assert calls == {"conv": 0, "relu": 0}
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) == fused.CHANNELS_LAST["cpu"]
+    names = []
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            names.append(type(node).__name__)
+            stack.extend(f for f, _ in node.next_functions)
+    assert "ConvolutionBackward0" in names and "ReluBackward0" in names, names
+    with fused.fused_layers():  # the default block: both rules, so the spy can see them
+        net(x)
+    assert calls["conv"] == 2 and calls["relu"] == 2
+    # differentiated twice anyway, a first-order block's graph is still exact (ATen's double backward)
+    xg = x.clone().requires_grad_(True)
+    with fused.fused_layers(first_order=True):
+        (g,) = torch.autograd.grad(net(xg).logsumexp(1).sum(), xg, create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), net[0].weight)
+    (g_nat,) = torch.autograd.grad(net(xg).logsumexp(1).sum(), xg, create_graph=True)
+    (gg_nat,) = torch.autograd.grad(g_nat.square().sum(), net[0].weight)
+    torch.testing.assert_close(gg, gg_nat, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif("fused" not in __import__("jsigr_fast").available_backends(), reason="fused backend unavailable")
+def test_saliency_pass_and_fd_run_no_conv_or_relu_rule(monkeypatch):
+    # The perturbed-input saliency pass (no graph kept) and mode="fd" (first-order only) run
+    # first-order blocks; the exact loss's own double-backprop pass still uses the rules.
+    import jsigr_fast
+
+    calls = _spy_rules(monkeypatch)
+    net, x, y = _conv_relu_net(), torch.randn(3, 2, 5, 6, dtype=torch.float64), torch.tensor([0, 1, 3])
+    gen = torch.Generator().manual_seed(0)
+    jsigr_fast.loss(net, x, y, lambda_j=0.0, mode="fd", backend="fused", generator=gen)
+    jsigr_fast.loss(net, x, y, lambda_m=0.0, mode="fd", backend="fused", generator=gen)
+    assert calls == {"conv": 0, "relu": 0}
+    jsigr_fast.loss(net, x, y, lambda_j=0.0, backend="fused", generator=gen)
+    exact = dict(calls)
+    assert exact["conv"] > 0 and exact["relu"] > 0  # the double-backprop pass
+    calls.update(conv=0, relu=0)
+    jsigr_fast.loss(net, x, y, lambda_j=0.0, saliency="none", backend="fused", generator=gen)
+    assert calls == exact  # the saliency pass added none of them
