@@ -238,20 +238,6 @@ def run_bench(a, methods_wanted):
     return results, targets, info
 
 
-def _dirty():
-    """Whether the code differs from ``commit`` (then the numbers are of uncommitted code). Result
-    records under bench/results/ are not code and do not count."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                              ":(exclude,top)bench/results"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=30)
-        return bool(out.stdout.strip()) if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _fmt_s(s: float) -> str:
     return f"{s:.3f}" if s < 10 else f"{s:.1f}" if s < 1000 else f"{s:,.0f}"
 
@@ -262,8 +248,7 @@ def format_markdown(a, cond, results, targets, info) -> str:
         f"### Seconds per training epoch (JARN Table 4 style) — {a.model}, {a.dataset} "
         f"{'x'.join(map(str, info['input_shape']))}, batch {a.batch}, {a.precision}"
         f"{', channels_last' if a.channels_last else ''}, {cond['device']}", "",
-        f"torch {cond['torch']}, triton {cond['triton']}, threads {cond['threads']}, commit {cond['commit']}"
-        f"{' + uncommitted changes' if cond.get('uncommitted_changes') else ''}, "
+        f"torch {cond['torch']}, triton {cond['triton']}, threads {cond['threads']}, commit {cond['commit']}, "
         f"{cond['date']}. Each method: its own copy of the same initial model, SGD, the same loader and batches; "
         f"{a.warmup} warm-up batch(es), then {a.rounds} round(s) x {info['timed_batches_per_round']} timed batch(es), "
         "round-robin; a batch's time includes loading it. Load average (1 min) before / after: "
@@ -342,7 +327,6 @@ def main(argv=None):
         p.error(str(err))
     cond = conditions(a.device)
     cond["loadavg_before"], cond["loadavg_after"] = list(load_before), list(os.getloadavg())
-    cond["uncommitted_changes"] = _dirty()
     cond.update({"model": a.model, "dataset": a.dataset, "batch": a.batch, "precision": a.precision,
                  "dtype": "bfloat16 autocast (fp32 weights)" if a.precision == "bf16" else "float32",
                  "channels_last": bool(a.channels_last), "workers": a.workers, "warmup": a.warmup,

@@ -376,6 +376,18 @@ class using_gpu_kernels:
         return False
 
 
+def uncommitted_changes() -> bool | None:
+    """Whether the code differs from HEAD (then the numbers are of uncommitted code); None when git
+    cannot tell. Result records under bench/results/ are not code and do not count."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                              ":(exclude,top)bench/results"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=30)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def conditions(device) -> dict:
     """What a reader needs to reproduce a number: hardware, versions, threads, commit."""
     dev = torch.device(device)
@@ -397,6 +409,10 @@ def conditions(device) -> dict:
                                         cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
         info["commit"] = None
+    # every record's markdown prints info["commit"]: numbers of code that is not that commit say so
+    info["uncommitted_changes"] = uncommitted_changes()
+    if info["commit"] and info["uncommitted_changes"]:
+        info["commit"] += " + uncommitted changes"
     if dev.type == "cuda":
         info["device"] = torch.cuda.get_device_name(dev)
         info["cuda"] = torch.version.cuda

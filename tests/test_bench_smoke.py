@@ -19,7 +19,7 @@ import bench_epoch  # noqa: E402
 import steps  # noqa: E402
 
 CONDITION_KEYS = {"device", "torch", "triton", "threads", "model", "batch", "dtype", "precision", "dataset", "statistic",
-                  "steps_timed_per_method", "commit", "date", "per_epoch_batches", "extrapolated", "channels_last"}
+                  "steps_timed_per_method", "commit", "uncommitted_changes", "date", "per_epoch_batches", "extrapolated", "channels_last"}
 RESULT_KEYS = {"label", "floor_units", "n_timed", "s_per_batch", "stat", "median_s_per_batch", "min_s_per_batch", "p20_s", "p80_s", "s_per_epoch",
                "images_per_s", "x_standard", "x_floor", "pgd_at7_speedup", "pgd_at7_speedup_floor"}
 
