@@ -2,6 +2,8 @@
 
 Each check raises TypeError (wrong kind of thing) or ValueError (right kind, bad value) with a
 message that names the argument and says what was expected. None of them modifies its input.
+Also the pieces every entry point shares: random draws, and the private copy of its input a model
+gets (:func:`private_input`).
 """
 from __future__ import annotations
 
@@ -158,6 +160,41 @@ def rand(shape, *, like: torch.Tensor, generator: torch.Generator | None) -> tor
     if generator is None:
         return torch.rand(shape, device=like.device, dtype=like.dtype)
     return torch.rand(shape, device=generator.device, dtype=like.dtype, generator=generator).to(like.device)
+
+
+def private_input(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` to hand to the model, where the tensor it would get is the caller's ``x``, an
+    alias of it, or a leaf that requires grad (what the input gradients are taken with respect to).
+
+    A model may write into its input in place (``nn.ReLU(inplace=True)`` or ``x.clamp_()`` as its
+    first op): on the caller's x or an alias that would modify x (and, on a non-leaf x, rewrite its
+    autograd history), and on a leaf that requires grad autograd refuses it. On a copy it is an
+    ordinary in-place op: the copy keeps the graph to ``t`` (gradients w.r.t. ``t`` are those of the
+    model applied to a copy of its input) and ``t``'s strides (a channels-last input stays so). One
+    input-sized copy per forward, small next to the activations; no random numbers are drawn.
+    """
+    return t.clone()
+
+
+def in_layout(z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``z``'s values with ``like``'s strides (``z`` itself when they already agree): a forward-mode
+    tangent laid out like its primal, so that a view the model takes of its input (``x.view(n, -1)``
+    after a transpose) works on the tangent exactly when it works on the primal. PyTorch 2.13's
+    ``make_dual`` / ``torch.func.jvp`` copy a mismatched tangent so themselves; done here explicitly,
+    the probes (drawn contiguous) do not depend on that. Same values: the random numbers are unchanged."""
+    if z.stride() == like.stride():
+        return z
+    return torch.empty_like(like, dtype=z.dtype, device=z.device, requires_grad=False).copy_(z)
+
+
+def stacked_in_layout(zs: list, like: torch.Tensor) -> torch.Tensor:
+    """``torch.stack(zs)`` with every slice laid out like ``like`` (a dense tensor, e.g. a clone): the
+    tangents of a vmapped forward-mode pass, each probe with the primal's strides (see :func:`in_layout`)."""
+    out = torch.empty_strided((len(zs), *like.shape), (like.numel(), *like.stride()), dtype=zs[0].dtype,
+                              device=zs[0].device)
+    for slot, z in zip(out, zs):
+        slot.copy_(z)
+    return out
 
 
 def rng_state(device: torch.device) -> list:

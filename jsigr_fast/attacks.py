@@ -156,7 +156,9 @@ def _loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None):
     ``y=None`` uses the model's own predictions at ``x`` as labels (from the same forward)."""
     xr = x.detach().requires_grad_(True)
     with torch.enable_grad(), frozen_running_stats(model):
-        logits = _checks.check_logits(model(xr), y, xr.shape[0])
+        # every forward here gets a copy (_checks.private_input): a model whose first op writes into
+        # its input in place would be refused on the leaf, and would overwrite x or the iterate
+        logits = _checks.check_logits(model(_checks.private_input(xr)), y, xr.shape[0])
         if y is None:
             y = logits.detach().argmax(dim=1)
         losses = F.cross_entropy(logits, y, reduction="none")
@@ -172,7 +174,7 @@ def _loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None):
 @torch.no_grad()
 def _loss_and_pred(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     with frozen_running_stats(model):
-        logits = _checks.check_logits(model(x), y, x.shape[0])
+        logits = _checks.check_logits(model(_checks.private_input(x)), y, x.shape[0])
     return F.cross_entropy(logits, y, reduction="none"), logits.argmax(dim=1)
 
 
@@ -432,7 +434,7 @@ def jsma(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, theta: floa
     while True:
         xr = xa.reshape(x0.shape).clone().requires_grad_(True)  # a copy: xa is edited in place below
         with torch.enable_grad(), frozen_running_stats(model):
-            logits = _checks.check_logits(model(xr), target, n)
+            logits = _checks.check_logits(model(_checks.private_input(xr)), target, n)
             active = (logits.argmax(dim=1) != target) & (n_modified + per_step <= limit)
             if not bool(active.any()):
                 break
@@ -476,7 +478,7 @@ def _deepfool(model, x, num_candidates, overshoot, max_iter, clamp):
     max_iter = _checks.check_int("max_iter", max_iter, low=1)
     n = x0.shape[0]
     with torch.no_grad(), frozen_running_stats(model):
-        logits0 = _checks.check_logits(model(x0), None, n)
+        logits0 = _checks.check_logits(model(_checks.private_input(x0)), None, n)
     k = logits0.shape[1]
     if k < 2:
         raise ValueError(f"DeepFool needs a model with at least 2 outputs, got {k}")
@@ -493,7 +495,7 @@ def _deepfool(model, x, num_candidates, overshoot, max_iter, clamp):
     for it in range(max_iter + 1):
         xr = xa.detach().requires_grad_(True)
         with torch.enable_grad(), frozen_running_stats(model):
-            logits = model(xr)
+            logits = model(_checks.private_input(xr))
             flipped = logits.argmax(dim=1) != k0
             active = ~flipped & ~stuck
             if it == max_iter or not bool(active.any()):
@@ -599,7 +601,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     with torch.no_grad(), frozen_running_stats(model):
         for i in range(0, x.shape[0], batch_size):
             yi = y[i:i + batch_size]
-            logits = _checks.check_logits(model(x[i:i + batch_size].detach()), yi, yi.shape[0])
+            logits = _checks.check_logits(model(_checks.private_input(x[i:i + batch_size].detach())), yi,
+                                          yi.shape[0])
             correct += int((logits.argmax(dim=1) == yi).sum())
     return correct / x.shape[0]
 

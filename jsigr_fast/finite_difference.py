@@ -228,12 +228,17 @@ def _perturbed_forward(aux, x, step, rng: _ForwardRNG, early: bool):
     """``aux(x + step)`` with ``step`` detached, running statistics frozen and the unperturbed forward's
     random numbers. Differentiable in x when x requires grad (d/dx of x + step is the identity): with
     ``early`` through a fresh leaf, returned as ``(leaf, x)`` for :func:`_free_early` to hand its early
-    gradient on to x (walking into the graph that produced x would free it), else through x itself."""
+    gradient on to x (walking into the graph that produced x would free it), else through x itself.
+    The model always gets the fresh tensor ``x + step``, never x or the leaf, so a model that writes
+    into its input in place needs no copy here (see :func:`jsigr_fast._checks.private_input`)."""
     swap = None
     if x.requires_grad:
         if early:
-            xp = (x.detach() + step).requires_grad_(True)
-            swap = (xp, x)
+            # the leaf before the step: the model's input x + step is then no leaf (an in-place
+            # first op would be refused on one), and the leaf's gradient is the same
+            leaf = x.detach().requires_grad_(True)
+            xp = leaf + step
+            swap = (leaf, x)
         else:
             xp = x + step
     else:

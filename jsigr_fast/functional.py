@@ -398,7 +398,8 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, n_samples:
             c = min(chunk, n_samples - done)
             noise = _checks.randn((c, *x0.shape), like=x0, generator=generator) * scale
             xs = (x0.unsqueeze(0) + noise).reshape(c * n, *x0.shape[1:]).requires_grad_(True)
-            logits = _checks.check_logits(model(xs), None, c * n)
+            # a copy of the leaf: an in-place first op (nn.ReLU(inplace=True)) would be refused on it
+            logits = _checks.check_logits(model(_checks.private_input(xs)), None, c * n)
             jc = reference.class_gradient(logits, xs, y.repeat(c), create_graph=False)
             acc += jc.reshape(c, *x0.shape).sum(0)
             done += c

@@ -218,14 +218,6 @@ class _FusedMode(SafeOps):
             # rule for it has no batching rule there (a per-probe loop and a warning); the same mean
             t = args[0] if args else kwargs["input"]
             return t.mean(dim=(-2, -1), keepdim=True)
-        if func is F.group_norm and self.forward_ad and self.conv:
-            t = args[0] if args else kwargs["input"]
-            if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-                # ATen's forward-mode rule for group norm views its input as if NCHW-contiguous and
-                # fails on a channels-last activation (see CHANNELS_LAST); the next conv converts back
-                rest = args[1:] if args else ()
-                kw = {k: v for k, v in kwargs.items() if k != "input"}
-                return func(t.contiguous(), *rest, **kw)
         if func is F.dropout and self.conv and self.relaid:
             t = args[0] if args else kwargs["input"]
             if not t.is_contiguous() and t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
@@ -549,8 +541,9 @@ def jacobian_hutchinson_sq(model, x, *, n_proj: int = 1, generator=None):
 
 def _hutchinson_loop(model, x, zs, *, generator=None):
     """Sum over the probes of ``||J z||^2`` per sample, one forward-mode pass per probe; a probe given
-    as None is drawn just before its pass (the reference's order of draws). The primal is x itself,
-    so the result is differentiable in x when x requires grad."""
+    as None is drawn just before its pass (the reference's order of draws). The primal is a copy of x
+    (:func:`jsigr_fast.reference._jvp_forward_mode`), so the result is differentiable in x when x
+    requires grad and x is never written."""
     n = x.shape[0]
     total = None
     with torch.enable_grad(), frozen_running_stats(model), decomposed_normalization():
@@ -587,20 +580,22 @@ def _hutchinson_batched(model, x, zs):
     batching rule), silently when the forward draws random numbers or writes buffers (the reference's
     passes draw and write once per probe; :class:`_ForwardEffects`, whose buffers are then restored).
     The model is remembered either way, so later calls go straight to the per-probe passes, which
-    the caller runs with the same draws. The primal is x itself (differentiable in x when x requires grad)."""
+    the caller runs with the same draws. The primal is a copy of x (differentiable in x when x requires grad)."""
     n = x.shape[0]
     effects = _ForwardEffects(model, x.device, snapshot=True)
-    z = torch.stack(zs)
-    relaid = False
-    if CHANNELS_LAST.get(x.device.type, False) and x.dim() == 4:
-        # conv2d cannot switch layouts inside vmap (no channels-last clone rule there), so the input
-        # and every probe come in channels-last already
-        relaid = _relayout(x)
-        x = x.contiguous(memory_format=torch.channels_last)
-        z = z.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    # conv2d cannot switch layouts inside vmap (no channels-last clone rule there), so an NCHW input
+    # and every probe come in channels-last already (CHANNELS_LAST); an input of another layout keeps
+    # it, as the first conv of the per-probe passes would (a transposed x made channels-last would
+    # fail a view the model's plain forward takes). Either way the primal is a copy of x (the
+    # relayout of an NCHW x is one): jvp's primal aliases it, and a model that writes into its input
+    # in place would otherwise write into x.
+    relaid = _relayout(x)
+    xp = x.contiguous(memory_format=torch.channels_last) if relaid else _checks.private_input(x)
+    # each probe laid out as the primal (a channels-last input: channels-last probes; see _checks.in_layout)
+    z = _checks.stacked_in_layout(zs, xp)
 
     def tangent(t):
-        out, jz = torch.func.jvp(model, (x,), (t,))
+        out, jz = torch.func.jvp(model, (xp,), (t,))
         _checks.check_logits(out, None, n)
         return jz
 
@@ -880,7 +875,10 @@ def _jsigr_hutchinson_shared(model, x, y, *, lambda_m, lambda_j, mask, n_proj, g
     with torch.enable_grad():
         try:
             with decomposed_normalization(), fused_layers(forward_ad=True), fwAD.dual_level():
-                out = _checks.check_logits(model(fwAD.make_dual(xg, z)), y, n)
+                # the dual's primal is a copy of the leaf (make_dual aliases its primal, on which an
+                # in-place first op would be refused), the tangent laid out as that copy
+                xp = _checks.private_input(xg)
+                out = _checks.check_logits(model(fwAD.make_dual(xp, _checks.in_layout(z, xp))), y, n)
                 unpacked = fwAD.unpack_dual(out)
                 logits = unpacked.primal
                 jz = unpacked.tangent if unpacked.tangent is not None else torch.zeros_like(logits)

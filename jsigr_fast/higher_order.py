@@ -13,6 +13,9 @@ differences, see tests/test_higher_order.py):
   saved ``exp`` in place (pytorch#162350, fix pending in pytorch#188270). Any attention layer, and a
   model that ends in ``log_softmax``, broke ``jacobian="hutchinson"``.
 * **GLU under forward mode**: ``derivative for aten::glu_jvp is not implemented``.
+* **GroupNorm on a channels-last input under forward mode** (CPU): ATen's rule views the input as
+  NCHW ("view size is not compatible with input tensor's size and stride"); it runs on a contiguous
+  copy, as ATen itself does on CUDA.
 * **Hardsigmoid** (MobileNetV3's squeeze-excitation): ``derivative for aten::hardsigmoid_backward is
   not implemented``, so no double backprop through it at all.
 * **scaled_dot_product_attention**: its fused kernels (flash / memory-efficient, CPU and CUDA) have
@@ -206,6 +209,23 @@ def _carries_tangent(t) -> bool:
     return fwAD.unpack_dual(t).tangent is not None or in_transform(t)
 
 
+def _group_norm_call(args, kwargs):
+    # F.group_norm(input, num_groups, weight=None, bias=None, eps=1e-5). ATen's forward-mode rule views
+    # the input as NCHW-contiguous, and torch.group_norm keeps a channels-last input so on CPU (on CUDA
+    # it makes it contiguous first): a channels-last input with a tangent fails ("view size is not
+    # compatible"), on the caller's channels-last x or on the fused backend's channels-last
+    # activations. Run it on a contiguous copy, as ATen does on CUDA: same values and derivatives.
+    t = _arg(args, kwargs, 0, "input")
+    if not isinstance(t, torch.Tensor) or t.is_contiguous():
+        return NotImplemented
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if fmt is None or not t.is_contiguous(memory_format=fmt):
+        return NotImplemented  # other layouts torch.group_norm makes contiguous itself
+    rest = args[1:] if args else ()
+    kw = {k: v for k, v in kwargs.items() if k != "input"}
+    return F.group_norm(t.contiguous(), *rest, **kw)
+
+
 def _mha_call(args, kwargs):
     qkv = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")]
     if not torch.is_grad_enabled() or not any(_carries_tangent(t) for t in qkv):
@@ -227,6 +247,7 @@ _FORWARD_AD = {
     F.softmin: _softmax_call(softmax, negate=True),
     torch.logsumexp: _logsumexp_call, torch.Tensor.logsumexp: _logsumexp_call, torch.special.logsumexp: _logsumexp_call,
     F.glu: _glu_call,
+    F.group_norm: _group_norm_call,
     F.multi_head_attention_forward: _mha_call,
 }
 

@@ -152,7 +152,9 @@ def layer_jacobian_norms(model: nn.Module, x: torch.Tensor, n_proj: int = 8, *, 
                     current.clear()
                     calls.clear()
                     with safe_ops(forward_ad=True), fwAD.dual_level():  # SDPA has no native forward-mode rule
-                        model(fwAD.make_dual(xb, tangent))
+                        # a copy of the slice: make_dual aliases its primal, and an in-place first op
+                        # of the model would write into the caller's x (_checks.private_input)
+                        model(fwAD.make_dual(_checks.private_input(xb), tangent))
                     for name in named:
                         if name not in current:
                             raise ValueError(f"layer {name!r} was not called by the model's forward")

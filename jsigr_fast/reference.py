@@ -54,16 +54,18 @@ def input_leaf(x: torch.Tensor) -> torch.Tensor:
     hooks the caller registered on x run only in the caller's own backward (on x itself they would
     also rescale the penalty's input gradient). Otherwise a detached alias with
     ``requires_grad=True``. Either way the caller's tensor and its ``requires_grad`` flag are left alone.
+    The model itself gets a copy (:func:`jsigr_fast._checks.private_input`), never this tensor: a
+    forward that writes into its input in place would write through it into x, or be refused on a leaf.
     """
     return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
 
 
 def forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the model on a differentiable alias of x; return ``(x_leaf, logits)``. Layers without a
-    native double backward run their composites (:func:`jsigr_fast.higher_order.safe_ops`)."""
+    """Run the model on a copy of a differentiable alias of x; return ``(x_leaf, logits)``. Layers without
+    a native double backward run their composites (:func:`jsigr_fast.higher_order.safe_ops`)."""
     xg = input_leaf(x)
     with safe_ops():
-        logits = _checks.check_logits(model(xg), y, x.shape[0])
+        logits = _checks.check_logits(model(_checks.private_input(xg)), y, x.shape[0])
     return xg, logits
 
 
@@ -144,8 +146,11 @@ def jacobian_exact_sq(logits: torch.Tensor, xg: torch.Tensor, *, coupled: bool =
 
 
 def _jvp_forward_mode(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    # the dual's primal is a copy of x (make_dual aliases its primal, and a model that writes into its
+    # input in place would write into x), still differentiable in x; the tangent takes its strides
+    xp = _checks.private_input(x)
     with safe_ops(forward_ad=True), fwAD.dual_level():
-        out = _checks.check_logits(model(fwAD.make_dual(x, z)), None, x.shape[0])
+        out = _checks.check_logits(model(fwAD.make_dual(xp, _checks.in_layout(z, xp))), None, x.shape[0])
         jz = fwAD.unpack_dual(out).tangent
     if jz is None:  # the output does not depend on x
         jz = torch.zeros_like(out)
@@ -156,7 +161,7 @@ def _jvp_double_vjp(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch
     # J z = d/du <J^T u, z>: the VJP is linear in u, so differentiating it along z gives the JVP.
     xg = input_leaf(x)  # x's own graph kept: J z stays differentiable in x
     with safe_ops():
-        out = _checks.check_logits(model(xg), None, x.shape[0])
+        out = _checks.check_logits(model(_checks.private_input(xg)), None, x.shape[0])
     u = torch.zeros_like(out, requires_grad=True)
     (vjp_u,) = torch.autograd.grad(out, xg, grad_outputs=u, create_graph=True)
     (jz,) = torch.autograd.grad(vjp_u, u, grad_outputs=z, create_graph=True)
@@ -169,7 +174,7 @@ def jacobian_hutchinson_sq(model: nn.Module, x: torch.Tensor, *, n_proj: int = 1
 
     Unbiased for ``||J||_F^2`` because ``E[z z^T] = I``. Returns ``(N,)`` (one value per output
     sample), differentiable w.r.t. the parameters (and x, if it requires grad: the tangent's primal
-    is x itself). Runs its own forward(s) at x, with running
+    is a copy of x, laid out as x, and so is the tangent). Runs its own forward(s) at x, with running
     statistics frozen and Batch/Instance/LayerNorm decomposed into elementary ops, because PyTorch's
     native kernels give wrong parameter gradients for a differentiated forward-mode tangent
     (see jsigr_fast.batchnorm). Forward mode needs no loss scaling under fp16 (tangents are not

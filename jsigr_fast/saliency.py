@@ -39,10 +39,11 @@ def perturbed_input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     model = _checks.unwrap_parallel(model)
     x0 = x.detach()
     sigma = x0.std(unbiased=False) if x0.numel() > 1 else x0.new_zeros(())
-    x_hat = x0 + eps * sigma * _checks.randn(x0.shape, like=x0, generator=generator) if eps > 0 else x0.clone()
-    x_hat.requires_grad_(True)
+    x_hat = x0 + eps * sigma * _checks.randn(x0.shape, like=x0, generator=generator) if eps > 0 else x.detach()
+    x_hat.requires_grad_(True)  # eps = 0: a fresh alias of x (the model gets a copy below); x's flag stays
     with torch.enable_grad(), frozen_running_stats(model):
-        logits = _checks.check_logits(model(x_hat), y, x0.shape[0])
+        # the model gets a copy of the leaf: an in-place first op would be refused on the leaf itself
+        logits = _checks.check_logits(model(_checks.private_input(x_hat)), y, x0.shape[0])
         loss = F.cross_entropy(logits, y, reduction="sum")
         if grad_scale is not None:
             loss = loss * grad_scale
