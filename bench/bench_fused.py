@@ -35,8 +35,9 @@ ABLATIONS = {
               "inside the loss call (one create_graph VJP graph alive at a time)"),
     "fd_kept": ("jsigr_fd_kept", "jsigr_fd", "every perturbed forward's graph kept to the backward "
                 "(finite_difference.FREE_EARLY off)"),
-    "fd_rules": ("jsigr_fd_rules", "jsigr_fd_fused", "the fused conv / ReLU double-backward rules in fd's "
-                 "first-order passes instead of ATen's ops (fused.FIRST_ORDER_NATIVE off)"),
+    "fd_rules": ("jsigr_fd_rules", "jsigr_fd_fused", "the fused conv / ReLU double-backward rules and the fused "
+                 "batch norm on every layout in fd's first-order passes, instead of ATen's conv / ReLU and ATen's "
+                 "batch norm where fused.FIRST_ORDER_ATEN_BN says (fused.FIRST_ORDER_NATIVE off)"),
 }
 
 

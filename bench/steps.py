@@ -144,7 +144,8 @@ def _fd_graphs_kept(backend):
 
 def _fd_fused_rules(m, x, y):
     """The fused fd J-SIGR loss with fused.FIRST_ORDER_NATIVE off: its first-order passes through the
-    conv / ReLU double-backward rules instead of ATen's ops (the ablation of that choice; restored afterwards)."""
+    conv / ReLU double-backward rules and the fused batch norm on every layout, instead of ATen's ops
+    where fused.FIRST_ORDER_NATIVE / FIRST_ORDER_ATEN_BN pick them (the ablation of that choice; restored afterwards)."""
     from jsigr_fast import fused
 
     before = fused.FIRST_ORDER_NATIVE
@@ -265,7 +266,7 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
                                      lambda m, x, y: jsigr_fast.loss(m, x, y, mode="fd", backend="fused"),
                                      "J-SIGR, finite differences (fd, fused)"),
             "jsigr_fd_rules": Method("jsigr_fd_rules", "jsigr_fd", _fd_fused_rules,
-                                     "J-SIGR, fd (fused), conv/ReLU rules in its first-order passes (ablation)"),
+                                     "J-SIGR, fd (fused), fused rules in every first-order pass (ablation)"),
             "jsigr_eager_fused": Method("jsigr_eager_fused", "jsigr", fused_jsigr_eager_penalty,
                                         "J-SIGR, projection (fused), penalty gradients eager (ablation)"),
             "jsigr_hutchinson_fused": Method(

@@ -102,11 +102,17 @@ BATCH_PROBES = {"cpu": 2, "cuda": None}
 # and flip it per device.
 LOSS_HEAD = {"cpu": False, "cuda": False}
 
-# Keep ATen's conv and ReLU in first-order blocks (fused_layers(first_order=True): the perturbed saliency
-# pass and mode="fd")? Their rules exist for the double backward; differentiated once they compute the
-# same first derivatives as ATen's, through a Python autograd node per call. Measured on the 2-core CPU
-# (ResNet-20, batch 128, fp32; bench/results/fused_cpu_*_fd_rules.md, --ablation fd_rules): see that record.
+# First-order blocks (fused_layers(first_order=True): the perturbed saliency pass and mode="fd") need no
+# double backward, so the fused rules only pay where their first-order kernels are faster than ATen's:
+# * FIRST_ORDER_NATIVE: conv and ReLU stay ATen's ops there (only the layout switch of CHANNELS_LAST
+#   remains). Their rules compute the same first derivatives through a Python autograd node per call.
+# * FIRST_ORDER_ATEN_BN[device]: batch norm on channels-last activations runs ATen's kernels there. On the
+#   2-core CPU ATen's channels-last forward is faster than ours (bench/results/bn_cpu_float32.md: ours
+#   0.71-0.95x; the backward ties), unlike NCHW, where ours is 3.5-4x faster. Unmeasured on CUDA: off.
+# Measured together on the 2-core CPU (ResNet-20, batch 128, fp32, the fd J-SIGR step;
+# bench/results/fused_cpu_*_jsigr_fd_fd_rules.md, --ablation fd_rules turns both off): see those records.
 FIRST_ORDER_NATIVE = True
+FIRST_ORDER_ATEN_BN = {"cpu": True, "cuda": False}
 
 
 def _sq_norm(g, mask):
@@ -208,6 +214,8 @@ class _FusedMode(SafeOps):
         if func is F.batch_norm:
             if self.forward_ad:
                 return _batch_norm_jvp(*args, **kwargs)
+            if self.first_order and _aten_bn_first_order(args[0] if args else kwargs["input"]):
+                return func(*args, **kwargs)
             return ops.batch_norm(*args, **kwargs)
         if func is F.conv2d and self.conv:
             return conv2d(*args, **kwargs, _mode=self)
@@ -278,8 +286,9 @@ def fused_layers(*, forward_ad: bool = False, conv: bool = True, relu: bool = Tr
     With ``first_order=True`` (a block whose graph is differentiated at most once: the perturbed
     saliency pass, ``mode="fd"``) conv and ReLU stay ATen's own ops, only the activations' layout
     follows :data:`CHANNELS_LAST`: their rules would cost a Python autograd node per call and buy
-    nothing there (see FIRST_ORDER_NATIVE). A graph built so is still exact when
-    differentiated twice, through ATen's double backward."""
+    nothing there; so does batch norm where ATen's first-order kernels are the faster ones (see
+    FIRST_ORDER_NATIVE). A graph built so is still exact when differentiated twice, through ATen's
+    double backward."""
     with _FusedMode(forward_ad=forward_ad, conv=conv, relu=relu, first_order=first_order) as mode:
         yield mode
 
@@ -448,6 +457,12 @@ class _Conv2d(torch.autograd.Function):
 
 def _pair(v):
     return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def _aten_bn_first_order(t) -> bool:
+    """Whether batch norm on ``t`` in a first-order block runs ATen's kernels (:data:`FIRST_ORDER_ATEN_BN`)."""
+    return (isinstance(t, torch.Tensor) and t.dim() == 4 and FIRST_ORDER_ATEN_BN.get(t.device.type, False)
+            and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _relayout(input) -> bool:

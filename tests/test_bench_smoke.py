@@ -342,7 +342,7 @@ def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
     assert "| J-SIGR, fd (reference), perturbed graphs kept (ablation) |" in md
     assert "Ablation 'eager' (the input-gradient penalty's parameter gradients" in md
     assert "Ablation 'fd_kept' (every perturbed forward's graph kept" in md
-    assert "Ablation 'fd_rules' (the fused conv / ReLU double-backward rules in fd's" in md
+    assert "Ablation 'fd_rules' (the fused conv / ReLU double-backward rules and the fused batch norm" in md
 
 
 def test_fd_rules_ablation_is_the_same_loss_through_the_rules(monkeypatch):

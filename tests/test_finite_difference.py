@@ -160,14 +160,24 @@ def test_fd_fused_layer_rules_equal_native_layers(name, kind):
 
 
 @pytest.mark.skipif("fused" not in jsigr_fast.available_backends(), reason="fused backend unavailable")
-def test_fd_fused_backend_runs_the_fused_batch_norm():
+@pytest.mark.parametrize("aten_bn", [False, True])
+def test_fd_fused_backend_picks_the_batch_norm_kernels(aten_bn, monkeypatch):
+    # fd's passes are first-order blocks: batch norm runs the fused op, except on channels-last
+    # activations where fused.FIRST_ORDER_ATEN_BN picks ATen's (faster there, and exact to first order)
+    from jsigr_fast import fused
+
+    monkeypatch.setitem(fused.CHANNELS_LAST, "cpu", True)  # the activations are channels-last after the first conv
+    monkeypatch.setitem(fused.FIRST_ORDER_ATEN_BN, "cpu", aten_bn)
     model, x = tiny_model("residual_bn"), tiny_input("residual_bn")
     out = jsigr_fast.loss(model, x, Y, mode="fd", backend="fused", generator=torch.Generator().manual_seed(0))
     names = graph_node_names(out)
-    assert any("batch_norm_train" in n for n in names), sorted(names)
-    assert not any("NativeBatchNorm" in n or "BackwardBackward" in n for n in names), sorted(names)
-    native = graph_node_names(jsigr_fast.loss(model, x, Y, mode="fd", backend="reference"))
-    assert any("NativeBatchNorm" in n for n in native)  # the check can see the native one
+    assert any("batch_norm_train" in n for n in names) != aten_bn, sorted(names)
+    assert any("NativeBatchNorm" in n for n in names) == aten_bn, sorted(names)
+    assert not any("BackwardBackward" in n for n in names), sorted(names)
+    if aten_bn:  # NCHW activations keep the fused op: ATen's NCHW kernels are the slower ones
+        monkeypatch.setitem(fused.CHANNELS_LAST, "cpu", False)
+        out = jsigr_fast.loss(model, x, Y, mode="fd", backend="fused", generator=torch.Generator().manual_seed(0))
+        assert any("batch_norm_train" in n for n in graph_node_names(out))
 
 
 def test_fd_jsigr_module_and_errors():
