@@ -109,8 +109,9 @@ LOSS_HEAD = {"cpu": False, "cuda": False}
 # * FIRST_ORDER_ATEN_BN[device]: batch norm on channels-last activations runs ATen's kernels there. On the
 #   2-core CPU ATen's channels-last forward is faster than ours (bench/results/bn_cpu_float32.md: ours
 #   0.71-0.95x; the backward ties), unlike NCHW, where ours is 3.5-4x faster. Unmeasured on CUDA: off.
-# Measured together on the 2-core CPU (ResNet-20, batch 128, fp32, the fd J-SIGR step;
-# bench/results/fused_cpu_*_jsigr_fd_fd_rules.md, --ablation fd_rules turns both off): see those records.
+# Measured together on the 2-core CPU (ResNet-20, batch 128, fp32, the fd J-SIGR step, 8 interleaved rounds;
+# bench/results/fused_cpu_*_jsigr_fd_fd_rules.md, --ablation fd_rules turns both off): the fused rules
+# everywhere took 1.09x [0.98-1.27] the time (NCHW model) and 1.02x [1.01-1.20] (channels-last model).
 FIRST_ORDER_NATIVE = True
 FIRST_ORDER_ATEN_BN = {"cpu": True, "cuda": False}
 
