@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
+import weakref
 from typing import Iterable
 
 import torch
@@ -231,6 +233,41 @@ def check_grad_scale(grad_scale):
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"grad_scale must be positive and finite, got {value}")
     return grad_scale
+
+
+_TOLD_COMPILED: weakref.WeakSet = weakref.WeakSet()  # compiled models already warned about
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a loss runs for ``model``: ``model._orig_mod`` of a ``torch.compile``'d model (with a
+    warning, once per model), else the model itself.
+
+    PyTorch cannot differentiate a compiled graph twice (pytorch#91469: "torch.compile with
+    aot_autograd does not currently support double backward"), and even mode="fd", which needs no
+    double backward, fails on it: its input gradient keeps the graph for the loss's own backward,
+    which a compiled backward with donated buffers refuses. The original module has the same
+    parameters and buffers, so the loss and its gradients are those of the compiled model (same
+    function), at eager speed. A DistributedDataParallel around a compiled module cannot be unwrapped
+    that way (its forward is the one whose backward all-reduces), so it is refused with the fix.
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    compiled = getattr(getattr(torch, "_dynamo", None), "OptimizedModule", None)
+    if compiled is None:  # a torch without dynamo
+        return model
+    if isinstance(model, compiled):
+        if model not in _TOLD_COMPILED:
+            _TOLD_COMPILED.add(model)
+            warnings.warn("model is torch.compile'd, and PyTorch cannot differentiate a compiled graph twice "
+                          "(pytorch#91469): the loss runs its original module (model._orig_mod), uncompiled, with "
+                          "the same parameters; backend='fused' is this library's fast path for these losses",
+                          UserWarning, stacklevel=5)  # the caller of a public loss
+        return model._orig_mod
+    if isinstance(model, (DistributedDataParallel, DataParallel)) and isinstance(unwrap_parallel(model), compiled):
+        raise ValueError(f"model is a {type(model).__name__} around a torch.compile'd module, and PyTorch cannot "
+                         "differentiate a compiled graph twice (pytorch#91469): wrap the uncompiled module in "
+                         f"{type(model).__name__} for these losses")
+    return model
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:

@@ -136,11 +136,14 @@ def _values_under_no_grad(fn):
     return wrapper
 
 
-def _check_common(model, x, y=None):
+def _check_common(model, x, y=None) -> nn.Module:
+    """Check the arguments every loss takes; return the module the loss runs (the model itself, or
+    the original module of a torch.compile'd one: :func:`jsigr_fast._checks.uncompiled`)."""
     _checks.check_model(model)
     _checks.check_input(x, model)
     if y is not None:
         _checks.check_labels(y, x.shape[0], x.device)
+    return _checks.uncompiled(model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +197,7 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
         Scalar loss, differentiable w.r.t. the model's parameters (and ``(loss, terms)`` when
         ``return_terms``).
     """
-    _check_common(model, x, y)
+    model = _check_common(model, x, y)
     lambda_m = _checks.check_number("lambda_m", lambda_m, low=0)
     lambda_j = _checks.check_number("lambda_j", lambda_j, low=0)
     eps = _checks.check_number("eps", eps, low=0)
@@ -248,7 +251,7 @@ def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     of ``x.shape[1:]``; it is a constant. BatchNorm running statistics are not updated.
     ``grad_scale``, ``mode``, ``fd_step``: see :func:`loss`.
     """
-    _check_common(model, x, y)
+    model = _check_common(model, x, y)
     grad_scale = _checks.check_grad_scale(grad_scale)
     fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)
@@ -273,7 +276,7 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "exact"
     sample's logits move with the other samples' inputs through the batch statistics.
     BatchNorm running statistics are not updated. ``grad_scale``, ``mode``, ``fd_step``: see :func:`loss`.
     """
-    _check_common(model, x)
+    model = _check_common(model, x)
     _checks.check_choice("estimator", estimator, _checks.JACOBIAN_ESTIMATORS)
     _checks.check_int("n_proj", n_proj)
     _checks.as_generator(generator, x.device)
@@ -304,7 +307,7 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     ``fd_step``: see :func:`loss` (the fused backend runs the forward and the Jacobian VJPs / JVPs
     with its layer rules; ``mode="fd"`` takes ``||J_n||²`` by finite differences).
     """
-    _check_common(model, x, y)
+    model = _check_common(model, x, y)
     lambda_j = _checks.check_number("lambda_j", lambda_j, low=0)
     _checks.check_choice("estimator", estimator, _checks.JACOBIAN_ESTIMATORS)
     _checks.check_int("n_proj", n_proj)
@@ -353,7 +356,7 @@ def double_backprop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambd
     r"""Double backpropagation (Drucker & LeCun 1992; Ross & Doshi-Velez 2018):
     ``CE + lambda_ig * mean_n ||∇_{x_n} ℓ_n||²`` (J-SIGR Eq. 8 with per-sample averaging).
     ``grad_scale``, ``mode``, ``fd_step``: see :func:`loss`."""
-    _check_common(model, x, y)
+    model = _check_common(model, x, y)
     lambda_ig = _checks.check_number("lambda_ig", lambda_ig, low=0)
     grad_scale = _checks.check_grad_scale(grad_scale)
     fd_step = _check_mode(mode, fd_step)
@@ -380,7 +383,7 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, n_samples:
     ``chunk`` noisy copies of the batch are pushed through the model at once. Running statistics of
     BatchNorm are not updated; use the teacher in eval mode, as one normally would.
     """
-    _check_common(model, x, y)
+    model = _check_common(model, x, y)
     n_samples = _checks.check_int("n_samples", n_samples)
     sigma = _checks.check_number("sigma", sigma, low=0)
     chunk = _checks.check_int("chunk", chunk)
@@ -424,7 +427,7 @@ def interpretation_regularization(model: nn.Module, x: torch.Tensor, y: torch.Te
     square. Defaults are the paper's MNIST grid-search optimum (3.0, 0.15). ``backend``, ``grad_scale``:
     see :func:`loss` (the fused backend runs the forward and the class-gradient VJP with its layer rules).
     """
-    _check_common(model, x, y)
+    model = _check_common(model, x, y)
     lambda_d = _checks.check_number("lambda_d", lambda_d, low=0)
     lambda_m = _checks.check_number("lambda_m", lambda_m, low=0)
     if not isinstance(targets, torch.Tensor):

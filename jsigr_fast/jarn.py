@@ -55,7 +55,7 @@ class JARN(GANCriterion):
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, return_terms: bool = False,
                 generator: torch.Generator | None = None, grad_scale=None):
         """The classifier's loss; ``grad_scale`` as in :func:`jsigr_fast.loss` (fp16 + GradScaler)."""
-        _check_common(model, x, y)
+        model = _check_common(model, x, y)
         self.gan.check_input(x)
         grad_scale = _checks.check_grad_scale(grad_scale)
         x_in = x  # kept attached: the loss is differentiable in x when x requires grad (README)

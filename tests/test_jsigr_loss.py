@@ -1,6 +1,7 @@
 """jsigr_fast.loss end to end against an independently written J-SIGR, plus its contracts:
 running statistics, no mutation of the caller's tensors, any classifier, backends agree."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -363,3 +364,47 @@ def test_trained_adaptor_can_be_passed_as_saliency():
     expect = jsigr_fast.loss(model, x, _labels(5), saliency=lambda g, _: adaptor(g), beta=0.0,
                              generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
+
+
+# --- torch.compile'd models: PyTorch cannot differentiate a compiled graph twice (pytorch#91469), so
+# the losses run the original module, with a warning once per model
+COMPILED_CALLS = {
+    "loss": lambda m, x, y, g: jsigr_fast.loss(m, x, y, generator=g),
+    "loss_fd": lambda m, x, y, g: jsigr_fast.loss(m, x, y, generator=g, mode="fd"),
+    "double_backprop": lambda m, x, y, g: jsigr_fast.double_backprop(m, x, y),
+    "jacobian_regularization": lambda m, x, y, g: jsigr_fast.jacobian_regularization(m, x, y, generator=g),
+    "jsigr_module": lambda m, x, y, g: jsigr_fast.JSIGR((2, 6, 6), discriminator=(4,)).double().eval()(
+        m, x, y, generator=g),
+}
+
+
+@pytest.mark.parametrize("call", sorted(COMPILED_CALLS))
+def test_compiled_model_runs_its_original_module(call):
+    # aot_eager: aot_autograd, whose compiled graph refuses a double backward ("does not currently
+    # support double backward"; mode="fd": "donated buffers"), without inductor's code generation
+    model, x = tiny_model("conv_tanh"), tiny_input("conv_tanh")
+    y = torch.tensor([0, 1, 2, 3, 0])
+    fn = COMPILED_CALLS[call]
+    torch.manual_seed(0)
+    want = fn(model, x, y, torch.Generator().manual_seed(1))
+    want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    with pytest.warns(UserWarning, match="torch.compile'd.*pytorch#91469"):
+        torch.manual_seed(0)
+        got = fn(compiled, x, y, torch.Generator().manual_seed(1))
+    got_grads = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for a, b in zip(got_grads, want_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per model
+        fn(compiled, x, y, torch.Generator().manual_seed(1))
+
+
+def test_parallel_wrapper_around_a_compiled_model_is_refused_with_the_fix():
+    model, x = tiny_model("conv_tanh"), tiny_input("conv_tanh")
+    wrapped = nn.DataParallel(torch.compile(model, backend="aot_eager"))
+    with pytest.raises(ValueError, match="DataParallel around a torch.compile'd module.*wrap the uncompiled"):
+        jsigr_fast.loss(wrapped, x, torch.tensor([0, 1, 2, 3, 0]))
