@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from .batchnorm import frozen_running_stats
+from .saliency import quantile_kept
 
 __all__ = [
     "fgsm", "pgd", "mi_fgsm", "ni_fgsm", "abi_fgm", "jsma", "deepfool", "rho_adv", "RhoAdv",
@@ -407,7 +408,8 @@ def jsma(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, theta: floa
     MNIST-sized inputs (as in the paper) -- use ``pairwise=False`` for large images.
 
     Per sample it stops when the model predicts ``target``, when the next step would modify more
-    than ``floor(gamma * D)`` features in total, or when no admissible feature (pair) is left.
+    than ``gamma * D`` features in total (the largest k with k / D <= gamma, as
+    :func:`jsigr_fast.saliency.quantile_kept` counts: gamma = 0.29 of 100 features allows 29), or when no admissible feature (pair) is left.
     Samples already classified as ``target`` are returned unchanged. The forward pass always sees
     the whole batch (so train-mode BatchNorm statistics stay those of the batch); finished samples
     are just not updated.
@@ -420,7 +422,9 @@ def jsma(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, theta: floa
     pairwise = _check_bool("pairwise", pairwise)
     n = x0.shape[0]
     d = x0[0].numel()
-    limit = math.floor(gamma * d + 1e-9)  # + 1e-9: 0.29 * 100 is 28.999999999999996 in floats
+    # the largest k with k / d <= gamma: the mask quantile's rule (0.29 * 100 is 28.999999999999996
+    # in floats, so floor(gamma * d) would allow 28 of 100 features, not 29)
+    limit = quantile_kept(gamma, d)
     per_step = 2 if pairwise else 1
     s = 1.0 if theta > 0 else -1.0
     rows = torch.arange(n, device=x0.device)

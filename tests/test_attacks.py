@@ -736,3 +736,20 @@ def test_fgsm_with_predicted_labels_uses_the_models_own_prediction():
     torch.testing.assert_close(fgsm(model, x, None, 0.05), fgsm(model, x, pred, 0.05), rtol=0, atol=0)
     with pytest.raises(ValueError, match="targeted=True needs the target classes"):
         fgsm(model, x, None, 0.05, targeted=True)
+
+
+@pytest.mark.parametrize("gamma, budget", [(0.29, 29), (math.nextafter(0.29, 0.0), 28), (0.5, 50), (0.01, 1)])
+def test_jsma_budget_is_the_largest_count_within_gamma(gamma, budget):
+    # On a target the model can never predict, JSMA (one feature a step) spends its whole budget:
+    # the largest k with k / D <= gamma, the mask quantile's rule. floor(gamma * D) in floats gave 28
+    # for 0.29 of 100 (0.29 * 100 = 28.999999999999996), and floor(gamma * D + 1e-9) gave 29 for the
+    # float just below 0.29, which allows only 28.
+    d = 100
+    model = linear_model(3, seed=4, d=d)
+    with torch.no_grad():
+        model[1].weight[2].fill_(1.0)  # the target's logit rises with every feature ...
+        model[1].weight[:2].fill_(-1.0)  # and the others fall: every feature is admissible
+        model[1].bias.copy_(torch.tensor([1e6, 0.0, -1e6], dtype=torch.float64))  # ... but never wins
+    x = torch.full((2, d), 0.3, dtype=torch.float64)
+    out = jsma(model, x, torch.tensor([2, 2]), gamma=gamma, pairwise=False)
+    assert (out != x).sum(1).tolist() == [budget, budget]
