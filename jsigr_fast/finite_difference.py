@@ -33,10 +33,10 @@ losses of :mod:`jsigr_fast.functional` run with grad on whatever the caller's mo
 early backward runs on the unwrapped module and touches no reducer hook; the caller's backward
 all-reduces the total as usual. With
 ``backend="fused"`` the forwards and that backward run under the fused backend's layer rules
-(:func:`jsigr_fast.functional.layer_rules` with ``first_order=True``: fused BatchNorm and
-channels-last activations where they pay; conv and ReLU stay ATen's, whose first derivatives are
-already what the fused rules compute); here they are only differentiated once, and exactly, so the
-result is the native one's up to rounding.
+(:func:`jsigr_fast.functional.layer_rules` with ``first_order=True``: channels-last activations and
+the fused BatchNorm where they pay, see ``fused.FIRST_ORDER_ATEN_BN``; conv and ReLU stay ATen's, whose
+first derivatives are already what the fused rules compute); here they are only differentiated
+once, and exactly, so the result is the native one's up to rounding.
 
 Bias (documented and tested): the forward difference has error ``(h/2) dᵀ∇²ℓ d + O(h²)`` in the
 directional derivative, so the penalty carries an O(h) bias that vanishes as h → 0; for smooth
