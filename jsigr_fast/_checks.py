@@ -143,6 +143,13 @@ def check_logits(logits, y: torch.Tensor | None, n: int) -> torch.Tensor:
     return logits
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` itself if it is a bool (a truthy string or number is a mistake, not a yes)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
 def as_generator(generator, device: torch.device):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

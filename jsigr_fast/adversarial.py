@@ -119,6 +119,21 @@ class SaliencyGAN(nn.Module):
         self.steps = 0
         self.skipped_steps = 0
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype / device), .double(), .cuda(): the Adam moments follow their parameters. PyTorch
+        # optimizers keep state tensors as they were created, so after a step in float32 a .double()
+        # criterion failed in its next step ("expected dtype float for 'end'"), and check_input's own
+        # advice (convert the criterion with .to(dtype)) led there. The step count stays as Adam keeps it.
+        out = super()._apply(fn, *args, **kwargs)
+        for opt in (self.adaptor_opt, self.disc_opt):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    state = opt.state.get(p, {})
+                    for key, value in state.items():
+                        if key != "step" and isinstance(value, torch.Tensor):
+                            state[key] = value.to(device=p.device, dtype=p.dtype)
+        return out
+
     def check_input(self, x: torch.Tensor) -> None:
         """Raise unless x is a batch of this pair's input shape and dtype (a clear error up front
         instead of a shape or dtype mismatch inside the adaptor or the discriminator)."""

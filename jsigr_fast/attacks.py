@@ -79,12 +79,6 @@ def _check_model(model, name: str = "model") -> nn.Module:
     return model
 
 
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 def _check_clamp(clamp) -> tuple[float, float] | None:
     if clamp is None:
         return None
@@ -195,7 +189,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, eps: float, 
     eps = _checks.check_number("eps", eps, low=0.0)
     if y is None and targeted:
         raise ValueError("targeted=True needs the target classes in y (y=None means the predicted labels)")
-    direction = -1.0 if _check_bool("targeted", targeted) else 1.0
+    direction = -1.0 if _checks.check_bool("targeted", targeted) else 1.0
     _, _, g = _loss_grad(model, x0, y)
     return _box(x0 + (direction * eps) * g.sign(), clamp).detach()
 
@@ -232,9 +226,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha
     x0, clamp = _prepare(model, x, y, clamp)
     eps, steps, alpha = _check_eps_steps_alpha("pgd", eps, steps, alpha)
     norm = _checks.check_choice("norm", norm, ("linf", "l2"))
-    random_start = _check_bool("random_start", random_start)
+    random_start = _checks.check_bool("random_start", random_start)
     restarts = _checks.check_int("restarts", restarts, low=1)
-    direction = -1.0 if _check_bool("targeted", targeted) else 1.0
+    direction = -1.0 if _checks.check_bool("targeted", targeted) else 1.0
     generator = _checks.as_generator(generator, x0.device)
     if restarts > 1 and not random_start:
         raise ValueError("restarts > 1 needs random_start=True: without a random start every restart is identical")
@@ -280,7 +274,7 @@ def _momentum_attack(kind: str, model, x, y, eps, steps, alpha, decay, targeted,
     x0, clamp = _prepare(model, x, y, clamp)
     eps, steps, alpha = _check_eps_steps_alpha(kind, eps, steps, alpha)
     decay = _checks.check_number("decay", decay, low=0.0)
-    direction = -1.0 if _check_bool("targeted", targeted) else 1.0
+    direction = -1.0 if _checks.check_bool("targeted", targeted) else 1.0
     momentum = torch.zeros_like(x0)
     xa = x0.clone()
     for _ in range(steps):
@@ -343,7 +337,7 @@ def abi_fgm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, s
         raise ValueError(f"beta1 must be < 1, got {beta1}")
     if beta2 >= 1.0:
         raise ValueError(f"beta2 must be < 1, got {beta2}")
-    direction = -1.0 if _check_bool("targeted", targeted) else 1.0
+    direction = -1.0 if _checks.check_bool("targeted", targeted) else 1.0
     n = x0.shape[0]
     shape = (n,) + (1,) * (x0.dim() - 1)
     length = alpha * math.sqrt(x0[0].numel())
@@ -419,7 +413,7 @@ def jsma(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, theta: floa
     if theta == 0.0:
         raise ValueError("theta must be non-zero (> 0 increases features, < 0 decreases them)")
     gamma = _checks.check_number("gamma", gamma, low=0.0, high=1.0, low_open=True)
-    pairwise = _check_bool("pairwise", pairwise)
+    pairwise = _checks.check_bool("pairwise", pairwise)
     n = x0.shape[0]
     d = x0[0].numel()
     # the largest k with k / d <= gamma: the mask quantile's rule (0.29 * 100 is 28.999999999999996

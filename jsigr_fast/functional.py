@@ -198,6 +198,7 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
         ``return_terms``).
     """
     model = _check_common(model, x, y)
+    _checks.check_bool("return_terms", return_terms)
     lambda_m = _checks.check_number("lambda_m", lambda_m, low=0)
     lambda_j = _checks.check_number("lambda_j", lambda_j, low=0)
     eps = _checks.check_number("eps", eps, low=0)
@@ -308,6 +309,8 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     with its layer rules; ``mode="fd"`` takes ``||J_n||²`` by finite differences).
     """
     model = _check_common(model, x, y)
+    _checks.check_bool("return_terms", return_terms)
+    _checks.as_generator(generator, x.device)  # checked even where the estimator draws nothing
     lambda_j = _checks.check_number("lambda_j", lambda_j, low=0)
     _checks.check_choice("estimator", estimator, _checks.JACOBIAN_ESTIMATORS)
     _checks.check_int("n_proj", n_proj)
@@ -357,6 +360,7 @@ def double_backprop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambd
     ``CE + lambda_ig * mean_n ||∇_{x_n} ℓ_n||²`` (J-SIGR Eq. 8 with per-sample averaging).
     ``grad_scale``, ``mode``, ``fd_step``: see :func:`loss`."""
     model = _check_common(model, x, y)
+    _checks.check_bool("return_terms", return_terms)
     lambda_ig = _checks.check_number("lambda_ig", lambda_ig, low=0)
     grad_scale = _checks.check_grad_scale(grad_scale)
     fd_step = _check_mode(mode, fd_step)
@@ -428,6 +432,7 @@ def interpretation_regularization(model: nn.Module, x: torch.Tensor, y: torch.Te
     see :func:`loss` (the fused backend runs the forward and the class-gradient VJP with its layer rules).
     """
     model = _check_common(model, x, y)
+    _checks.check_bool("return_terms", return_terms)
     lambda_d = _checks.check_number("lambda_d", lambda_d, low=0)
     lambda_m = _checks.check_number("lambda_m", lambda_m, low=0)
     if not isinstance(targets, torch.Tensor):

@@ -56,6 +56,8 @@ class JARN(GANCriterion):
                 generator: torch.Generator | None = None, grad_scale=None):
         """The classifier's loss; ``grad_scale`` as in :func:`jsigr_fast.loss` (fp16 + GradScaler)."""
         model = _check_common(model, x, y)
+        _checks.check_bool("return_terms", return_terms)
+        _checks.as_generator(generator, x.device)
         self.gan.check_input(x)
         grad_scale = _checks.check_grad_scale(grad_scale)
         x_in = x  # kept attached: the loss is differentiable in x when x requires grad (README)
@@ -78,12 +80,15 @@ class JARN(GANCriterion):
             if self.training:
                 grads = torch.autograd.grad(gen, list(apt_params.values()), retain_graph=True)
         terms = {"ce": ce.detach(), "gen": gen.detach()}
+        if return_terms:
+            # before this call's updates (auto_step commits them just below): the discriminator the
+            # loss saw, and the value a deferred step (auto_step=False, the trainer) reports too
+            with torch.no_grad():
+                adv = adversarial_loss(self.gan.discriminator(x_in.detach()), self.gan.discriminator(J_adapted.detach()))
         if self.training:
             terms.update(self._stage(grads, x_in.detach(), J_adapted))
         if not return_terms:
             return total
         terms["loss"] = total.detach()
-        with torch.no_grad():
-            terms["adv"] = adversarial_loss(self.gan.discriminator(x_in.detach()),
-                                            self.gan.discriminator(J_adapted.detach()))
+        terms["adv"] = adv
         return total, terms

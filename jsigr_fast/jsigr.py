@@ -83,6 +83,8 @@ class JSIGR(GANCriterion):
                 generator: torch.Generator | None = None, grad_scale=None):
         """The classifier's loss; ``grad_scale`` as in :func:`jsigr_fast.loss` (fp16 + GradScaler)."""
         model = _check_common(model, x, y)
+        _checks.check_bool("return_terms", return_terms)
+        _checks.as_generator(generator, x.device)
         self.gan.check_input(x)
         grad_scale = _checks.check_grad_scale(grad_scale)
         backend = resolve_backend(self.backend, x.device)

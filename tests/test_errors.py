@@ -213,3 +213,21 @@ def test_explicit_unavailable_backend_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='fused' is not available"):
         jsigr_fast.loss(model, x, y, backend="fused")
     jsigr_fast.loss(model, x, y, backend="auto")  # auto falls back quietly
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, x, y, **kw: jsigr_fast.loss(m, x, y, **kw),
+    lambda m, x, y, **kw: jsigr_fast.jacobian_regularization(m, x, y, **kw),
+    lambda m, x, y, **kw: jsigr_fast.JSIGR((2, 6, 6)).double()(m, x, y, **kw),
+    lambda m, x, y, **kw: jsigr_fast.JARN((2, 6, 6)).double()(m, x, y, **kw),
+], ids=["loss", "jacobian_regularization", "JSIGR", "JARN"])
+def test_return_terms_and_generator_are_checked(call):
+    # a truthy string was taken as yes, and the criteria's generator reached x.device as a str
+    model, x, y = _setup()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match="return_terms must be a bool, got str"):
+        call(model, x, y, return_terms="yes")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got str"):
+        call(model, x, y, generator="x")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k

@@ -93,3 +93,46 @@ def test_gradients_are_averaged_over_ranks():
     for k, v in single.adaptor.state_dict().items():
         assert torch.equal(r0[k], r1[k]), k  # the ranks agree...
         torch.testing.assert_close(r0[k], v, rtol=1e-12, atol=1e-15)  # ...on the averaged-gradient step
+
+
+@pytest.mark.parametrize("cls", [jsigr_fast.JSIGR, jsigr_fast.JARN])
+def test_dtype_conversion_after_a_step_carries_the_adam_moments(cls):
+    # .double() after training used to leave the adaptor's / discriminator's Adam moments in float32
+    # and the next step failed; the oracle: a fresh float64 criterion loaded with the trained state
+    # (Optimizer.load_state_dict casts the moments to the parameters' dtype)
+    model = tiny_model("conv_tanh", dtype=torch.float32)
+    x, gen = tiny_input("conv_tanh", dtype=torch.float32), torch.Generator()
+    torch.manual_seed(0)
+    crit = cls((2, 6, 6), discriminator=(4,), disc_every=1)
+    crit(model, x, Y, generator=gen.manual_seed(1))
+    oracle = cls((2, 6, 6), discriminator=(4,), disc_every=1).double()
+    oracle.load_state_dict(copy.deepcopy(crit.state_dict()))  # Adam loads its step counters by reference
+    crit.double()
+    m64 = copy.deepcopy(model).double()
+    outs = []
+    for c in (crit, oracle):
+        torch.manual_seed(3)  # the updates draw from the global generator too
+        outs.append(c(m64, x.double(), Y, generator=gen.manual_seed(2)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=0)
+    for a, b in zip(crit.state_dict().values(), oracle.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    for opt in (crit.gan.adaptor_opt, crit.gan.disc_opt):
+        assert all(v.dtype == torch.float64 for s in opt.state.values() for k, v in s.items() if k != "step")
+
+
+def test_jarn_adv_term_is_the_same_with_immediate_and_deferred_steps():
+    # return_terms' "adv" is the adversarial loss the call's discriminator saw: taken before the
+    # call's own updates, whether auto_step commits them at once or the trainer does later
+    torch.manual_seed(0)
+    a = jsigr_fast.JARN((2, 6, 6), discriminator=(4,), disc_every=1)
+    b = copy.deepcopy(a)
+    b.auto_step = False
+    model, x = tiny_model("conv_tanh"), tiny_input("conv_tanh")
+    a.double(), b.double()
+    _, ta = a(copy.deepcopy(model), x, Y, return_terms=True, generator=torch.Generator().manual_seed(1))
+    _, tb = b(copy.deepcopy(model), x, Y, return_terms=True, generator=torch.Generator().manual_seed(1))
+    tb.update(b.step())
+    torch.testing.assert_close(ta["adv"], tb["adv"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(ta["adv"], tb["disc"], rtol=1e-12, atol=0)  # the discriminator's loss, same inputs
