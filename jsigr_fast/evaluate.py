@@ -83,6 +83,10 @@ DATASET_BUDGETS = {
 }
 ATTACK_NAMES = ("clean", "fgsm", "pgd", "mi_fgsm", "ni_fgsm", "abi_fgm")
 _ITERATIVE = ("pgd", "mi_fgsm", "ni_fgsm", "abi_fgm")
+# The spec options each attack reads (what :func:`craft` passes on to jsigr_fast.attacks).
+ATTACK_OPTIONS = {"clean": (), "fgsm": ("eps",),
+                  "pgd": ("eps", "steps", "alpha", "norm", "restarts", "random_start"),
+                  **{n: ("eps", "steps", "alpha") for n in ("mi_fgsm", "ni_fgsm", "abi_fgm")}}
 _DISPLAY = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD", "mi_fgsm": "MI-FGSM", "ni_fgsm": "NI-FGSM",
             "abi_fgm": "ABI-FGM"}
 
@@ -232,26 +236,36 @@ def parse_attack(spec: str, *, eps: float | None = None, steps: int | None = Non
 
     Options missing from ``spec`` take the keyword defaults given here (``eps``, ``steps``,
     ``alpha``: usually the dataset's :data:`DATASET_BUDGETS`). Numbers may be fractions (8/255).
-    ``clean`` ignores those defaults and refuses options in ``spec`` (``"clean:eps=8/255"``).
+    Each attack takes only the options it uses (:data:`ATTACK_OPTIONS`) and refuses others written
+    in ``spec`` (``"clean:eps=8/255"``, ``"fgsm:eps=0.1,steps=3"``); the keyword defaults apply where
+    the attack uses them and are dropped where it does not (eps for clean, steps for FGSM).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"attack spec must be a non-empty string like 'pgd:eps=8/255,steps=20', got {spec!r}")
     name, _, opts = spec.strip().partition(":")
     name = name.strip().lower().replace("-", "_")
+    if name not in ATTACK_NAMES:
+        raise ValueError(f"unknown attack {name!r} in {spec!r}; choose one of {', '.join(ATTACK_NAMES)}")
+    takes = ATTACK_OPTIONS[name]
     kw: dict = {}
-    if eps is not None and name != "clean":
+    if eps is not None and "eps" in takes:
         kw["eps"] = float(eps)
-    if steps is not None:
+    if steps is not None and "steps" in takes:
         kw["steps"] = int(steps)
+    # alpha: the dataset's PGD step; the momentum attacks keep their own default (eps / steps)
     if alpha is not None and name == "pgd":
         kw["alpha"] = float(alpha)
-    given = []  # the options written in the spec (not the keyword defaults)
+    unused = []  # options written in the spec that this attack would not read
     for item in filter(None, (o.strip() for o in opts.split(","))):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep:
             raise ValueError(f"attack option {item!r} in {spec!r} is not key=value")
-        given.append(item)
+        if key not in ATTACK_OPTIONS["pgd"]:  # pgd takes every option there is
+            raise ValueError(f"unknown attack option {key!r} in {spec!r}; options: {', '.join(ATTACK_OPTIONS['pgd'])}")
+        if key not in takes:
+            unused.append(item)
+            continue
         if key in ("eps", "alpha"):
             kw[key] = _parse_number(value)
         elif key in ("steps", "restarts"):
@@ -263,19 +277,12 @@ def parse_attack(spec: str, *, eps: float | None = None, steps: int | None = Non
             kw["norm"] = value.strip()
         elif key == "random_start":
             kw["random_start"] = value.strip().lower() not in ("0", "false", "no")
-        else:
-            raise ValueError(f"unknown attack option {key!r} in {spec!r}; options: eps, steps, alpha, norm, "
-                             "restarts, random_start")
-    if name not in ATTACK_NAMES:
-        raise ValueError(f"unknown attack {name!r} in {spec!r}; choose one of {', '.join(ATTACK_NAMES)}")
-    if name == "clean":
-        # The keyword defaults (the dataset's budget, applied to every attack) do not apply to clean
-        # and are dropped; options written into the spec itself were meant for it, and ignoring them
-        # would label a column with something it did not do.
-        if given:
-            raise ValueError(f"attack 'clean' takes no options, got {', '.join(given)} in {spec!r}")
-        kw = {}
-    elif "eps" not in kw:
+    if unused:
+        # An ignored option would label the column with something the attack did not do (and make
+        # fgsm:steps=3 a silent duplicate of fgsm), so it is refused, naming what the attack takes.
+        what = f"takes only {', '.join(takes)}" if takes else "takes no options"
+        raise ValueError(f"attack {name!r} {what}, got {', '.join(unused)} in {spec!r}")
+    if name != "clean" and "eps" not in kw:
         raise ValueError(f"attack {spec!r} needs eps= (no dataset default given)")
     return AttackSpec(name, **kw)
 

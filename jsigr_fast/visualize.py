@@ -271,6 +271,10 @@ def _check_args(args) -> None:
         raise ValueError(f"--beta must be a number in [-1, 1] (the saliency's range), got {args.beta:g}")
     if args.beta is not None and args.quantile is not None:
         raise ValueError("give --beta or --quantile, not both (a quantile replaces the threshold)")
+    # --out is the PNG file itself; a folder would only fail in savefig, after the models ran, as a traceback.
+    if os.path.isdir(args.out) or args.out.endswith(("/", os.sep)):
+        raise ValueError(f"--out must be a PNG file path (e.g. {os.path.join(args.out, 'saliency.png')}), "
+                         f"got the folder {args.out}")
     check_device(args.device)
 
 
@@ -297,8 +301,12 @@ def run(args) -> int:
         print(f"jsigr-fast visualize: error: {err}", file=sys.stderr)
         return 2
     models = {n: lm.model for n, lm in loaded.items()}
-    path = saliency_figure(models, x, y, path=args.out, eps=args.eps, beta=beta, quantile=quantile,
-                           saliency=saliency, seed=args.seed)
+    try:
+        path = saliency_figure(models, x, y, path=args.out, eps=args.eps, beta=beta, quantile=quantile,
+                               saliency=saliency, seed=args.seed)
+    except OSError as err:  # e.g. a parent of --out is a file, or not writable: one line, not a traceback
+        print(f"jsigr-fast visualize: error: --out {args.out}: cannot write the PNG: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {os.path.abspath(path)} ({len(models)} models x {x.shape[0]} images of {dataset})")
     print("\n".join(notes))
     return 0

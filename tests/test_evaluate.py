@@ -95,6 +95,29 @@ def test_clean_refuses_options_in_its_spec_but_ignores_the_keyword_defaults():
             E.parse_attack(spec, eps=0.1, steps=10)
 
 
+@pytest.mark.parametrize("spec, shown, takes", [
+    ("fgsm:steps=3", "steps=3", "eps"),
+    ("fgsm:eps=0.1,alpha=0.01,norm=linf", "alpha=0.01, norm=linf", "eps"),
+    ("mi_fgsm:eps=0.1,restarts=2", "restarts=2", "eps, steps, alpha"),
+    ("ni-fgsm:eps=0.1,random_start=0", "random_start=0", "eps, steps, alpha"),
+    ("abi_fgm:eps=0.1,norm=linf", "norm=linf", "eps, steps, alpha"),
+])
+def test_every_attack_refuses_options_it_does_not_use(spec, shown, takes):
+    # fgsm:steps=3 used to be accepted, the steps ignored, and then refused as a duplicate of fgsm
+    name = spec.partition(":")[0].replace("-", "_")
+    with pytest.raises(ValueError, match=re.escape(f"attack '{name}' takes only {takes}, got {shown} in '{spec}'")):
+        E.parse_attack(spec, eps=0.1, steps=10, alpha=0.01)
+
+
+def test_keyword_defaults_apply_only_where_the_attack_uses_them():
+    assert E.parse_attack("fgsm", eps=0.1, steps=20, alpha=0.01) == E.AttackSpec("fgsm", eps=0.1)
+    assert E.parse_attack("pgd", eps=0.1, steps=20, alpha=0.01) == E.AttackSpec("pgd", eps=0.1, steps=20, alpha=0.01)
+    # the momentum attacks take the budget's steps but keep their own step size
+    assert E.parse_attack("mi_fgsm", eps=0.1, steps=20, alpha=0.01) == E.AttackSpec("mi_fgsm", eps=0.1, steps=20)
+    spec = E.parse_attack("pgd:norm=l2,restarts=2,steps=5,alpha=0.2,eps=1", eps=0.1, steps=20, alpha=0.01)
+    assert spec == E.AttackSpec("pgd", eps=1.0, steps=5, alpha=0.2, norm="l2", restarts=2)
+
+
 def test_attacks_that_differ_only_in_the_step_size_or_random_start_get_their_own_columns():
     """Labels name eps, steps, norm and restarts; the step size is added only where two attacks
     would otherwise share a label (so the usual columns keep their names), a missing random start
@@ -108,7 +131,7 @@ def test_attacks_that_differ_only_in_the_step_size_or_random_start_get_their_own
     assert E.parse_attack("pgd:eps=0.1,random_start=0").label == "PGD-10 (ε=0.1, no random start)"
     # alpha 2.5 eps / steps is PGD's default: the same attack as leaving alpha out
     for same in (["pgd:eps=8/255,steps=10", "pgd:eps=8/255,steps=10,alpha=2/255"],
-                 ["fgsm:eps=0.1,steps=3", "fgsm:eps=0.1"], ["clean", "clean"]):
+                 ["mi_fgsm:eps=0.1,steps=10", "mi_fgsm:eps=0.1"], ["clean", "clean"]):
         with pytest.raises(ValueError, match="attacks #1 and #2 are the same attack"):
             E.attack_labels([E.parse_attack(s) for s in same])
 
@@ -527,6 +550,22 @@ def test_eval_cli_errors(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_visualize_out_that_is_a_folder_or_under_a_file_is_one_line_and_exit_2(tmp_path, capsys):
+    # visualize's --out is the PNG path; a folder used to reach savefig: IsADirectoryError traceback, exit 1.
+    from jsigr_fast.cli import main
+
+    torch.save(_train_ckpt(_digits_model()), tmp_path / "ok.pt")
+    assert main(["visualize", str(tmp_path / "ok.pt"), "--n-images", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "jsigr-fast visualize: error: --out must be a PNG file path" in err and f"got the folder {tmp_path}" in err
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "file").write_text("")
+    bad = str(tmp_path / "file" / "s.png")  # a parent that is a file: makedirs fails
+    assert main(["visualize", str(tmp_path / "ok.pt"), "--n-images", "1", "--out", bad]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {bad}: cannot write the PNG" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     (["--jacobian-layers", "--n-proj", "0"], "--n-proj must be an integer >= 1, got 0"),
@@ -542,9 +581,12 @@ def test_eval_cli_errors(tmp_path, capsys):
     (["--device", "toaster"], "--device 'toaster' is not a device"),
     (["--attack", "pgd:eps=0.1,restarts=2,random_start=0"],
      "--attack 'pgd:eps=0.1,restarts=2,random_start=0': attack pgd: restarts=2 needs the random start"),
-    (["--attack", "fgsm:eps=0.1,restarts=2"], "--attack 'fgsm:eps=0.1,restarts=2': attack fgsm: restarts"),
-    (["--attack", "fgsm:eps=0.1,random_start=0"], "attack fgsm: restarts and random_start apply to pgd only"),
-    (["--attack", "fgsm:eps=0.1,alpha=0.05"], "attack fgsm: alpha applies to the iterative attacks only"),
+    (["--attack", "fgsm:eps=0.1,restarts=2"],
+     "--attack 'fgsm:eps=0.1,restarts=2': attack 'fgsm' takes only eps, got restarts=2"),
+    (["--attack", "fgsm:eps=0.1,random_start=0"], "attack 'fgsm' takes only eps, got random_start=0"),
+    (["--attack", "fgsm:eps=0.1,alpha=0.05"], "attack 'fgsm' takes only eps, got alpha=0.05"),
+    (["--attack", "fgsm:steps=3"], "--attack 'fgsm:steps=3': attack 'fgsm' takes only eps, got steps=3"),
+    (["--attack", "mi_fgsm:norm=l2"], "attack 'mi_fgsm' takes only eps, steps, alpha, got norm=l2"),
     (["--attack", "clean:eps=8/255"], "--attack 'clean:eps=8/255': attack 'clean' takes no options, got eps=8/255"),
     (["--out", "{file}"], "--out {file}: cannot create the output folder"),
 ])

@@ -56,6 +56,9 @@ def test_json_config_and_bare_bool_flag(tmp_path):
     ("batch_size: 0\n", "config key 'batch_size' must be >= 1"),
     ("lr: -0.1\n", "config key 'lr' must be > 0"),
     ("jarn_start: 1.5\n", "config key 'jarn_start' must be <= 1"),
+    # torch.manual_seed overflows past 2**64 - 1, and the loader seeds epoch e with seed + e.
+    ("seed: 18446744073709551616\n", "config key 'seed' must be <= 9223372036854775807"),
+    ("seed: -1\n", "config key 'seed' must be >= 0"),
     ("epochs: null\n", "config key 'epochs' must be set"),
     ("- method\n", "must hold a mapping of keys to values, got list"),
     ("method: [unclosed\n", "cannot parse config file"),
@@ -83,6 +86,15 @@ def test_bad_flag_values_and_unknown_flags(capsys):
     with pytest.raises(SystemExit) as info:  # argparse: unknown flag
         main(["train", "--lerning-rate", "0.1"])
     assert info.value.code == 2 and "unrecognized arguments: --lerning-rate" in capsys.readouterr().err
+
+
+def test_out_of_range_seed_is_one_line_and_exit_code_2(capsys, tmp_path):
+    # 2**64 used to reach torch.manual_seed and die with "Overflow when unpacking long long", exit 1.
+    assert main(["train", "--seed", str(2 ** 64), "--out", str(tmp_path / "run"), *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'seed' must be <= 9223372036854775807 (from --seed), got 18446744073709551616" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_reports_config_errors_with_exit_code_2(capsys, tmp_path):

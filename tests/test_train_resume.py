@@ -1,5 +1,6 @@
 """Checkpoints: kill -9 / SIGTERM then --resume gives exactly the uninterrupted run's weights;
 atomic writes; weights_only reads; bad checkpoints fail clearly."""
+import csv
 import os
 import pickle
 import signal
@@ -259,6 +260,26 @@ def test_fewer_epochs_compress_the_schedule_and_move_jarn_start(tmp_path, capsys
     err = capsys.readouterr().err
     assert "resuming with epochs 4 -> 2: the cosine LR schedule is compressed to the new total of 4 steps" in err
     assert "JARN now starts at step 3 instead of 6 (the run is at step 2)" in err
+
+
+def test_more_epochs_on_a_step_schedule_warn_that_the_lr_goes_back_up(tmp_path, capsys):
+    # milestones are fractions of the run: 2 -> 4 epochs moves milestone 0.5 from step 2 to step 4, past
+    # the resume point, so the finished run's lr 0.1 * 0.1**2 returns to 0.1 * 0.1; "stretched" hid that.
+    out = tmp_path / "step"
+    run = ["train", "--schedule", "step", "--log-every", "1", "--lr", "0.1", "--epochs", "2", "--steps-per-epoch", "2",
+           "--batch-size", "8", "--eval-max-batches", "1", *QUIET]
+    assert main([*run, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--epochs", "4", *QUIET]) == 0
+    err = capsys.readouterr().err
+    assert ("resuming with epochs 2 -> 4: the step LR schedule is stretched to the new total of 8 steps from here "
+            "on: the lr goes back up from 0.001 to 0.01 at global step 6 (step 5, the first resumed one, keeps the "
+            "checkpoint's lr); its milestones are fractions of the run and move from global steps 3, 4 to 5, 7, and "
+            "one that moves past the resume point undoes its decay") in err, err
+    # ... which is what the run did (steps.csv: global_step, lr)
+    with open(out / "steps.csv", newline="") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001, 0.01, 0.001, 0.001])
 
 
 def test_resume_does_not_need_the_teacher_file_any_more(tmp_path, capsys):

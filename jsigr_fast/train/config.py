@@ -66,7 +66,10 @@ class TrainConfig:
                      choices=METHOD_NAMES)
     out: str | None = _f(None, "str", "run folder (default runs/<dataset>-<method>)", "run", optional=True,
                          resume_ok=True)
-    seed: int = _f(0, "int", "seed of everything (init, data order, noise, attacks)", "run", low=0)
+    # high: torch.manual_seed takes at most 2**64 - 1 and the loader seeds epoch e with seed + e, so
+    # 2**63 - 1 leaves room for any epoch count instead of overflowing (a traceback) mid-run.
+    seed: int = _f(0, "int", "seed of everything (init, data order, noise, attacks), 0 to 2**63 - 1", "run", low=0,
+                   high=2 ** 63 - 1)
     device: str = _f("auto", "str", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)", "run")
     threads: int | None = _f(None, "int", "torch.set_num_threads (CPU)", "run", optional=True, low=1, resume_ok=True)
     # --- data -----------------------------------------------------------------------------------

@@ -300,8 +300,30 @@ class Trainer:
         cfg, old_total = self.cfg, old * self.steps_per_epoch
         what = []
         if cfg.schedule != "constant":
+            # "stretched" alone hid that the lr can jump: a finished step run's decayed lr goes back up
+            # when a milestone (a fraction of the run) moves past the resume point, so say what it does.
+            # Step numbers are steps.csv's global_step (1-based). The optimizer resumes with the lr the
+            # old schedule set for step `step + 1`; the rebuilt schedule sets the lr from step `step + 2`.
+            from .build import lr_factor
+
+            warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))  # as build_scheduler computes it
+            was, now = (cfg.lr * lr_factor(i, total=t, warmup=warmup, schedule=cfg.schedule,
+                                           milestones=cfg.milestones, gamma=cfg.gamma)
+                        for i, t in ((step, old_total), (step + 1, self.total_steps)))
+            if step + 1 >= self.total_steps:
+                lr = f"the one step left keeps the checkpoint's lr {was:.3g}"
+            else:
+                change = (f"goes back up from {was:.3g} to" if now > was else
+                          f"drops from {was:.3g} to" if now < was else "stays")
+                lr = (f"the lr {change} {now:.3g} at global step {step + 2} (step {step + 1}, the first resumed "
+                      f"one, keeps the checkpoint's lr)")
+            if cfg.schedule == "step":
+                at = lambda t: ", ".join(str(round(m * t) + 1) for m in cfg.milestones)  # noqa: E731
+                lr += (f"; its milestones are fractions of the run and move from global steps {at(old_total)} to "
+                       f"{at(self.total_steps)}" + (", and one that moves past the resume point undoes its decay"
+                                                    if now > was and step + 1 < self.total_steps else ""))
             what.append(f"the {cfg.schedule} LR schedule is {'stretched' if new > old else 'compressed'} to the new "
-                        f"total of {self.total_steps} steps from here on")
+                        f"total of {self.total_steps} steps from here on: {lr}")
         if cfg.method in ("jarn", "jarn_at1"):  # as JARNMethod computes its start
             was, now = int(round(cfg.jarn_start * old_total)), int(round(cfg.jarn_start * self.total_steps))
             what.append(f"jarn_start {cfg.jarn_start:g} is a fraction of all training steps, so JARN now starts at "
