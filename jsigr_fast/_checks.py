@@ -257,10 +257,14 @@ def uncompiled(model: nn.Module) -> nn.Module:
     function), at eager speed. A DistributedDataParallel around a compiled module cannot be unwrapped
     that way (its forward is the one whose backward all-reduces), so it is refused with the fix.
     """
+    import sys
+
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    compiled = getattr(getattr(torch, "_dynamo", None), "OptimizedModule", None)
-    if compiled is None:  # a torch without dynamo
+    # only if dynamo was imported (torch.compile imports it): torch._dynamo would import it, ~2-6 s
+    dynamo = sys.modules.get("torch._dynamo")
+    compiled = getattr(dynamo, "OptimizedModule", None)
+    if compiled is None:  # no torch.compile in this process (or a torch without dynamo): nothing compiled
         return model
     if isinstance(model, compiled):
         if model not in _TOLD_COMPILED:

@@ -408,3 +408,21 @@ def test_parallel_wrapper_around_a_compiled_model_is_refused_with_the_fix():
     wrapped = nn.DataParallel(torch.compile(model, backend="aot_eager"))
     with pytest.raises(ValueError, match="DataParallel around a torch.compile'd module.*wrap the uncompiled"):
         jsigr_fast.loss(wrapped, x, torch.tensor([0, 1, 2, 3, 0]))
+
+
+def test_losses_do_not_import_dynamo():
+    # the compiled-model check looks only at an already imported torch._dynamo: importing it costs
+    # seconds (measured 2-6 s here), which every first loss call in a process would otherwise pay
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, torch.nn as nn, jsigr_fast\n"
+            "m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4))\n"
+            "x, y = torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 3])\n"
+            "for backend in jsigr_fast.available_backends():\n"
+            "    jsigr_fast.loss(m, x, y, backend=backend).backward()\n"
+            "    jsigr_fast.jacobian_regularization(m, x, y, backend=backend).backward()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
