@@ -185,20 +185,11 @@ def private_input(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
-def in_layout(z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``z``'s values with ``like``'s strides (``z`` itself when they already agree): a forward-mode
-    tangent laid out like its primal, so that a view the model takes of its input (``x.view(n, -1)``
-    after a transpose) works on the tangent exactly when it works on the primal. PyTorch 2.13's
-    ``make_dual`` / ``torch.func.jvp`` copy a mismatched tangent so themselves; done here explicitly,
-    the probes (drawn contiguous) do not depend on that. Same values: the random numbers are unchanged."""
-    if z.stride() == like.stride():
-        return z
-    return torch.empty_like(like, dtype=z.dtype, device=z.device, requires_grad=False).copy_(z)
-
-
 def stacked_in_layout(zs: list, like: torch.Tensor) -> torch.Tensor:
     """``torch.stack(zs)`` with every slice laid out like ``like`` (a dense tensor, e.g. a clone): the
-    tangents of a vmapped forward-mode pass, each probe with the primal's strides (see :func:`in_layout`)."""
+    tangents of a vmapped forward-mode pass, each probe with the primal's strides (as ``make_dual``
+    lays out a single tangent), so a view the model takes of its input works on the tangent exactly
+    when it works on the primal. Same values: the random numbers are unchanged."""
     out = torch.empty_strided((len(zs), *like.shape), (like.numel(), *like.stride()), dtype=zs[0].dtype,
                               device=zs[0].device)
     for slot, z in zip(out, zs):

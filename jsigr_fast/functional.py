@@ -314,8 +314,7 @@ def jacobian_regularization(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     lambda_j = _checks.check_number("lambda_j", lambda_j, low=0)
     _checks.check_choice("estimator", estimator, _checks.JACOBIAN_ESTIMATORS)
     _checks.check_int("n_proj", n_proj)
-    if not isinstance(squared, bool):
-        raise TypeError(f"squared must be a bool, got {type(squared).__name__}")
+    _checks.check_bool("squared", squared)
     grad_scale = _checks.check_grad_scale(grad_scale)
     fd_step = _check_mode(mode, fd_step)
     backend = resolve_backend(backend, x.device)

@@ -607,7 +607,8 @@ def _hutchinson_batched(model, x, zs):
     # in place would otherwise write into x.
     relaid = _relayout(x)
     xp = x.contiguous(memory_format=torch.channels_last) if relaid else _checks.private_input(x)
-    # each probe laid out as the primal (a channels-last input: channels-last probes; see _checks.in_layout)
+    # each probe laid out as the primal (a channels-last input: channels-last probes), as make_dual
+    # lays out a tangent; stacked here so vmap slices them so
     z = _checks.stacked_in_layout(zs, xp)
 
     def tangent(t):
@@ -892,9 +893,9 @@ def _jsigr_hutchinson_shared(model, x, y, *, lambda_m, lambda_j, mask, n_proj, g
         try:
             with decomposed_normalization(), fused_layers(forward_ad=True), fwAD.dual_level():
                 # the dual's primal is a copy of the leaf (make_dual aliases its primal, on which an
-                # in-place first op would be refused), the tangent laid out as that copy
+                # in-place first op would be refused); make_dual lays the tangent out as that copy
                 xp = _checks.private_input(xg)
-                out = _checks.check_logits(model(fwAD.make_dual(xp, _checks.in_layout(z, xp))), y, n)
+                out = _checks.check_logits(model(fwAD.make_dual(xp, z)), y, n)
                 unpacked = fwAD.unpack_dual(out)
                 logits = unpacked.primal
                 jz = unpacked.tangent if unpacked.tangent is not None else torch.zeros_like(logits)

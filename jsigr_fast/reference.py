@@ -147,10 +147,10 @@ def jacobian_exact_sq(logits: torch.Tensor, xg: torch.Tensor, *, coupled: bool =
 
 def _jvp_forward_mode(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     # the dual's primal is a copy of x (make_dual aliases its primal, and a model that writes into its
-    # input in place would write into x), still differentiable in x; the tangent takes its strides
+    # input in place would write into x), still differentiable in x; make_dual lays z out as xp
     xp = _checks.private_input(x)
     with safe_ops(forward_ad=True), fwAD.dual_level():
-        out = _checks.check_logits(model(fwAD.make_dual(xp, _checks.in_layout(z, xp))), None, x.shape[0])
+        out = _checks.check_logits(model(fwAD.make_dual(xp, z)), None, x.shape[0])
         jz = fwAD.unpack_dual(out).tangent
     if jz is None:  # the output does not depend on x
         jz = torch.zeros_like(out)
