@@ -62,6 +62,10 @@ def test_json_config_and_bare_bool_flag(tmp_path):
     ("epochs: null\n", "config key 'epochs' must be set"),
     ("- method\n", "must hold a mapping of keys to values, got list"),
     ("method: [unclosed\n", "cannot parse config file"),
+    # parsers keep the last of a repeated key silently; the normalized spelling was already refused
+    ("lr: 0.1\nepochs: 2\nlr: 0.2\n", "config key 'lr' is given twice in {f} (line 3)"),
+    ("model_args: {width: 2, width: 3}\n", "config key 'width' is given twice in {f} (line 1)"),
+    ("lambda_m: 0.1\nlambda-m: 0.2\n", "config key 'lambda_m' is given twice in {f}"),
 ])
 def test_bad_config_file_names_the_key(tmp_path, text, fragment):
     f = tmp_path / "bad.yaml"
@@ -69,6 +73,16 @@ def test_bad_config_file_names_the_key(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as info:
         parse(["--config", str(f)])
     assert fragment.format(f=f) in str(info.value)
+
+
+def test_repeated_json_key_is_refused_and_yaml_merge_keys_may_be_overridden(tmp_path):
+    f = tmp_path / "run.json"
+    f.write_text('{"lr": 0.1, "lr": 0.2}')
+    with pytest.raises(ConfigError, match="config key 'lr' is given twice in"):
+        load_config_file(str(f))
+    f = tmp_path / "run.yaml"  # "<<: *base" then an own key: YAML's override, not a repeat
+    f.write_text("model_args: &base {width: 2}\nteacher_args:\n  <<: *base\n  width: 3\n")
+    assert load_config_file(str(f)) == {"model_args": {"width": 2}, "teacher_args": {"width": 3}}
 
 
 def test_unknown_method_suggests_the_closest():

@@ -15,7 +15,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Hashable, Iterable, Mapping
 
 from .errors import ConfigError
 
@@ -326,6 +326,37 @@ def normalize_key(key) -> str:
     return key.strip().replace("-", "_")
 
 
+def _unique_pairs(pairs, path: str, lines) -> dict:
+    """A mapping from (key, value) pairs that refuses a repeated key: YAML and JSON parsers keep the
+    last one silently, so ``lr: 0.1`` twice in a long file would run whichever came last."""
+    out = {}
+    for i, (key, value) in enumerate(pairs):
+        if key in out:
+            where = f" (line {lines[i]})" if lines else ""
+            raise ConfigError(f"config key '{key}' is given twice in {path}{where}")
+        out[key] = value
+    return out
+
+
+def _yaml_unique_keys(text: str, path: str):
+    """``yaml.safe_load`` with :func:`_unique_pairs` on every mapping (nested ones too)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        # the keys written in this mapping; a merge key ("<<: *base") may be overridden, as YAML says
+        own = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+        keys = [loader.construct_object(k, deep=True) for k in own]
+        if all(isinstance(k, Hashable) for k in keys):  # else construct_mapping's own error below
+            _unique_pairs([(k, None) for k in keys], path, [k.start_mark.line + 1 for k in own])
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config_file(path: str) -> dict:
     """Read a flat YAML or JSON mapping of config keys (validated by :func:`build_config`)."""
     if not os.path.isfile(path):
@@ -334,11 +365,11 @@ def load_config_file(path: str) -> dict:
         text = f.read()
     try:
         if path.endswith(".json"):
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=lambda pairs: _unique_pairs(pairs, path, None))
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _yaml_unique_keys(text, path)
+    except ConfigError:
+        raise
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError: report where it broke
         raise ConfigError(f"cannot parse config file {path}: {exc}") from None
     if data is None:
