@@ -11,6 +11,7 @@ We work with the discriminator's logit ``a``: ``log D = logsigmoid(a)``, ``log(1
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -172,7 +173,13 @@ class SaliencyGAN(nn.Module):
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
                grads: Sequence[torch.Tensor]) -> bool:
         """Average over ranks if needed, then one optimizer step, unless a gradient is not finite."""
-        grads = [g.detach() for g in grads]
+        grads = [g.detach() if isinstance(g, torch.Tensor) else g for g in grads]
+        if len(grads) != len(params) or any(not isinstance(g, torch.Tensor) or g.shape != p.shape
+                                            for g, p in zip(grads, params)):
+            # zip would step a subset silently
+            got = [tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__ for g in grads]
+            raise ValueError(f"grads: expected {len(params)} tensors shaped like the parameters "
+                             f"{[tuple(p.shape) for p in params]}, got {len(grads)}: {got}")
         if self._should_sync():
             import torch.distributed as dist
 
@@ -250,9 +257,23 @@ class GANCriterion(nn.Module):
         self._pending = (adaptor_grads, real.detach().to(dtype), fake.detach().to(dtype))
         return self.step() if self.auto_step else {}
 
+    def state_dict(self, *args, **kwargs):
+        if self._pending is not None:
+            warnings.warn(f"{type(self).__name__}.state_dict() between a training call (auto_step=False) and step(): "
+                          "the pending adaptor/discriminator update is not saved; call step() first to keep it "
+                          "(or discard() to drop it)",
+                          RuntimeWarning, stacklevel=2)
+        return super().state_dict(*args, **kwargs)
+
+    def discard(self) -> None:
+        """Drop the updates the last training call staged (``auto_step=False``): the step was rejected."""
+        self._pending = None
+
     def step(self) -> dict:
         """Commit the adaptor/discriminator updates computed by the last training-mode call (a no-op
-        when there are none). Returns the terms produced (``disc`` when the discriminator stepped)."""
+        when there are none). Returns the terms produced (``disc`` when the discriminator stepped).
+        Only the last call's updates are pending: a training call before ``step()`` replaces them,
+        which is how a loop rejects a step (a non-finite loss) without committing its updates."""
         if self._pending is None:
             return {}
         grads, real, fake = self._pending

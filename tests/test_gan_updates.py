@@ -25,7 +25,9 @@ def test_deferred_step_equals_immediate_step(cls):
         before = copy.deepcopy(later.state_dict())
         b = later(model, x, Y, generator=torch.Generator().manual_seed(s))
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-        for k, v in later.state_dict().items():  # nothing moved before step()
+        with pytest.warns(RuntimeWarning, match="pending adaptor/discriminator update is not saved"):
+            pending = later.state_dict()
+        for k, v in pending.items():  # nothing moved before step()
             if isinstance(v, torch.Tensor):
                 assert torch.equal(v, before[k]), k
         later.step()
@@ -50,6 +52,34 @@ def test_deferred_step_after_autocast(cls, dtype):
     terms = crit.step()
     assert "disc" in terms and torch.isfinite(terms["disc"])
     assert any(not torch.equal(p, b) for p, b in zip(crit.discriminator.parameters(), before))
+
+
+@pytest.mark.parametrize("cls", [jsigr_fast.JSIGR, jsigr_fast.JARN])
+def test_a_second_call_before_step_replaces_the_pending_update(cls):
+    # the trainer's way of rejecting a step: call again without step(); only the last call commits
+    model, x = tiny_model("conv_tanh"), tiny_input("conv_tanh")
+    once = cls((2, 6, 6), discriminator=(4, 8), disc_every=1).double()
+    twice = cls((2, 6, 6), discriminator=(4, 8), disc_every=1, auto_step=False).double()
+    twice.load_state_dict(once.state_dict())
+    twice(model, x + 0.5, Y, generator=torch.Generator().manual_seed(1))  # rejected
+    twice(model, x, Y, generator=torch.Generator().manual_seed(0))
+    twice.step()
+    once(model, x, Y, generator=torch.Generator().manual_seed(0))
+    assert once.gan.steps == twice.gan.steps == 1
+    for (k, u), v in zip(once.state_dict().items(), twice.state_dict().values()):
+        if isinstance(u, torch.Tensor):
+            assert torch.equal(u, v), k
+
+
+def test_step_adaptor_refuses_gradients_that_do_not_match_the_parameters():
+    gan = jsigr_fast.SaliencyGAN((2, 6, 6), discriminator=(4,)).double()
+    params = list(gan.adaptor.parameters())
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=rf"grads: expected {len(params)} tensors shaped like the parameters"):
+        gan.step_adaptor([torch.ones_like(p) for p in params][:-1])  # zip stepped the others silently
+    with pytest.raises(ValueError, match="grads: expected"):
+        gan.step_adaptor([torch.ones(3, dtype=torch.float64)] + [torch.ones_like(p) for p in params[1:]])
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and gan.adaptor_opt.state_dict()["state"] == {}
 
 
 def test_non_finite_gradient_skips_the_step_entirely():

@@ -273,13 +273,13 @@ def test_more_epochs_on_a_step_schedule_warn_that_the_lr_goes_back_up(tmp_path, 
     assert main(["train", "--resume", str(out), "--epochs", "4", *QUIET]) == 0
     err = capsys.readouterr().err
     assert ("resuming with epochs 2 -> 4: the step LR schedule is stretched to the new total of 8 steps from here "
-            "on: the lr goes back up from 0.001 to 0.01 at global step 6 (step 5, the first resumed one, keeps the "
-            "checkpoint's lr); its milestones are fractions of the run and move from global steps 3, 4 to 5, 7, and "
+            "on: the lr goes back up from 0.001 to 0.01 at global step 5, the first resumed one; its milestones are fractions of the run and move from global steps 3, 4 to 5, 7, and "
             "one that moves past the resume point undoes its decay") in err, err
-    # ... which is what the run did (steps.csv: global_step, lr)
+    # ... which is what the run did (steps.csv: global_step, lr), from the first resumed step on: the
+    # rebuilt schedule's lr, not the checkpoint's (that was one step late: 0.001 at global step 5)
     with open(out / "steps.csv", newline="") as f:
         lrs = [float(r["lr"]) for r in csv.DictReader(f)]
-    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001, 0.01, 0.001, 0.001])
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.01, 0.01, 0.001, 0.001])
 
 
 def test_resume_does_not_need_the_teacher_file_any_more(tmp_path, capsys):

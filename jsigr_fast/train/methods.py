@@ -106,6 +106,9 @@ class Method:
         updates (the J-SIGR/JARN adaptor and discriminator). Returns extra log terms."""
         return {}
 
+    def after_skip(self) -> None:
+        """Called when the step was skipped on every rank: drop what the loss call staged."""
+
     def train(self, mode: bool = True) -> None:
         pass
 
@@ -145,6 +148,9 @@ class _CriterionMethod(Method):
         # The criterion defers its adaptor/discriminator steps (auto_step=False) so that a skipped,
         # non-finite step moves nothing; under DDP it averages their gradients over ranks itself.
         return self.crit.step()
+
+    def after_skip(self):
+        self.crit.discard()
 
     def train(self, mode=True):
         self.crit.train(mode)

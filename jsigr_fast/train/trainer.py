@@ -302,26 +302,23 @@ class Trainer:
         if cfg.schedule != "constant":
             # "stretched" alone hid that the lr can jump: a finished step run's decayed lr goes back up
             # when a milestone (a fraction of the run) moves past the resume point, so say what it does.
-            # Step numbers are steps.csv's global_step (1-based). The optimizer resumes with the lr the
-            # old schedule set for step `step + 1`; the rebuilt schedule sets the lr from step `step + 2`.
+            # Step numbers are steps.csv's global_step (1-based); the first resumed one, `step + 1`, already
+            # runs at the rebuilt schedule's lr (_load_state).
             from .build import lr_factor
 
             warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))  # as build_scheduler computes it
-            was, now = (cfg.lr * lr_factor(i, total=t, warmup=warmup, schedule=cfg.schedule,
+            was, now = (cfg.lr * lr_factor(step, total=t, warmup=warmup, schedule=cfg.schedule,
                                            milestones=cfg.milestones, gamma=cfg.gamma)
-                        for i, t in ((step, old_total), (step + 1, self.total_steps)))
-            if step + 1 >= self.total_steps:
-                lr = f"the one step left keeps the checkpoint's lr {was:.3g}"
-            else:
-                change = (f"goes back up from {was:.3g} to" if now > was else
-                          f"drops from {was:.3g} to" if now < was else "stays")
-                lr = (f"the lr {change} {now:.3g} at global step {step + 2} (step {step + 1}, the first resumed "
-                      f"one, keeps the checkpoint's lr)")
+                        for t in (old_total, self.total_steps))
+            change = (f"goes back up from {was:.3g} to" if now > was else
+                      f"drops from {was:.3g} to" if now < was else "stays at")
+            lr = (f"the lr {change} {now:.3g} at global step {step + 1}, the first resumed one" if step < self.total_steps
+                  else "no step is left to run")
             if cfg.schedule == "step":
                 at = lambda t: ", ".join(str(round(m * t) + 1) for m in cfg.milestones)  # noqa: E731
                 lr += (f"; its milestones are fractions of the run and move from global steps {at(old_total)} to "
                        f"{at(self.total_steps)}" + (", and one that moves past the resume point undoes its decay"
-                                                    if now > was and step + 1 < self.total_steps else ""))
+                                                    if now > was and step < self.total_steps else ""))
             what.append(f"the {cfg.schedule} LR schedule is {'stretched' if new > old else 'compressed'} to the new "
                         f"total of {self.total_steps} steps from here on: {lr}")
         if cfg.method in ("jarn", "jarn_at1"):  # as JARNMethod computes its start
@@ -382,6 +379,14 @@ class Trainer:
                 detail = " ".join(str(exc).split())[:300] or type(exc).__name__
                 raise CheckpointError(f"checkpoint {self.resumed_from}: {key!r} does not fit this run: {detail}") \
                     from None
+        # The optimizer's saved lr is what the checkpoint's schedule set for the next step. A resume with
+        # another `epochs` rebuilds the schedule, whose lr for that step can differ: take the rebuilt
+        # one now, or the first resumed step would run at the old schedule's lr (LambdaLR's own formula,
+        # so an unchanged schedule gives the same float, and exact resume stays bit for bit).
+        sched = self.scheduler
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() returns
         self.epoch, self.batch, self.global_step = ckpt["epoch"], ckpt["batch"], ckpt["global_step"]
         self.counters.update(ckpt["counters"])
         self.metrics = dict(ckpt.get("metrics") or {})
@@ -455,6 +460,7 @@ class Trainer:
             self.counters["nonfinite_consecutive"] = 0
         else:
             self.optimizer.zero_grad(set_to_none=True)
+            self.method.after_skip()
             self.counters["nonfinite_total"] += 1
             self.counters["nonfinite_consecutive"] += 1
             what = "loss" if bad else "gradient"
