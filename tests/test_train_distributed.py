@@ -77,6 +77,29 @@ DRIVER = textwrap.dedent('''
                     out = out * float("nan")
             return out
 
+    # SIGTERM on rank 0 alone during its second step: both ranks stop there and checkpoint the epoch's
+    # totals so far (summed over the ranks), and the resumed epoch reports the means of all 4 steps
+    import signal
+
+    class StopAt(torch.nn.Module):
+        def __init__(self, at):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net, self.at, self.calls = get_model("digits_cnn", dataset="digits"), at, 0
+        def forward(self, x):
+            if self.training and torch.is_grad_enabled():
+                self.calls += 1
+                if self.calls == self.at:
+                    signal.raise_signal(signal.SIGTERM)
+            return self.net(x)
+
+    part = dict(method="standard", epochs=1, steps_per_epoch=4, batch_size=32, optimizer="adam", lr=1e-3,
+                threads=1, progress=False, tensorboard=False, eval_max_batches=1)
+    assert train(TrainConfig(**part, out=f"{out}/whole"), model=StopAt(None)) == 0
+    stop = StopAt(2 if dist.get_rank() == 0 else None)
+    assert train(TrainConfig(**part, out=f"{out}/split"), model=stop) == 128 + signal.SIGTERM
+    assert train(TrainConfig(**part, out=f"{out}/split"), resume=f"{out}/split", model=StopAt(None)) == 0
+
     torch.manual_seed(0)
     model = NaNAt({3, 4} if dist.get_rank() == 0 else set())
     cfg = TrainConfig(method="standard", epochs=1, steps_per_epoch=6, batch_size=32, optimizer="adam", lr=1e-3,
@@ -165,6 +188,22 @@ def test_ddp_resume_is_exact(ddp_runs):
     for k, v in a["method"]["criterion"].items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, b["method"]["criterion"][k]), k
+
+
+def test_an_epoch_stopped_by_one_rank_reports_all_its_steps_after_resume(ddp_runs):
+    import csv
+
+    out, _ = ddp_runs
+    rows = {}
+    for name in ("whole", "split"):
+        with open(out / name / "epochs.csv", newline="") as f:
+            rows[name] = list(csv.DictReader(f))
+    assert len(rows["whole"]) == len(rows["split"]) == 1
+    # the totals of the 2 steps before the stop were summed over both ranks and added once (grouped
+    # differently from the whole run's sums, hence approx)
+    split, whole = rows["split"][0], rows["whole"][0]
+    assert float(split["loss"]) == pytest.approx(float(whole["loss"]), rel=1e-12)
+    assert split["eval_clean"] == whole["eval_clean"]
 
 
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(ddp_runs):

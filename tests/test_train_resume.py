@@ -10,8 +10,10 @@ import time
 
 import pytest
 import torch
+import torch.nn as nn
 
 from jsigr_fast.cli import main
+from jsigr_fast.train import TrainConfig, train
 from jsigr_fast.train.trainer import STEP_DELAY_ENV
 
 QUIET = ["--threads", "1", "--progress", "false", "--tensorboard", "false"]
@@ -102,6 +104,53 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_is_bit_exact(tmp_path, referen
     assert not [f for f in os.listdir(out) if ".tmp" in f]  # the temporary file was renamed into place
     assert main(["train", "--resume", str(out / "last.pt"), *QUIET]) == 0
     assert_same_state(load(out / "last.pt"), reference)
+
+
+class StopAt(nn.Module):
+    """digits_cnn that sends its own process SIGTERM during the given (1-based) training forward:
+    the trainer finishes that step, checkpoints and stops, exactly there."""
+
+    def __init__(self, at=None):
+        super().__init__()
+        from jsigr_fast.models import get_model
+
+        torch.manual_seed(0)
+        self.net = get_model("digits_cnn", dataset="digits")
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.at:
+                signal.raise_signal(signal.SIGTERM)
+        return self.net(x)
+
+
+def epoch_rows(out):
+    with open(out / "epochs.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("at", [2, 3], ids=["mid_epoch", "last_step"])
+def test_an_interrupted_epoch_reports_the_means_of_all_its_steps(tmp_path, at):
+    # epochs.csv's means of the interrupted epoch covered only the steps after the resume, and none at
+    # all when the stop came on the epoch's last step; the checkpoint now carries the totals so far
+    cfg = dict(method="input_grad", epochs=2, steps_per_epoch=3, batch_size=16, optimizer="adam", lr=1e-3,
+               threads=1, progress=False, tensorboard=False, eval_max_batches=1)
+    assert train(TrainConfig(**cfg, out=str(tmp_path / "whole")), model=StopAt()) == 0
+    out = tmp_path / "split"
+    assert train(TrainConfig(**cfg, out=str(out)), model=StopAt(at)) == 128 + signal.SIGTERM
+    ckpt = load(out / "last.pt")
+    assert (ckpt["epoch"], ckpt["batch"]) == (0, at)
+    assert ckpt["epoch_partial"]["counts"] == {"loss": at, "ce": at, "ig": at} and ckpt["epoch_partial"]["images"] == 16 * at
+    assert train(TrainConfig(**cfg, out=str(out)), resume=str(out), model=StopAt()) == 0
+    whole, split = epoch_rows(tmp_path / "whole"), epoch_rows(out)
+    assert len(whole) == len(split) == 2
+    for a, b in zip(whole, split):  # the same steps summed in the same order: equal to the last bit
+        assert {k: a[k] for k in ("epoch", "loss", "ce", "ig", "eval_clean")} == \
+            {k: b[k] for k in ("epoch", "loss", "ce", "ig", "eval_clean")}
+        assert float(b["seconds"]) > 0 and float(b["img_per_s"]) > 0
+    assert load(out / "last.pt")["epoch_partial"] is None  # written at an epoch's end
 
 
 def test_resume_refuses_a_different_trajectory_and_allows_more_epochs(tmp_path, reference, capsys):
@@ -385,6 +434,11 @@ def test_bad_checkpoints_fail_clearly(tmp_path, good, capsys):
     ("rng", {"world_size": 1}, "'rng' must be {'world_size': N, 'ranks': [N per-rank states]}"),
     ("rng", {"world_size": 1, "ranks": [{"torch": torch.zeros(3)}]}, "'rng' of rank 0 cannot be restored"),
     ("method", [1], "'method' must be a mapping, got list"),
+    ("epoch_partial", {"sums": {"loss": 1.0}, "counts": {}, "seconds": 1.0, "images": 3},
+     "'epoch_partial' must be None or {'sums': {term: float}, 'counts': {term: int}, 'seconds': float, 'images': int}"),
+    ("epoch_partial", {"sums": {"loss": "1"}, "counts": {"loss": 1}, "seconds": 1.0, "images": 3},
+     "'epoch_partial' must be None or"),
+    ("epoch_partial", [1.0], "'epoch_partial' must be None or"),
     ("method", {"criterion": 5}, "'method': the jsigr adaptor/discriminator state does not fit this configuration"),
 ])
 def test_malformed_checkpoint_fields_name_the_file_and_the_field(tmp_path, good, capsys, field, value, fragment):

@@ -17,6 +17,9 @@ are tensors). Format (``FORMAT``)::
     counters     non-finite / overflow / image counts
     rng          {"world_size": R, "ranks": [per-rank {"torch", "cuda", "numpy", "python", "generators"}]}
     metrics      the last epoch's logged values
+    epoch_partial  written mid-epoch (else None; optional): the epoch's steps so far, summed over the
+                 ranks, {"sums": {term: float}, "counts": {term: int}, "seconds": float, "images": int},
+                 so that the resumed epoch's row in epochs.csv covers all of its steps
 
 Writes go to a temporary file in the same folder, are flushed and fsync'ed, then ``os.replace``'d
 over the target, and the folder is fsync'ed: a crash (even SIGKILL) leaves either the old or the
@@ -128,6 +131,16 @@ def _check_fields(ckpt: dict, path: str) -> None:
     for key in ("scaler", "metrics"):  # optional
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             raise bad(key, "a mapping or None")
+    partial = ckpt.get("epoch_partial")
+    if partial is not None and not (
+            isinstance(partial, dict) and all(isinstance(partial.get(k), dict) for k in ("sums", "counts"))
+            and partial["sums"].keys() == partial["counts"].keys()
+            and all(isinstance(k, str) and isinstance(v, float) for k, v in partial["sums"].items())
+            and all(_is_count(v) for v in partial["counts"].values())
+            and isinstance(partial.get("seconds"), float) and partial["seconds"] >= 0
+            and _is_count(partial.get("images"))):
+        raise bad("epoch_partial", "None or {'sums': {term: float}, 'counts': {term: int}, 'seconds': float, "
+                                   "'images': int}")
     counters = ckpt["counters"]
     if not (isinstance(counters, dict) and all(isinstance(k, str) and _is_count(v) for k, v in counters.items())):
         raise bad("counters", "a mapping of names to integers >= 0")

@@ -237,6 +237,10 @@ class Trainer:
         if self.spec.train is not train_before:
             self.train_loader = self._make_loader(self.spec.train, self.per_rank_batch, True)
         self.counters = {"nonfinite_total": 0, "nonfinite_consecutive": 0, "overflow_skips": 0, "images": 0}
+        # The running epoch's sums behind epochs.csv's means: the checkpoint holds them (summed over ranks)
+        # when it is written mid-epoch, so a resumed epoch reports the means of all its steps.
+        self._epoch_acc = None  # live accumulators of the epoch in progress (_train_epoch)
+        self._epoch_partial = None  # a mid-epoch checkpoint's totals, until the resumed epoch takes them
         for name, module in self.method.modules().items():
             broadcast_module(module, env)
         if env.distributed:
@@ -390,6 +394,7 @@ class Trainer:
         self.epoch, self.batch, self.global_step = ckpt["epoch"], ckpt["batch"], ckpt["global_step"]
         self.counters.update(ckpt["counters"])
         self.metrics = dict(ckpt.get("metrics") or {})
+        self._epoch_partial = ckpt.get("epoch_partial") if self.batch else None
         rng = ckpt["rng"]
         if rng["world_size"] == self.env.world_size:
             try:
@@ -493,10 +498,20 @@ class Trainer:
         sums = {k: torch.zeros((), device=self.device, dtype=torch.float64) for k in self.terms}
         counts = dict.fromkeys(self.terms, 0)
         window, wcount = dict(sums), dict(counts)
+        before = self._epoch_partial or {"sums": {}, "counts": {}, "seconds": 0.0, "images": 0}
+        self._epoch_partial = None
+        if self.env.is_main:  # the steps before the resume, already summed over the ranks: added once
+            for k in self.terms:
+                if before["counts"].get(k):
+                    sums[k] = sums[k] + before["sums"][k]
+                    counts[k] += before["counts"][k]
         bar = tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.env.is_main), dynamic_ncols=True, leave=False, file=sys.stderr)
         t_epoch = t_window = time.perf_counter()
-        images_epoch = images_window = 0
+        images_epoch, images_window = before["images"], 0
+        # what save() reads mid-epoch (the dicts are updated in place; the images count is copied back)
+        acc = self._epoch_acc = {"sums": sums, "counts": counts, "start": t_epoch, "seconds": before["seconds"],
+                                 "images": images_epoch}
         it = iter(self.train_loader)
         for b in range(self.batch, self.steps_per_epoch):
             x, y, extra = self._to_device(next(it))
@@ -514,6 +529,7 @@ class Trainer:
             n = x.shape[0] * self.env.world_size
             images_epoch += n
             images_window += n
+            acc["images"] = images_epoch
             self.counters["images"] += n
             self.batch, self.global_step = b + 1, self.global_step + 1
             bar.update(1)
@@ -549,7 +565,8 @@ class Trainer:
                            f"(continue with --resume)", file=sys.stderr)
                 return None, 128 + int(signum)
         bar.close()
-        seconds = time.perf_counter() - t_epoch
+        self._epoch_acc = None
+        seconds = time.perf_counter() - t_epoch + before["seconds"]  # training time, not the downtime between
         keys = list(self.terms)
         totals = torch.stack([sums[k] for k in keys] + [torch.tensor(float(counts[k]), device=self.device,
                                                                      dtype=torch.float64) for k in keys])
@@ -593,10 +610,22 @@ class Trainer:
         mods = [self.net] + [m for m in self.method.modules().values()]
         return [float(sum(p.detach().double().sum() for p in m.parameters())) for m in mods]
 
+    def _partial_epoch(self) -> dict:
+        """The epoch-in-progress totals behind epochs.csv's means, summed over the ranks (every rank
+        calls this): the steps so far, so that a resumed epoch still reports all of its steps."""
+        acc, keys = self._epoch_acc, list(self.terms)
+        counts = [torch.tensor(float(acc["counts"][k]), device=self.device, dtype=torch.float64) for k in keys]
+        totals = all_reduce_(torch.stack([acc["sums"][k] for k in keys] + counts), self.env).tolist()
+        n = len(keys)
+        kept = [i for i in range(n) if totals[n + i]]
+        return {"sums": {keys[i]: totals[i] for i in kept}, "counts": {keys[i]: int(totals[n + i]) for i in kept},
+                "seconds": acc["seconds"] + time.perf_counter() - acc["start"], "images": int(acc["images"])}
+
     def save(self) -> str:
         """Write ``<out>/last.pt`` (rank 0) with every rank's RNG state; all ranks take part."""
         rngs = gather_objects(ckpt_io.capture_rng({"method": self.generator}, self.device), self.env)
         prints = gather_objects(self._fingerprint(), self.env)
+        partial = self._partial_epoch() if self._epoch_acc is not None and self.batch else None  # collective
         path = os.path.join(self.out, CHECKPOINT_NAME)
         if self.env.is_main:
             if any(p != prints[0] for p in prints[1:]):
@@ -619,6 +648,7 @@ class Trainer:
                 "rng": {"world_size": self.env.world_size, "ranks": rngs},
                 "ranks": {"world_size": self.env.world_size, "fingerprints": prints},
                 "metrics": dict(self.metrics),
+                "epoch_partial": partial,
             }
             ckpt_io.save_atomic(state, path)
         if self.env.distributed:
