@@ -62,6 +62,10 @@ def test_persistent_nan_stops_with_the_last_good_checkpoint(tmp_path):
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and finite(ckpt["model"])  # epoch 1's checkpoint, never overwritten
     assert finite(model.state_dict())  # the skipped steps never touched the weights
+    with open(tmp_path / "steps.csv", newline="") as f:  # the failing step's row is logged too
+        logged = list(csv.DictReader(f))
+    assert [int(r["global_step"]) for r in logged] == list(range(1, 8))
+    assert [r["loss"] for r in logged[-3:]] == ["", "", ""] and logged[-1]["nonfinite_total"] == "3"
 
 
 def test_jsigr_adaptor_survives_a_nan_batch(tmp_path):

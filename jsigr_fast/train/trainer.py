@@ -516,7 +516,11 @@ class Trainer:
         for b in range(self.batch, self.steps_per_epoch):
             x, y, extra = self._to_device(next(it))
             lr = self.optimizer.param_groups[0]["lr"]
-            terms, stop_now = self._step(x, y, extra, stop, step=self.global_step)
+            try:
+                terms, stop_now = self._step(x, y, extra, stop, step=self.global_step)
+                fatal = None
+            except NonFiniteError as exc:  # raised below, once steps.csv has the rows up to this step
+                terms, stop_now, fatal = None, False, exc
             if terms is not None:
                 for k in self.terms:
                     v = terms.get(k)
@@ -534,7 +538,7 @@ class Trainer:
             self.batch, self.global_step = b + 1, self.global_step + 1
             bar.update(1)
             last = b + 1 == self.steps_per_epoch
-            if self.global_step % cfg.log_every == 0 or last or stop_now:
+            if self.global_step % cfg.log_every == 0 or last or stop_now or fatal is not None:
                 keys = [k for k in self.terms if wcount[k]]
                 values = torch.stack([window[k] / wcount[k] for k in keys]).tolist() if keys else []
                 now = time.perf_counter()
@@ -552,6 +556,9 @@ class Trainer:
                 window = {k: torch.zeros_like(v) for k, v in window.items()}
                 wcount = dict.fromkeys(self.terms, 0)
                 t_window, images_window = now, 0
+            if fatal is not None:
+                bar.close()
+                raise fatal
             if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and not last:
                 self.save()
             if self.step_delay:
