@@ -11,6 +11,7 @@ We work with the discriminator's logit ``a``: ``log D = logsigmoid(a)``, ``log(1
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Sequence
 
@@ -228,8 +229,10 @@ class SaliencyGAN(nn.Module):
     def set_extra_state(self, state):
         self.steps = int(state["steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.adaptor_opt.load_state_dict(state["adaptor_opt"])
-        self.disc_opt.load_state_dict(state["disc_opt"])
+        # deep copies: Optimizer.load_state_dict keeps same-device tensors by reference, so loading a live
+        # criterion's state_dict() would make the two share (and both advance) Adam's moments and steps
+        self.adaptor_opt.load_state_dict(copy.deepcopy(state["adaptor_opt"]))
+        self.disc_opt.load_state_dict(copy.deepcopy(state["disc_opt"]))
 
 
 class GANCriterion(nn.Module):

@@ -82,6 +82,21 @@ def test_step_adaptor_refuses_gradients_that_do_not_match_the_parameters():
     assert all(torch.equal(p, b) for p, b in zip(params, before)) and gan.adaptor_opt.state_dict()["state"] == {}
 
 
+def test_loading_a_live_state_dict_shares_no_optimizer_state():
+    # Optimizer.load_state_dict keeps same-device tensors by reference: the copy's Adam moments and
+    # step counters were the original's, so stepping one advanced the other
+    a = jsigr_fast.SaliencyGAN((2, 6, 6), discriminator=(4,)).double()
+    a.step_adaptor([torch.ones_like(p) for p in a.adaptor.parameters()])
+    b = jsigr_fast.SaliencyGAN((2, 6, 6), discriminator=(4,)).double()
+    b.load_state_dict(a.state_dict())
+    saved = copy.deepcopy(b.adaptor_opt.state_dict()["state"])
+    a.step_adaptor([torch.full_like(p, -3.0) for p in a.adaptor.parameters()])
+    for i, st in b.adaptor_opt.state_dict()["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, saved[i][k]), (i, k)
+    assert int(saved[0]["step"]) == 1
+
+
 def test_non_finite_gradient_skips_the_step_entirely():
     gan = jsigr_fast.SaliencyGAN((2, 6, 6), discriminator=(4,)).double()
     params = list(gan.adaptor.parameters())
