@@ -24,7 +24,7 @@ fd needs no double backward and differentiates each perturbed forward's graph as
 computed (jsigr_fast.finite_difference.FREE_EARLY), so it holds about two forwards' graphs; the
 ablation ``jsigr_fd_kept`` keeps them all to the end (``--ablation fd_kept`` times it).
 
-Results: ``<out>/memory_<device>_<model>_b<batch>_<dtype>.{md,json}``.
+Results: ``<out>/memory_<device>_<model>_b<batch>_<dtype>.{md,json,png}`` (the png: bars of the table).
 """
 from __future__ import annotations
 
@@ -147,9 +147,38 @@ def main(argv=None):
     for r in rows.values():
         lines.append(f"| {r['label']} | {r['peak_bytes'] / MIB:.1f} | {r['x_standard']:.2f} | "
                      f"{'yes' if r['x_standard'] <= 2 else '**no**'} |")
-    publish(lines, a.out, f"memory_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}"
-            f"{'_cl' if a.channels_last else ''}",
-            {"conditions": cond, "resting_bytes": resting, "rows": rows})
+    name = f"memory_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}{'_cl' if a.channels_last else ''}"
+    publish(lines, a.out, name, {"conditions": cond, "resting_bytes": resting, "rows": rows})
+    if a.out:
+        print("wrote " + bar_chart(os.path.join(a.out, name + ".png"), a, rows, cond))
+
+
+def bar_chart(path, a, rows, cond):
+    """The table as a picture: each method's peak as a multiple of the standard step, the 2x target."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(rows)
+    fig = Figure(figsize=(8, 0.42 * len(names) + 1.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    ys = list(range(len(names)))[::-1]
+    vals = [rows[n]["x_standard"] for n in names]
+    ax.barh(ys, vals, color=["#4c72b0" if v <= 2 else "#c44e52" for v in vals])
+    ax.axvline(2.0, color="black", linestyle="--", linewidth=1, label="target: 2x the standard step")
+    for yv, n in zip(ys, names):
+        ax.text(rows[n]["x_standard"], yv, f" {rows[n]['x_standard']:.2f}x ({rows[n]['peak_bytes'] / MIB:.0f} MiB)",
+                va="center", fontsize=8)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([rows[n]["label"] for n in names], fontsize=8)
+    ax.set_xlabel("peak tensor memory of one step above the resting state, x the standard step's")
+    ax.set_xlim(0, max(vals + [2.0]) * 1.35)
+    ax.set_title(f"{a.model}, batch {a.batch}, {a.dtype}{', channels-last' if a.channels_last else ''}, "
+                 f"{cond['device']}, commit {cond['commit']}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    return path
 
 
 if __name__ == "__main__":

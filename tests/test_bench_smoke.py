@@ -249,6 +249,8 @@ def test_bench_memory_tiny_config(tmp_path):
     assert all(abs(r["net_bytes"]) < 0.05 * r["peak_bytes"] for r in rows.values())
     md = (tmp_path / "memory_cpu_digits_cnn_b16_float32.md").read_text()
     assert "| standard CE |" in md and "≤ 2×" in md
+    png = (tmp_path / "memory_cpu_digits_cnn_b16_float32.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
 def test_bench_fd_accuracy_exact_estimator_in_eval_mode(tmp_path):
