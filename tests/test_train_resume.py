@@ -142,7 +142,8 @@ def test_an_interrupted_epoch_reports_the_means_of_all_its_steps(tmp_path, at):
     assert train(TrainConfig(**cfg, out=str(out)), model=StopAt(at)) == 128 + signal.SIGTERM
     ckpt = load(out / "last.pt")
     assert (ckpt["epoch"], ckpt["batch"]) == (0, at)
-    assert ckpt["epoch_partial"]["counts"] == {"loss": at, "ce": at, "ig": at} and ckpt["epoch_partial"]["images"] == 16 * at
+    assert ckpt["epoch_partial"]["counts"] == {"loss": at, "ce": at, "ig": at}
+    assert ckpt["epoch_partial"]["images"] == 16 * at
     assert train(TrainConfig(**cfg, out=str(out)), resume=str(out), model=StopAt()) == 0
     whole, split = epoch_rows(tmp_path / "whole"), epoch_rows(out)
     assert len(whole) == len(split) == 2
@@ -322,7 +323,8 @@ def test_more_epochs_on_a_step_schedule_warn_that_the_lr_goes_back_up(tmp_path, 
     assert main(["train", "--resume", str(out), "--epochs", "4", *QUIET]) == 0
     err = capsys.readouterr().err
     assert ("resuming with epochs 2 -> 4: the step LR schedule is stretched to the new total of 8 steps from here "
-            "on: the lr goes back up from 0.001 to 0.01 at global step 5, the first resumed one; its milestones are fractions of the run and move from global steps 3, 4 to 5, 7, and "
+            "on: the lr goes back up from 0.001 to 0.01 at global step 5, the first resumed one; its milestones are "
+            "fractions of the run and move from global steps 3, 4 to 5, 7, and "
             "one that moves past the resume point undoes its decay") in err, err
     # ... which is what the run did (steps.csv: global_step, lr), from the first resumed step on: the
     # rebuilt schedule's lr, not the checkpoint's (that was one step late: 0.001 at global step 5)

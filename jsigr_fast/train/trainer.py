@@ -316,8 +316,8 @@ class Trainer:
                         for t in (old_total, self.total_steps))
             change = (f"goes back up from {was:.3g} to" if now > was else
                       f"drops from {was:.3g} to" if now < was else "stays at")
-            lr = (f"the lr {change} {now:.3g} at global step {step + 1}, the first resumed one" if step < self.total_steps
-                  else "no step is left to run")
+            lr = (f"the lr {change} {now:.3g} at global step {step + 1}, the first resumed one"
+                  if step < self.total_steps else "no step is left to run")
             if cfg.schedule == "step":
                 at = lambda t: ", ".join(str(round(m * t) + 1) for m in cfg.milestones)  # noqa: E731
                 lr += (f"; its milestones are fractions of the run and move from global steps {at(old_total)} to "
