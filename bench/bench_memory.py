@@ -171,7 +171,7 @@ def bar_chart(path, a, rows, cond):
                 va="center", fontsize=8)
     ax.set_yticks(ys)
     ax.set_yticklabels([rows[n]["label"] for n in names], fontsize=8)
-    ax.set_xlabel("peak tensor memory of one step above the resting state, x the standard step's")
+    ax.set_xlabel("peak memory of one step above the resting state, x the standard step", fontsize=9)
     ax.set_xlim(0, max(vals + [2.0]) * 1.35)
     ax.set_title(f"{a.model}, batch {a.batch}, {a.dtype}{', channels-last' if a.channels_last else ''}, "
                  f"{cond['device']}, commit {cond['commit']}", fontsize=9)
