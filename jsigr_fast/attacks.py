@@ -91,12 +91,15 @@ def _check_clamp(clamp) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _prepare(model, x, labels, clamp, *, label_name: str = "y"):
-    """Validate the common arguments; return (detached x, clamp pair or None)."""
+def _prepare(model, x, labels, clamp, *, label_name: str = "y", labels_optional: bool = False):
+    """Validate the common arguments; return (detached x, clamp pair or None).
+    ``labels_optional``: None is allowed (FGSM's predicted labels, DeepFool); otherwise it is refused."""
     _check_model(model)
     _checks.check_input(x, model)
     x0 = x.detach()
-    if labels is not None:
+    # None is refused where it means nothing: PGD and the momentum attacks would otherwise relabel
+    # with the prediction at every iterate, and JSMA would silently return x
+    if labels is not None or not labels_optional:
         _checks.check_labels(labels, x0.shape[0], x0.device, label_name)
     clamp = _check_clamp(clamp)
     if clamp is not None:
@@ -185,11 +188,11 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, eps: float, 
     from the same forward), as FGSM adversarial training does to avoid label leaking (Kurakin et
     al. 2017; J-SIGR's FGSM-AT). Features whose gradient is exactly zero are left unchanged.
     """
-    x0, clamp = _prepare(model, x, y, clamp)
+    x0, clamp = _prepare(model, x, y, clamp, labels_optional=True)
     eps = _checks.check_number("eps", eps, low=0.0)
+    direction = -1.0 if _checks.check_bool("targeted", targeted) else 1.0  # before the test below reads it
     if y is None and targeted:
         raise ValueError("targeted=True needs the target classes in y (y=None means the predicted labels)")
-    direction = -1.0 if _checks.check_bool("targeted", targeted) else 1.0
     _, _, g = _loss_grad(model, x0, y)
     return _box(x0 + (direction * eps) * g.sign(), clamp).detach()
 
@@ -409,6 +412,7 @@ def jsma(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, theta: floa
     are just not updated.
     """
     x0, clamp = _prepare(model, x, target, clamp, label_name="target")
+    target = target.long()  # gather needs int64 indices; check_labels also accepts uint8
     theta = _checks.check_number("theta", theta)
     if theta == 0.0:
         raise ValueError("theta must be non-zero (> 0 increases features, < 0 decreases them)")
@@ -470,7 +474,7 @@ def jsma(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, theta: floa
 # DeepFool and rho_adv
 # ----------------------------------------------------------------------------------------------
 def _deepfool(model, x, num_candidates, overshoot, max_iter, clamp):
-    x0, clamp = _prepare(model, x, None, clamp)
+    x0, clamp = _prepare(model, x, None, clamp, labels_optional=True)
     num_candidates = _checks.check_int("num_candidates", num_candidates, low=2)
     overshoot = _checks.check_number("overshoot", overshoot, low=0.0)
     max_iter = _checks.check_int("max_iter", max_iter, low=1)
@@ -519,7 +523,9 @@ def _deepfool(model, x, num_candidates, overshoot, max_iter, clamp):
         # Step exactly onto the linearised boundary: |f_l| / ||w_l||^2 * w_l (no +1e-4 as in the
         # reference code: the overshoot is what carries the point across).
         coef = torch.where(move, best / wn_l.clamp_min(torch.finfo(x0.dtype).tiny), torch.zeros_like(best))
-        r_tot = r_tot + (coef[:, None] * w_l).reshape(x0.shape)
+        # masked with where, not by coef = 0: 0 * a NaN/inf gradient would make a stuck or
+        # finished sample's perturbation NaN instead of keeping its last iterate
+        r_tot = r_tot + torch.where(move[:, None], coef[:, None] * w_l, torch.zeros_like(w_l)).reshape(x0.shape)
         xa = _box(x0 + (1.0 + overshoot) * r_tot, clamp)
     r = (1.0 + overshoot) * r_tot
     return xa.detach(), r.detach(), flipped.detach()
@@ -640,8 +646,11 @@ def transfer_accuracy(source: nn.Module, target: nn.Module, x: torch.Tensor, y: 
     _checks.check_labels(y, x.shape[0], x.device)
     n = x.shape[0]
     batch_size = n if batch_size is None else _checks.check_int("batch_size", batch_size, low=1)
-    if attack is jsma and "target" not in attack_kwargs:
-        raise ValueError("transfer_accuracy with jsma needs target=<target classes> in the attack kwargs")
+    if attack is jsma:
+        if "target" not in attack_kwargs:
+            raise ValueError("transfer_accuracy with jsma needs target=<target classes> in the attack kwargs")
+        # checked whole: sliced per chunk, a too-long target would be silently truncated
+        _checks.check_labels(attack_kwargs["target"], n, x.device, "target")
     pieces = []
     for i in range(0, n, batch_size):
         xi, yi = x[i:i + batch_size], y[i:i + batch_size]

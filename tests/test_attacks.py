@@ -434,6 +434,37 @@ def test_rho_adv_excludes_samples_deepfool_cannot_flip():
     torch.testing.assert_close(x_adv[0], x[0], rtol=0, atol=0)  # failure keeps its last iterate
 
 
+class AffinePlusSqrtKink(nn.Module):
+    """f(x) = W x + b + 0 * sum sqrt|x|: affine with gradient W wherever no feature is 0; a feature at
+    exactly 0 makes every logit's input gradient NaN there (0 * inf in the sqrt's backward)."""
+
+    def __init__(self, W, b):
+        super().__init__()
+        self.lin = nn.Linear(W.shape[1], W.shape[0]).double()
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.as_tensor(W))
+            self.lin.bias.copy_(torch.as_tensor(b))
+
+    def forward(self, x):
+        return self.lin(x) + 0.0 * x.abs().sqrt().sum(1, keepdim=True)
+
+
+def test_deepfool_stuck_sample_keeps_its_iterate_when_its_gradient_is_nan():
+    # Stuck samples were "moved" by coef = 0 times their gradient: 0 * NaN made x_adv and r NaN.
+    W = np.array([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5]])
+    b = np.array([0.0, -0.3])
+    model = AffinePlusSqrtKink(W, b)
+    x = torch.tensor([[0.0, 0.4, 0.6], [0.5, 0.3, 0.2]], dtype=torch.float64)  # sample 0 sits on the kink
+    x_adv, r = deepfool(model, x)
+    torch.testing.assert_close(x_adv[0], x[0], rtol=0, atol=0)
+    torch.testing.assert_close(r[0], torch.zeros(3, dtype=torch.float64), rtol=0, atol=0)
+    # sample 1: one exact step onto the affine boundary, times 1.02
+    w, f = W[1] - W[0], float(x[1].numpy() @ (W[1] - W[0]) + b[1] - b[0])
+    np.testing.assert_allclose(r[1].numpy(), -1.02 * f / (w @ w) * w, rtol=1e-12, atol=1e-15)
+    res = rho_adv(model, x)
+    assert (res.n_success, res.n_total) == (1, 2) and math.isnan(res.ratios[0].item())
+
+
 def test_rho_adv_is_nan_when_nothing_flips():
     class Constant(nn.Module):
         def forward(self, x):
@@ -478,6 +509,20 @@ def test_jsma_first_choice_matches_bruteforce_saliency(pairwise, theta):
         assert changed == expected, n
         for i in expected:
             assert O[n, i] == pytest.approx(min(max(X[n, i] + theta, 0.0), 1.0), abs=1e-15)
+
+
+def test_jsma_takes_uint8_targets():
+    # The label check accepts uint8 (as F.cross_entropy does), but JSMA's gather needs int64 indices:
+    # uint8 targets raised "gather(): Expected dtype int32/int64 for index".
+    model = linear_model(3, seed=15)
+    x, _ = interior_batch(12, seed=16, k=3, lo=0.2, hi=0.8)
+    W, _ = wb(model)
+    with torch.no_grad():
+        target = (model(x).argmax(1) + 1) % 3
+    out = jsma(model, x, target.to(torch.uint8), gamma=2 / D)  # one pair
+    X, O = x.numpy().reshape(12, D), out.numpy().reshape(12, D)
+    for n in range(12):
+        assert set(np.flatnonzero(O[n] != X[n]).tolist()) == jsma_oracle_choice(W, int(target[n]), X[n], 1.0, True), n
 
 
 def test_jsma_reaches_target_within_gamma():
@@ -707,6 +752,22 @@ BAD = [
     (lambda: transfer_accuracy(_M, _M, _X, _Y, 3), TypeError, "attack"),
     (lambda: transfer_accuracy(_M, _M, _X, _Y, "jsma"), ValueError, "target="),
     (lambda: fgsm(nn.Linear(D, 3, device="meta"), _X.flatten(1), _Y, 0.1), ValueError, "model is on meta"),
+    # labels are required wherever None has no meaning (only FGSM reads None as the predicted labels):
+    # PGD and the momentum attacks ran, relabelling with the prediction at every iterate (PGD with
+    # restarts then crashed inside cross_entropy), and JSMA silently returned x unchanged
+    (lambda: pgd(_M, _X, None, 0.1), TypeError, "y must be a torch.Tensor"),
+    (lambda: pgd(_M, _X, None, 0.1, restarts=2), TypeError, "y must be a torch.Tensor"),
+    (lambda: mi_fgsm(_M, _X, None, 0.1), TypeError, "y must be a torch.Tensor"),
+    (lambda: ni_fgsm(_M, _X, None, 0.1), TypeError, "y must be a torch.Tensor"),
+    (lambda: abi_fgm(_M, _X, None, 0.1), TypeError, "y must be a torch.Tensor"),
+    (lambda: jsma(_M, _X, None), TypeError, "target must be a torch.Tensor"),
+    # a non-bool targeted was reported as "targeted=True needs the target classes" when y is None
+    (lambda: fgsm(_M, _X, None, 0.1, targeted="no"), TypeError, "targeted must be a bool"),
+    # JSMA's targets are sliced per chunk: a too-long tensor was silently truncated
+    (lambda: transfer_accuracy(_M, _M, _X, _Y, "jsma", target=torch.zeros(8, dtype=torch.long)), ValueError,
+     r"target must have shape \(4,\)"),
+    (lambda: transfer_accuracy(_M, _M, _X, _Y, "jsma", target=torch.zeros(8, dtype=torch.long), batch_size=2),
+     ValueError, r"target must have shape \(4,\)"),
 ]
 
 
