@@ -60,6 +60,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from ._progress import progress_bar
 from .jacobian_layers import LayerJacobian, format_layer_markdown, layer_jacobian_norms
 
 __all__ = [
@@ -294,9 +295,10 @@ def default_attacks(dataset: str | None) -> list[AttackSpec]:
 
 
 def craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, *,
-          generator: torch.Generator | None = None, batch_size: int | None = None) -> torch.Tensor:
+          generator: torch.Generator | None = None, batch_size: int | None = None, on_batch=None) -> torch.Tensor:
     """Adversarial examples for ``spec`` against ``model`` (``x`` itself for ``clean``), crafted in
-    chunks of ``batch_size`` (the generator's stream runs on across chunks)."""
+    chunks of ``batch_size`` (the generator's stream runs on across chunks). ``on_batch(k)`` is
+    called after each chunk of ``k`` images (a progress bar's ``update``)."""
     from . import attacks as A
 
     if spec.name == "clean":
@@ -314,6 +316,8 @@ def craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, 
         else:
             xa = A.ATTACKS[spec.name](model, xi, yi, spec.eps, steps=spec.steps, alpha=spec.alpha)
         out.append(xa)
+        if on_batch is not None:
+            on_batch(xi.shape[0])
     return torch.cat(out)
 
 
@@ -377,7 +381,7 @@ def _check_models(models) -> dict[str, nn.Module]:
 
 def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
                      attacks: Iterable[AttackSpec | str], seeds: Sequence[int] = (0,), *, transfer: bool = False,
-                     batch_size: int = 256) -> list[Row]:
+                     batch_size: int = 256, progress: bool = False) -> list[Row]:
     """Accuracy of every model under every attack, one value per seed.
 
     Models are used in their current mode (put them in eval mode first). For each attack, seed
@@ -385,6 +389,7 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
     ``torch.Generator().manual_seed(s)``), then scored by the source itself (a ``"robustness"`` row)
     and, with ``transfer=True``, by every other model (``"transfer"`` rows). Deterministic attacks
     run once (one value, whatever the seeds). Strings in ``attacks`` go through :func:`parse_attack`.
+    ``progress=True`` shows a bar on stderr over the images crafted (attack, seed and model in its label).
     """
     from .attacks import accuracy
 
@@ -399,6 +404,8 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     labels = attack_labels(specs)
+    crafted = sum((len(seeds) if s.stochastic else 1) * len(models) * x.shape[0] for s in specs if s.name != "clean")
+    bar = progress_bar(crafted, progress, desc="attacks", unit="img")
     rows = []
     for spec, label in zip(specs, labels):
         run_seeds = seeds if spec.stochastic else seeds[:1]
@@ -406,13 +413,16 @@ def robustness_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.
         for seed in run_seeds:
             for src, ms in models.items():
                 gen = torch.Generator().manual_seed(seed)
-                x_adv = craft(ms, x, y, spec, generator=gen, batch_size=batch_size)
+                if spec.name != "clean":
+                    bar.set_description(f"{label} on {src}" + (f", seed {seed}" if spec.stochastic else ""))
+                x_adv = craft(ms, x, y, spec, generator=gen, batch_size=batch_size, on_batch=bar.update)
                 targets = models.items() if transfer and spec.name != "clean" else [(src, ms)]
                 for tgt, mt in targets:
                     acc.setdefault((src, tgt), []).append(accuracy(mt, x_adv, y, batch_size=batch_size))
         for (src, tgt), vals in acc.items():
             rows.append(Row("robustness" if src == tgt else "transfer", src, tgt, label, spec.eps,
                             tuple(vals), tuple(run_seeds)))
+    bar.close()
     return rows
 
 
@@ -477,20 +487,26 @@ class RhoRow:
 
 
 def rho_adv_table(models: Mapping[str, nn.Module], x: torch.Tensor, *, batch_size: int = 256,
-                  **deepfool_kwargs) -> list[RhoRow]:
+                  progress: bool = False, **deepfool_kwargs) -> list[RhoRow]:
     """DeepFool's ``rho_adv`` per model (:func:`jsigr_fast.attacks.rho_adv`), over all of ``x`` in
-    chunks; the mean is over the flipped samples, whose number is reported."""
+    chunks; the mean is over the flipped samples, whose number is reported. ``progress=True``: a
+    bar on stderr."""
     from .attacks import rho_adv
 
+    models = _check_models(models)
+    bar = progress_bar(len(models) * x.shape[0], progress, desc="DeepFool", unit="img")
     out = []
-    for name, m in _check_models(models).items():
+    for name, m in models.items():
+        bar.set_description(f"DeepFool on {name}")
         ratios = []
         for i in range(0, x.shape[0], batch_size):
             ratios.append(rho_adv(m, x[i:i + batch_size], **deepfool_kwargs).ratios)
+            bar.update(ratios[-1].numel())
         r = torch.cat(ratios)
         ok = ~torch.isnan(r)
         n_ok = int(ok.sum())
         out.append(RhoRow(name, float(r[ok].mean()) if n_ok else math.nan, n_ok, int(r.numel())))
+    bar.close()
     return out
 
 
@@ -774,6 +790,16 @@ def _number_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _bool_arg(text: str) -> bool:
+    """argparse type for true/false flags, as the train CLI spells them."""
+    low = text.strip().lower()
+    if low in ("true", "yes", "1", "on"):
+        return True
+    if low in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def check_device(spec: str, flag: str = "--device") -> str:
     """``spec`` if this machine has that device, else a ValueError naming ``flag`` (checked before
     anything is loaded: a missing GPU would otherwise surface as a traceback from ``.to()``)."""
@@ -844,6 +870,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rho-adv", action="store_true", help="DeepFool rho_adv")
     p.add_argument("--deepfool-max-iter", type=int, default=50)
     p.add_argument("--out", default="out/eval", help="output folder (created)")
+    p.add_argument("--progress", type=_bool_arg, default=True, metavar="{true,false}",
+                   help="progress bars on stderr (default true)")
 
 
 def _attacks_from_args(args, dataset: str | None) -> list[AttackSpec]:
@@ -884,7 +912,8 @@ def run(args) -> int:
         return 2
 
     t0 = time.perf_counter()
-    rows = robustness_table(models, x, y, attacks, args.seeds, transfer=args.transfer, batch_size=args.batch_size)
+    rows = robustness_table(models, x, y, attacks, args.seeds, transfer=args.transfer, batch_size=args.batch_size,
+                            progress=args.progress)
     seeds_note = (f"mean ± std over seeds {args.seeds} (PGD random starts; deterministic attacks run once)"
                   if len(args.seeds) > 1 else f"seed {args.seeds[0]}")
     head = [f"### Robustness on {dataset} (first {x.shape[0]} test images)", "",
@@ -902,7 +931,8 @@ def run(args) -> int:
         xj = x[:args.jacobian_limit]
         # the same probes for every model (a fresh generator each), so the models are compared on equal terms
         tables = {n: layer_jacobian_norms(m, xj, n_proj=args.n_proj, batch_size=args.batch_size,
-                                          generator=torch.Generator().manual_seed(args.seeds[0]))
+                                          generator=torch.Generator().manual_seed(args.seeds[0]),
+                                          progress=args.progress, desc=f"Jacobian norms of {n}")
                   for n, m in models.items()}
         sections.append(f"### Per-layer Jacobian norms, mean_n ‖∂h_l(x_n)/∂x_n‖²_F (Hutchinson, {args.n_proj} "
                         f"probes, {xj.shape[0]} images; ± standard error over images)\n\n" + format_layer_markdown(tables))
@@ -915,7 +945,8 @@ def run(args) -> int:
         record["jacobian_layers"] = {n: [r.as_dict() for r in rs] for n, rs in tables.items()}
         written.append("jacobian_layers.csv")
     if args.rho_adv:
-        rho = rho_adv_table(models, x, batch_size=args.batch_size, max_iter=args.deepfool_max_iter)
+        rho = rho_adv_table(models, x, batch_size=args.batch_size, max_iter=args.deepfool_max_iter,
+                            progress=args.progress)
         sections.append("### DeepFool ρ_adv = mean ‖δ‖₂/‖x‖₂ over the flipped samples\n\n" + format_rho_markdown(rho))
         record["rho_adv"] = [asdict(r) for r in rho]
     record["seconds"] = time.perf_counter() - t0

@@ -43,6 +43,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
 from . import _checks
+from ._progress import progress_bar
 from .batchnorm import batch_coupled, frozen_running_stats
 from .higher_order import safe_ops
 
@@ -89,7 +90,8 @@ def _resolve_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str,
 
 def layer_jacobian_norms(model: nn.Module, x: torch.Tensor, n_proj: int = 8, *, estimator: str = "hutchinson",
                          layers: Iterable[str] | None = None, batch_size: int | None = None,
-                         generator: torch.Generator | None = None) -> list[LayerJacobian]:
+                         generator: torch.Generator | None = None, progress: bool = False,
+                         desc: str = "Jacobian norms") -> list[LayerJacobian]:
     """Per-layer ``mean_n ||d h_l(x_n) / d x_n||_F^2`` (see the module docstring), one row per layer.
 
     Args:
@@ -100,6 +102,7 @@ def layer_jacobian_norms(model: nn.Module, x: torch.Tensor, n_proj: int = 8, *, 
         layers: module names (``model.named_modules()``); default every conv/linear layer.
         batch_size: samples per pass (None: all at once).
         generator: a ``torch.Generator`` for the probes (on x's device or the CPU).
+        progress: a bar on stderr over the forward-mode passes (``"exact"`` takes D per batch), labelled ``desc``.
 
     Returns:
         A list of :class:`LayerJacobian`, in the order of ``layers``.
@@ -138,6 +141,7 @@ def layer_jacobian_norms(model: nn.Module, x: torch.Tensor, n_proj: int = 8, *, 
     x0 = x.detach()
     d = x0[0].numel()
     passes = n_proj if estimator == "hutchinson" else d
+    bar = progress_bar(-(-n // batch_size) * passes, progress, desc=desc, unit="pass")
     try:
         with torch.no_grad(), frozen_running_stats(model):
             for i in range(0, n, batch_size):
@@ -160,7 +164,9 @@ def layer_jacobian_norms(model: nn.Module, x: torch.Tensor, n_proj: int = 8, *, 
                             raise ValueError(f"layer {name!r} was not called by the model's forward")
                         per_sample[name][i:i + batch_size] += current[name]
                         units[name] = sum(calls[name])
+                    bar.update(1)
     finally:
+        bar.close()
         for h in handles:
             h.remove()
 

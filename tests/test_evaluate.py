@@ -503,6 +503,32 @@ def test_load_checkpoint_model_kwargs_argument_must_be_a_mapping(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # the CLI
 # ----------------------------------------------------------------------------------------------
+def test_progress_bars_on_request_only(tmp_path, capsys):
+    # long evaluations (10k images, PGD-20, several models and seeds) showed nothing until the end
+    from jsigr_fast.cli import main
+
+    torch.save(_train_ckpt(_digits_model()), tmp_path / "ok.pt")
+    common = ["eval", str(tmp_path / "ok.pt"), "--limit", "12", "--batch-size", "4", "--attack", "clean", "fgsm",
+              "pgd:steps=2", "--seeds", "0", "1", "--jacobian-layers", "--n-proj", "2", "--rho-adv",
+              "--deepfool-max-iter", "2"]
+    assert main([*common, "--progress", "false", "--out", str(tmp_path / "quiet")]) == 0
+    assert capsys.readouterr().err == ""
+    assert main([*common, "--out", str(tmp_path / "bars")]) == 0
+    err = capsys.readouterr().err
+    # crafted images: FGSM once + PGD per seed (2), on 12 images; DeepFool over 12; 3 batches x 2 probes
+    # (tqdm redraws at most every 0.1 s, so only the totals and labels are sure to show)
+    assert "/36 [" in err and "PGD-2 (ε=0.1) on ok, seed 1" in err and "img/s" in err, err
+    assert "DeepFool on ok" in err and "/12 [" in err and "Jacobian norms of ok" in err and "/6 [" in err, err
+    assert (tmp_path / "quiet" / "accuracy.csv").read_text() == (tmp_path / "bars" / "accuracy.csv").read_text()
+    with pytest.raises(SystemExit) as info:
+        main([*common, "--progress", "maybe", "--out", str(tmp_path / "x")])
+    assert info.value.code == 2
+    assert "argument --progress: expected true or false, got 'maybe'" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        E.robustness_table({"m": _digits_model()}, torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long),
+                           ["clean"], progress="yes")
+
+
 def test_eval_cli_end_to_end(tmp_path, capsys):
     from jsigr_fast.cli import main
     from jsigr_fast.data import Digits
