@@ -37,8 +37,14 @@ def _allowed_globals():
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x / 2.x names
         allowed[(mod, "_reconstruct")] = reconstruct
         allowed[(mod, "scalar")] = scalar
+    # protocol 5 (pickle.HIGHEST_PROTOCOL) stores arrays as _frombuffer(buffer, dtype, shape, order)
+    frombuffer = np.empty(1, np.uint8).__reduce_ex__(5)[0]
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
+        allowed[(mod, "_frombuffer")] = frombuffer
     import _codecs
     allowed[("_codecs", "encode")] = _codecs.encode  # Python 3 protocol-2 pickles of bytes
+    allowed[("__builtin__", "bytes")] = bytes  # protocol 2 writes b"" as __builtin__.bytes()
+    allowed[("builtins", "bytes")] = bytes
     return allowed
 
 
@@ -60,6 +66,27 @@ def _get(d: dict, key: str):
     if key in d:
         return d[key]
     raise KeyError(key)
+
+
+def _int_labels(path: str, labels) -> np.ndarray:
+    """``labels`` as int64; ValueError naming ``path`` unless they are integers (or integral floats).
+
+    ``np.asarray(x, dtype=np.int64)`` alone would truncate 9.9 to 9 and turn b"3" into 3.
+    """
+    what = f"CIFAR batch {path}: b'labels' must be integer class indices 0..9"
+    try:
+        arr = np.asarray(labels)
+    except Exception as e:  # ragged lists and the like
+        raise ValueError(f"{what} ({type(e).__name__}: {e})") from None
+    if arr.dtype.kind in "iu":
+        if arr.size and (arr.min() < np.iinfo(np.int64).min or arr.max() > np.iinfo(np.int64).max):
+            raise ValueError(f"{what}, found {arr.max()}")
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)) \
+            and (arr.size == 0 or np.abs(arr).max() < 2 ** 62):
+        return arr.astype(np.int64)
+    bad = arr.reshape(-1)[:3].tolist() if arr.ndim else [arr.item()]
+    raise ValueError(f"{what}, got {arr.dtype} values such as {bad}")
 
 
 def load_cifar_batch(path: str):
@@ -86,7 +113,7 @@ def load_cifar_batch(path: str):
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"CIFAR batch {path}: b'data' is {data.dtype} {data.shape}, expected uint8 "
                          "(N, 3072)")
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = _int_labels(path, labels)
     if labels.shape != (data.shape[0],):
         raise ValueError(f"CIFAR batch {path}: {data.shape[0]} images but b'labels' has shape "
                          f"{labels.shape}")

@@ -15,31 +15,46 @@ usual 0..999 order.
 from __future__ import annotations
 
 import os
+import struct
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import to_tensor
+from .transforms import reduce_16bit, to_tensor
 
-__all__ = ["ImageFolder", "IMG_EXTENSIONS", "pil_loader"]
+__all__ = ["ImageFolder", "IMG_EXTENSIONS", "pil_loader", "class_folders"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def pil_loader(path: str):
-    """Open ``path`` with PIL and convert to RGB; ValueError naming the path if it cannot be decoded."""
+    """Open ``path`` with PIL and convert to RGB; ValueError naming the path if it cannot be decoded.
+
+    16-bit greyscale (PNG ``I;16``) keeps its high byte, as Pillow itself does for 16-bit RGB and
+    grey+alpha PNGs (a plain ``convert("RGB")`` would clip every value above 255 to white).
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
-            return img.convert("RGB")  # forces the decode while the file is open
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises these for bad data
+            return reduce_16bit(img).convert("RGB")  # forces the decode while the file is open
+    except Image.DecompressionBombError as e:  # a corrupt header can claim billions of pixels
+        raise ValueError(f"cannot decode image {path}: {e} (raise PIL.Image.MAX_IMAGE_PIXELS if "
+                         "the image is genuine)") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, IndexError,
+            EOFError, struct.error) as e:  # what PIL's decoders raise for bad data
         if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise
         raise ValueError(f"cannot decode image {path}: {e}") from e
+
+
+def class_folders(root: str) -> List[str]:
+    """The class folder names of an ImageFolder ``root``: non-hidden sub-directories, sorted."""
+    with os.scandir(root) as it:
+        return sorted(e.name for e in it if e.is_dir(follow_symlinks=True) and not e.name.startswith("."))
 
 
 def _scan_class(class_dir: str, extensions: Tuple[str, ...]) -> List[str]:
@@ -70,6 +85,10 @@ class ImageFolder(Dataset):
     Raises FileNotFoundError if ``root`` is missing and ValueError if it has no class folders, a
     class folder has no image files (unless ``allow_empty=True``), or there are no images at all.
 
+    ``classes`` (optional) fixes the class list and its order instead of this root's own folders,
+    so that another split is labelled like the training split: a folder not in the list is an
+    error, a class without a folder here counts as an empty class (see ``allow_empty``).
+
     The file list is kept as one byte buffer plus offsets (not a list of Python strings), so
     forked DataLoader workers do not copy it page by page through reference counting — it stays
     small for ImageNet's 1.28 M files. ``samples`` materialises the ``[(path, class)]`` list.
@@ -77,7 +96,7 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: str, transform: Optional[Callable] = None, *,
                  extensions: Sequence[str] = IMG_EXTENSIONS, allow_empty: bool = False,
-                 loader: Callable[[str], object] = pil_loader):
+                 loader: Callable[[str], object] = pil_loader, classes: Optional[Sequence[str]] = None):
         if root is None:
             raise ValueError("ImageFolder needs root=<directory with one sub-folder per class>")
         root = os.fspath(root)
@@ -85,23 +104,37 @@ class ImageFolder(Dataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"ImageFolder root {root} is not a directory; {layout}")
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-        with os.scandir(root) as it:
-            classes = sorted(e.name for e in it if e.is_dir(follow_symlinks=True) and not e.name.startswith("."))
+        found = class_folders(root)
+        if classes is None:
+            classes = found
+        else:
+            classes = [os.fspath(c) for c in classes]
+            if len(set(classes)) != len(classes):
+                raise ValueError(f"ImageFolder {root}: classes= lists a class twice")
+            extra = sorted(set(found) - set(classes))
+            if extra:
+                raise ValueError(f"ImageFolder {root}: class folder(s) {', '.join(extra[:5])}"
+                                 f"{' ...' if len(extra) > 5 else ''} are not among the "
+                                 f"{len(classes)} classes given (their labels would be undefined)")
         if not classes:
             raise ValueError(f"ImageFolder {root} has no class sub-folders; {layout}")
         rel_paths: List[str] = []
         labels: List[int] = []
         empty: List[str] = []
+        missing = False
         for idx, cls in enumerate(classes):
-            files = _scan_class(os.path.join(root, cls), exts)
+            class_dir = os.path.join(root, cls)
+            files = _scan_class(class_dir, exts) if os.path.isdir(class_dir) else []
             if not files:
-                empty.append(cls)
+                missing = missing or not os.path.isdir(class_dir)
+                empty.append(cls if os.path.isdir(class_dir) else f"{cls} (missing)")
             rel_paths.extend(os.path.join(cls, f) for f in files)
             labels.extend([idx] * len(files))
         if empty and not allow_empty:
             shown = ", ".join(os.path.join(root, c) for c in empty[:5]) + (" ..." if len(empty) > 5 else "")
             raise ValueError(f"ImageFolder {root}: {len(empty)} class folder(s) contain no image files "
-                             f"({'/'.join(exts)}): {shown}; remove them or pass allow_empty=True")
+                             f"({'/'.join(exts)}): {shown}; {'add' if missing else 'remove'} "
+                             "them or pass allow_empty=True")
         if not rel_paths:
             raise ValueError(f"ImageFolder {root} contains no image files; {layout}")
         encoded = [p.encode("utf-8", "surrogateescape") for p in rel_paths]

@@ -14,6 +14,7 @@ which use the same file names.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -63,7 +64,7 @@ def read_idx(path: str, expected_magic: Optional[int] = None) -> np.ndarray:
         raise ValueError(f"idx file {path} is truncated: header needs {header} bytes for {ndim} "
                          f"dims, file has {len(raw)}")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(dims)  # Python int: np.prod wraps at 2**64, so a bogus header could pass
     got = len(raw) - header
     if got != expected:
         what = "truncated" if got < expected else "longer than its header says"

@@ -43,7 +43,8 @@ def build_dataset(name: str, root: Optional[str] = None, train: bool = True, *,
     cifar10       :class:`CIFAR10` pickle batches in ``root`` or ``root/cifar-10-batches-py``
     imagefolder   :class:`ImageFolder` on ``root`` itself (``root/<class>/<image>``)
     imagenet      :class:`ImageFolder` on ``root/train`` (train) or ``root/val`` (eval); ``val``
-                  must already be sorted into class folders
+                  must already be sorted into class folders and is labelled with ``train``'s
+                  class list (a class folder only ``val`` has is an error)
     synthetic     :class:`Synthetic`; ``num_samples=`` (default 10000 train / 1000 eval),
                   ``shape=`` (3, 32, 32), ``num_classes=`` 10, ``seed=`` 0 (eval uses seed + 1)
     ============  ===========================================================================
@@ -77,13 +78,21 @@ def build_dataset(name: str, root: Optional[str] = None, train: bool = True, *,
     if key == "cifar10":
         from .cifar import CIFAR10
         return CIFAR10(root, train=train, transform=transform, **kw)
-    from .imagefolder import ImageFolder
+    from .imagefolder import ImageFolder, class_folders
     if key == "imagenet":
         split = "train" if train else "val"
         sub = os.path.join(root, split)
         if not os.path.isdir(sub):
             raise FileNotFoundError(f"imagenet: {sub} is not a directory; expected {root}/train/<wnid>/*.JPEG "
                                     f"and {root}/val/<wnid>/*.JPEG (validation images sorted into class folders)")
+        train_dir = os.path.join(root, "train")
+        if not train and "classes" not in kw and os.path.isdir(train_dir):
+            # val's own folder list would shift every label after a class val lacks
+            kw["classes"] = class_folders(train_dir)
+            try:
+                return ImageFolder(sub, transform=transform, **kw)
+            except ValueError as e:
+                raise ValueError(f"imagenet: {sub} is labelled with the class folders of {train_dir}: {e}") from None
         root = sub
     return ImageFolder(root, transform=transform, **kw)
 

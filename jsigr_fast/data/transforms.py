@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - Pillow ships with matplotlib in the de
 
 __all__ = [
     "Compose", "ToTensor", "to_tensor", "RandomCrop", "RandomHorizontalFlip", "RandomResizedCrop",
-    "Resize", "CenterCrop", "train_transform", "eval_transform",
+    "Resize", "CenterCrop", "train_transform", "eval_transform", "reduce_16bit",
 ]
 
 Size = Union[int, Tuple[int, int]]
@@ -98,15 +98,38 @@ class Compose:
         return f"Compose([{body}\n])"
 
 
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _grey16(img) -> np.ndarray:
+    """uint16 array of a 16-bit greyscale image (``I`` is clipped to 0..65535, the PNG range)."""
+    return np.clip(np.asarray(img).astype(np.int64), 0, 65535).astype(np.uint16)
+
+
+def reduce_16bit(img):
+    """16-bit greyscale PIL image → 8-bit ``L`` with the high byte of each value; others unchanged.
+
+    Pillow's own ``convert`` clips such values to 255 (an all-white image) instead of scaling them.
+    """
+    if _is_pil(img) and img.mode in _MODES_16BIT:
+        return Image.fromarray((_grey16(img) >> 8).astype(np.uint8), "L")
+    return img
+
+
 def to_tensor(img) -> torch.Tensor:
     """PIL image (any mode; converted to RGB unless it is ``L``) → contiguous float CHW in [0, 1].
 
-    Tensors pass through unchanged. uint8 values ``v`` map to exactly ``v / 255``.
+    Tensors pass through unchanged. uint8 values ``v`` map to exactly ``v / 255``; 16-bit greyscale
+    (``I;16``, e.g. a 16-bit PNG) gives one channel ``v / 65535``.
     """
     if isinstance(img, torch.Tensor):
         return img
     if not _is_pil(img):
         raise TypeError(f"to_tensor expects a PIL image or a tensor, got {type(img).__name__}")
+    if img.mode in _MODES_16BIT:  # convert("RGB") would clip these to 255
+        out = _grey16(img).astype(np.float32)[None]
+        out /= np.float32(65535.0)
+        return torch.from_numpy(np.ascontiguousarray(out))
     if img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     arr = np.asarray(img, dtype=np.uint8)
@@ -286,10 +309,11 @@ class CenterCrop:
         if _is_pil(img):
             return img.crop((left, top, left + tw, top + th))  # out-of-range area is filled with 0
         if th > h or tw > w:
-            ph, pw = max(th - h, 0), max(tw - w, 0)
-            img = F.pad(img, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-            h, w = _hw(img)
-            top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+            # pad so that the window keeps the documented corner (as PIL's crop does)
+            pt, pl = max(-top, 0), max(-left, 0)
+            pb, pr = max(top + th - h, 0), max(left + tw - w, 0)
+            img = F.pad(img, (pl, pr, pt, pb))
+            top, left = top + pt, left + pl
         return img[..., top:top + th, left:left + tw]
 
     def __repr__(self) -> str:
