@@ -159,7 +159,7 @@ def bar_chart(path, a, rows, cond):
     from matplotlib.figure import Figure
 
     names = list(rows)
-    fig = Figure(figsize=(8, 0.42 * len(names) + 1.4), dpi=100)
+    fig = Figure(figsize=(10, 0.42 * len(names) + 1.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
     ys = list(range(len(names)))[::-1]
@@ -174,7 +174,7 @@ def bar_chart(path, a, rows, cond):
     ax.set_xlabel("peak memory of one step above the resting state, x the standard step", fontsize=9)
     ax.set_xlim(0, max(vals + [2.0]) * 1.35)
     ax.set_title(f"{a.model}, batch {a.batch}, {a.dtype}{', channels-last' if a.channels_last else ''}, "
-                 f"{cond['device']}, commit {cond['commit']}", fontsize=9)
+                 f"{cond['device']}\ntorch {cond['torch']}, commit {cond['commit']}", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
