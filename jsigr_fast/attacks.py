@@ -44,7 +44,10 @@ Conventions shared by every attack:
 """
 from __future__ import annotations
 
+import functools
 import math
+import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -149,6 +152,30 @@ def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return delta * factor
 
 
+# Non-finite input gradients (a model with sqrt(|x|) at 0, an overflowing layer) make the gradient
+# attacks leave samples unmoved or produce NaN iterates: the accuracy under attack then overstates
+# robustness without a sign. Each public gradient attack collects one on-device flag per gradient
+# (no synchronisation per step) and warns once at its end.
+_GRAD_CHECK = threading.local()
+
+
+def _warns_on_nonfinite_gradients(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        outer = getattr(_GRAD_CHECK, "flags", None)
+        _GRAD_CHECK.flags = flags = []
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            _GRAD_CHECK.flags = outer
+        if flags and bool(torch.stack(flags).any()):
+            warnings.warn(f"{fn.__name__}: the model's input gradient was not finite (NaN/inf) at some samples "
+                          "and steps; those samples were not attacked as intended, so accuracy under this attack "
+                          "overstates robustness", RuntimeWarning, stacklevel=2)
+        return out
+    return wrapper
+
+
 def _loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None):
     """Per-sample CE losses (N,), logits and ``grad_x sum_n CE_n`` (all detached) at ``x``.
     ``y=None`` uses the model's own predictions at ``x`` as labels (from the same forward)."""
@@ -166,6 +193,9 @@ def _loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None):
             g = None
     if g is None:
         g = torch.zeros_like(xr)
+    flags = getattr(_GRAD_CHECK, "flags", None)
+    if flags is not None:
+        flags.append(~torch.isfinite(g).all())
     return losses.detach(), logits.detach(), g.detach()
 
 
@@ -179,6 +209,7 @@ def _loss_and_pred(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 # ----------------------------------------------------------------------------------------------
 # FGSM and PGD
 # ----------------------------------------------------------------------------------------------
+@_warns_on_nonfinite_gradients
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, eps: float, *, targeted: bool = False,
          clamp: Clamp = (0.0, 1.0)) -> torch.Tensor:
     """FGSM (Goodfellow et al. 2015): ``clamp(x + eps * sign(grad_x CE(f(x), y)))``.
@@ -208,6 +239,7 @@ def _random_start(x0: torch.Tensor, eps: float, norm: str, generator) -> torch.T
     return direction * _view(radius, x0)
 
 
+@_warns_on_nonfinite_gradients
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, alpha: float | None = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, restarts: int = 1,
         targeted: bool = False, clamp: Clamp = (0.0, 1.0),
@@ -292,6 +324,7 @@ def _momentum_attack(kind: str, model, x, y, eps, steps, alpha, decay, targeted,
     return xa.detach()
 
 
+@_warns_on_nonfinite_gradients
 def mi_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 10,
             alpha: float | None = None, decay: float = 1.0, targeted: bool = False,
             clamp: Clamp = (0.0, 1.0)) -> torch.Tensor:
@@ -301,6 +334,7 @@ def mi_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, s
     return _momentum_attack("mi", model, x, y, eps, steps, alpha, decay, targeted, clamp)
 
 
+@_warns_on_nonfinite_gradients
 def ni_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 10,
             alpha: float | None = None, decay: float = 1.0, targeted: bool = False,
             clamp: Clamp = (0.0, 1.0)) -> torch.Tensor:
@@ -315,6 +349,7 @@ def ni_fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, s
     return _momentum_attack("ni", model, x, y, eps, steps, alpha, decay, targeted, clamp)
 
 
+@_warns_on_nonfinite_gradients
 def abi_fgm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 10,
             alpha: float | None = None, beta1: float = 0.9, beta2: float = 0.999, targeted: bool = False,
             clamp: Clamp = (0.0, 1.0)) -> torch.Tensor:

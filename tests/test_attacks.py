@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -814,3 +815,31 @@ def test_jsma_budget_is_the_largest_count_within_gamma(gamma, budget):
     x = torch.full((2, d), 0.3, dtype=torch.float64)
     out = jsma(model, x, torch.tensor([2, 2]), gamma=gamma, pairwise=False)
     assert (out != x).sum(1).tolist() == [budget, budget]
+
+
+class _SqrtAtZero(nn.Module):
+    """Linear logits plus 0 * sqrt|x|: the input gradient is NaN wherever a feature is exactly 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x) + 0 * x.abs().sqrt().sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "mi_fgsm", "ni_fgsm", "abi_fgm"])
+def test_gradient_attacks_warn_when_the_input_gradient_is_not_finite(name):
+    # a NaN gradient left samples unmoved (sign(NaN) steps) or made NaN iterates without a word,
+    # so the accuracy under attack overstated robustness
+    attack = ATTACKS[name]
+    kwargs = {"steps": 2, "random_start": False} if name == "pgd" else {} if name == "fgsm" else {"steps": 2}
+    model, y = _SqrtAtZero(), torch.tensor([0, 1, 2])
+    x = torch.full((3, 4), 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # finite gradients: silent
+        attack(model, x, y, 0.1, **kwargs)
+    x[1, 2] = 0.0
+    with pytest.warns(RuntimeWarning, match=rf"^{name}: the model's input gradient was not finite"):
+        attack(model, x, y, 0.1, **kwargs)
