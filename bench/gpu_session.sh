@@ -107,7 +107,9 @@ case "$stage" in
       cp jsigr_fast/_C*.so "$OUT/" && sources_sha > "$OUT/sources.sha"
     fi
     run import "$PY" -c "import jsigr_fast, torch; print('extension', jsigr_fast.extension_loaded(), jsigr_fast.extension_error()); print('backends', jsigr_fast.available_backends('cuda'))"
-    # every test that needs CUDA, then the fused-backend and op tests on this machine
+    # the install self-check (fused vs reference in float64 / float32 / bf16, compiled CUDA and Triton
+    # kernels), then every test that needs CUDA, then the fused-backend and op tests on this machine
+    run check "$PY" -m jsigr_fast check --device cuda --json "$RES/check_cuda.json"
     run test_gpu "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs
     run test_ops "$PY" -m pytest -q -p no:cacheprovider -x tests/test_bn_ops.py tests/test_mask_ops.py \
       tests/test_loss_head.py tests/test_masked_sq_norm.py tests/test_fused_backend.py -rs

@@ -15,6 +15,8 @@ COMMANDS = {
     "train": ("jsigr_fast.train.cli", "train a classifier with any of the defences (also under torchrun)"),
     "eval": ("jsigr_fast.evaluate", "robustness tables: clean / FGSM / PGD / transfer accuracy, Jacobian norms, rho_adv"),
     "visualize": ("jsigr_fast.visualize", "PNG grids of input gradients, saliency maps and selective masks"),
+    "check": ("jsigr_fast.selfcheck", "check this install: the fused kernels against the reference on this machine's "
+                                      "CPU and GPU"),
 }
 
 
