@@ -441,6 +441,8 @@ def test_bad_checkpoints_fail_clearly(tmp_path, good, capsys):
     ("epoch_partial", {"sums": {"loss": "1"}, "counts": {"loss": 1}, "seconds": 1.0, "images": 3},
      "'epoch_partial' must be None or"),
     ("epoch_partial", [1.0], "'epoch_partial' must be None or"),
+    ("best", {"metric": "eval_adv", "value": 1, "epoch": 2},
+     "'best' must be None or {'metric': 'eval_clean' | 'eval_adv', 'value': float, 'epoch': int}"),
     ("method", {"criterion": 5}, "'method': the jsigr adaptor/discriminator state does not fit this configuration"),
 ])
 def test_malformed_checkpoint_fields_name_the_file_and_the_field(tmp_path, good, capsys, field, value, fragment):

@@ -17,6 +17,8 @@ are tensors). Format (``FORMAT``)::
     counters     non-finite / overflow / image counts
     rng          {"world_size": R, "ranks": [per-rank {"torch", "cuda", "numpy", "python", "generators"}]}
     metrics      the last epoch's logged values
+    best         with keep_best (else None; optional): {"metric": "eval_clean" | "eval_adv", "value": float,
+                 "epoch": int}, the epoch whose checkpoint best.pt holds
     epoch_partial  written mid-epoch (else None; optional): the epoch's steps so far, summed over the
                  ranks, {"sums": {term: float}, "counts": {term: int}, "seconds": float, "images": int},
                  so that the resumed epoch's row in epochs.csv covers all of its steps
@@ -65,6 +67,24 @@ def save_atomic(obj: Any, path: str) -> None:
             os.close(fd)
     except OSError:  # pragma: no cover - some filesystems refuse directory fsync
         pass
+
+
+def copy_atomic(src: str, dst: str) -> None:
+    """Copy the file ``src`` to ``dst`` as :func:`save_atomic` writes: a temporary file in ``dst``'s
+    folder, fsync, ``os.replace``; ``dst`` is the old file or the whole new one, never a torn one."""
+    import shutil
+
+    folder = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(folder, f".{os.path.basename(dst)}.tmp{os.getpid()}")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 22)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _torch_load(path: str):
@@ -131,6 +151,10 @@ def _check_fields(ckpt: dict, path: str) -> None:
     for key in ("scaler", "metrics"):  # optional
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             raise bad(key, "a mapping or None")
+    best = ckpt.get("best")
+    if best is not None and not (isinstance(best, dict) and best.get("metric") in ("eval_clean", "eval_adv")
+                                 and isinstance(best.get("value"), float) and _is_count(best.get("epoch"))):
+        raise bad("best", "None or {'metric': 'eval_clean' | 'eval_adv', 'value': float, 'epoch': int}")
     partial = ckpt.get("epoch_partial")
     if partial is not None and not (
             isinstance(partial, dict) and all(isinstance(partial.get(k), dict) for k in ("sums", "counts"))

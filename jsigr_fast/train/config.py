@@ -133,6 +133,9 @@ class TrainConfig:
                          resume_ok=True)
     eval_attack: str = _f("none", "str", "also evaluate under none | fgsm | pgd (attack_* presets)", "logging",
                           choices=("none", "fgsm", "pgd"), resume_ok=True)
+    keep_best: str = _f("none", "str", "also keep best.pt, the checkpoint of the evaluated epoch with the highest "
+                        "eval_clean or eval_adv (robust overfitting, Rice et al. 2020)", "logging",
+                        choices=("none", "eval_clean", "eval_adv"), resume_ok=True)
     eval_max_batches: int | None = _f(None, "int", "cap on evaluation batches per rank", "logging",
                                       optional=True, low=0, resume_ok=True)
     throughput_steps: int = _f(0, "int", "measure img/s over N steps, project the epoch time, exit", "logging",
@@ -453,6 +456,8 @@ def check_combination(cfg: TrainConfig, *, resuming: bool = False) -> None:
     if cfg.dataset in ("mnist", "cifar10", "imagenet", "imagefolder") and not cfg.synthetic and not cfg.data_root:
         raise ConfigError(f"dataset {cfg.dataset!r} needs --data-root DIR (or --synthetic true for random images "
                           f"of its shape)")
+    if cfg.keep_best == "eval_adv" and cfg.eval_attack == "none":
+        raise ConfigError("keep_best eval_adv needs an evaluation attack: --eval-attack fgsm or pgd")
     if cfg.dataset == "imagefolder" and cfg.synthetic and cfg.num_classes is None:
         raise ConfigError("--synthetic with dataset 'imagefolder' needs --num-classes")
     if cfg.schedule == "step" and any(not 0 < m < 1 for m in cfg.milestones):

@@ -46,13 +46,14 @@ __all__ = ["Trainer", "train", "STEP_DELAY_ENV"]
 # Testing hook: sleep this many seconds after every step, so a test can interrupt a run mid-epoch.
 STEP_DELAY_ENV = "JSIGR_FAST_TRAIN_STEP_DELAY"
 CHECKPOINT_NAME = "last.pt"
+BEST_NAME = "best.pt"  # keep_best: a copy of last.pt as written at the best evaluation so far
 
 
 def previous_run(out: str) -> list[str]:
     """What an earlier run left in ``out`` that a new one would overwrite or append to: its
     checkpoint, and logs holding rows. (A run that failed before its first step leaves
     ``config.yaml`` and header-only logs: nothing to lose.)"""
-    found = [CHECKPOINT_NAME] if os.path.exists(os.path.join(out, CHECKPOINT_NAME)) else []
+    found = [name for name in (CHECKPOINT_NAME, BEST_NAME) if os.path.exists(os.path.join(out, name))]
     return found + [name for name in LOG_FILES if logged_rows(os.path.join(out, name))]
 
 
@@ -261,18 +262,22 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.epoch = self.batch = self.global_step = 0
         self.metrics: dict = {}
+        self.best = None  # keep_best: {"metric", "value", "epoch"} of the checkpoint best.pt holds
         self.last_checkpoint = None  # (path, epoch, batch) of this run's latest checkpoint, once there is one
         if ckpt is not None:
             self._load_state(ckpt)
             self.last_checkpoint = (self.resumed_from, self.epoch, self.batch)
         self.terms = ("loss",) + tuple(self.method.terms)
-        if self.fresh_logs and env.is_main and os.path.exists(os.path.join(self.out, CHECKPOINT_NAME)):
+        for name in (CHECKPOINT_NAME, BEST_NAME) if self.fresh_logs and env.is_main else ():
             # removed now, not at the first save: a crash before it must not leave the old run's
             # checkpoint beside the new run's logs (--resume auto would pick it up)
-            os.unlink(os.path.join(self.out, CHECKPOINT_NAME))
+            if os.path.exists(os.path.join(self.out, name)):
+                os.unlink(os.path.join(self.out, name))
         self.log = RunLog(self.out, self.method.terms, enabled=env.is_main and self.writes_run,
                           tensorboard=cfg.tensorboard, resume_step=self.global_step if ckpt is not None else None,
                           resume_epoch=self.epoch if ckpt is not None else None, fresh=self.fresh_logs)
+        if self.best is not None and self.resume_elsewhere and self.writes_run:
+            self._take_best_along()
         if env.is_main and self.writes_run:
             self._write_config(ckpt)
         self.step_delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
@@ -358,6 +363,17 @@ class Trainer:
                               f"start over in it (its checkpoint and logs are replaced), or choose another --out")
         self.fresh_logs = bool(found)
 
+    def _take_best_along(self) -> None:
+        """A run resumed into another folder brings the best.pt beside its checkpoint, so that the
+        record (``self.best``) and the file stay together; without that file the record starts over."""
+        src = os.path.join(os.path.dirname(os.path.abspath(self.resumed_from)), BEST_NAME)
+        if not os.path.isfile(src):
+            self.print(f"note: no {src} beside the checkpoint: best.pt is tracked from this resume on")
+            self.best = None
+            return
+        if self.env.is_main:
+            ckpt_io.copy_atomic(src, os.path.join(self.out, BEST_NAME))
+
     def _warn_unused(self, explicit: set) -> None:
         if not self.env.is_main:
             return
@@ -395,6 +411,7 @@ class Trainer:
         self.counters.update(ckpt["counters"])
         self.metrics = dict(ckpt.get("metrics") or {})
         self._epoch_partial = ckpt.get("epoch_partial") if self.batch else None
+        self.best = ckpt.get("best")
         rng = ckpt["rng"]
         if rng["world_size"] == self.env.world_size:
             try:
@@ -656,6 +673,7 @@ class Trainer:
                 "ranks": {"world_size": self.env.world_size, "fingerprints": prints},
                 "metrics": dict(self.metrics),
                 "epoch_partial": partial,
+                "best": self.best,
             }
             ckpt_io.save_atomic(state, path)
         if self.env.distributed:
@@ -706,12 +724,20 @@ class Trainer:
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     row.update(self.evaluate(epoch))
                 self.metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+                metric = cfg.keep_best
+                improved = metric in row and (self.best is None or self.best["metric"] != metric
+                                              or row[metric] > self.best["value"])
+                if improved:  # recorded first, so that best.pt (a copy of this last.pt) says so too
+                    self.best = {"metric": metric, "value": float(row[metric]), "epoch": epoch + 1}
                 self.save()
+                if improved and self.env.is_main:
+                    ckpt_io.copy_atomic(os.path.join(self.out, CHECKPOINT_NAME), os.path.join(self.out, BEST_NAME))
                 self.log.epoch(row)
                 terms = " ".join(f"{k} {row[k]:.4g}" for k in self.terms if k in row)
                 acc = "".join(f" | {k} {row[k]:.4f}" for k in ("eval_clean", "eval_adv") if k in row)
+                best = f" | best {metric} so far: {BEST_NAME}" if improved else ""
                 self.print(f"epoch {epoch + 1}/{cfg.epochs}: {terms} | {row['img_per_s']:.0f} img/s, "
-                           f"{row['seconds']:.1f} s{acc}")
+                           f"{row['seconds']:.1f} s{acc}{best}")
                 # a signal during evaluation / checkpointing: already saved; every rank stops together
                 flag = torch.tensor(float(stop.signum or 0), device=self.device)
                 signum = int(all_reduce_(flag, self.env, dist.ReduceOp.MAX))
