@@ -90,11 +90,40 @@ def evaluate(model, x, y, *, attack_eps, attack_steps, seed):
     return {"clean": accuracy(model, x, y), "fgsm": accuracy(model, x_fgsm, y), "pgd": accuracy(model, x_pgd, y)}
 
 
+def _check_args(args) -> None:
+    """Every flag's range, before anything is trained or written (each error names its flag): a bad
+    value would otherwise surface as a traceback, some only after both models have trained."""
+    import math
+
+    for flag in ("epochs", "batch", "attack_steps"):
+        v = getattr(args, flag)
+        if v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be an integer >= 1, got {v}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr:g}")
+    for flag in ("lambda_m", "lambda_j", "eps", "attack_eps"):
+        v = getattr(args, flag)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {v:g}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out must be a folder (created if missing), got the file {args.out}")
+
+
 def run(args) -> int:
+    import sys
+
     import jsigr_fast
     from jsigr_fast.data import Digits
 
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        _check_args(args)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"--out {args.out}: cannot create the output folder: {err.strerror or err}") from None
+    except ValueError as err:
+        print(f"jsigr-fast demo: error: {err}", file=sys.stderr)
+        return 2
     xtr, ytr = _stack(Digits("train", seed=args.seed))
     xte, yte = _stack(Digits("test", seed=args.seed))
     cfg = dict(epochs=args.epochs, batch=args.batch, lr=args.lr, lambda_m=args.lambda_m, lambda_j=args.lambda_j,
@@ -130,14 +159,15 @@ def run(args) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"config": cfg, "attack": attack, "conditions": cond, "results": results}, f, indent=2)
     written = ["results.md", "results.json", "standard.pt", "jsigr.pt"]
+    from jsigr_fast.visualize import saliency_figure  # imports matplotlib only when it draws
+
     try:
-        from jsigr_fast.visualize import saliency_figure
-    except ImportError:
-        saliency_figure = None
-    if saliency_figure is not None:
-        path = os.path.join(args.out, "saliency.png")
-        saliency_figure(models, xte[:4], yte[:4], path=path, eps=args.eps)
+        saliency_figure(models, xte[:4], yte[:4], path=os.path.join(args.out, "saliency.png"), eps=args.eps)
         written.append("saliency.png")
+    except ModuleNotFoundError as err:  # the picture is optional: no matplotlib, no saliency.png
+        if (err.name or "").split(".")[0] != "matplotlib":
+            raise
+        print(f"saliency.png not drawn: matplotlib is not installed ({err})", file=sys.stderr)
     print()
     print(table)
     print(f"\nwrote {', '.join(written)} to {os.path.abspath(args.out)}")

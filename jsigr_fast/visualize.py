@@ -80,6 +80,7 @@ def saliency_panels(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.T
     a number, or a per-model dict (None there: that model uses ``beta``).
     ``saliency``: None / ``"gradient"`` / JSIGR / SaliencyAdaptor / callable, or a dict per model name.
     Models run in their current mode (use eval mode); BatchNorm running statistics do not move.
+    Raises ValueError for ``eps`` not finite and >= 0, a ``beta`` not finite, a ``quantile`` outside [0, 1].
     """
     from .saliency import perturbed_input_gradient, selective_mask
 
@@ -88,6 +89,15 @@ def saliency_panels(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.T
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"x must be a batch of 1- or 3-channel images (N, C, H, W), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    for name in models:
+        b = beta.get(name) if isinstance(beta, Mapping) else beta
+        q = quantile.get(name) if isinstance(quantile, Mapping) else quantile
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b)):
+            raise ValueError(f"beta for {name!r} must be a finite number or None, got {b!r}")
+        if q is not None and (isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 1):
+            raise ValueError(f"quantile for {name!r} must be a number in [0, 1] or None, got {q!r}")
     out = {}
     for name, model in models.items():
         if not isinstance(model, nn.Module):
@@ -189,7 +199,9 @@ def saliency_figure(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tens
                     quantile: float | Mapping[str, float | None] | None = None, saliency: Any = None,
                     seed: int = 0, panel_inches: float = 1.2, dpi: int = 100) -> str:
     """Write the PNG grid of :func:`build_saliency_figure` for ``models`` on the images ``x`` (labels
-    ``y``) to ``path`` (folders created) and return ``path``. Arguments as in :func:`saliency_panels`."""
+    ``y``) to ``path`` (folders created) and return ``path``. Arguments as in :func:`saliency_panels`.
+    The PNG is written to a temporary file beside ``path`` and renamed over it: a failed or interrupted
+    write leaves an existing file at ``path`` as it was."""
     panels = saliency_panels(models, x, y, eps=eps, beta=beta, quantile=quantile, saliency=saliency, seed=seed)
     if isinstance(quantile, Mapping):
         rule = "white = penalised; each row's rule on its left"
@@ -199,8 +211,34 @@ def saliency_figure(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tens
     fig, _ = build_saliency_figure(panels, panel_inches=panel_inches, dpi=dpi, title=title)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
+    _save_atomically(fig, path, dpi)
     return path
+
+
+def _save_atomically(fig, path: str, dpi: int) -> None:
+    """``fig.savefig(path)`` through a temporary file in the same folder and ``os.replace``: an existing
+    file at ``path`` is either left as it was (the write failed or was interrupted: disk full, Ctrl-C)
+    or replaced by the complete new PNG, never truncated or left half-written."""
+    import uuid
+
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
+    # created as open() would create the PNG (0666 less the umask), not as a private 0600 temp file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=dpi, format="png")
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isfile(path):  # replacing a file: keep its permissions
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +316,21 @@ def _check_args(args) -> None:
     check_device(args.device)
 
 
+def _check_data(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, dataset) -> None:
+    """The data against the models, before any gradient is taken: 1- or 3-channel images, and one
+    forward per model (input shape, label range, as ``jsigr-fast eval`` checks them); a mismatch would
+    otherwise surface as a traceback from inside the model."""
+    from .evaluate import _check_shapes
+
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"dataset {dataset!r} gives images of shape {tuple(x.shape[1:])}; visualize draws "
+                         "1- or 3-channel images (C, H, W)")
+    try:
+        _check_shapes(models, x, y)
+    except ValueError as err:
+        raise ValueError(f"{err} (dataset {dataset!r}; --dataset / --dataset-kwargs choose the data)") from None
+
+
 def run(args) -> int:
     from .evaluate import load_eval_data, load_models
 
@@ -286,11 +339,16 @@ def run(args) -> int:
         loaded, dataset, dataset_kwargs = load_models(args)
         x, y = load_eval_data(dataset, args.data_root, limit=args.n_images, dataset_kwargs=dataset_kwargs,
                               device=args.device)
+        _check_data({n: lm.model for n, lm in loaded.items()}, x, y, dataset)
         saliency, beta, quantile, notes = {}, {}, {}, []
         for name, lm in loaded.items():
             if args.saliency == "adaptor" and lm.adaptor is None:
                 raise ValueError(f"--saliency adaptor: checkpoint {lm.path} holds no trained saliency adaptor")
             use = lm.adaptor is not None and args.saliency != "gradient"
+            if use and getattr(lm.adaptor, "channels", x.shape[1]) != x.shape[1]:
+                raise ValueError(f"checkpoint {lm.path}: its saliency adaptor is for {lm.adaptor.channels}-channel "
+                                 f"gradients but the {dataset} images have {x.shape[1]} channels "
+                                 "(--saliency gradient draws without it)")
             saliency[name] = lm.adaptor.to(args.device) if use else None
             beta[name], quantile[name], source = _mask_rule(name, lm, use, args)
             rule = (f"leaves the top {quantile[name]:g} unpenalised" if quantile[name] is not None
@@ -306,6 +364,9 @@ def run(args) -> int:
                                saliency=saliency, seed=args.seed)
     except OSError as err:  # e.g. a parent of --out is a file, or not writable: one line, not a traceback
         print(f"jsigr-fast visualize: error: --out {args.out}: cannot write the PNG: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # e.g. Agg's image-size limit for a huge --n-images; --out is left as it was
+        print(f"jsigr-fast visualize: error: cannot draw the figure: {err}", file=sys.stderr)
         return 2
     print(f"wrote {os.path.abspath(path)} ({len(models)} models x {x.shape[0]} images of {dataset})")
     print("\n".join(notes))
