@@ -501,3 +501,17 @@ def test_save_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):
         save_atomic({"v": torch.zeros(3)}, str(path))
     assert torch.equal(load(path)["v"], torch.ones(3))  # the old checkpoint is intact
     assert os.listdir(tmp_path) == ["last.pt"]  # and the temporary file is gone
+
+
+def test_copy_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):
+    from jsigr_fast.train.checkpoint import copy_atomic
+
+    (tmp_path / "new.pt").write_bytes(b"new" * 1000)
+    (tmp_path / "best.pt").write_bytes(b"old")
+    monkeypatch.setattr(os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        copy_atomic(str(tmp_path / "new.pt"), str(tmp_path / "best.pt"))
+    assert (tmp_path / "best.pt").read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["best.pt", "new.pt"]
+    monkeypatch.undo()
+    copy_atomic(str(tmp_path / "new.pt"), str(tmp_path / "best.pt"))
+    assert (tmp_path / "best.pt").read_bytes() == b"new" * 1000

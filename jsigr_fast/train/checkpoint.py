@@ -45,14 +45,15 @@ __all__ = ["FORMAT", "save_atomic", "load_checkpoint", "load_weights", "load_mod
 FORMAT = "jsigr_fast.train/1"
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` via a temporary file in the same folder, fsync and ``os.replace``."""
+def _write_atomic(path: str, write) -> None:
+    """``write(f)`` into a temporary file in ``path``'s folder, flushed and fsync'ed, then ``os.replace``'d
+    over ``path`` and the folder fsync'ed: ``path`` is the old file or the whole new one, never a torn one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,22 +70,17 @@ def save_atomic(obj: Any, path: str) -> None:
         pass
 
 
+def save_atomic(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` via a temporary file in the same folder, fsync and ``os.replace``."""
+    _write_atomic(path, lambda f: torch.save(obj, f))
+
+
 def copy_atomic(src: str, dst: str) -> None:
-    """Copy the file ``src`` to ``dst`` as :func:`save_atomic` writes: a temporary file in ``dst``'s
-    folder, fsync, ``os.replace``; ``dst`` is the old file or the whole new one, never a torn one."""
+    """Copy the file ``src`` to ``dst`` the same way (``dst`` is never a torn copy)."""
     import shutil
 
-    folder = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(folder, f".{os.path.basename(dst)}.tmp{os.getpid()}")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 22)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with open(src, "rb") as fin:
+        _write_atomic(dst, lambda f: shutil.copyfileobj(fin, f, 1 << 22))
 
 
 def _torch_load(path: str):
