@@ -82,8 +82,11 @@ def mask_builder(backend: str):
 
 
 def mask_fraction(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Share of input features penalised (a bool mask is averaged in x's dtype)."""
-    return mask.mean() if mask.is_floating_point() else mask.to(x.dtype).mean()
+    """Share of input features penalised, averaged in x's dtype whatever the mask's own dtype (the fused
+    backend's bool mask, or the reference's float mask in the saliency map's dtype, which is bfloat16 /
+    float16 for a map computed under autocast or passed in half precision): same term in both
+    backends, and the count / D that bfloat16 would round to 8 bits."""
+    return mask.to(x.dtype).mean()
 
 
 def layer_rules(backend: str, *, first_order: bool = False):

@@ -575,7 +575,7 @@ def _hutchinson_loop(model, x, zs, *, generator=None):
                 warnings.warn(f"hutchinson: forward-mode AD unsupported by a layer ({exc}); using the double-VJP JVP",
                               RuntimeWarning)
                 jz = reference._jvp_double_vjp(model, x, z)
-            sq = jz.reshape(n, -1).pow(2).sum(dim=1)
+            sq = reference.tangent_sq_norm(jz.reshape(n, -1), x)
             total = sq if total is None else total + sq
     return total
 
@@ -641,7 +641,7 @@ def _hutchinson_batched(model, x, zs):
         effects.undo()
         _remember(_IMPURE, model)
         return None
-    return jz.reshape(len(zs), n, -1).pow(2).sum(dim=2).sum(dim=0)
+    return reference.tangent_sq_norm(jz.reshape(len(zs), n, -1), x).sum(dim=0)
 
 
 def _batched_vjps(logits, xg, cotangents, grad_scale):
@@ -925,7 +925,7 @@ def _jsigr_hutchinson_shared(model, x, y, *, lambda_m, lambda_j, mask, n_proj, g
         if jz is None:  # every probe in a forward of its own
             sq = jacobian_hutchinson_sq(model, x, n_proj=n_proj, generator=generator) * n_proj
         else:
-            sq = jz.reshape(n, -1).pow(2).sum(dim=1)
+            sq = reference.tangent_sq_norm(jz.reshape(n, -1), x)
             if n_proj > 1:
                 sq = sq + jacobian_hutchinson_sq(model, x, n_proj=n_proj - 1, generator=generator) * (n_proj - 1)
         res["jac"] = (sq / n_proj).mean()

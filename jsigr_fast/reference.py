@@ -168,6 +168,19 @@ def _jvp_double_vjp(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch
     return jz
 
 
+def tangent_sq_norm(jz: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``||J z||^2`` per sample (the leading dims of ``jz`` other than the last one are kept: ``(N, K)``
+    gives ``(N,)``, ``(P, N, K)`` gives ``(P, N)``), in the dtype of ``x`` promoted with the tangent's.
+
+    Under autocast the logits' tangent comes out in the low-precision dtype while ``x`` is float32: the
+    square and the sum then run in float32, so the Hutchinson term has the dtype (and the accumulation)
+    of the VJP-based estimators, whose ``J^T v`` is a gradient w.r.t. ``x`` (on CUDA, autocast's fp32
+    list would widen the ``pow`` anyway; on the CPU it does not). A half-precision model fed a
+    half-precision ``x`` keeps its dtype."""
+    t = jz.to(torch.promote_types(jz.dtype, x.dtype))
+    return t.pow(2).sum(dim=-1)
+
+
 def jacobian_hutchinson_sq(model: nn.Module, x: torch.Tensor, *, n_proj: int = 1,
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """J-SIGR Eq. 6: ``||J z||^2`` with ``z ~ N(0, I_D)``, a forward-mode (JVP) pass per draw.
@@ -192,7 +205,7 @@ def jacobian_hutchinson_sq(model: nn.Module, x: torch.Tensor, *, n_proj: int = 1
                 warnings.warn(f"hutchinson: forward-mode AD unsupported by a layer ({exc}); using the double-VJP JVP",
                               RuntimeWarning)
                 jz = _jvp_double_vjp(model, x, z)
-            sq = jz.reshape(n, -1).pow(2).sum(dim=1)
+            sq = tangent_sq_norm(jz.reshape(n, -1), x)
             total = sq if total is None else total + sq
     return total / n_proj
 
