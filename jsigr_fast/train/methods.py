@@ -439,9 +439,12 @@ class DistillMethod(_TeacherMethod):
         if self.teacher is None:  # stage 1: the teacher itself, trained at temperature T
             loss = F.cross_entropy(logits / T, y)
             return loss, {"ce": F.cross_entropy(logits.detach(), y), "soft_ce": loss.detach()}
+        # at least float32 (bf16/fp16 logits under autocast are widened), never narrower than the
+        # student's own logits: a float64 model keeps float64 (`.float()` used to round it to float32)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
         with torch.no_grad():
-            soft = F.softmax(self.teacher(x).float() / T, dim=1)
-        loss = -(soft * F.log_softmax(logits.float() / T, dim=1)).sum(1).mean()
+            soft = F.softmax(self.teacher(x).to(dtype) / T, dim=1)
+        loss = -(soft * F.log_softmax(logits.to(dtype) / T, dim=1)).sum(1).mean()
         return loss, {"ce": F.cross_entropy(logits.detach(), y), "soft_ce": loss.detach()}
 
     def describe(self):
