@@ -334,3 +334,19 @@ def test_attack_presets_are_specs(dataset, preset):
     for name in ("pgd_at", "fgsm_at", "jarn_at1"):
         _, cfg = make(name, dataset=dataset)
         assert (cfg.attack_eps, cfg.attack_steps, cfg.attack_alpha) == pytest.approx(preset, rel=1e-15)
+
+
+@pytest.mark.parametrize("variant, columns", [("random_start", []), ("clean_adv", ["ce_clean", "ce_adv"])])
+def test_fgsm_at_logs_only_the_terms_its_variant_has(tmp_path, variant, columns):
+    # random_start declared ce_clean / ce_adv too and left both columns empty in every row
+    import csv
+
+    from jsigr_fast.cli import main
+
+    assert main(["train", "--method", "fgsm_at", "--fgsm-variant", variant, "--epochs", "1", "--steps-per-epoch",
+                 "2", "--batch-size", "8", "--eval-max-batches", "1", "--log-every", "1", "--threads", "1",
+                 "--progress", "false", "--tensorboard", "false", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "steps.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [k for k in rows[0] if k.startswith("ce_")] == columns
+    assert all(r[k] != "" for r in rows for k in ["ce", *columns])

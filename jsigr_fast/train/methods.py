@@ -296,6 +296,11 @@ class FGSMATMethod(Method):
     uses = ("attack_eps", "fgsm_variant", "fgsm_alpha")
     terms = ("ce", "ce_clean", "ce_adv")
 
+    def __init__(self, cfg, ctx, state=None):
+        super().__init__(cfg, ctx, state)
+        if cfg.fgsm_variant == "random_start":  # one adversarial batch: no clean / adversarial split to log
+            self.terms = ("ce",)
+
     def loss(self, model, x, y, extra, *, step, grad_scale=None):
         c = self.cfg
         if c.fgsm_variant == "random_start":
