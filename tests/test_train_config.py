@@ -194,6 +194,20 @@ def test_unused_keys_draw_a_warning(capsys, tmp_path):
     assert main(["train", "--method", "input_grad", "--fd-step", "0.02", "--epochs", "1", "--steps-per-epoch", "1",
                  "--batch-size", "8", "--eval-max-batches", "1", "--out", str(tmp_path / "ig"), *QUIET]) == 0
     assert "warning: config key 'fd_step' is only used with mode fd" in capsys.readouterr().err
+    # keys the method reads in other variants only: n_proj with the exact estimator, beta beside a
+    # mask quantile, fgsm_alpha with the clean_adv variant (they passed silently)
+    assert main(["train", "--method", "jacobian", "--jacobian-estimator", "exact", "--n-proj", "4", "--epochs", "1",
+                 "--steps-per-epoch", "1", "--batch-size", "8", "--eval-max-batches", "1",
+                 "--out", str(tmp_path / "jac"), *QUIET]) == 0
+    assert "warning: config key 'n_proj' is not used with jacobian_estimator 'exact'" in capsys.readouterr().err
+    assert main(["train", "--method", "fgsm_at", "--fgsm-variant", "clean_adv", "--fgsm-alpha", "1.0", "--epochs",
+                 "1", "--steps-per-epoch", "1", "--batch-size", "8", "--eval-max-batches", "1",
+                 "--out", str(tmp_path / "fgsm"), *QUIET]) == 0
+    assert "warning: config key 'fgsm_alpha' is not used by fgsm_variant 'clean_adv'" in capsys.readouterr().err
+    assert main(["train", "--method", "jsigr", "--mask-quantile", "0.5", "--beta", "0.2", "--epochs", "1",
+                 "--steps-per-epoch", "1", "--batch-size", "8", "--eval-max-batches", "1",
+                 "--out", str(tmp_path / "q"), *QUIET]) == 0
+    assert "warning: config key 'beta' is not used when mask_quantile is set" in capsys.readouterr().err
 
 
 def test_lr_schedules():

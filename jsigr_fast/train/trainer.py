@@ -386,6 +386,15 @@ class Trainer:
         if "fd_step" in explicit & used and self.cfg.mode != "fd":
             warnings.warn("config key 'fd_step' is only used with mode fd (mode is 'autograd')", RuntimeWarning,
                           stacklevel=3)
+        # keys a method reads only in some of its variants
+        c = self.cfg
+        idle = {"n_proj": (c.jacobian_estimator == "exact", "with jacobian_estimator 'exact' (K VJPs, no probes)"),
+                "beta": (c.mask_quantile is not None, "when mask_quantile is set (the quantile rule replaces it)"),
+                "fgsm_alpha": (c.method == "fgsm_at" and c.fgsm_variant != "random_start",
+                               f"by fgsm_variant {c.fgsm_variant!r} (only by 'random_start')")}
+        for key, (unused, why) in idle.items():
+            if key in explicit & used and unused:
+                warnings.warn(f"config key '{key}' is not used {why}", RuntimeWarning, stacklevel=3)
 
     def _load_state(self, ckpt: dict) -> None:
         # load_checkpoint checked the fields' types; here each state must also fit this run
