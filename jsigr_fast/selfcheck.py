@@ -276,9 +276,8 @@ def run(args) -> int:
           (f"; FAILED: {', '.join(f'{r.device}/{r.kernels} {r.tier} {r.check} on {r.model}' for r in failed)}"
            if failed else ""))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"environment": env, "seconds": seconds, "results": [asdict(r) for r in results]}, f,
-                      indent=2, allow_nan=True)
-        os.replace(tmp, args.json)
+        from ._atomic import write_atomic
+
+        record = {"environment": env, "seconds": seconds, "results": [asdict(r) for r in results]}
+        write_atomic(args.json, lambda f: f.write(json.dumps(record, indent=2, allow_nan=True).encode()))
     return 1 if failed else 0

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._atomic import write_atomic
+
 __all__ = ["saliency_panels", "display_arrays", "figure_layout", "build_saliency_figure", "saliency_figure",
            "PANELS", "add_arguments", "run"]
 
@@ -209,36 +211,8 @@ def saliency_figure(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tens
         rule = "top " + format(quantile, "g") + " kept" if quantile is not None else "M ≤ β penalised"
     title = f"input gradients, saliency of the gradient at x + {eps:g}·σ·z, and the selective mask ({rule})"
     fig, _ = build_saliency_figure(panels, panel_inches=panel_inches, dpi=dpi, title=title)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    _save_atomically(fig, path, dpi)
-    return path
-
-
-def _save_atomically(fig, path: str, dpi: int) -> None:
-    """``fig.savefig(path)`` through a temporary file in the same folder and ``os.replace``: an existing
-    file at ``path`` is either left as it was (the write failed or was interrupted: disk full, Ctrl-C)
-    or replaced by the complete new PNG, never truncated or left half-written."""
-    import uuid
-
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
-    # created as open() would create the PNG (0666 less the umask), not as a private 0600 temp file
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, dpi=dpi, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isfile(path):  # replacing a file: keep its permissions
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # folders created; a failed or interrupted write (disk full, Ctrl-C) leaves an existing PNG as it was
+    return write_atomic(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._atomic import write_atomic
 from .errors import CheckpointError
 
 __all__ = ["FORMAT", "save_atomic", "load_checkpoint", "load_weights", "load_model_weights", "capture_rng",
@@ -45,34 +46,9 @@ __all__ = ["FORMAT", "save_atomic", "load_checkpoint", "load_weights", "load_mod
 FORMAT = "jsigr_fast.train/1"
 
 
-def _write_atomic(path: str, write) -> None:
-    """``write(f)`` into a temporary file in ``path``'s folder, flushed and fsync'ed, then ``os.replace``'d
-    over ``path`` and the folder fsync'ed: ``path`` is the old file or the whole new one, never a torn one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    try:  # make the rename itself durable
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-        pass
-
-
 def save_atomic(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` via a temporary file in the same folder, fsync and ``os.replace``."""
-    _write_atomic(path, lambda f: torch.save(obj, f))
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def copy_atomic(src: str, dst: str) -> None:
@@ -80,7 +56,7 @@ def copy_atomic(src: str, dst: str) -> None:
     import shutil
 
     with open(src, "rb") as fin:
-        _write_atomic(dst, lambda f: shutil.copyfileobj(fin, f, 1 << 22))
+        write_atomic(dst, lambda f: shutil.copyfileobj(fin, f, 1 << 22))
 
 
 def _torch_load(path: str):
