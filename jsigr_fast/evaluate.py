@@ -792,10 +792,12 @@ def _number_arg(text: str) -> float:
 
 def _bool_arg(text: str) -> bool:
     """argparse type for true/false flags, as the train CLI spells them."""
+    from .train.config import _FALSE, _TRUE  # the same spellings as every train flag
+
     low = text.strip().lower()
-    if low in ("true", "yes", "1", "on"):
+    if low in _TRUE:
         return True
-    if low in ("false", "no", "0", "off"):
+    if low in _FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
