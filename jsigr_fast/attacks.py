@@ -444,7 +444,7 @@ def jsma(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, theta: floa
     :func:`jsigr_fast.saliency.quantile_kept` counts: gamma = 0.29 of 100 features allows 29), or when no admissible feature (pair) is left.
     Samples already classified as ``target`` are returned unchanged. The forward pass always sees
     the whole batch (so train-mode BatchNorm statistics stay those of the batch); finished samples
-    are just not updated.
+    are just not updated. The result has ``x``'s memory format (channels-last in, channels-last out).
     """
     x0, clamp = _prepare(model, x, target, clamp, label_name="target")
     target = target.long()  # gather needs int64 indices; check_labels also accepts uint8
@@ -502,7 +502,9 @@ def jsma(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, theta: floa
         n_modified[idx] += per_step
         # samples with no admissible feature stop for good: make their budget look spent
         n_modified[rows[active][~found]] = limit + 1
-    return xa.reshape(x0.shape).detach()
+    # xa is (N, D) row-major, so its reshape is NCHW-contiguous: return x's memory format (channels-last in,
+    # channels-last out), as every other attack does (empty_like keeps the strides of a dense input)
+    return torch.empty_like(x0).copy_(xa.reshape(x0.shape))
 
 
 # ----------------------------------------------------------------------------------------------

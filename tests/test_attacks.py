@@ -843,3 +843,23 @@ def test_gradient_attacks_warn_when_the_input_gradient_is_not_finite(name):
     x[1, 2] = 0.0
     with pytest.warns(RuntimeWarning, match=rf"^{name}: the model's input gradient was not finite"):
         attack(model, x, y, 0.1, **kwargs)
+
+
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_jsma_keeps_the_channels_last_memory_format(pairwise):
+    # JSMA rebuilt its result from a row-major (N, D) copy, so a channels-last input came back
+    # NCHW-contiguous (right values, wrong layout) while every other attack keeps the input's format
+    model = linear_model(3, seed=21, d=3 * 4 * 4)
+    g = torch.Generator().manual_seed(22)
+    x = 0.2 + 0.6 * torch.rand(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        target = (model(x).argmax(1) + 1) % 3
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert not x_cl.is_contiguous()  # 3 channels: the two layouts really differ
+    ref = jsma(model, x, target, gamma=0.25, pairwise=pairwise)
+    out = jsma(model, x_cl, target, gamma=0.25, pairwise=pairwise)
+    assert ref.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out, ref)
+    assert bool((out != x).any())  # the attack did move something
