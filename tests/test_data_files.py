@@ -188,3 +188,27 @@ def test_imagefolder_explicit_classes(tmp_path):
 
 def to_u8(x):
     return (x * 255).round().to(torch.uint8)
+
+
+def test_imagefolder_skips_hidden_files_and_folders_inside_a_class(tmp_path):
+    # Hidden class folders were skipped, but hidden names inside a class were scanned: a macOS
+    # AppleDouble file "._a.png" (not an image) failed at decode, and ".ipynb_checkpoints/" copies
+    # added duplicate samples.
+    values = {"cat": 40, "dog": 200}
+    for cls, v in values.items():
+        d = tmp_path / cls
+        (d / ".ipynb_checkpoints").mkdir(parents=True)
+        Image.fromarray(np.full((4, 4, 3), v, np.uint8)).save(d / "a.png")
+        (d / "._a.png").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)  # AppleDouble header, garbage as PNG
+        Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(d / ".ipynb_checkpoints" / "a-checkpoint.png")
+        (d / ".hidden_sub").mkdir()
+        Image.fromarray(np.full((4, 4, 3), 9, np.uint8)).save(d / ".hidden_sub" / "b.png")
+    ds = D.ImageFolder(tmp_path)
+    assert ds.classes == ["cat", "dog"]
+    assert len(ds) == 2
+    assert sorted((os.path.relpath(p, tmp_path), y) for p, y in ds.samples) == [
+        (os.path.join("cat", "a.png"), 0), (os.path.join("dog", "a.png"), 1)]
+    for i, v in enumerate(values.values()):
+        x, y = ds[i]
+        assert y == i
+        assert torch.equal(to_u8(x), torch.full((3, 4, 4), v, dtype=torch.uint8))

@@ -7,8 +7,10 @@ Layout::
     root/<class_b>/zzz.JPEG
 
 Class folders are sorted alphabetically (plain string order) and numbered 0, 1, ...; hidden
-folders (``.name``) are skipped. Files with extensions jpg / jpeg / png / bmp / webp (any case)
-are images, everything else is ignored. Inside a class, files are sorted by relative path.
+names (``.name``) are skipped at every level: hidden class folders, and hidden files and sub-folders
+inside a class folder (macOS ``._img.png`` AppleDouble files, ``.ipynb_checkpoints/``). Files with
+extensions jpg / jpeg / png / bmp / webp (any case) are images, everything else is ignored. Inside a
+class, files are sorted by relative path.
 For ImageNet the class folders are the WordNet ids (n01440764, ...), so the indices match the
 usual 0..999 order.
 """
@@ -58,13 +60,17 @@ def class_folders(root: str) -> List[str]:
 
 
 def _scan_class(class_dir: str, extensions: Tuple[str, ...]) -> List[str]:
-    """Relative paths (to ``class_dir``) of image files below it, sorted."""
+    """Relative paths (to ``class_dir``) of image files below it, sorted. Hidden names (``.name``)
+    are skipped at every level, files and folders: macOS AppleDouble files (``._img.png``, not images)
+    and ``.ipynb_checkpoints/`` copies (duplicate images) are not samples."""
     found: List[str] = []
     stack = [""]
     while stack:
         rel = stack.pop()
         with os.scandir(os.path.join(class_dir, rel)) as it:
             for entry in it:
+                if entry.name.startswith("."):
+                    continue
                 r = os.path.join(rel, entry.name) if rel else entry.name
                 if entry.is_dir(follow_symlinks=True):
                     stack.append(r)
