@@ -14,7 +14,7 @@ COMMANDS = {
     "demo": ("jsigr_fast.demo", "standard vs J-SIGR on the embedded digits data: accuracy, PGD, pictures, timings"),
     "train": ("jsigr_fast.train.cli", "train a classifier with any of the defences (also under torchrun)"),
     "eval": ("jsigr_fast.evaluate", "robustness tables: clean / FGSM / PGD / transfer accuracy, Jacobian norms, rho_adv"),
-    "visualize": ("jsigr_fast.visualize", "PNG grids of input gradients, saliency maps and selective masks"),
+    "visualize": ("jsigr_fast.visualize", "figures (.png, .pdf, .svg, ...) of input gradients, saliency, masks"),
     "check": ("jsigr_fast.selfcheck", "check this install: the fused kernels against the reference on this machine's "
                                       "CPU and GPU"),
 }

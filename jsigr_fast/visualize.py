@@ -24,7 +24,7 @@ pixel's channels that are penalised). :func:`saliency_panels` returns the librar
 :func:`display_arrays` exactly what is drawn, so both can be checked without looking at a PNG.
 Every model sees the same noise ``z`` (the generator is reseeded with ``seed`` per model).
 
-matplotlib (Agg backend) is imported only when a figure is drawn.
+matplotlib (Agg backend) is imported only when a figure is drawn (or its file format checked).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import torch.nn as nn
 from ._atomic import write_atomic
 
 __all__ = ["saliency_panels", "display_arrays", "figure_layout", "build_saliency_figure", "saliency_figure",
-           "PANELS", "add_arguments", "run"]
+           "figure_format", "PANELS", "add_arguments", "run"]
 
 PANELS = ("input", "gradient", "saliency", "mask")
 _TITLES = {"input": "input", "gradient": "|∇ₓℓ|", "saliency": "saliency M", "mask": "mask 1[M≤β]"}
@@ -196,14 +196,45 @@ def build_saliency_figure(panels: Mapping[str, Mapping[str, torch.Tensor]], *, p
     return fig, axes
 
 
+def figure_format(path: str, arg: str = "path") -> str:
+    """The matplotlib ``savefig`` format that ``path``'s extension names (lower-cased: ``.pdf`` -> ``"pdf"``,
+    ``.JPG`` -> ``"jpg"``); ``"png"`` for a path without one. ValueError naming ``arg`` and listing the
+    extensions matplotlib's Agg canvas can write (``get_supported_filetypes()``: png, pdf, svg, jpg, ...)
+    for any other extension. Imports matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    ext = os.path.splitext(os.fspath(path))[1]
+    fmt = ext[1:].lower()
+    if not fmt:  # no extension (or a bare trailing dot): PNG, as it always was
+        return "png"
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f"{arg} {path}: matplotlib cannot write {ext} files; the extension picks the format, "
+                         f"one of {', '.join('.' + e for e in sorted(supported))} (no extension: PNG)")
+    if fmt == "pgf":  # the PGF backend measures every text with LaTeX: without it savefig fails at the end
+        import shutil
+
+        import matplotlib
+
+        tex = matplotlib.rcParams["pgf.texsystem"]
+        if shutil.which(tex) is None:
+            raise ValueError(f"{arg} {path}: writing .pgf needs {tex} (rcParams['pgf.texsystem']), which is not "
+                             "installed; use .pdf or .svg for a vector figure")
+    return fmt
+
+
 def saliency_figure(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, *, path: str,
                     eps: float = 0.3, beta: float | Mapping[str, float | None] | None = 0.1,
                     quantile: float | Mapping[str, float | None] | None = None, saliency: Any = None,
                     seed: int = 0, panel_inches: float = 1.2, dpi: int = 100) -> str:
-    """Write the PNG grid of :func:`build_saliency_figure` for ``models`` on the images ``x`` (labels
+    """Write the grid of :func:`build_saliency_figure` for ``models`` on the images ``x`` (labels
     ``y``) to ``path`` (folders created) and return ``path``. Arguments as in :func:`saliency_panels`.
-    The PNG is written to a temporary file beside ``path`` and renamed over it: a failed or interrupted
+    ``path``'s extension picks the format (:func:`figure_format`: ``.png``, ``.pdf``, ``.svg``, ``.jpg``,
+    ... -- whatever matplotlib can write; PNG without an extension); an extension it cannot write is a
+    ValueError raised before any gradient is computed.
+    The file is written to a temporary file beside ``path`` and renamed over it: a failed or interrupted
     write leaves an existing file at ``path`` as it was."""
+    fmt = figure_format(path)  # before the models run: a typo in the extension costs nothing
     panels = saliency_panels(models, x, y, eps=eps, beta=beta, quantile=quantile, saliency=saliency, seed=seed)
     if isinstance(quantile, Mapping):
         rule = "white = penalised; each row's rule on its left"
@@ -211,8 +242,8 @@ def saliency_figure(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tens
         rule = "top " + format(quantile, "g") + " kept" if quantile is not None else "M ≤ β penalised"
     title = f"input gradients, saliency of the gradient at x + {eps:g}·σ·z, and the selective mask ({rule})"
     fig, _ = build_saliency_figure(panels, panel_inches=panel_inches, dpi=dpi, title=title)
-    # folders created; a failed or interrupted write (disk full, Ctrl-C) leaves an existing PNG as it was
-    return write_atomic(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
+    # folders created; a failed or interrupted write (disk full, Ctrl-C) leaves an existing file as it was
+    return write_atomic(path, lambda f: fig.savefig(f, dpi=dpi, format=fmt))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +265,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--saliency", choices=("auto", "gradient", "adaptor"), default="auto",
                    help="auto: a checkpoint's trained adaptor when it holds one, else gradient saliency")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/saliency.png", help="PNG path")
+    p.add_argument("--out", default="out/saliency.png",
+                   help="the figure's file; its extension picks the format: .png, .pdf, .svg, .jpg, ... (any that "
+                        "matplotlib can write; PNG without an extension)")
 
 
 def _config_number(lm, key: str, low: float, high: float, optional: bool):
@@ -283,10 +316,12 @@ def _check_args(args) -> None:
         raise ValueError(f"--beta must be a number in [-1, 1] (the saliency's range), got {args.beta:g}")
     if args.beta is not None and args.quantile is not None:
         raise ValueError("give --beta or --quantile, not both (a quantile replaces the threshold)")
-    # --out is the PNG file itself; a folder would only fail in savefig, after the models ran, as a traceback.
+    # --out is the figure file itself; a folder, or an extension matplotlib cannot write, would only fail
+    # in savefig, after the models ran, as a traceback.
     if os.path.isdir(args.out) or args.out.endswith(("/", os.sep)):
-        raise ValueError(f"--out must be a PNG file path (e.g. {os.path.join(args.out, 'saliency.png')}), "
-                         f"got the folder {args.out}")
+        raise ValueError(f"--out must be a PNG file path (or .pdf, .svg, ...: the extension picks the format; "
+                         f"e.g. {os.path.join(args.out, 'saliency.png')}), got the folder {args.out}")
+    figure_format(args.out, "--out")
     check_device(args.device)
 
 
@@ -337,7 +372,8 @@ def run(args) -> int:
         path = saliency_figure(models, x, y, path=args.out, eps=args.eps, beta=beta, quantile=quantile,
                                saliency=saliency, seed=args.seed)
     except OSError as err:  # e.g. a parent of --out is a file, or not writable: one line, not a traceback
-        print(f"jsigr-fast visualize: error: --out {args.out}: cannot write the PNG: {err}", file=sys.stderr)
+        print(f"jsigr-fast visualize: error: --out {args.out}: cannot write the {figure_format(args.out).upper()}: "
+              f"{err}", file=sys.stderr)
         return 2
     except ValueError as err:  # e.g. Agg's image-size limit for a huge --n-images; --out is left as it was
         print(f"jsigr-fast visualize: error: cannot draw the figure: {err}", file=sys.stderr)

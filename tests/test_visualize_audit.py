@@ -292,3 +292,121 @@ def test_demo_reports_the_accuracies_it_measures(tmp_path, capsys, monkeypatch):
         assert abs(r["clean"] - clean) < 0.5 / n and abs(r["fgsm"] - fgsm) <= 1.5 / n and abs(r["pgd"] - pgd) <= 1.5 / n
         assert f"| {method} | {r['clean']:.3f} | {r['fgsm']:.3f} | {r['pgd']:.3f} |" in text
         assert f"| {method} | {r['clean']:.3f} |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_demo_interrupted_report_write_keeps_the_previous_results(tmp_path, capsys, monkeypatch, exc):
+    # results.md / results.json were written with a plain open(..., "w"): a failure or Ctrl-C midway
+    # (disk full) truncated the previous report and left half a JSON document behind.
+    from jsigr_fast import demo
+    from jsigr_fast.cli import main
+
+    _fast_demo(monkeypatch)
+    monkeypatch.setattr(V, "saliency_figure", lambda *a, **k: pytest.fail("drew after a failed report write"))
+    out = tmp_path / "demo"
+    out.mkdir()
+    previous = '{"results": {"standard": {"clean": 0.5}}}\n'
+    (out / "results.json").write_text(previous)
+    real_dumps = json.dumps
+
+    def dump_half_then_fail(obj, f, **kw):
+        text = real_dumps(obj, **kw)
+        f.write(text[:len(text) // 2])  # part of the document reaches the file, then the write fails
+        raise exc
+
+    monkeypatch.setattr(demo.json, "dump", dump_half_then_fail)
+    with pytest.raises(type(exc)):
+        main(["demo", "--out", str(out), "--attack-steps", "1", "--no-progress"])
+    capsys.readouterr()
+    assert (out / "results.json").read_text() == previous
+    # results.md, written before, is complete; nothing else (no temporary file) is left in the folder
+    assert (out / "results.md").read_text().rstrip("\n").endswith("|")
+    assert "| standard |" in (out / "results.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["jsigr.pt", "results.json", "results.md", "standard.pt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the figure's format follows the extension of --out / path
+# ----------------------------------------------------------------------------------------------
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny_models_and_batch():
+    return {"m": NormBNNet(1, 6, 6, seed=0).eval()}, torch.rand(2, 1, 6, 6), torch.tensor([0, 1])
+
+
+def _looks_like(data: bytes, kind: str) -> bool:
+    """File signatures from the formats' own specifications, not from matplotlib."""
+    if kind == "png":
+        return data.startswith(_PNG_SIGNATURE)
+    if kind == "pdf":
+        return data.startswith(b"%PDF-") and b"%%EOF" in data[-32:]
+    if kind == "svg":
+        return b"<svg" in data and data.rstrip().endswith(b"</svg>")
+    if kind == "jpeg":
+        return data.startswith(b"\xff\xd8\xff") and data.rstrip(b"\x00").endswith(b"\xff\xd9")
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("fig.png", "png"), ("fig.pdf", "pdf"), ("fig.svg", "svg"), ("fig.PDF", "pdf"), ("fig.jpg", "jpeg"),
+    ("fig", "png"),  # no extension: PNG, as before
+])
+def test_saliency_figure_format_follows_the_extension(tmp_path, name, kind):
+    # savefig was always called with format="png": fig.pdf / fig.svg / fig.jpg held PNG bytes
+    models, x, y = _tiny_models_and_batch()
+    path = str(tmp_path / name)
+    assert V.saliency_figure(models, x, y, path=path) == path
+    data = (tmp_path / name).read_bytes()
+    assert _looks_like(data, kind), data[:16]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # written atomically: no temporary file left
+
+
+def test_saliency_figure_unknown_extension_is_refused_before_any_gradient(tmp_path, monkeypatch):
+    models, x, y = _tiny_models_and_batch()
+    monkeypatch.setattr(V, "saliency_panels", lambda *a, **k: pytest.fail("computed the panels"))
+    out = tmp_path / "fig.xyz"
+    with pytest.raises(ValueError) as e:
+        V.saliency_figure(models, x, y, path=str(out))
+    msg = str(e.value)
+    assert msg.startswith(f"path {out}: ") and ".xyz" in msg, msg
+    assert all(ext in msg for ext in (".png", ".pdf", ".svg")), msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saliency_figure_pgf_without_latex_is_refused_before_any_gradient(tmp_path, monkeypatch):
+    # matplotlib lists .pgf, but its backend needs LaTeX: savefig failed only after the whole figure was drawn
+    import shutil
+
+    models, x, y = _tiny_models_and_batch()
+    monkeypatch.setattr(V, "saliency_panels", lambda *a, **k: pytest.fail("computed the panels"))
+    monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
+    with pytest.raises(ValueError, match=r"^path .*fig\.pgf: writing \.pgf needs \w*latex"):
+        V.saliency_figure(models, x, y, path=str(tmp_path / "fig.pgf"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, kind", [("fig.pdf", "pdf"), ("fig.svg", "svg"), ("fig.png", "png")])
+def test_cli_out_extension_picks_the_format(tmp_path, capsys, name, kind):
+    from jsigr_fast.cli import main
+
+    ck = _ckpt(tmp_path / "m.pt")
+    out = tmp_path / "figs" / name
+    assert main(["visualize", ck, "--n-images", "1", "--out", str(out)]) == 0
+    assert _looks_like(out.read_bytes(), kind), out.read_bytes()[:16]
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_cli_out_with_an_extension_matplotlib_cannot_write_is_refused_before_loading(tmp_path, capsys,
+                                                                                         monkeypatch):
+    import jsigr_fast.evaluate as E
+    from jsigr_fast.cli import main
+
+    ck = _ckpt(tmp_path / "m.pt")
+    monkeypatch.setattr(E, "load_models", lambda *a, **k: pytest.fail("loaded the models before checking --out"))
+    out = tmp_path / "fig.xyz"
+    assert main(["visualize", ck, "--n-images", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jsigr-fast visualize: error: --out {out}: ") and len(err.strip().splitlines()) == 1, err
+    assert ".xyz" in err and all(ext in err for ext in (".png", ".pdf", ".svg")), err
+    assert not out.exists()
