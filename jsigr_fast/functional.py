@@ -430,7 +430,9 @@ def interpretation_regularization(model: nn.Module, x: torch.Tensor, y: torch.Te
 
     ``J_c`` is the input gradient of the true-class logit, ``targets`` the interpretations ``I``
     (e.g. :func:`smoothgrad` of a robust teacher), x's shape. The magnitude term is a norm, not its
-    square. Defaults are the paper's MNIST grid-search optimum (3.0, 0.15). ``backend``, ``grad_scale``:
+    square. A sample whose ``J_c`` or ``I`` is zero (e.g. every ReLU off) has cosine 0 and contributes no
+    gradient through it (:func:`jsigr_fast.reference.cosine_rows`); ``||J_c||`` has gradient 0 at ``J_c = 0``.
+    Defaults are the paper's MNIST grid-search optimum (3.0, 0.15). ``backend``, ``grad_scale``:
     see :func:`loss` (the fused backend runs the forward and the class-gradient VJP with its layer rules).
     """
     model = _check_common(model, x, y)
@@ -447,7 +449,8 @@ def interpretation_regularization(model: nn.Module, x: torch.Tensor, y: torch.Te
         xg, logits = reference.forward(model, x, y)
         ce = F.cross_entropy(logits, y)
         jc = reference.class_gradient(logits, xg, y, grad_scale=grad_scale).reshape(x.shape[0], -1)
-        cos = F.cosine_similarity(jc, targets.detach().reshape(x.shape[0], -1).to(jc.dtype), dim=1, eps=1e-12).mean()
+        # zero-safe: a sample whose J_c is identically 0 has cos 0 and no gradient (not 1/eps, NaN in fp16)
+        cos = reference.cosine_rows(jc, targets.detach().reshape(x.shape[0], -1).to(jc.dtype)).mean()
         mag = jc.norm(dim=1).mean()
         total = ce - lambda_d * cos + lambda_m * mag
     if return_terms:

@@ -285,6 +285,27 @@ def class_gradient(logits: torch.Tensor, xg: torch.Tensor, y: torch.Tensor, *, c
     return vjp(logits, xg, sel, create_graph=create_graph, grad_scale=grad_scale)
 
 
+def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""``cos(a_n, b_n) = <a_n, b_n> / (||a_n|| ||b_n||)`` per row of two ``(N, D)`` tensors, in ``a``'s dtype
+    (computed in at least float32). A row where either vector is zero, where the cosine is undefined, gives
+    0 with a zero gradient (the convention ``||v||`` has at ``v = 0``).
+
+    ``F.cosine_similarity(eps=1e-12)`` has the same value there but the gradient ``b_n / (eps ||b_n||)``:
+    about 1e11 in float32, which overflows float16 on its way into the half-precision double backward of
+    the model (then ``inf * 0 = NaN`` where the input gradient is identically zero, e.g. a sample with
+    every ReLU off, whose parameter gradient is exactly 0 in float32); in float16 ``eps`` itself flushes
+    to zero and the gradient is ``0 / 0``. Near (not at) zero the gradient is ``~1 / ||a_n||`` whatever
+    the formulation: a legitimately large value, which can still overflow float16.
+    """
+    acc = torch.promote_types(a.dtype, torch.float32)
+    af, bf = a.to(acc), b.to(acc)
+    na, nb = af.norm(dim=1, keepdim=True), bf.norm(dim=1, keepdim=True)
+    ok = (na > 0) & (nb > 0)
+    one = torch.ones((), dtype=acc, device=a.device)
+    cos = ((af / torch.where(ok, na, one)) * (bf / torch.where(ok, nb, one))).sum(dim=1)
+    return torch.where(ok.squeeze(1), cos, torch.zeros((), dtype=acc, device=a.device)).to(a.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # train-mode batch norm: references of the ops jsigr_fast::batch_norm_train / _backward /
 # _double_backward (csrc/batch_norm.cpp; the derivation is in csrc/README.md)

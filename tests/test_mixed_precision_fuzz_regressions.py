@@ -110,3 +110,93 @@ def test_hutchinson_in_a_bfloat16_model_stays_bfloat16():
         out = jsigr_fast.jacobian_norm(model, x, estimator="hutchinson", backend=backend,
                                        generator=torch.Generator().manual_seed(0))
         assert out.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# interpretation_regularization: a sample whose class gradient J_c is identically zero (every ReLU
+# off). The cosine to the target map is undefined there; F.cosine_similarity(eps=1e-12) returned 0
+# with a gradient b / (eps ||b||) ~ 1e11, which overflowed float16 in the model's double backward
+# (inf * 0 = NaN parameter gradients in both backends; a ReLU/max-pool conv net in the fuzz) and is
+# 0 / 0 in a float16 model. The right parameter gradient is that of float64: J_c is 0 on a whole
+# neighbourhood of the parameters, so that sample's cosine contributes nothing.
+# ----------------------------------------------------------------------------------------------
+def _dead_sample_mlp():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(0.2 + torch.rand(6, 4, generator=g))  # all positive
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.randn(3, 6, generator=g))
+        model[2].bias.copy_(torch.randn(3, generator=g))
+    x = torch.cat([-torch.ones(1, 4), 0.1 + torch.rand(3, 4, generator=g)])  # sample 0: every ReLU off
+    y = torch.tensor([1, 0, 2, 1])
+    targets = torch.randn(x.shape, generator=g)
+    return model, x, y, targets
+
+
+def _ir_oracle(model, x, y, targets, lambda_d=3.0, lambda_m=0.15):
+    """Noack et al. Eq. 9 in float64 from the closed form of a Linear-ReLU-Linear net:
+    J_c(x_n) = W1^T (1[W1 x_n + b1 > 0] * W2[y_n]); a sample with J_c = 0 adds cos 0 and ||J_c|| 0."""
+    w1, b1, w2, b2 = (p.detach().double().requires_grad_(True) for p in model.parameters())
+    xd, t = x.double(), targets.double()
+    pre = xd @ w1.T + b1
+    on = (pre > 0).double()
+    ce = torch.nn.functional.cross_entropy(torch.relu(pre) @ w2.T + b2, y)
+    cos, mag = [], []
+    for n in range(x.shape[0]):
+        if not on[n].any():
+            cos.append(xd.new_zeros(()))
+            mag.append(xd.new_zeros(()))
+            continue
+        j = (on[n] * w2[y[n]]) @ w1
+        cos.append((j * t[n]).sum() / (j.norm() * t[n].norm()))
+        mag.append(j.norm())
+    cos, mag = torch.stack(cos).mean(), torch.stack(mag).mean()
+    total = ce - lambda_d * cos + lambda_m * mag
+    grads = torch.autograd.grad(total, [w1, b1, w2, b2])
+    return total.item(), cos.item(), mag.item(), grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["autocast_fp16", "float16_model", "float64"])
+def test_interpretation_regularization_with_an_all_zero_class_gradient(backend, how):
+    model, x, y, targets = _dead_sample_mlp()
+    total64, cos64, mag64, g64 = _ir_oracle(model, x, y, targets)
+    if how == "float16_model":
+        model, x, targets = model.half(), x.half(), targets.half()
+    elif how == "float64":
+        model, x, targets = model.double(), x.double(), targets.double()
+    with torch.autocast("cpu", dtype=torch.float16, enabled=how == "autocast_fp16"):
+        out, terms = jsigr_fast.interpretation_regularization(model, x, y, targets, backend=backend,
+                                                              return_terms=True)
+    grads = torch.autograd.grad(out, list(model.parameters()))
+    for g in grads:
+        assert torch.isfinite(g).all(), (how, backend)
+    tol = 1e-10 if how == "float64" else 1e-2
+    assert out.item() == pytest.approx(total64, rel=tol)
+    assert terms["cos"].item() == pytest.approx(cos64, rel=tol, abs=tol)
+    assert terms["mag"].item() == pytest.approx(mag64, rel=tol)
+    err = sum((g.double() - e).pow(2).sum() for g, e in zip(grads, g64)).sqrt()
+    scale = sum(e.pow(2).sum() for e in g64).sqrt()
+    assert err <= tol * scale, (how, backend, err.item(), scale.item())
+
+
+def test_cosine_rows_zero_row_has_value_and_gradient_zero():
+    g = torch.Generator().manual_seed(0)
+    a64 = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    a64[1] = 0
+    b64 = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32, torch.float16):
+        a = a64.to(dtype).requires_grad_(True)
+        c = jsigr_fast.reference.cosine_rows(a, b64.to(dtype))
+        assert c.dtype == dtype
+        (ga,) = torch.autograd.grad(c.sum(), a)
+        tol = 1e-12 if dtype == torch.float64 else 2e-3
+        for n in (0, 2):  # rows with a defined cosine: value and gradient in closed form
+            an, bn = a64[n], b64[n]
+            cos = (an @ bn) / (an.norm() * bn.norm())
+            grad = bn / (an.norm() * bn.norm()) - cos * an / an.norm() ** 2
+            assert c[n].item() == pytest.approx(cos.item(), abs=tol)
+            torch.testing.assert_close(ga[n].double(), grad, rtol=tol, atol=tol)
+        assert c[1].item() == 0.0
+        assert torch.equal(ga[1], torch.zeros_like(ga[1]))
