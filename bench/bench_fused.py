@@ -33,6 +33,8 @@ PAIRS = (("double_backprop", "double_backprop_fused"), ("jsigr", "jsigr_fused"),
 ABLATIONS = {
     "eager": ("jsigr_eager_fused", "jsigr_fused", "the input-gradient penalty's parameter gradients taken "
               "inside the loss call (one create_graph VJP graph alive at a time)"),
+    "bn_rebuild": ("jsigr_bn_rebuild_fused", "jsigr_bn_keep_fused", "batch_norm_backward's double backward "
+                   "rebuilding grad_y from its own output instead of keeping it (ops.BN_REBUILD_GRAD_Y on vs off)"),
     "fd_kept": ("jsigr_fd_kept", "jsigr_fd", "every perturbed forward's graph kept to the backward "
                 "(finite_difference.FREE_EARLY off)"),
     "fd_rules": ("jsigr_fd_rules", "jsigr_fd_fused", "the fused conv / ReLU double-backward rules and the fused "
@@ -71,10 +73,13 @@ def main(argv=None):
     names = ["standard"] + [n for pair in wanted for n in pair]
     if a.layout_ablation:
         names += ["standard_cl", "jsigr_cl", "jsigr_fused_nchw"]
+    paired = {n for pair in PAIRS for n in pair}
     for abl in a.ablation:
         method, base, _ = ABLATIONS[abl]
-        if base not in names:
+        if base not in names and base in paired:
             p.error(f"--ablation {abl} is timed against {base}: include the pair that has it")
+        if base not in names:  # a base of its own (bn_rebuild's: both settings forced)
+            names.append(base)
         names.append(method)
     cond = conditions(a.device)
     cond.update({"model": a.model, "batch": a.batch, "dtype": a.dtype, "channels_last": a.channels_last,

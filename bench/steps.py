@@ -156,6 +156,22 @@ def _fd_fused_rules(m, x, y):
         fused.FIRST_ORDER_NATIVE = before
 
 
+def _fused_jsigr_bn_rebuild(on: bool):
+    """The fused J-SIGR loss with ops.BN_REBUILD_GRAD_Y forced on or off on every device (restored
+    afterwards; the choice is made when the create-graph VJPs run, inside the call): batch_norm_backward's
+    double backward rebuilding grad_y from its own output (on) or keeping it (off)."""
+    from jsigr_fast import ops
+
+    def loss(m, x, y):
+        before = dict(ops.BN_REBUILD_GRAD_Y)
+        ops.BN_REBUILD_GRAD_Y.update({dev: on for dev in before})
+        try:
+            return jsigr_fast.loss(m, x, y, backend="fused")
+        finally:
+            ops.BN_REBUILD_GRAD_Y.update(before)
+    return loss
+
+
 def fused_jsigr_eager_penalty(m, x, y, *, generator=None):
     """Ablation, not a library mode: ``jsigr_fast.loss(m, x, y, backend="fused")`` at its defaults
     (lambda_m = lambda_j = 0.5, eps 0.3, the gradient saliency mask at beta 0.1, one projection; the same
@@ -267,6 +283,12 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
                                      "J-SIGR, finite differences (fd, fused)"),
             "jsigr_fd_rules": Method("jsigr_fd_rules", "jsigr_fd", _fd_fused_rules,
                                      "J-SIGR, fd (fused), fused rules in every first-order pass (ablation)"),
+            # batch norm's grad_y kept for the double backward vs rebuilt from grad_x (ops.BN_REBUILD_GRAD_Y),
+            # both forced, whatever the device's default
+            "jsigr_bn_keep_fused": Method("jsigr_bn_keep_fused", "jsigr", _fused_jsigr_bn_rebuild(False),
+                                          "J-SIGR, projection (fused), batch norm keeps grad_y (ablation)"),
+            "jsigr_bn_rebuild_fused": Method("jsigr_bn_rebuild_fused", "jsigr", _fused_jsigr_bn_rebuild(True),
+                                             "J-SIGR, projection (fused), batch norm rebuilds grad_y"),
             "jsigr_eager_fused": Method("jsigr_eager_fused", "jsigr", fused_jsigr_eager_penalty,
                                         "J-SIGR, projection (fused), penalty gradients eager (ablation)"),
             "jsigr_hutchinson_fused": Method(

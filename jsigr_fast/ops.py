@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
 from ._extension import extension_loaded, has_kernel
@@ -242,6 +243,66 @@ def _register_loss_head(lib: str) -> None:
     torch.library.register_autograd(f"{lib}::cross_entropy_cotangent", _backward, setup_context=_setup)
 
 
+# Keep batch_norm_backward's own output grad_x for its double backward instead of its input grad_y, and rebuild
+# grad_y from it there (rebuild_grad_y)? grad_x is the gradient the producer of the batch norm's input (a conv or
+# linear layer) keeps anyway, so this removes one activation-sized tensor per batch norm from every
+# create-graph backward (ResNet-20, batch 128: 92 of ~190 MiB per input-gradient graph; bench/bench_memory.py).
+# The check that the rebuild is exact to rounding (every |weight * invstd| in [2**-24, 2**24]) reads the
+# weights on the host: free on the CPU, a device sync per batch norm on CUDA, hence off there until a GPU
+# session measures it (bench/bench_memory.py and bench/bench_fused.py --ablation bn_rebuild --device cuda).
+# float16 keeps grad_y: grad_x = weight * invstd * (...) underflows its narrow range.
+BN_REBUILD_GRAD_Y = {"cpu": True, "cuda": False}
+_REBUILD_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_REBUILD_RANGE = 2.0 ** -24
+
+
+def _rebuilds_grad_y(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd) -> bool:
+    if grad_y is None or not BN_REBUILD_GRAD_Y.get(x.device.type, False) or x.dtype not in _REBUILD_DTYPES:
+        return False
+    if torch.compiler.is_compiling() or is_fake(invstd):  # traced: no values to check, keep grad_y
+        return False
+    scale = invstd if weight is None else weight.abs() * invstd  # promotes to invstd's (the accumulation) dtype
+    return bool(((scale >= _REBUILD_RANGE) & (scale <= 1 / _REBUILD_RANGE)).all())
+
+
+class _GraphPlace(torch.autograd.Function):
+    """Zeros shaped like ``t`` (one stored element, expanded) whose backward passes the gradient on to ``t``:
+    holds ``t``'s place in the graph, not its data."""
+
+    @staticmethod
+    def forward(t):
+        return t.new_zeros(()).expand(t.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def rebuild_grad_y(gx, gw, gb, x, weight, mean, invstd, grad_mean=None, grad_invstd=None) -> torch.Tensor:
+    """``grad_y`` of ``batch_norm_backward(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)`` from its
+    outputs ``(gx, gw, gb)``, in mean's dtype. The backward is ``gx = w s (gy - a/m - xhat b/m) + gm/m -
+    gi s^2 xhat/m`` with ``a = gb = sum gy``, ``b = gw = sum gy xhat``, ``s = invstd``, ``xhat = (x - mean) s``,
+    m the count per channel, so ``gy = gx / (w s) + xhat (b/m + gi s / (w m)) + a/m - gm / (w s m)``:
+    exact to rounding wherever ``w s`` is neither tiny nor huge (what ``_rebuilds_grad_y`` checks)."""
+    _dims, shape, m = reference._bn_view(x)
+    ws = invstd if weight is None else weight * invstd  # promotes to acc
+    inv_ws = 1 / ws
+    coef = gw / m  # of xhat
+    const = gb / m
+    if grad_invstd is not None:
+        coef = coef + grad_invstd * invstd * invstd * inv_ws / m
+    if grad_mean is not None:
+        const = const - grad_mean * inv_ws / m
+    slope = coef * invstd  # of x
+    const = const - mean * slope
+    out = torch.addcmul(const.reshape(shape), x, slope.reshape(shape))  # x, gx in acc or narrower: promoted
+    return torch.addcmul(out, gx, inv_ws.reshape(shape))
+
+
 def _register_batch_norm(lib: str) -> None:
     """Fake, autograd and vmap registrations of the three train-mode batch-norm ops.
 
@@ -292,12 +353,32 @@ def _register_batch_norm(lib: str) -> None:
     # ---- batch_norm_backward: backward = batch_norm_double_backward ----
     def _setup_bw(ctx, inputs, output):
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*inputs)
+        ctx.rebuild = _rebuilds_grad_y(*inputs)
+        if ctx.rebuild:  # grad_y is not kept: see rebuild_grad_y
+            grad_y = inputs[0]
+            ctx.grad_y_dtype = grad_y.dtype
+            ctx.save_for_backward(*output, *inputs[1:])
+            # grad_y's place in the graph, without its data, for a create-graph double backward (third order)
+            ctx.grad_y_place = None
+            if grad_y.requires_grad:
+                with torch.enable_grad():
+                    ctx.grad_y_place = _GraphPlace.apply(grad_y)
+        else:
+            ctx.save_for_backward(*inputs)
 
     def _backward_bw(ctx, gg_x, gg_weight, gg_bias):
-        grad_y, x, weight, mean, invstd, grad_mean, grad_invstd = ctx.saved_tensors
         if gg_x is None and gg_weight is None and gg_bias is None:
             return (None,) * 7
+        if ctx.rebuild:
+            gx, gw, gb, x, weight, mean, invstd, grad_mean, grad_invstd = ctx.saved_tensors
+            with torch.no_grad():  # its value; its derivatives are grad_y's own (the rebuild is the identity)
+                grad_y = rebuild_grad_y(gx, gw, gb, x, weight, mean, invstd, grad_mean, grad_invstd)
+            if grad_y.dtype != ctx.grad_y_dtype:
+                grad_y = grad_y.to(ctx.grad_y_dtype)
+            if ctx.grad_y_place is not None and torch.is_grad_enabled():
+                grad_y = grad_y + ctx.grad_y_place  # zeros, whose backward is grad_y's
+        else:
+            grad_y, x, weight, mean, invstd, grad_mean, grad_invstd = ctx.saved_tensors
         if grad_y is None:  # the backward ran without a cotangent for y: its terms in grad_y are zero
             grad_y = torch.zeros_like(x)
         outs = ops.batch_norm_double_backward(gg_x, gg_weight, gg_bias, grad_y, x, weight, mean, invstd,

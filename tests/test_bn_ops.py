@@ -182,6 +182,85 @@ def test_backward_and_double_backward_gradcheck(shape, layout):
     assert torch.autograd.gradcheck(O.batch_norm_double_backward, ins2)
 
 
+# ----------------------------------------------------------------------------------------------
+# batch_norm_backward keeps its output grad_x, not its input grad_y, for the double backward
+# (ops.BN_REBUILD_GRAD_Y): grad_y is rebuilt from grad_x, which the layer before keeps anyway
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("stats_grads", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_rebuild_grad_y_inverts_the_backward(shape, layout, stats_grads, affine):
+    # oracle: the grad_y the backward was given (float64, the reference backward's outputs)
+    d = _inputs(shape, layout, affine=affine)
+    _, mean, invstd = batch_norm_train_ref(d["x"], d["w"], d["b"], 1e-5)
+    gm, gs = (d["gm"], d["gs"]) if stats_grads else (None, None)
+    gx, gw, gb = batch_norm_backward_ref(d["gy"], d["x"], d["w"], mean, invstd, gm, gs)
+    got = ops.rebuild_grad_y(gx, gw, gb, d["x"], d["w"], mean, invstd, gm, gs)
+    torch.testing.assert_close(got, d["gy"], rtol=1e-11, atol=1e-11)
+
+
+def _backward_graph(d, weight, *, rebuild, monkeypatch):
+    """batch_norm_backward on a grad_y with a history (gy = 2 * leaf), recorded; returns the outputs, the
+    leaves and a weak reference to grad_y (dropped here: only the graph can keep it alive)."""
+    import gc
+    import weakref
+
+    monkeypatch.setitem(ops.BN_REBUILD_GRAD_Y, "cpu", rebuild)
+    _, mean, invstd = batch_norm_train_ref(d["x"], weight, d["b"], 1e-5)
+    leaf = d["gy"].clone().requires_grad_(True)
+    x, w = d["x"].clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    gy = leaf * 2
+    outs = O.batch_norm_backward(gy, x, w, mean, invstd, None, None)
+    ref = weakref.ref(gy)
+    del gy
+    gc.collect()
+    return outs, (leaf, x, w, mean, invstd), ref
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_double_backward_keeps_grad_x_not_grad_y(layout, monkeypatch):
+    # the graph of the backward no longer holds grad_y (the memory it saves), and the double backward
+    # through the rebuilt grad_y equals the closed-form reference's on the true grad_y
+    d = _inputs((3, 5, 4, 7), layout)
+    for rebuild in (False, True):
+        (gx, gw, gb), (leaf, x, w, mean, invstd), alive = _backward_graph(d, d["w"], rebuild=rebuild,
+                                                                           monkeypatch=monkeypatch)
+        assert (alive() is not None) == (not rebuild)
+        got = torch.autograd.grad((gx, gw), (leaf, x, w), (d["u"], d["alpha"]))
+        dgy, dx, dw, *_ = batch_norm_double_backward_ref(d["u"], d["alpha"], None, 2 * d["gy"], d["x"], d["w"],
+                                                          mean, invstd)
+        # x reaches the backward directly and through no statistics here (mean, invstd passed as constants)
+        _assert_all_close(got, (2 * dgy, dx, dw), rtol=1e-11, atol=1e-11)
+
+
+def test_a_zero_weight_channel_keeps_grad_y(monkeypatch):
+    # weight 0 (zero-init residual BN): grad_x is 0 there and says nothing of grad_y, whose sum against
+    # the double backward's cotangent is that channel's weight gradient -> grad_y is kept, values exact
+    d = _inputs((3, 5, 4, 7), "contiguous")
+    w = d["w"].clone()
+    w[2] = 0
+    (gx, gw, gb), (leaf, x, wl, mean, invstd), alive = _backward_graph(d, w, rebuild=True, monkeypatch=monkeypatch)
+    assert alive() is not None
+    got = torch.autograd.grad((gx,), (leaf, x, wl), (d["u"],))
+    dgy, dx, dw, *_ = batch_norm_double_backward_ref(d["u"], None, None, 2 * d["gy"], d["x"], w, mean, invstd)
+    assert dw[2].abs() > 1e-3
+    _assert_all_close(got, (2 * dgy, dx, dw), rtol=1e-11, atol=1e-11)
+
+
+def test_third_order_through_the_rebuilt_grad_y(monkeypatch):
+    # gradgradcheck (finite differences of the double backward) with the rebuild on: the rebuilt grad_y
+    # carries grad_y's own derivatives (ops._GraphPlace), not the rebuild formula's
+    calls = []
+    real = ops.rebuild_grad_y
+    monkeypatch.setattr(ops, "rebuild_grad_y", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setitem(ops.BN_REBUILD_GRAD_Y, "cpu", True)
+    d = _inputs((3, 2, 2, 3), "contiguous")
+    _, mean, invstd = batch_norm_train_ref(d["x"], d["w"], d["b"], 1e-5)
+    ins = [t.clone().requires_grad_(True) for t in (d["gy"], d["x"], d["w"], mean, invstd, d["gm"], d["gs"])]
+    assert torch.autograd.gradgradcheck(O.batch_norm_backward, ins)
+    assert calls, "the rebuild did not run"
+
+
 def test_opcheck():
     d = _inputs((3, 2, 2, 3), "contiguous")
     dc = _inputs((2, 3, 2, 2), "channels_last")
