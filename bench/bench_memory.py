@@ -42,8 +42,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, conditions, make_methods,  # noqa: E402
                    make_setup, publish, sync, train_step)
 
-DEFAULT = ("standard,double_backprop,double_backprop_fused,jsigr,jsigr_fused,jsigr_bn_keep_fused,jsigr_bn_rebuild_fused,"
-           "jsigr_eager_fused,jsigr_hutchinson,jsigr_hutchinson_fused,jsigr_fd,jsigr_fd_fused,jsigr_fd_kept,pgd_at7")
+DEFAULT = ("standard,double_backprop,double_backprop_fused,jsigr,jsigr_fused,jsigr_bn_keep_fused,"
+           "jsigr_bn_rebuild_fused,jsigr_eager_fused,jsigr_hutchinson,jsigr_hutchinson_fused,jsigr_fd,jsigr_fd_fused,"
+           "jsigr_fd_kept,pgd_at7")
 MIB = 2 ** 20
 
 
