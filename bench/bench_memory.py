@@ -14,9 +14,10 @@ total's maximum is the peak (it returns to ~0 at the end: tests/test_bench_smoke
 the peak against an allocation of known size). Each method gets one untimed step first, so lazily
 built state (JARN's adaptor, the optimizer's momentum) is resting state too.
 
-Why J-SIGR sits near 3× (SPEC cost model): its loss keeps the forward's graph (1×) plus the graphs
+Why J-SIGR sits above 2× (SPEC cost model): its loss keeps the forward's graph (1×) plus the graphs
 of two create_graph VJPs at the same x, the input-gradient penalty's and the Jacobian projection's,
-each holding an activation-sized set of cotangents for the double backward (2×). The ablation
+each holding activation-sized cotangents for the double backward (2× for the reference; about half of
+that where the fused batch norm rebuilds its grad_y, see below). The ablation
 ``jsigr_eager_fused`` (bench/steps.py ``fused_jsigr_eager_penalty``: the input-gradient penalty's
 parameter gradients taken inside the loss call, so one such VJP graph is alive at a time) measures
 how much of that a split backward buys back; ``bench_fused.py --pairs jsigr --ablation eager`` times it.
