@@ -149,6 +149,9 @@ def test_interrupted_write_keeps_the_existing_png(tmp_path, monkeypatch):
         fp.write(b"\x89PNG")
         raise KeyboardInterrupt
 
+    # PIL registers its PNG writer when the plugin is first imported: import it now, or that would undo the
+    # patch below when this test runs first (alone)
+    PIL.Image.preinit()
     monkeypatch.setitem(PIL.Image.SAVE, "PNG", interrupted)
     with pytest.raises(KeyboardInterrupt):
         V.saliency_figure(models, x, y, path=str(out))
