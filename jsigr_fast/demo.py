@@ -16,7 +16,6 @@ J-SIGR 0.953 / 0.836.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import time
@@ -91,21 +90,6 @@ def evaluate(model, x, y, *, attack_eps, attack_steps, seed):
     return {"clean": accuracy(model, x, y), "fgsm": accuracy(model, x_fgsm, y), "pgd": accuracy(model, x_pgd, y)}
 
 
-def _write_text(path: str, write) -> str:
-    """``write(f)`` with ``f`` a UTF-8 text file, through :func:`jsigr_fast._atomic.write_atomic`: a
-    temporary file renamed over ``path``, so a failure midway leaves the previous file intact."""
-    from jsigr_fast._atomic import write_atomic
-
-    def text(raw):
-        f = io.TextIOWrapper(raw, encoding="utf-8")
-        try:
-            write(f)
-            f.flush()
-        finally:
-            f.detach()  # write_atomic still fsyncs and closes the binary file
-    return write_atomic(path, text)
-
-
 def _check_args(args) -> None:
     """Every flag's range, before anything is trained or written (each error names its flag): a bad
     value would otherwise surface as a traceback, some only after both models have trained."""
@@ -170,10 +154,12 @@ def run(args) -> int:
     for method, r in results.items():
         lines.append(f"| {method} | {r['clean']:.3f} | {r['fgsm']:.3f} | {r['pgd']:.3f} | {r['seconds_per_epoch']:.2f} |")
     table = "\n".join(lines)
+    from jsigr_fast._atomic import write_atomic
+
     # atomic: an interrupted write (Ctrl-C, disk full) leaves the previous report as it was, never a torn one
-    _write_text(os.path.join(args.out, "results.md"), lambda f: f.write(table + "\n"))
-    _write_text(os.path.join(args.out, "results.json"), lambda f: json.dump(
-        {"config": cfg, "attack": attack, "conditions": cond, "results": results}, f, indent=2))
+    write_atomic(os.path.join(args.out, "results.md"), lambda f: f.write((table + "\n").encode()))
+    write_atomic(os.path.join(args.out, "results.json"), lambda f: f.write(json.dumps(
+        {"config": cfg, "attack": attack, "conditions": cond, "results": results}, indent=2).encode()))
     written = ["results.md", "results.json", "standard.pt", "jsigr.pt"]
     from jsigr_fast.visualize import saliency_figure  # imports matplotlib only when it draws
 

@@ -310,14 +310,10 @@ def test_demo_interrupted_report_write_keeps_the_previous_results(tmp_path, caps
     out.mkdir()
     previous = '{"results": {"standard": {"clean": 0.5}}}\n'
     (out / "results.json").write_text(previous)
-    real_dumps = json.dumps
-
-    def dump_half_then_fail(obj, f, **kw):
-        text = real_dumps(obj, **kw)
-        f.write(text[:len(text) // 2])  # part of the document reaches the file, then the write fails
+    def fail(obj, **kw):  # the report is serialised inside the write, once its file is open
         raise exc
 
-    monkeypatch.setattr(demo.json, "dump", dump_half_then_fail)
+    monkeypatch.setattr(demo.json, "dumps", fail)
     with pytest.raises(type(exc)):
         main(["demo", "--out", str(out), "--attack-steps", "1", "--no-progress"])
     capsys.readouterr()
