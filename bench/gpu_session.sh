@@ -37,7 +37,9 @@ stage="${1:-}"
 OUT="${OUT:-bench/results/gpu}"
 RES="$(mktemp -d)/$stage"  # the full results of this stage; packed into $OUT after every command
 mkdir -p "$OUT" "$RES"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
+# the package from this checkout (nothing is pip-installed there): the bench scripts import jsigr_fast
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 BUDGET="${STAGE_BUDGET_S:-540}"
 START=$SECONDS
 failed=()
@@ -76,11 +78,35 @@ sources_sha() {  # what the extension is built from
 has_cuda_build() {
   "$PY" -c "import torch, jsigr_fast as j, sys; sys.exit(0 if j.extension_loaded() and torch.ops.jsigr_fast.masked_sq_norm.default.has_kernel_for_dispatch_key('CUDA') else 1)" 2>/dev/null
 }
+importable_kernels() {  # a source checkout (no pip install): the Triton kernels are installed as jsigr_fast.kernels
+  [ -e jsigr_fast/kernels ] || ln -s ../kernels jsigr_fast/kernels
+}
 ensure_built() {  # a carried build of these very sources, else the in-place build (ninja: incremental)
+  importable_kernels
   if [ -f .gpu_build/sources.sha ] && [ "$(cat .gpu_build/sources.sha)" = "$(sources_sha)" ]; then
-    cp .gpu_build/_C*.so jsigr_fast/ && has_cuda_build && { echo "using the carried build (.gpu_build)"; return 0; }
+    cp .gpu_build/_C*.so jsigr_fast/ && has_cuda_build && error_path_ok &&
+      { echo "using the carried build (.gpu_build)"; return 0; }
   fi
-  MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
+  MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace || return 1
+  # Seen on this workplace's H200 image (2026-11-23): its CC/CXX (/opt/gcc/bin/g++, a wrapper script) build
+  # extensions that segfault formatting their first error message (TORCH_CHECK with a number: libstdc++'s
+  # ostream code linked into the .so; a bare load_inline extension crashed the same way), while every
+  # computation is right. /usr/bin/g++ builds a working one: rebuild with it when the error path crashes.
+  if ! error_path_ok && [ -x /usr/bin/g++ ]; then
+    echo "the extension crashed raising an error: rebuilding with /usr/bin/gcc, /usr/bin/g++"
+    rm -rf build
+    CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext \
+      --inplace || return 1
+    error_path_ok || { echo "the error path still crashes"; return 1; }
+  fi
+}
+error_path_ok() {  # a bad argument raises a RuntimeError instead of killing the process
+  "$PY" -c "
+import torch, jsigr_fast
+try:
+    torch.ops.jsigr_fast.masked_sq_norm(torch.randn(3, 4), torch.ones(2))
+except RuntimeError:
+    print('error path ok')" 2>/dev/null | grep -q "error path ok"
 }
 pack() {  # the <= 8 files that come back
   {
@@ -104,15 +130,20 @@ case "$stage" in
     versions
     run build ensure_built
     if has_cuda_build; then  # returned, so later calls can carry it (see the header)
-      cp jsigr_fast/_C*.so "$OUT/" && sources_sha > "$OUT/sources.sha"
+      # without its debug sections: the -O2 -g host objects make it ~24 MB, over the tool's 16 MiB per file
+      cp jsigr_fast/_C*.so "$OUT/" && strip --strip-debug "$OUT"/_C*.so && sources_sha > "$OUT/sources.sha"
     fi
     run import "$PY" -c "import jsigr_fast, torch; print('extension', jsigr_fast.extension_loaded(), jsigr_fast.extension_error()); print('backends', jsigr_fast.available_backends('cuda'))"
     # the install self-check (fused vs reference in float64 / float32 / bf16, compiled CUDA and Triton
     # kernels), then every test that needs CUDA, then the fused-backend and op tests on this machine
     run check "$PY" -m jsigr_fast check --device cuda --json "$RES/check_cuda.json"
     run test_gpu "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs
-    run test_ops "$PY" -m pytest -q -p no:cacheprovider -x tests/test_bn_ops.py tests/test_mask_ops.py \
-      tests/test_loss_head.py tests/test_masked_sq_norm.py tests/test_fused_backend.py -rs
+    # one process per file: a crash in one (a segfault ends pytest) does not hide the others' results
+    run test_bn_ops "$PY" -m pytest -q -p no:cacheprovider tests/test_bn_ops.py -rs
+    run test_mask_ops "$PY" -m pytest -q -p no:cacheprovider tests/test_mask_ops.py -rs
+    run test_loss_head "$PY" -m pytest -q -p no:cacheprovider tests/test_loss_head.py -rs
+    run test_masked_sq_norm "$PY" -m pytest -q -p no:cacheprovider tests/test_masked_sq_norm.py -rs
+    run test_fused_backend "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_backend.py -rs
     ;;
   step)
     versions
