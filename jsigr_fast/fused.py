@@ -110,14 +110,17 @@ LOSS_HEAD = {"cpu": False, "cuda": False}
 # double backward, so the fused rules only pay where their first-order kernels are faster than ATen's:
 # * FIRST_ORDER_NATIVE: conv and ReLU stay ATen's ops there (only the layout switch of CHANNELS_LAST
 #   remains). Their rules compute the same first derivatives through a Python autograd node per call.
-# * FIRST_ORDER_ATEN_BN[device]: batch norm on channels-last activations runs ATen's kernels there. On the
-#   2-core CPU ATen's channels-last forward is faster than ours (bench/results/bn_cpu_float32.md: ours
-#   0.71-0.95x; the backward ties), unlike NCHW, where ours is 3.5-4x faster. Unmeasured on CUDA: off.
+# * FIRST_ORDER_ATEN_BN[device]: the layouts of 4-D activations ("channels_last", "contiguous") whose batch
+#   norm runs ATen's kernels there. On the 2-core CPU ATen's channels-last forward is faster than ours
+#   (bench/results/bn_cpu_float32.md: ours 0.71-0.95x; the backward ties), unlike NCHW, where ours is
+#   3.5-4x faster. On the H200 (bench/results/bn_cuda_float32.md, ResNet-20's shapes) ATen's forward and
+#   backward beat ours in both layouts but one shape (ours 0.16-0.83x; NCHW 16x32x32: 1.5x / 3.0x), while
+#   our double backward is 12-15x faster than ATen's: so first-order blocks take ATen's there.
 # Measured together on the 2-core CPU (ResNet-20, batch 128, fp32, the fd J-SIGR step, 8 interleaved rounds;
 # bench/results/fused_cpu_*_jsigr_fd_fd_rules.md, --ablation fd_rules turns both off): the fused rules
 # everywhere took 1.09x [0.98-1.27] the time (NCHW model) and 1.02x [1.01-1.20] (channels-last model).
 FIRST_ORDER_NATIVE = True
-FIRST_ORDER_ATEN_BN = {"cpu": True, "cuda": False}
+FIRST_ORDER_ATEN_BN = {"cpu": ("channels_last",), "cuda": ("channels_last", "contiguous")}
 
 
 def _sq_norm(g, mask):
@@ -466,8 +469,12 @@ def _pair(v):
 
 def _aten_bn_first_order(t) -> bool:
     """Whether batch norm on ``t`` in a first-order block runs ATen's kernels (:data:`FIRST_ORDER_ATEN_BN`)."""
-    return (isinstance(t, torch.Tensor) and t.dim() == 4 and FIRST_ORDER_ATEN_BN.get(t.device.type, False)
-            and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last))
+    if not (isinstance(t, torch.Tensor) and t.dim() == 4):
+        return False
+    layouts = FIRST_ORDER_ATEN_BN.get(t.device.type, ())
+    if t.is_contiguous():  # checked first: a tensor with 1x1 spatial dims is contiguous in both senses
+        return "contiguous" in layouts
+    return t.is_contiguous(memory_format=torch.channels_last) and "channels_last" in layouts
 
 
 def _relayout(input) -> bool:

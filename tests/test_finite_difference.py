@@ -160,24 +160,22 @@ def test_fd_fused_layer_rules_equal_native_layers(name, kind):
 
 
 @pytest.mark.skipif("fused" not in jsigr_fast.available_backends(), reason="fused backend unavailable")
-@pytest.mark.parametrize("aten_bn", [False, True])
-def test_fd_fused_backend_picks_the_batch_norm_kernels(aten_bn, monkeypatch):
-    # fd's passes are first-order blocks: batch norm runs the fused op, except on channels-last
-    # activations where fused.FIRST_ORDER_ATEN_BN picks ATen's (faster there, and exact to first order)
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("layouts", [(), ("channels_last",), ("contiguous",), ("channels_last", "contiguous")])
+def test_fd_fused_backend_picks_the_batch_norm_kernels(layouts, channels_last, monkeypatch):
+    # fd's passes are first-order blocks: batch norm runs the fused op, except on the activation layouts
+    # fused.FIRST_ORDER_ATEN_BN lists for the device, where ATen's runs (faster there, exact to first order)
     from jsigr_fast import fused
 
-    monkeypatch.setitem(fused.CHANNELS_LAST, "cpu", True)  # the activations are channels-last after the first conv
-    monkeypatch.setitem(fused.FIRST_ORDER_ATEN_BN, "cpu", aten_bn)
+    monkeypatch.setitem(fused.CHANNELS_LAST, "cpu", channels_last)  # the activations' layout after the first conv
+    monkeypatch.setitem(fused.FIRST_ORDER_ATEN_BN, "cpu", layouts)
+    aten_bn = ("channels_last" if channels_last else "contiguous") in layouts
     model, x = tiny_model("residual_bn"), tiny_input("residual_bn")
     out = jsigr_fast.loss(model, x, Y, mode="fd", backend="fused", generator=torch.Generator().manual_seed(0))
     names = graph_node_names(out)
     assert any("batch_norm_train" in n for n in names) != aten_bn, sorted(names)
     assert any("NativeBatchNorm" in n for n in names) == aten_bn, sorted(names)
     assert not any("BackwardBackward" in n for n in names), sorted(names)
-    if aten_bn:  # NCHW activations keep the fused op: ATen's NCHW kernels are the slower ones
-        monkeypatch.setitem(fused.CHANNELS_LAST, "cpu", False)
-        out = jsigr_fast.loss(model, x, Y, mode="fd", backend="fused", generator=torch.Generator().manual_seed(0))
-        assert any("batch_norm_train" in n for n in graph_node_names(out))
 
 
 def test_fd_jsigr_module_and_errors():
