@@ -78,13 +78,14 @@ __all__ = ["jsigr", "input_gradient_penalty", "jacobian_norm", "fused_layers", "
 
 # Stack the CE cotangent and the Jacobian projections into one is_grads_batched backward pass?
 # Measured on the 2-core CPU (bench/results/vjp_cpu_*.md): it does not pay there, so it is off;
-# a GPU session should re-measure (bench/bench_vjp.py --device cuda) and flip it per device.
+# on the H200 (bench/results/vjp_cuda_*.md, fused rules) one batched VJP took 1.60x / 1.73x the time of
+# separate ones for 1 / 2 projections: off there too.
 BATCH_VJPS = {"cpu": False, "cuda": False}
 
 # Run conv activations channels-last inside the loss call? Measured on the 2-core CPU (ResNet-20,
 # batch 128, fp32; bench/results/fused_cpu_*): the fused J-SIGR step 1.24 s -> 0.97 s with the model's
-# weights left NCHW (the standard step: 0.41 s -> 0.22 s). A GPU session should measure it (bench/bench_fused.py
-# --device cuda, with and without) before turning it on there: cuDNN's fp32 NCHW kernels are fine.
+# weights left NCHW (the standard step: 0.41 s -> 0.22 s). Not measured on a GPU yet (the H200 session ran
+# the ResNet-18 bf16 benches on a channels-last model and ResNet-20 fp32 NCHW): cuDNN's fp32 NCHW kernels are fine.
 CHANNELS_LAST = {"cpu": True, "cuda": False}
 
 # Carry several Hutchinson probes through one forward-mode pass (jacobian="hutchinson", n_proj > 1; see
@@ -93,7 +94,8 @@ CHANNELS_LAST = {"cpu": True, "cuda": False}
 # (ResNet-20, batch 128, fp32; bench/results/probes_cpu_*.md): a J-SIGR step with 3 / 4 probes (the
 # first rides on the training forward, one batched pass carries the rest) 1.19x / 1.39x faster than
 # one pass per probe; a single probe under vmap was ~10 % slower than plain forward AD, hence 2.
-# A GPU session should measure it (bench/bench_probes.py --device cuda) before turning it on there.
+# On the H200 (bench/results/probes_cuda_*.md) the batched pass was slower: per-probe / batched 0.80x [0.67-0.98]
+# with 3 probes, 0.91x [0.79-1.15] with 4; never there.
 BATCH_PROBES = {"cpu": 2, "cuda": None}
 
 # Per-sample CE and its input-gradient cotangent from one ops.cross_entropy_cotangent call? K is 10..1000,
@@ -101,9 +103,9 @@ BATCH_PROBES = {"cpu": 2, "cuda": None}
 # (bench/results/loss_head_cpu_*.md, 9 rounds): the op's forward is 1.2-1.7x faster than ATen's CE +
 # softmax, but the head's whole forward + create_graph VJP + backward is within noise at K = 10 and 100
 # and ~7 % faster at K = 1000 (2.0 vs 2.2 ms): under 0.02 % of a ~1 s fused step, so it stays off there.
-# On the GPU it has CUDA and Triton kernels (a row per warp / program), where launches cost relatively
-# more; a GPU session should measure them (bench/bench_loss_head.py --device cuda, both side by side)
-# and flip it per device.
+# On the GPU it has CUDA and Triton kernels (a row per warp / program). On the H200
+# (bench/results/loss_head_cuda_*.md) the CUDA op's forward is 2x faster than ATen's (25 vs 54 us), but the
+# whole head ties (1212 vs 1239 us at K = 100, 1394 vs 1371 us at K = 1000): off there too.
 LOSS_HEAD = {"cpu": False, "cuda": False}
 
 # First-order blocks (fused_layers(first_order=True): the perturbed saliency pass and mode="fd") need no

@@ -248,8 +248,9 @@ def _register_loss_head(lib: str) -> None:
 # linear layer) keeps anyway, so this removes one activation-sized tensor per batch norm from every
 # create-graph backward (ResNet-20, batch 128: 92 of ~190 MiB per input-gradient graph; bench/bench_memory.py).
 # The check that the rebuild is exact to rounding (every |weight * invstd| in [2**-24, 2**24]) reads the
-# weights on the host: free on the CPU, a device sync per batch norm on CUDA, hence off there until a GPU
-# session measures it (bench/bench_memory.py and bench/bench_fused.py --ablation bn_rebuild --device cuda).
+# weights on the host: free on the CPU, a device sync per batch norm on CUDA, hence off there: on the H200
+# (bench/results/fused_cuda_*_bn_rebuild.md, memory_cuda_*.md) it made the fused J-SIGR step 1.19x (ResNet-20
+# fp32) / 1.29x (ResNet-18 bf16) slower for a peak of 2.12x / 2.64x the standard step instead of 2.76x / 2.91x.
 # float16 keeps grad_y: grad_x = weight * invstd * (...) underflows its narrow range.
 BN_REBUILD_GRAD_Y = {"cpu": True, "cuda": False}
 _REBUILD_DTYPES = (torch.float32, torch.float64, torch.bfloat16)

@@ -22,7 +22,8 @@
 // Targets: checked in the kernel (CUDA_KERNEL_ASSERT, as ATen's nll_loss: a host check would
 // synchronise every call), and never used to read outside the row.
 //
-// Not yet run on a GPU. CI (no GPU) compiles this file with nvcc (tests/test_cuda_compile.py) and
+// First run on a GPU (H200) 2026-11-23: exact against the reference (bench/results/
+// gpu_session_h200_2026-11-23.md). CI (no GPU) compiles this file with nvcc (tests/test_cuda_compile.py) and
 // executes its kernels in the CUDA-on-CPU emulator (tests/test_cuda_emulated.py);
 // tests/test_triton_loss_head.py checks the Triton twin on CPU tensors.
 #include <ATen/ATen.h>

@@ -46,7 +46,8 @@
 // whose M lies within rounding of the threshold may differ, as with the CPU kernel. The mask is
 // contiguous whatever g's layout (the CPU op's contract); the quantile rule writes M for kthvalue.
 //
-// Not yet run on a GPU. CI (no GPU) compiles this file with nvcc (tests/test_cuda_compile.py) and
+// First run on a GPU (H200) 2026-11-23: exact against the reference (bench/results/
+// gpu_session_h200_2026-11-23.md). CI (no GPU) compiles this file with nvcc (tests/test_cuda_compile.py) and
 // *executes* its kernels in the CUDA-on-CPU emulator (tests/test_cuda_emulated.py: barrier and
 // shuffle rules, poisoned shared memory, both thread orders; not the fast-math arithmetic, which
 // the PTX checks cover); tests/test_triton_mask.py checks the Triton twin on CPU tensors.
