@@ -16,6 +16,11 @@ three tiers per device and GPU kernel set:
   backend's error against the float32 reference is at most 2x plain PyTorch's error in bf16
   (plus 1 % of the value for the loss, a single number whose error is noisy).
 
+Before those, one **build** check per device: the extension raises a clean ``RuntimeError`` on a bad
+argument, run in a subprocess so that a crash is reported rather than suffered. An extension built by
+another C++ toolchain than torch's can compute right and still die formatting its first error message
+(seen on a GPU image whose ``CXX`` was a compiler-wrapper script: ``bench/results/gpu_session_h200_*.md``).
+
 Exit status 0 when every check passes (or a backend is unavailable, which is reported: the library
 then computes with the reference), 1 when one fails, 2 on a bad argument. ``--quick`` runs the exact
 tier only (seconds); ``--json PATH`` writes the results.
@@ -27,6 +32,8 @@ import copy
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -162,6 +169,50 @@ def realistic_tiers(device: torch.device, kernels: str, report) -> None:
                           math.nan, FLOAT32_RTOL, False, _reason(exc)))
 
 
+# A bad argument (a mask of the wrong shape) for each device named on the command line: the op must raise.
+_ERROR_PATH_SCRIPT = """
+import sys, torch, jsigr_fast
+for dev in sys.argv[1:]:
+    try:
+        torch.ops.jsigr_fast.masked_sq_norm(torch.ones(3, 4, device=dev), torch.ones(2, device=dev))
+    except RuntimeError:
+        print("raised", dev, flush=True)
+"""
+
+
+def error_path_results(devices: list[str]) -> list[Result]:
+    """The build check: in a subprocess, each device's op raises a RuntimeError on a bad argument."""
+    import jsigr_fast
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(jsigr_fast.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH"))
+                                                      if p))
+    try:
+        r = subprocess.run([sys.executable, "-c", _ERROR_PATH_SCRIPT, *devices], env=env, capture_output=True,
+                           text=True, timeout=300)
+        code, out, err = r.returncode, r.stdout, r.stderr
+    except subprocess.TimeoutExpired:
+        code, out, err = None, "", "timed out after 300 s"
+    results = []
+    for dev in devices:
+        ok = f"raised {dev}" in out.split("\n")
+        if ok:
+            detail = ""
+        elif code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            detail = (f"the process died of {name} raising an argument error: the extension was likely built by "
+                      "another C++ toolchain than torch's (a compiler wrapper, another libstdc++); rebuild it with "
+                      "the compiler torch was built with (torch.__config__.show())")
+        else:
+            detail = f"no RuntimeError for a bad argument (exit {code}): {err.strip()[-300:]}"
+        results.append(Result(dev, "-", "build", "error path", "masked_sq_norm, bad mask shape", math.nan,
+                              math.nan, ok, detail))
+    return results
+
+
 def environment() -> dict:
     import jsigr_fast
     from . import ops
@@ -202,6 +253,7 @@ def run_checks(which: str = "all", *, quick: bool = False, report=None) -> list[
     """Every check for the devices ``which`` names ("cpu", "cuda" or "all"); ``report(result)`` is
     called as each finishes. The GPU kernel choice (:func:`jsigr_fast.ops.use_gpu_kernels`) and the
     global random generators (the checks seed them) are restored afterwards."""
+    import jsigr_fast
     from . import ops
 
     results: list[Result] = []
@@ -212,6 +264,9 @@ def run_checks(which: str = "all", *, quick: bool = False, report=None) -> list[
             report(r)
 
     pairs = devices_to_check(which)
+    if jsigr_fast.extension_error() is None:
+        for r in error_path_results(sorted({d.type for d, _ in pairs}, key=("cpu", "cuda").index)):
+            add(r)
     cuda = [torch.cuda.current_device()] if any(d.type == "cuda" for d, _ in pairs) else []
     before = ops.gpu_kernels()
     with torch.random.fork_rng(devices=cuda):
@@ -244,7 +299,7 @@ def _row(r: Result) -> str:
     err = "–" if math.isnan(r.error) else f"{r.error:.2e}"
     tol = "–" if math.isnan(r.tolerance) else f"{r.tolerance:.0e}" if r.tier != "bf16" else "≤ 1 (2× rule)"
     verdict = "ok" if r.passed else "**FAIL**"
-    if math.isnan(r.tolerance):
+    if math.isnan(r.tolerance) and r.tier == "-":  # nothing to check (a backend unavailable)
         verdict = "n/a"
     return f"| {r.device} | {r.kernels} | {r.tier} | {r.check} | {r.model} | {err} | {tol} | {verdict} | {r.detail} |"
 

@@ -20,8 +20,10 @@ def test_quick_check_passes_and_writes_json(tmp_path, capsys):
     text = capsys.readouterr().out
     record = json.loads(out.read_text())
     results = record["results"]
-    assert len(results) == len(selfcheck.EXACT_MODELS) * len(selfcheck.EXACT_LOSSES)
-    assert all(r["passed"] and r["error"] <= 1e-9 and r["tier"] == "exact" for r in results)
+    build, exact = results[:1], results[1:]
+    assert [(r["device"], r["tier"], r["check"], r["passed"]) for r in build] == [("cpu", "build", "error path", True)]
+    assert len(exact) == len(selfcheck.EXACT_MODELS) * len(selfcheck.EXACT_LOSSES)
+    assert all(r["passed"] and r["error"] <= 1e-9 and r["tier"] == "exact" for r in exact)
     assert record["environment"]["extension"] == "loaded"
     assert f"{len(results)} of {len(results)} checks passed" in text and "FAIL" not in text
 
@@ -48,3 +50,28 @@ def test_bad_arguments(tmp_path, capsys):
         assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
     assert main(["check", "--json", str(tmp_path)]) == 2
     assert f"--json {tmp_path} is a folder" in capsys.readouterr().err
+
+
+def test_an_extension_that_crashes_raising_fails_the_build_check(monkeypatch, capsys):
+    # an extension built by another toolchain than torch's died formatting its first error message (a GPU
+    # image's compiler wrapper): the check reports it, by the signal, instead of dying with it
+    monkeypatch.setattr(selfcheck, "_ERROR_PATH_SCRIPT", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert main(["check", "--device", "cpu", "--quick"]) == 1
+    text = capsys.readouterr().out
+    (row,) = [line for line in text.splitlines() if line.startswith("| cpu | - | build | error path")]
+    assert "**FAIL**" in row and "SIGSEGV" in row and "toolchain" in row, row
+    assert "FAILED: cpu/- build error path" in text
+    assert sum("| ok |" in line for line in text.splitlines()) == len(selfcheck.EXACT_MODELS) * len(
+        selfcheck.EXACT_LOSSES)
+
+
+def test_an_op_that_does_not_raise_fails_the_build_check(monkeypatch):
+    monkeypatch.setattr(selfcheck, "_ERROR_PATH_SCRIPT", "import sys; print('no error', sys.argv[1:])")
+    (r,) = selfcheck.error_path_results(["cpu"])
+    assert not r.passed and "no RuntimeError for a bad argument (exit 0)" in r.detail, r
+
+
+def test_the_build_check_runs_the_installed_package_in_a_subprocess():
+    # the real op on this machine: raises (no crash), in a process of its own
+    (r,) = selfcheck.error_path_results(["cpu"])
+    assert r.passed and r.tier == "build" and r.detail == "", r
