@@ -16,9 +16,10 @@
 // First run on a GPU (H200) 2026-11-23: exact against the reference (bench/results/
 // gpu_session_h200_2026-11-23.md); the double backward 12-15x faster than ATen's, the forward and backward
 // mostly slower than ATen's at ResNet-20's sizes (0.5-8 MB, where the three launches per op and the
-// workspace dominate; bench/results/bn_cuda_float32.md), hence fused.FIRST_ORDER_ATEN_BN on CUDA. CI (no GPU) compiles this file with nvcc and executes its kernels in the
-// CUDA-on-CPU emulator (tests/test_cuda_emulated.py); bench/bench_bn.py --device cuda and the
-// `-m gpu` tests of tests/test_bn_ops.py are what a GPU session runs first.
+// workspace dominate; bench/results/bn_cuda_float32.md), hence fused.FIRST_ORDER_ATEN_BN on CUDA.
+// CI (no GPU) compiles this file with nvcc and executes its kernels in the CUDA-on-CPU emulator
+// (tests/test_cuda_emulated.py); bench/bench_bn.py --device cuda and the `-m gpu` tests of
+// tests/test_bn_ops.py are what a GPU session runs first.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
