@@ -182,11 +182,9 @@ for dev in sys.argv[1:]:
 
 def error_path_results(devices: list[str]) -> list[Result]:
     """The build check: in a subprocess, each device's op raises a RuntimeError on a bad argument."""
-    import jsigr_fast
-
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(jsigr_fast.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH"))
-                                                      if p))
+    # this process's import path, in its order: the child imports the same jsigr_fast (a source checkout
+    # too) without putting site-packages ahead of the standard library
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     try:
         r = subprocess.run([sys.executable, "-c", _ERROR_PATH_SCRIPT, *devices], env=env, capture_output=True,
                            text=True, timeout=300)
