@@ -70,6 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _checks, ops, reference
+from ._function import LeanFunction
 from .batchnorm import decomposed_normalization, frozen_running_stats
 from .higher_order import ForwardADUnsupported, SafeOps, in_transform
 
@@ -132,7 +133,7 @@ def _sq_norm(g, mask):
 # ----------------------------------------------------------------------------------------------
 # layer rules: batch norm (reverse and forward mode), the mode that reroutes F.* calls
 # ----------------------------------------------------------------------------------------------
-class _BatchNormJVP(torch.autograd.Function):
+class _BatchNormJVP(LeanFunction):
     """Train-mode batch norm with a forward-mode rule, for the Hutchinson estimator.
 
     Reverse mode is the op's own (fused backward / double backward). Forward mode: with
@@ -145,7 +146,9 @@ class _BatchNormJVP(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, eps):
-        return torch.ops.jsigr_fast.batch_norm_train(x, weight, bias, eps)
+        if torch._C._are_functorch_transforms_active():  # the batched probes (vmap): the op's vmap rule
+            return torch.ops.jsigr_fast.batch_norm_train(x, weight, bias, eps)
+        return ops.BatchNormTrain._kernel(x, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -162,7 +165,7 @@ class _BatchNormJVP(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         if grad_y is None and grad_mean is None and grad_invstd is None:
             return None, None, None, None
-        gx, gw, gb = torch.ops.jsigr_fast.batch_norm_backward(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
+        gx, gw, gb = ops.BatchNormBackward.apply(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
         gw = None if weight is None else gw.to(weight.dtype)
         gb = None if bias is None else gb.to(bias.dtype)
         return gx, gw, gb, None
@@ -176,7 +179,7 @@ class _BatchNormJVP(torch.autograd.Function):
             t_x = torch.zeros_like(x)
         # grad_x of the backward op is w * (d xhat/dx) t_x; its grad_weight / grad_bias are
         # sum(t_x * xhat) and sum(t_x), which give the tangents of mean and invstd.
-        t_y, s_xhat, s_one = torch.ops.jsigr_fast.batch_norm_backward(t_x, x, weight, mean, invstd, None, None)
+        t_y, s_xhat, s_one = ops.BatchNormBackward.apply(t_x, x, weight, mean, invstd, None, None)
         t_mean = s_one / m
         t_invstd = -invstd * invstd * s_xhat / m
         if t_w is not None or t_b is not None:
@@ -355,7 +358,7 @@ def _conv_bw(grad_out, x, w, p, mask, bias=False):
                           [0] * len(stride), groups, mask)
 
 
-class _ConvInputGrad(torch.autograd.Function):
+class _ConvInputGrad(LeanFunction):
     """``grad_x = conv_transpose(grad_out, w)`` (x only gives the shape), with its own backward:
     ``d grad_out = conv2d(gg, w)``, ``d w = weight gradient of conv2d at input gg``."""
 
@@ -385,7 +388,7 @@ class _ConvInputGrad(torch.autograd.Function):
         return d_go, d_w, None, None
 
 
-class _ConvWeightGrad(torch.autograd.Function):
+class _ConvWeightGrad(LeanFunction):
     """``grad_w`` of conv2d(x, w) for ``grad_out`` (w only gives the shape), with its own backward:
     ``d grad_out = conv2d(x, gg)``, ``d x = conv_transpose(grad_out, gg)``."""
 
@@ -415,7 +418,7 @@ class _ConvWeightGrad(torch.autograd.Function):
         return d_go, d_x, None, None
 
 
-class _Conv2d(torch.autograd.Function):
+class _Conv2d(LeanFunction):
     @staticmethod
     def forward(x, w, b, p):
         return F.conv2d(x, w, b, *p)
@@ -512,7 +515,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     return _Conv2d.apply(input, weight, bias, p)
 
 
-class _ReLU(torch.autograd.Function):
+class _ReLU(LeanFunction):
     @staticmethod
     def forward(x):
         return torch.relu(x)

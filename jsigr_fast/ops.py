@@ -11,7 +11,9 @@ otherwise runs the pure-PyTorch reference from :mod:`jsigr_fast.reference` (or, 
 
 Ops: ``masked_sq_norm`` (+ backward); ``batch_norm_train`` / ``batch_norm_backward`` /
 ``batch_norm_double_backward`` (train-mode batch norm whose backward is itself a differentiable op
-with a fused double-backward kernel; formulas and derivation in csrc/README.md). The batch-norm and
+with a fused double-backward kernel; formulas and derivation in csrc/README.md), each also an
+``autograd.Function`` (:class:`BatchNormTrain` & co.: the same formulas without torch.library's Python
+wrapper, for the fused backend's hot path). The batch-norm and
 mask ops have two GPU implementations, the compiled CUDA kernels and the Triton kernels of
 ``jsigr_fast.kernels``: :func:`use_gpu_kernels` picks one (default: CUDA, Triton for ops the build
 has no CUDA kernel for, e.g. a build without nvcc).
@@ -22,9 +24,10 @@ The selective-mask family (``csrc/saliency_mask.cpp``, ``csrc/cuda/saliency_mask
 :func:`jsigr_fast.saliency.selective_mask` of :func:`~jsigr_fast.saliency.gradient_saliency`),
 ``threshold_mask`` (the same rule on any saliency map), ``adaptor_saliency_mask`` (the adaptor's
 ``tanh(conv1x1(g / rms(g)))`` and the rule, no graph) and ``masked_sq_norm_bool`` (+ backward: the
-masked squared norm with a one-byte mask). No GPU has run the CUDA and Triton kernels yet: CI
-compiles the CUDA ones and executes them in a CUDA-on-CPU emulator (``tests/cuda_emu``), and runs
-the Triton ones under ``TRITON_INTERPRET=1``. The loss head: ``cross_entropy_cotangent``
+masked squared norm with a one-byte mask). Both GPU implementations ran on an H200
+(bench/results/gpu_session_h200_2026-11-23.md); CI, without a GPU, compiles the CUDA ones and executes
+them in a CUDA-on-CPU emulator (``tests/cuda_emu``), and runs the Triton ones under ``TRITON_INTERPRET=1``.
+The loss head: ``cross_entropy_cotangent``
 (per-sample CE and ``softmax - onehot`` in one pass, differentiable twice).
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
+from ._function import LeanFunction
 from ._extension import extension_loaded, has_kernel
 
 __all__ = ["masked_sq_norm", "masked_sq_norm_compiled_available", "batch_norm", "batch_norm_compiled_available",
@@ -266,7 +270,7 @@ def _rebuilds_grad_y(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd) ->
     return bool(((scale >= _REBUILD_RANGE) & (scale <= 1 / _REBUILD_RANGE)).all())
 
 
-class _GraphPlace(torch.autograd.Function):
+class _GraphPlace(LeanFunction):
     """Zeros shaped like ``t`` (one stored element, expanded) whose backward passes the gradient on to ``t``:
     holds ``t``'s place in the graph, not its data."""
 
@@ -304,14 +308,159 @@ def rebuild_grad_y(gx, gw, gb, x, weight, mean, invstd, grad_mean=None, grad_inv
     return torch.addcmul(out, gx, inv_ws.reshape(shape))
 
 
-def _register_batch_norm(lib: str) -> None:
-    """Fake, autograd and vmap registrations of the three train-mode batch-norm ops.
+# ---- the three train-mode batch-norm ops' autograd formulas (registered below, and run by the Functions) ----
+# Derivative chain: batch_norm_train's backward is the op batch_norm_backward; that op's backward is
+# batch_norm_double_backward (fused kernel, exact second order); the double backward's own backward
+# (third order, only for gradgradcheck-style uses) differentiates the plain-PyTorch reference
+# ``reference.batch_norm_double_backward_ref``.
+def _cast(g, like):
+    return g if like is None or g.dtype == like.dtype else g.to(like.dtype)
 
-    Derivative chain: batch_norm_train's backward is the op batch_norm_backward; that op's backward
-    is batch_norm_double_backward (fused kernel, exact second order); the double backward's own
-    backward (third order, only for gradgradcheck-style uses) differentiates the plain-PyTorch
-    reference ``reference.batch_norm_double_backward_ref``.
-    """
+
+def _setup_bn_train(ctx, inputs, output):
+    x, weight, bias, _eps = inputs
+    _y, mean, invstd = output
+    ctx.set_materialize_grads(False)  # unused outputs (usually mean, invstd) give None, not zeros
+    ctx.save_for_backward(x, weight, mean, invstd)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward_bn_train(ctx, grad_y, grad_mean, grad_invstd):
+    x, weight, mean, invstd = ctx.saved_tensors
+    if grad_y is None and grad_mean is None and grad_invstd is None:
+        return None, None, None, None
+    gx, gw, gb = BatchNormBackward.apply(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None, _cast(gw, weight) if need[1] else None,
+            (gb if ctx.bias_dtype in (None, gb.dtype) else gb.to(ctx.bias_dtype)) if need[2] else None, None)
+
+
+def _setup_bn_backward(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.rebuild = _rebuilds_grad_y(*inputs)
+    if ctx.rebuild:  # grad_y is not kept: see rebuild_grad_y
+        grad_y = inputs[0]
+        ctx.grad_y_dtype = grad_y.dtype
+        ctx.save_for_backward(*output, *inputs[1:])
+        # grad_y's place in the graph, without its data, for a create-graph double backward (third order)
+        ctx.grad_y_place = None
+        if grad_y.requires_grad:
+            with torch.enable_grad():
+                ctx.grad_y_place = _GraphPlace.apply(grad_y)
+    else:
+        ctx.save_for_backward(*inputs)
+
+
+def _backward_bn_backward(ctx, gg_x, gg_weight, gg_bias):
+    if gg_x is None and gg_weight is None and gg_bias is None:
+        return (None,) * 7
+    if ctx.rebuild:
+        gx, gw, gb, x, weight, mean, invstd, grad_mean, grad_invstd = ctx.saved_tensors
+        with torch.no_grad():  # its value; its derivatives are grad_y's own (the rebuild is the identity)
+            grad_y = rebuild_grad_y(gx, gw, gb, x, weight, mean, invstd, grad_mean, grad_invstd)
+        if grad_y.dtype != ctx.grad_y_dtype:
+            grad_y = grad_y.to(ctx.grad_y_dtype)
+        if ctx.grad_y_place is not None and torch.is_grad_enabled():
+            grad_y = grad_y + ctx.grad_y_place  # zeros, whose backward is grad_y's
+    else:
+        grad_y, x, weight, mean, invstd, grad_mean, grad_invstd = ctx.saved_tensors
+    if grad_y is None:  # the backward ran without a cotangent for y: its terms in grad_y are zero
+        grad_y = torch.zeros_like(x)
+    outs = BatchNormDoubleBackward.apply(gg_x, gg_weight, gg_bias, grad_y, x, weight, mean, invstd,
+                                         grad_mean, grad_invstd)
+    likes = (grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
+    return tuple(_cast(o, like) if need else None for o, like, need in zip(outs, likes, ctx.needs_input_grad))
+
+
+def _setup_bn_double_backward(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_bn_double_backward(ctx, *grads):
+    inputs = ctx.saved_tensors
+    wanted = [i for i, need in enumerate(ctx.needs_input_grad) if need and inputs[i] is not None]
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        outs = reference.batch_norm_double_backward_ref(*inputs)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        res = [None] * len(inputs)
+        if pairs and wanted:
+            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                      allow_unused=True, create_graph=create_graph)
+            for i, g in zip(wanted, got):
+                res[i] = g
+    return tuple(res)
+
+
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+class _OpFunction(LeanFunction):
+    """One of the batch-norm ops with its registered autograd formula (the functions above), as a Function.
+
+    What calling ``torch.ops.jsigr_fast.<op>`` does, without torch.library's Python wrapper around the
+    formula (a dispatch back into Python, a redispatch and a schema walk to fill defaults per call):
+    ~40 % of the fused ResNet-20 J-SIGR step's Python-side time at tiny shapes (bench/bench_overhead.py).
+    Inside ``torch.func`` transforms, ``torch.compile`` and the legacy vmap of ``autograd.grad(...,
+    is_grads_batched=True)`` it calls the op itself (its vmap rule, fake kernel; a Function applied to
+    legacy-batched tensors would save the batch wrappers into the graph)."""
+
+    _op_name = ""
+
+    @classmethod
+    def apply(cls, *args):
+        if (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
+                or any(isinstance(a, torch.Tensor) and _is_legacy_batched(a) for a in args)):
+            return getattr(torch.ops.jsigr_fast, cls._op_name)(*args)
+        return super().apply(*args)
+
+    @classmethod
+    def _kernel(cls, *args):
+        # the op's device kernel, as torch.library's wrapper runs it under no_grad
+        with torch._C._AutoDispatchBelowAutograd():
+            return getattr(torch.ops.jsigr_fast, cls._op_name)(*args)
+
+
+class BatchNormTrain(_OpFunction):
+    """``jsigr_fast::batch_norm_train`` (x, weight, bias, eps) -> (y, mean, invstd)."""
+    _op_name = "batch_norm_train"
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return BatchNormTrain._kernel(x, weight, bias, eps)
+
+    setup_context = staticmethod(_setup_bn_train)
+    backward = staticmethod(_backward_bn_train)
+
+
+class BatchNormBackward(_OpFunction):
+    """``jsigr_fast::batch_norm_backward`` (grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)."""
+    _op_name = "batch_norm_backward"
+
+    @staticmethod
+    def forward(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd):
+        return BatchNormBackward._kernel(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
+
+    setup_context = staticmethod(_setup_bn_backward)
+    backward = staticmethod(_backward_bn_backward)
+
+
+class BatchNormDoubleBackward(_OpFunction):
+    """``jsigr_fast::batch_norm_double_backward``."""
+    _op_name = "batch_norm_double_backward"
+
+    @staticmethod
+    def forward(gg_x, gg_weight, gg_bias, grad_y, x, weight, mean, invstd, grad_mean, grad_invstd):
+        return BatchNormDoubleBackward._kernel(gg_x, gg_weight, gg_bias, grad_y, x, weight, mean, invstd,
+                                               grad_mean, grad_invstd)
+
+    setup_context = staticmethod(_setup_bn_double_backward)
+    backward = staticmethod(_backward_bn_double_backward)
+
+
+def _register_batch_norm(lib: str) -> None:
+    """Fake, autograd and vmap registrations of the three train-mode batch-norm ops (the formulas above)."""
     ops = torch.ops.jsigr_fast
 
     @torch.library.register_fake(f"{lib}::batch_norm_train")
@@ -329,87 +478,11 @@ def _register_batch_norm(lib: str) -> None:
         c, acc = x.shape[1], _opmath(x.dtype)
         return (_empty_like_bn(x), _empty_like_bn(x)) + tuple(x.new_empty((c,), dtype=acc) for _ in range(5))
 
-    def _cast(g, like):
-        return g if like is None or g.dtype == like.dtype else g.to(like.dtype)
-
-    # ---- batch_norm_train: backward = batch_norm_backward ----
-    def _setup_train(ctx, inputs, output):
-        x, weight, bias, _eps = inputs
-        _y, mean, invstd = output
-        ctx.set_materialize_grads(False)  # unused outputs (usually mean, invstd) give None, not zeros
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-
-    def _backward_train(ctx, grad_y, grad_mean, grad_invstd):
-        x, weight, mean, invstd = ctx.saved_tensors
-        if grad_y is None and grad_mean is None and grad_invstd is None:
-            return None, None, None, None
-        gx, gw, gb = ops.batch_norm_backward(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
-        need = ctx.needs_input_grad
-        return (gx if need[0] else None, _cast(gw, weight) if need[1] else None,
-                (gb if ctx.bias_dtype in (None, gb.dtype) else gb.to(ctx.bias_dtype)) if need[2] else None, None)
-
-    torch.library.register_autograd(f"{lib}::batch_norm_train", _backward_train, setup_context=_setup_train)
-
-    # ---- batch_norm_backward: backward = batch_norm_double_backward ----
-    def _setup_bw(ctx, inputs, output):
-        ctx.set_materialize_grads(False)
-        ctx.rebuild = _rebuilds_grad_y(*inputs)
-        if ctx.rebuild:  # grad_y is not kept: see rebuild_grad_y
-            grad_y = inputs[0]
-            ctx.grad_y_dtype = grad_y.dtype
-            ctx.save_for_backward(*output, *inputs[1:])
-            # grad_y's place in the graph, without its data, for a create-graph double backward (third order)
-            ctx.grad_y_place = None
-            if grad_y.requires_grad:
-                with torch.enable_grad():
-                    ctx.grad_y_place = _GraphPlace.apply(grad_y)
-        else:
-            ctx.save_for_backward(*inputs)
-
-    def _backward_bw(ctx, gg_x, gg_weight, gg_bias):
-        if gg_x is None and gg_weight is None and gg_bias is None:
-            return (None,) * 7
-        if ctx.rebuild:
-            gx, gw, gb, x, weight, mean, invstd, grad_mean, grad_invstd = ctx.saved_tensors
-            with torch.no_grad():  # its value; its derivatives are grad_y's own (the rebuild is the identity)
-                grad_y = rebuild_grad_y(gx, gw, gb, x, weight, mean, invstd, grad_mean, grad_invstd)
-            if grad_y.dtype != ctx.grad_y_dtype:
-                grad_y = grad_y.to(ctx.grad_y_dtype)
-            if ctx.grad_y_place is not None and torch.is_grad_enabled():
-                grad_y = grad_y + ctx.grad_y_place  # zeros, whose backward is grad_y's
-        else:
-            grad_y, x, weight, mean, invstd, grad_mean, grad_invstd = ctx.saved_tensors
-        if grad_y is None:  # the backward ran without a cotangent for y: its terms in grad_y are zero
-            grad_y = torch.zeros_like(x)
-        outs = ops.batch_norm_double_backward(gg_x, gg_weight, gg_bias, grad_y, x, weight, mean, invstd,
-                                              grad_mean, grad_invstd)
-        likes = (grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
-        return tuple(_cast(o, like) if need else None for o, like, need in zip(outs, likes, ctx.needs_input_grad))
-
-    torch.library.register_autograd(f"{lib}::batch_norm_backward", _backward_bw, setup_context=_setup_bw)
-
-    # ---- batch_norm_double_backward: third order through the differentiable reference ----
-    def _setup_dbw(ctx, inputs, output):
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*inputs)
-
-    def _backward_dbw(ctx, *grads):
-        inputs = ctx.saved_tensors
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad) if need and inputs[i] is not None]
-        create_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            outs = reference.batch_norm_double_backward_ref(*inputs)
-            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-            res = [None] * len(inputs)
-            if pairs and wanted:
-                got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-                                          allow_unused=True, create_graph=create_graph)
-                for i, g in zip(wanted, got):
-                    res[i] = g
-        return tuple(res)
-
-    torch.library.register_autograd(f"{lib}::batch_norm_double_backward", _backward_dbw, setup_context=_setup_dbw)
+    torch.library.register_autograd(f"{lib}::batch_norm_train", _backward_bn_train, setup_context=_setup_bn_train)
+    torch.library.register_autograd(f"{lib}::batch_norm_backward", _backward_bn_backward,
+                                    setup_context=_setup_bn_backward)
+    torch.library.register_autograd(f"{lib}::batch_norm_double_backward", _backward_bn_double_backward,
+                                    setup_context=_setup_bn_double_backward)
 
     for name in ("batch_norm_train", "batch_norm_backward", "batch_norm_double_backward"):
         torch.library.register_vmap(f"{lib}::{name}", _vmap_by_loop(getattr(ops, name).default))
@@ -615,7 +688,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if not training or not batch_norm_supported(input, weight):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     F._verify_batch_size(input.size())
-    y, _mean, _invstd = torch.ops.jsigr_fast.batch_norm_train(input, weight, bias, eps)
+    y, _mean, _invstd = BatchNormTrain.apply(input, weight, bias, eps)
     _update_running_stats(input, running_mean, running_var, momentum)
     return y
 

@@ -157,29 +157,41 @@ GRAD_CASES = [((3, 2, 2, 3), "contiguous"), ((2, 3, 2, 2), "channels_last"), ((4
               ((1, 2, 3, 1), "contiguous"), ((3, 2, 1, 1), "contiguous")]
 
 
+# Each op twice: called as the registered op (torch.library's autograd wrapper around the formulas) and
+# through its autograd.Function (ops.BatchNormTrain & co., the same formulas without the wrapper, which
+# ops.batch_norm and the fused backend call).
+ENTRIES = {"op": (lambda: O.batch_norm_train, lambda: O.batch_norm_backward, lambda: O.batch_norm_double_backward),
+           "function": (lambda: ops.BatchNormTrain.apply, lambda: ops.BatchNormBackward.apply,
+                        lambda: ops.BatchNormDoubleBackward.apply)}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
 @pytest.mark.parametrize("shape,layout", GRAD_CASES)
 @pytest.mark.parametrize("affine", [True, False])
-def test_forward_gradcheck_gradgradcheck(shape, layout, affine):
+def test_forward_gradcheck_gradgradcheck(shape, layout, affine, entry):
     d = _inputs(shape, layout, affine=affine)
     x = d["x"].requires_grad_(True)
     params = (d["w"].requires_grad_(True), d["b"].requires_grad_(True)) if affine else ()
+    train = ENTRIES[entry][0]()
 
     def f(x, *p):
-        return O.batch_norm_train(x, *(p if affine else (None, None)), 1e-5)
+        return train(x, *(p if affine else (None, None)), 1e-5)
 
     assert torch.autograd.gradcheck(f, (x, *params))
     assert torch.autograd.gradgradcheck(f, (x, *params))
 
 
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
 @pytest.mark.parametrize("shape,layout", GRAD_CASES[:2])
-def test_backward_and_double_backward_gradcheck(shape, layout):
+def test_backward_and_double_backward_gradcheck(shape, layout, entry):
+    _, backward, double_backward = (e() for e in ENTRIES[entry])
     d = _inputs(shape, layout)
     _, mean, invstd = batch_norm_train_ref(d["x"], d["w"], d["b"], 1e-5)
     ins = [t.clone().requires_grad_(True) for t in (d["gy"], d["x"], d["w"], mean, invstd, d["gm"], d["gs"])]
-    assert torch.autograd.gradcheck(O.batch_norm_backward, ins)
-    assert torch.autograd.gradgradcheck(O.batch_norm_backward, ins)  # third order: through the reference
+    assert torch.autograd.gradcheck(backward, ins)
+    assert torch.autograd.gradgradcheck(backward, ins)  # third order: through the reference
     ins2 = [d["u"].clone().requires_grad_(True), d["alpha"].clone().requires_grad_(True), None] + ins
-    assert torch.autograd.gradcheck(O.batch_norm_double_backward, ins2)
+    assert torch.autograd.gradcheck(double_backward, ins2)
 
 
 # ----------------------------------------------------------------------------------------------
