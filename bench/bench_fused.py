@@ -35,6 +35,9 @@ ABLATIONS = {
               "inside the loss call (one create_graph VJP graph alive at a time)"),
     "bn_rebuild": ("jsigr_bn_rebuild_fused", "jsigr_bn_keep_fused", "batch_norm_backward's double backward "
                    "rebuilding grad_y from its own output instead of keeping it (ops.BN_REBUILD_GRAD_Y on vs off)"),
+    "aten_rules": ("jsigr_aten_rules_fused", "jsigr_fused", "ATen's conv and ReLU autograd in the create-graph "
+                   "passes instead of the fused double-backward rules (fused.LAYER_RULES empty; batch norm stays "
+                   "fused)"),
     "fd_kept": ("jsigr_fd_kept", "jsigr_fd", "every perturbed forward's graph kept to the backward "
                 "(finite_difference.FREE_EARLY off)"),
     "fd_rules": ("jsigr_fd_rules", "jsigr_fd_fused", "the fused conv / ReLU double-backward rules and the fused "

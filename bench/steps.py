@@ -172,6 +172,21 @@ def _fused_jsigr_bn_rebuild(on: bool):
     return loss
 
 
+def _fused_jsigr_aten_layers(m, x, y):
+    """The fused J-SIGR loss with fused.LAYER_RULES empty for x's device (restored afterwards; the rules
+    are chosen as the forward records the layers, inside the call): ATen's conv and ReLU autograd in the
+    create-graph passes, batch norm still the fused ops."""
+    from jsigr_fast import fused
+
+    dev = x.device.type
+    before = fused.LAYER_RULES.get(dev)
+    fused.LAYER_RULES[dev] = ()
+    try:
+        return jsigr_fast.loss(m, x, y, backend="fused")
+    finally:
+        fused.LAYER_RULES[dev] = before
+
+
 def fused_jsigr_eager_penalty(m, x, y, *, generator=None):
     """Ablation, not a library mode: ``jsigr_fast.loss(m, x, y, backend="fused")`` at its defaults
     (lambda_m = lambda_j = 0.5, eps 0.3, the gradient saliency mask at beta 0.1, one projection; the same
@@ -289,6 +304,8 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
                                           "J-SIGR, projection (fused), batch norm keeps grad_y (ablation)"),
             "jsigr_bn_rebuild_fused": Method("jsigr_bn_rebuild_fused", "jsigr", _fused_jsigr_bn_rebuild(True),
                                              "J-SIGR, projection (fused), batch norm rebuilds grad_y"),
+            "jsigr_aten_rules_fused": Method("jsigr_aten_rules_fused", "jsigr", _fused_jsigr_aten_layers,
+                                             "J-SIGR, projection (fused), ATen's conv / ReLU (ablation)"),
             "jsigr_eager_fused": Method("jsigr_eager_fused", "jsigr", fused_jsigr_eager_penalty,
                                         "J-SIGR, projection (fused), penalty gradients eager (ablation)"),
             "jsigr_hutchinson_fused": Method(

@@ -125,6 +125,20 @@ LOSS_HEAD = {"cpu": False, "cuda": False}
 FIRST_ORDER_NATIVE = True
 FIRST_ORDER_ATEN_BN = {"cpu": ("channels_last",), "cuda": ("channels_last", "contiguous")}
 
+# The layers whose double-backward rules (conv2d, relu below) run in blocks differentiated twice, per device.
+# Each rule is a Python autograd.Function: it saves ATen's slow conv double backward (pytorch#22577) and
+# the weight gradients the create-graph VJPs do not need, for ~4 Python autograd nodes per conv per step
+# of host work, which is what a launch-bound GPU waits on (bench/bench_overhead.py). Without a rule the
+# layer is ATen's (batch norm keeps the fused ops either way). On the 2-core CPU (ResNet-20, batch 128,
+# fp32; bench/results/fused_cpu_resnet20_b128_float32_t2_jsigr_aten_rules.md) the rules pay: ATen's conv and
+# ReLU made the fused J-SIGR step 1.21x [1.08-1.38] slower. Not measured on a GPU yet (bench_fused.py
+# --ablation aten_rules; bench/gpu_session.sh runs it), so CUDA keeps them too.
+LAYER_RULES = {"cpu": ("conv", "relu"), "cuda": ("conv", "relu")}
+
+
+def _rule(layer: str, t) -> bool:
+    return isinstance(t, torch.Tensor) and layer in LAYER_RULES.get(t.device.type, ())
+
 
 def _sq_norm(g, mask):
     return ops.masked_sq_norm(g, mask, compiled=True)
@@ -233,7 +247,8 @@ class _FusedMode(SafeOps):
         if func is F.conv2d and self.conv:
             return conv2d(*args, **kwargs, _mode=self)
         if func is F.relu and self.relu and not self.first_order:
-            return relu(*args, **kwargs)
+            if _rule("relu", args[0] if args else kwargs.get("input")):
+                return relu(*args, **kwargs)
         if func is F.adaptive_avg_pool2d and self.forward_ad and _global_pool(args, kwargs):
             # a global average pool inside the batched Hutchinson probes (vmap): ATen's forward-mode
             # rule for it has no batching rule there (a per-probe loop and a warning); the same mean
@@ -495,7 +510,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     """``F.conv2d`` whose double backward uses ordinary convolution kernels (see the module docstring).
     String padding ("same"/"valid") and non-4-D inputs fall back to ``F.conv2d``. Called by the mode of
     :func:`fused_layers` (``_mode``), the activation becomes channels-last where :data:`CHANNELS_LAST`
-    says so (recorded in ``_mode.relaid``); in a first-order block that is all, the conv itself is ``F.conv2d``."""
+    says so (recorded in ``_mode.relaid``); in a first-order block, or where :data:`LAYER_RULES` has no conv
+    rule for the device, that is all: the conv itself is ``F.conv2d``."""
     if isinstance(padding, str) or input.dim() != 4:
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     p = (_pair(stride), _pair(padding), _pair(dilation), groups)
@@ -503,7 +519,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     if _mode is not None and _relayout(input):
         input = input.contiguous(memory_format=torch.channels_last)
         _mode.relaid = True
-    if _mode is not None and _mode.first_order:
+    if _mode is not None and (_mode.first_order or not _rule("conv", input)):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     if torch.is_autocast_enabled(dev) and input.is_floating_point():
         # cast as autocast would (conv runs in the low-precision dtype), so the rule saves and

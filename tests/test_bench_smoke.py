@@ -344,13 +344,14 @@ def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
 
     bench_fused.main(["--model", "digits_cnn", "--batch", "8", "--pairs", "jsigr,jsigr_fd", "--rounds", "2",
                       "--repeats", "1", "--ablation", "eager", "--ablation", "fd_kept", "--ablation", "fd_rules",
-                      "--ablation", "bn_rebuild", "--out", str(tmp_path)])
+                      "--ablation", "bn_rebuild", "--ablation", "aten_rules", "--out", str(tmp_path)])
     (path,) = glob.glob(str(tmp_path / "fused_cpu_digits_cnn_b8_float32_t*_jsigr_jsigr_fd_eager_fd_kept_fd_rules"
-                                       "_bn_rebuild.json"))
+                                       "_bn_rebuild_aten_rules.json"))
     with open(path) as f:
         rows = json.load(f)["results"]
     assert list(rows) == ["standard", "jsigr", "jsigr_fused", "jsigr_fd", "jsigr_fd_fused", "jsigr_eager_fused",
-                          "jsigr_fd_kept", "jsigr_fd_rules", "jsigr_bn_keep_fused", "jsigr_bn_rebuild_fused"]
+                          "jsigr_fd_kept", "jsigr_fd_rules", "jsigr_bn_keep_fused", "jsigr_bn_rebuild_fused",
+                          "jsigr_aten_rules_fused"]
     for n in list(rows)[1:]:
         assert len(rows[n]["rounds_s"]) == 2 and rows[n]["x_standard"] == pytest.approx(
             rows[n]["median_s"] / rows["standard"]["median_s"])
@@ -358,7 +359,8 @@ def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
         assert rows[fus]["speedup_rounds"] == pytest.approx(
             [r / f for r, f in zip(rows[ref]["rounds_s"], rows[fus]["rounds_s"])])
     for abl, base in (("jsigr_eager_fused", "jsigr_fused"), ("jsigr_fd_kept", "jsigr_fd"),
-                      ("jsigr_fd_rules", "jsigr_fd_fused"), ("jsigr_bn_rebuild_fused", "jsigr_bn_keep_fused")):
+                      ("jsigr_fd_rules", "jsigr_fd_fused"), ("jsigr_bn_rebuild_fused", "jsigr_bn_keep_fused"),
+                      ("jsigr_aten_rules_fused", "jsigr_fused")):
         assert rows[abl][f"x_{base}_rounds"] == pytest.approx(
             [e / f for e, f in zip(rows[abl]["rounds_s"], rows[base]["rounds_s"])])
     md = open(path[:-len(".json")] + ".md").read()
@@ -367,6 +369,7 @@ def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
     assert "Ablation 'eager' (the input-gradient penalty's parameter gradients" in md
     assert "Ablation 'fd_kept' (every perturbed forward's graph kept" in md
     assert "Ablation 'fd_rules' (the fused conv / ReLU double-backward rules and the fused batch norm" in md
+    assert "Ablation 'aten_rules' (ATen's conv and ReLU autograd in the create-graph passes" in md
 
 
 def test_fd_rules_ablation_is_the_same_loss_through_the_rules(monkeypatch):
@@ -412,3 +415,42 @@ def test_fd_step_peak_is_about_two_standard_steps():
         steps.train_step(m, opt, fn, x, y)
         peaks[name], _ = bench_memory.cpu_step_peak(m, opt, fn, x, y)
     assert peaks["fd"] < 2.2 * peaks["standard"], peaks
+
+
+def test_aten_rules_ablation_is_the_same_loss_through_aten(monkeypatch):
+    # The aten_rules ablation must time what it says: the fused J-SIGR loss with no conv / ReLU rule applied
+    # (ATen's autograd there, batch norm still fused), the same loss and parameter gradients as the
+    # reference backend's (the oracle, float64), and fused.LAYER_RULES restored afterwards.
+    import copy
+
+    import jsigr_fast
+    from jsigr_fast import fused
+
+    calls = []
+    for cls in (fused._Conv2d, fused._ReLU):
+        orig = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a, orig=orig: calls.append(1) or orig(*a))
+    bn_calls = []
+    orig_bn = jsigr_fast.ops.BatchNormTrain.apply
+    monkeypatch.setattr(jsigr_fast.ops.BatchNormTrain, "apply", lambda *a: bn_calls.append(1) or orig_bn(*a))
+    torch.manual_seed(0)
+    model = steps.get_model("resnet20", num_classes=10).double().train()
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 10, (4,))
+    before = dict(fused.LAYER_RULES)
+    runs = []
+    for fn in (lambda m: jsigr_fast.loss(m, x, y, backend="reference"), lambda m: steps._fused_jsigr_aten_layers(m, x, y)):
+        m = copy.deepcopy(model)
+        torch.manual_seed(1)
+        loss = fn(m)
+        runs.append((loss.detach(), torch.autograd.grad(loss, list(m.parameters()))))
+    assert not calls and bn_calls and fused.LAYER_RULES == before
+    (ref_loss, ref_grads), (loss, grads) = runs
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-8, atol=1e-12)
+    # and the default fused loss does apply the rules
+    torch.manual_seed(1)
+    jsigr_fast.loss(copy.deepcopy(model), x, y, backend="fused")
+    assert calls
+
