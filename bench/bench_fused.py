@@ -169,7 +169,8 @@ def main(argv=None):
         lines += ["", f"Ablation '{abl}' ({what}): {med(q):.2f}x [{min(q):.2f}–{max(q):.2f}] the time of "
                       f"'{methods[base].label}' (median [min–max] of rounds); peak memory: bench/bench_memory.py."]
     if "top_ops" in rows.get("jsigr_fused", {}):
-        lines += format_top_ops(rows["jsigr_fused"]["top_ops"], "the fused J-SIGR step")
+        lines += format_top_ops(rows["jsigr_fused"]["top_ops"], "the fused J-SIGR step",
+                                rows["jsigr_fused"]["median_s"] * 1e3)
     name = (f"fused_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}"
             f"{'_cl' if a.channels_last else ''}_t{torch.get_num_threads()}"
             f"{'_' + a.gpu_kernels if a.gpu_kernels else ''}"

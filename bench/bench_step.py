@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -29,25 +30,49 @@ def profile_top_ops(model, opt, loss_fn, x, y, k=8):
 
     train_step(model, opt, loss_fn, x, y)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
-    with profile(activities=acts) as prof:
-        train_step(model, opt, loss_fn, x, y)
-    events = prof.key_averages()
     dev = x.is_cuda
+    if dev:
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        train_step(model, opt, loss_fn, x, y)
+        if dev:
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    events = prof.key_averages()
     self_attr = "self_device_time_total" if dev else "self_cpu_time_total"
     incl_attr = "device_time_total" if dev else "cpu_time_total"
     total = sum(getattr(e, self_attr) for e in events)
     prefix = "autograd::engine::evaluate_function: "
     nodes = sorted((e for e in events if e.key.startswith(prefix)), key=lambda e: getattr(e, incl_attr), reverse=True)
     aten = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: getattr(e, self_attr), reverse=True)
-    return {"autograd_nodes": [(e.key[len(prefix):], getattr(e, incl_attr) / max(total, 1)) for e in nodes[:k]],
-            "aten_self": [(e.key, getattr(e, self_attr) / max(total, 1)) for e in aten[:k]]}
+    out = {"autograd_nodes": [(e.key[len(prefix):], getattr(e, incl_attr) / max(total, 1)) for e in nodes[:k]],
+           "aten_self": [(e.key, getattr(e, self_attr) / max(total, 1)) for e in aten[:k]]}
+    if dev:
+        # how much of the step's wall time the GPU computes (kernels on one stream do not overlap): the
+        # rest it waits for the host (Python, autograd, launches, syncs); launch-bound when this is low
+        # (measured on the device only: an older profiler without device events leaves it out)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if kernels:
+            out["device_ms"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+            out["kernels"] = len(kernels)
+            out["profiled_wall_ms"] = wall_us / 1e3
+    return out
 
 
-def format_top_ops(top: dict, what: str) -> list[str]:
-    """Markdown lines for :func:`profile_top_ops`'s result."""
+def format_top_ops(top: dict, what: str, step_ms: float | None = None) -> list[str]:
+    """Markdown lines for :func:`profile_top_ops`'s result; ``step_ms``: the step's unprofiled time, against
+    which the GPU's busy share is given (the profiler slows the host more than the kernels)."""
     lines = ["", f"Share of {what}'s time, by autograd node (inclusive) and by aten op (self):", ""]
     lines += [f"- node `{k}`: {v * 100:.1f} %" for k, v in top["autograd_nodes"]]
     lines += [f"- op `{k}`: {v * 100:.1f} %" for k, v in top["aten_self"]]
+    if "device_ms" in top:
+        shares = [f"{top['device_ms'] / top['profiled_wall_ms'] * 100:.0f} % of the profiled step's "
+                  f"{top['profiled_wall_ms']:.1f} ms"]
+        if step_ms:
+            shares.insert(0, f"{top['device_ms'] / step_ms * 100:.0f} % of the {step_ms:.1f} ms step")
+        lines += ["", f"GPU kernels and copies: {top['device_ms']:.1f} ms in {top['kernels']} of them, "
+                      f"{'; '.join(shares)}. The rest of the time the GPU waits for the host."]
     return lines
 
 

@@ -454,3 +454,48 @@ def test_aten_rules_ablation_is_the_same_loss_through_aten(monkeypatch):
     jsigr_fast.loss(copy.deepcopy(model), x, y, backend="fused")
     assert calls
 
+
+def test_bench_overhead_counts_python_calls_ops_and_syncs():
+    # count_step's counters against steps whose counts are known
+    import bench_overhead
+
+    def helper():
+        return 1
+
+    def step():
+        for _ in range(7):
+            helper()
+        t = torch.ones(3) * 2  # one aten op
+        float(t.sum())  # sum + one host read
+
+    c = bench_overhead.count_step(step)
+    assert c["python_calls"] >= 8 and c["python_calls"] < 40, c  # step + 7 helpers (+ a few in torch's Python)
+    assert c["aten_ops"] == 4 and c["host_syncs"] == 1, c  # ones, mul, sum and the read itself
+    x = torch.randn(3, requires_grad=True)
+    c = bench_overhead.count_step(lambda: ((x * 2).sum()).backward())
+    assert c["autograd_nodes"] == 3, c  # SumBackward0, MulBackward0, AccumulateGrad
+
+
+def test_bench_overhead_tiny_config(tmp_path):
+    import bench_overhead
+    from jsigr_fast import fused, ops
+
+    before = [dict(getattr(mod, name)) for mod, name in bench_overhead.POLICIES]
+    settings = (torch.get_num_threads(), torch.backends.mkldnn.enabled)
+    record = bench_overhead.main(["--methods", "standard,jsigr,jsigr_fused", "--rounds", "1", "--repeats", "1",
+                                  "--policies", "cuda", "--out", str(tmp_path)])
+    # restored: the policies, and the thread count and oneDNN switch (later tests compare bit for bit
+    # against subprocesses that run with torch's defaults)
+    assert [dict(getattr(mod, name)) for mod, name in bench_overhead.POLICIES] == before
+    assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == settings
+    rows = record["rows"]
+    assert list(rows) == ["standard", "jsigr", "jsigr_fused"]
+    for r in rows.values():
+        assert r["ms"] > 0 and r["python_calls"] > 0 and r["aten_ops"] > 0 and r["autograd_nodes"] > 0
+    # the fused step dispatches fewer aten ops than the reference (its batch-norm double backward is one op)
+    assert rows["jsigr_fused"]["aten_ops"] < rows["jsigr"]["aten_ops"] / 2
+    md = open(tmp_path / "overhead_cpu_resnet20_cuda_policies.md").read()
+    assert "| J-SIGR, projection (fused) |" in md and "the CUDA policies" in md
+    with open(tmp_path / "overhead_cpu_resnet20_cuda_policies.json") as f:
+        assert json.load(f)["rows"]["standard"]["aten_ops"] == rows["standard"]["aten_ops"]
+    assert fused.CHANNELS_LAST["cpu"] is True and ops.BN_REBUILD_GRAD_Y["cpu"] is True
