@@ -173,13 +173,15 @@ class _BatchNormJVP(LeanFunction):
         # dims for the saved tensors, so two different lists would break the vmapped backward
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.save_for_forward(x, weight, bias, mean, invstd)
+        ctx.rebuild_check = ops._register_rebuild_check(x, weight, invstd)
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_invstd):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         if grad_y is None and grad_mean is None and grad_invstd is None:
             return None, None, None, None
-        gx, gw, gb = ops.BatchNormBackward.apply(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
+        gx, gw, gb = ops._batch_norm_backward(ctx.rebuild_check, grad_y, x, weight, mean, invstd, grad_mean,
+                                              grad_invstd)
         gw = None if weight is None else gw.to(weight.dtype)
         gb = None if bias is None else gb.to(bias.dtype)
         return gx, gw, gb, None
@@ -193,7 +195,7 @@ class _BatchNormJVP(LeanFunction):
             t_x = torch.zeros_like(x)
         # grad_x of the backward op is w * (d xhat/dx) t_x; its grad_weight / grad_bias are
         # sum(t_x * xhat) and sum(t_x), which give the tangents of mean and invstd.
-        t_y, s_xhat, s_one = ops.BatchNormBackward.apply(t_x, x, weight, mean, invstd, None, None)
+        t_y, s_xhat, s_one = ops._batch_norm_backward(ctx.rebuild_check, t_x, x, weight, mean, invstd, None, None)
         t_mean = s_one / m
         t_invstd = -invstd * invstd * s_xhat / m
         if t_w is not None or t_b is not None:
@@ -316,15 +318,17 @@ def fused_layers(*, forward_ad: bool = False, conv: bool = True, relu: bool = Tr
     follows :data:`CHANNELS_LAST`: their rules would cost a Python autograd node per call and buy
     nothing there; so does batch norm where ATen's first-order kernels are the faster ones (see
     FIRST_ORDER_NATIVE). A graph built so is still exact when differentiated twice, through ATen's
-    double backward."""
-    with _FusedMode(forward_ad=forward_ad, conv=conv, relu=relu, first_order=first_order) as mode:
+    double backward. Batch norm's grad_y-rebuild checks are read together, once per block
+    (:func:`jsigr_fast.ops.rebuild_checks_together`)."""
+    with ops.rebuild_checks_together(), _FusedMode(forward_ad=forward_ad, conv=conv, relu=relu,
+                                                   first_order=first_order) as mode:
         yield mode
 
 
 @contextlib.contextmanager
 def fused_batch_norm(*, forward_ad: bool = False):
     """:func:`fused_layers` for batch norm only."""
-    with _FusedMode(forward_ad=forward_ad, conv=False, relu=False):
+    with ops.rebuild_checks_together(), _FusedMode(forward_ad=forward_ad, conv=False, relu=False):
         yield
 
 

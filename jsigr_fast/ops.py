@@ -32,6 +32,9 @@ The loss head: ``cross_entropy_cotangent``
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
@@ -252,22 +255,96 @@ def _register_loss_head(lib: str) -> None:
 # linear layer) keeps anyway, so this removes one activation-sized tensor per batch norm from every
 # create-graph backward (ResNet-20, batch 128: 92 of ~190 MiB per input-gradient graph; bench/bench_memory.py).
 # The check that the rebuild is exact to rounding (every |weight * invstd| in [2**-24, 2**24]) reads the
-# weights on the host: free on the CPU, a device sync per batch norm on CUDA, hence off there: on the H200
-# (bench/results/fused_cuda_*_bn_rebuild.md, memory_cuda_*.md) it made the fused J-SIGR step 1.19x (ResNet-20
-# fp32) / 1.29x (ResNet-18 bf16) slower for a peak of 2.12x / 2.64x the standard step instead of 2.76x / 2.91x.
-# float16 keeps grad_y: grad_x = weight * invstd * (...) underflows its narrow range.
+# weights on the host: free on the CPU, a device sync on CUDA. Checked per batch norm it was off there: on the
+# H200 (bench/results/fused_cuda_*_bn_rebuild.md, memory_cuda_*.md) it made the fused J-SIGR step 1.19x
+# (ResNet-20 fp32) / 1.29x (ResNet-18 bf16) slower for a peak of 2.12x / 2.64x the standard step instead of
+# 2.76x / 2.91x. Inside the fused backend's blocks the checks of all batch norms are now read together, once
+# (rebuild_checks_together: one sync per block instead of one per batch-norm backward); not measured on a GPU
+# yet, so CUDA still keeps grad_y. float16 keeps grad_y: grad_x = weight * invstd * (...) underflows its range.
 BN_REBUILD_GRAD_Y = {"cpu": True, "cuda": False}
 _REBUILD_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _REBUILD_RANGE = 2.0 ** -24
 
 
-def _rebuilds_grad_y(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd) -> bool:
-    if grad_y is None or not BN_REBUILD_GRAD_Y.get(x.device.type, False) or x.dtype not in _REBUILD_DTYPES:
-        return False
-    if torch.compiler.is_compiling() or is_fake(invstd):  # traced: no values to check, keep grad_y
-        return False
+def _rebuild_allowed(x, invstd) -> bool:
+    """The device's policy and x's dtype allow the rebuild, and there are values to check (not traced)."""
+    return (BN_REBUILD_GRAD_Y.get(x.device.type, False) and x.dtype in _REBUILD_DTYPES
+            and not torch.compiler.is_compiling() and not is_fake(invstd))
+
+
+def _in_range(weight, invstd) -> torch.Tensor:
+    """0-dim bool, on the device: every ``|weight * invstd|`` in [2**-24, 2**24] (the rebuild is exact)."""
     scale = invstd if weight is None else weight.abs() * invstd  # promotes to invstd's (the accumulation) dtype
-    return bool(((scale >= _REBUILD_RANGE) & (scale <= 1 / _REBUILD_RANGE)).all())
+    return ((scale >= _REBUILD_RANGE) & (scale <= 1 / _REBUILD_RANGE)).all()
+
+
+class _RebuildChecks:
+    """The rebuild checks of the batch norms run inside one :func:`rebuild_checks_together` block, read
+    together: at the first batch-norm backward that needs one, every check registered so far is computed
+    on the device and read with one host transfer."""
+
+    def __init__(self):
+        self._pending: list[tuple] = []  # (weight, invstd) registered, not read yet
+        self._ok: list[bool] = []
+
+    def add(self, weight, invstd) -> int:
+        self._pending.append((weight, invstd))
+        return len(self._ok) + len(self._pending) - 1
+
+    def ok(self, i: int) -> bool:
+        if i >= len(self._ok):
+            flags = [_in_range(w, s) for w, s in self._pending]
+            if len({f.device for f in flags}) > 1:  # a model spread over devices (rare): one read each
+                self._ok += [bool(f) for f in flags]
+            else:
+                stacked = torch.stack(flags)
+                # the one host read; where some batch norm cannot rebuild (a zero weight), a second for which
+                self._ok += [True] * len(flags) if bool(stacked.all()) else stacked.tolist()
+            self._pending = []
+        return self._ok[i]
+
+
+_REBUILD_STATE = threading.local()  # .blocks: the open _RebuildChecks (innermost last); .decided: see below
+
+
+@contextlib.contextmanager
+def rebuild_checks_together():
+    """Inside the block, the grad_y-rebuild checks (:data:`BN_REBUILD_GRAD_Y`) of the batch norms that run
+    through :class:`BatchNormTrain` are read together (one host read) instead of once per batch-norm
+    backward. The fused backend's layer blocks (:func:`jsigr_fast.fused.fused_layers`) open one."""
+    blocks = _REBUILD_STATE.__dict__.setdefault("blocks", [])
+    blocks.append(_RebuildChecks())
+    try:
+        yield
+    finally:
+        blocks.pop()
+
+
+def _register_rebuild_check(x, weight, invstd):
+    """At a batch norm's forward: ``(checks, index)`` of its rebuild check in the open block, or None."""
+    blocks = getattr(_REBUILD_STATE, "blocks", None)
+    if not blocks or not _rebuild_allowed(x, invstd):
+        return None
+    return blocks[-1], blocks[-1].add(weight, invstd)
+
+
+def _batch_norm_backward(check, *args):
+    """``BatchNormBackward.apply(*args)``; where that records a node (a create-graph backward), its grad_y
+    rebuild decided by ``check`` (from :func:`_register_rebuild_check`; None: checked on its own)."""
+    if check is None or args[0] is None or not torch.is_grad_enabled():
+        return BatchNormBackward.apply(*args)
+    _REBUILD_STATE.decided = check[0].ok(check[1])
+    try:
+        return BatchNormBackward.apply(*args)
+    finally:
+        _REBUILD_STATE.decided = None
+
+
+def _rebuilds_grad_y(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd) -> bool:
+    if grad_y is None or not _rebuild_allowed(x, invstd):
+        return False
+    decided = getattr(_REBUILD_STATE, "decided", None)  # read with the block's other checks
+    return decided if decided is not None else bool(_in_range(weight, invstd))
 
 
 class _GraphPlace(LeanFunction):
@@ -323,13 +400,14 @@ def _setup_bn_train(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs (usually mean, invstd) give None, not zeros
     ctx.save_for_backward(x, weight, mean, invstd)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.rebuild_check = _register_rebuild_check(x, weight, invstd)
 
 
 def _backward_bn_train(ctx, grad_y, grad_mean, grad_invstd):
     x, weight, mean, invstd = ctx.saved_tensors
     if grad_y is None and grad_mean is None and grad_invstd is None:
         return None, None, None, None
-    gx, gw, gb = BatchNormBackward.apply(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
+    gx, gw, gb = _batch_norm_backward(ctx.rebuild_check, grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
     need = ctx.needs_input_grad
     return (gx if need[0] else None, _cast(gw, weight) if need[1] else None,
             (gb if ctx.bias_dtype in (None, gb.dtype) else gb.to(ctx.bias_dtype)) if need[2] else None, None)
@@ -413,6 +491,10 @@ class _OpFunction(LeanFunction):
         if (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
                 or any(isinstance(a, torch.Tensor) and _is_legacy_batched(a) for a in args)):
             return getattr(torch.ops.jsigr_fast, cls._op_name)(*args)
+        if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+            # no node to record (e.g. the step's final backward): the kernel alone, as the registered op
+            # runs then; Function.apply would still run setup_context (saving tensors, the rebuild check)
+            return cls._kernel(*args)
         return super().apply(*args)
 
     @classmethod

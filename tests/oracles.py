@@ -89,17 +89,22 @@ def random_direction(params, seed=0):
     return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
 
 
-def graph_node_names(t):
-    """Class names of every autograd node reachable from ``t.grad_fn`` (which ops a graph recorded)."""
-    seen, stack, names = set(), [t.grad_fn], set()
+def graph_nodes(t) -> list:
+    """Every autograd node reachable from ``t.grad_fn`` (a custom Function's node is its ctx)."""
+    seen, stack, nodes = set(), [t.grad_fn], []
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        names.add(type(node).__name__)
+        nodes.append(node)
         stack.extend(nxt for nxt, _ in node.next_functions)
-    return names
+    return nodes
+
+
+def graph_node_names(t):
+    """Class names of every autograd node reachable from ``t.grad_fn`` (which ops a graph recorded)."""
+    return {type(node).__name__ for node in graph_nodes(t)}
 
 
 def fd_penalty(model, x, h, *, y=None, v=None, zeta=None):

@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import jsigr_fast
 from jsigr_fast import ops
 from jsigr_fast.reference import batch_norm_backward_ref, batch_norm_double_backward_ref, batch_norm_train_ref
+from oracles import graph_nodes
 from bn_oracles import CASES, _assert_all_close, _inputs
 
 pytestmark = pytest.mark.skipif(not jsigr_fast.extension_loaded(),
@@ -476,3 +478,56 @@ def test_cuda_fused_backend_equals_reference():
     scale = max(g.abs().max().item() for g in out[0][1:])
     for a, b in zip(*out):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12 * scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# the rebuild checks of one block read together (ops.rebuild_checks_together): one host read
+# ----------------------------------------------------------------------------------------------
+class _CountReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def _bn_chain_vjp(weights, x):
+    """x through batch norms with the given weights (tanh between), then the create-graph input gradient
+    of a fixed cotangent and the gradient of its square in the weights: the double backward."""
+    ws = [w.clone().requires_grad_(True) for w in weights]
+    h = x.clone().requires_grad_(True)
+    out = h
+    for w in ws:
+        out = torch.tanh(ops.batch_norm(out, None, None, w, None, True))
+    cot = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    (g,) = torch.autograd.grad(out, h, cot, create_graph=True)
+    return g, torch.autograd.grad((g * g).sum(), ws)
+
+
+@pytest.mark.parametrize("zero_channel", [False, True])
+def test_rebuild_checks_of_a_block_are_read_once(zero_channel, monkeypatch):
+    # oracle: the same chain with grad_y kept everywhere (rebuild off), float64; the decisions per batch
+    # norm (a zero weight keeps grad_y, the others rebuild) as each backward node reports them
+    monkeypatch.setitem(ops.BN_REBUILD_GRAD_Y, "cpu", True)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=gen)
+    weights = [torch.rand(3, dtype=torch.float64, generator=gen) + 0.5 for _ in range(4)]
+    if zero_channel:
+        weights[1][2] = 0
+    with ops.rebuild_checks_together(), _CountReads() as together:
+        g, dws = _bn_chain_vjp(weights, x)
+    nodes = [n for n in graph_nodes(g) if type(n).__name__ == "BatchNormBackwardBackward"]
+    assert sorted(n.rebuild for n in nodes) == ([False] + [True] * 3 if zero_channel else [True] * 4)
+    # one read for the four checks (where one cannot rebuild, a tolist() says which: a second transfer on
+    # a GPU, not an op here); alone, one per batch norm
+    assert together.reads == 1
+    with _CountReads() as alone:
+        _bn_chain_vjp(weights, x)
+    assert alone.reads == 4
+    monkeypatch.setitem(ops.BN_REBUILD_GRAD_Y, "cpu", False)
+    g_keep, dws_keep = _bn_chain_vjp(weights, x)
+    torch.testing.assert_close(g, g_keep, rtol=1e-12, atol=1e-12)
+    for a, b in zip(dws, dws_keep):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
