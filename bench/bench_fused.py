@@ -38,6 +38,8 @@ ABLATIONS = {
     "aten_rules": ("jsigr_aten_rules_fused", "jsigr_fused", "ATen's conv and ReLU autograd in the create-graph "
                    "passes instead of the fused double-backward rules (fused.LAYER_RULES empty; batch norm stays "
                    "fused)"),
+    "aten_bn": ("jsigr_aten_bn_fused", "jsigr_fused", "ATen's batch-norm forward and backward kernels inside the "
+                "fused batch-norm ops, the fused double backward kept (ops.ATEN_BN_KERNELS on)"),
     "fd_kept": ("jsigr_fd_kept", "jsigr_fd", "every perturbed forward's graph kept to the backward "
                 "(finite_difference.FREE_EARLY off)"),
     "fd_rules": ("jsigr_fd_rules", "jsigr_fd_fused", "the fused conv / ReLU double-backward rules and the fused "

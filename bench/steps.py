@@ -187,6 +187,20 @@ def _fused_jsigr_aten_layers(m, x, y):
         fused.LAYER_RULES[dev] = before
 
 
+def _fused_jsigr_aten_bn(m, x, y):
+    """The fused J-SIGR loss with ops.ATEN_BN_KERNELS on for x's device (restored afterwards): ATen's batch-norm
+    forward and backward kernels inside the fused ops, the fused double backward kept."""
+    from jsigr_fast import ops
+
+    dev = x.device.type
+    before = ops.ATEN_BN_KERNELS.get(dev)
+    ops.ATEN_BN_KERNELS[dev] = ("forward", "backward")
+    try:
+        return jsigr_fast.loss(m, x, y, backend="fused")
+    finally:
+        ops.ATEN_BN_KERNELS[dev] = before
+
+
 def fused_jsigr_eager_penalty(m, x, y, *, generator=None):
     """Ablation, not a library mode: ``jsigr_fast.loss(m, x, y, backend="fused")`` at its defaults
     (lambda_m = lambda_j = 0.5, eps 0.3, the gradient saliency mask at beta 0.1, one projection; the same
@@ -306,6 +320,8 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
                                              "J-SIGR, projection (fused), batch norm rebuilds grad_y"),
             "jsigr_aten_rules_fused": Method("jsigr_aten_rules_fused", "jsigr", _fused_jsigr_aten_layers,
                                              "J-SIGR, projection (fused), ATen's conv / ReLU (ablation)"),
+            "jsigr_aten_bn_fused": Method("jsigr_aten_bn_fused", "jsigr", _fused_jsigr_aten_bn,
+                                          "J-SIGR, projection (fused), ATen's batch-norm forward / backward (ablation)"),
             "jsigr_eager_fused": Method("jsigr_eager_fused", "jsigr", fused_jsigr_eager_penalty,
                                         "J-SIGR, projection (fused), penalty gradients eager (ablation)"),
             "jsigr_hutchinson_fused": Method(

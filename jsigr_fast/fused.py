@@ -173,15 +173,14 @@ class _BatchNormJVP(LeanFunction):
         # dims for the saved tensors, so two different lists would break the vmapped backward
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.save_for_forward(x, weight, bias, mean, invstd)
-        ctx.rebuild_check = ops._register_rebuild_check(x, weight, invstd)
+        ctx.bn_plan = ops._forward_plan(x, weight, invstd)
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_invstd):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         if grad_y is None and grad_mean is None and grad_invstd is None:
             return None, None, None, None
-        gx, gw, gb = ops._batch_norm_backward(ctx.rebuild_check, grad_y, x, weight, mean, invstd, grad_mean,
-                                              grad_invstd)
+        gx, gw, gb = ops._batch_norm_backward(ctx.bn_plan, grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
         gw = None if weight is None else gw.to(weight.dtype)
         gb = None if bias is None else gb.to(bias.dtype)
         return gx, gw, gb, None
@@ -195,7 +194,7 @@ class _BatchNormJVP(LeanFunction):
             t_x = torch.zeros_like(x)
         # grad_x of the backward op is w * (d xhat/dx) t_x; its grad_weight / grad_bias are
         # sum(t_x * xhat) and sum(t_x), which give the tangents of mean and invstd.
-        t_y, s_xhat, s_one = ops._batch_norm_backward(ctx.rebuild_check, t_x, x, weight, mean, invstd, None, None)
+        t_y, s_xhat, s_one = ops._batch_norm_backward(ctx.bn_plan, t_x, x, weight, mean, invstd, None, None)
         t_mean = s_one / m
         t_invstd = -invstd * invstd * s_xhat / m
         if t_w is not None or t_b is not None:

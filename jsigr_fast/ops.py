@@ -304,7 +304,7 @@ class _RebuildChecks:
         return self._ok[i]
 
 
-_REBUILD_STATE = threading.local()  # .blocks: the open _RebuildChecks (innermost last); .decided: see below
+_STATE = threading.local()  # .blocks: the open _RebuildChecks (innermost last); .decided, .aten: see below
 
 
 @contextlib.contextmanager
@@ -312,7 +312,7 @@ def rebuild_checks_together():
     """Inside the block, the grad_y-rebuild checks (:data:`BN_REBUILD_GRAD_Y`) of the batch norms that run
     through :class:`BatchNormTrain` are read together (one host read) instead of once per batch-norm
     backward. The fused backend's layer blocks (:func:`jsigr_fast.fused.fused_layers`) open one."""
-    blocks = _REBUILD_STATE.__dict__.setdefault("blocks", [])
+    blocks = _STATE.__dict__.setdefault("blocks", [])
     blocks.append(_RebuildChecks())
     try:
         yield
@@ -320,30 +320,37 @@ def rebuild_checks_together():
         blocks.pop()
 
 
-def _register_rebuild_check(x, weight, invstd):
-    """At a batch norm's forward: ``(checks, index)`` of its rebuild check in the open block, or None."""
-    blocks = getattr(_REBUILD_STATE, "blocks", None)
-    if not blocks or not _rebuild_allowed(x, invstd):
-        return None
-    return blocks[-1], blocks[-1].add(weight, invstd)
+def _forward_plan(x, weight, invstd):
+    """What a batch norm's forward fixes for its backward: ``(rebuild check, ATen's backward kernel?)``, the
+    check ``(checks, index)`` in the open block or None (checked on its own; see :func:`_batch_norm_backward`)."""
+    blocks = getattr(_STATE, "blocks", None)
+    check = None
+    if blocks and _rebuild_allowed(x, invstd):
+        check = blocks[-1], blocks[-1].add(weight, invstd)
+    return check, _aten_bn("backward", x)
 
 
-def _batch_norm_backward(check, *args):
-    """``BatchNormBackward.apply(*args)``; where that records a node (a create-graph backward), its grad_y
-    rebuild decided by ``check`` (from :func:`_register_rebuild_check`; None: checked on its own)."""
-    if check is None or args[0] is None or not torch.is_grad_enabled():
+def _batch_norm_backward(plan, *args):
+    """``BatchNormBackward.apply(*args)`` as the layer's forward planned it (:func:`_forward_plan`, or None:
+    as the policies say now): with ATen's first-order kernel or ours, and, where a node is recorded (a
+    create-graph backward), its grad_y rebuild decided with the block's other checks. The decisions reach
+    the op's kernel and setup_context through thread-local state set around the call (same thread)."""
+    if plan is None:
         return BatchNormBackward.apply(*args)
-    _REBUILD_STATE.decided = check[0].ok(check[1])
+    check, aten = plan
     try:
+        _STATE.aten = aten
+        if check is not None and args[0] is not None and torch.is_grad_enabled():
+            _STATE.decided = check[0].ok(check[1])
         return BatchNormBackward.apply(*args)
     finally:
-        _REBUILD_STATE.decided = None
+        _STATE.decided = _STATE.aten = None
 
 
 def _rebuilds_grad_y(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd) -> bool:
     if grad_y is None or not _rebuild_allowed(x, invstd):
         return False
-    decided = getattr(_REBUILD_STATE, "decided", None)  # read with the block's other checks
+    decided = getattr(_STATE, "decided", None)  # read with the block's other checks
     return decided if decided is not None else bool(_in_range(weight, invstd))
 
 
@@ -400,14 +407,14 @@ def _setup_bn_train(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs (usually mean, invstd) give None, not zeros
     ctx.save_for_backward(x, weight, mean, invstd)
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.rebuild_check = _register_rebuild_check(x, weight, invstd)
+    ctx.bn_plan = _forward_plan(x, weight, invstd)
 
 
 def _backward_bn_train(ctx, grad_y, grad_mean, grad_invstd):
     x, weight, mean, invstd = ctx.saved_tensors
     if grad_y is None and grad_mean is None and grad_invstd is None:
         return None, None, None, None
-    gx, gw, gb = _batch_norm_backward(ctx.rebuild_check, grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
+    gx, gw, gb = _batch_norm_backward(ctx.bn_plan, grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
     need = ctx.needs_input_grad
     return (gx if need[0] else None, _cast(gw, weight) if need[1] else None,
             (gb if ctx.bias_dtype in (None, gb.dtype) else gb.to(ctx.bias_dtype)) if need[2] else None, None)
@@ -504,6 +511,33 @@ class _OpFunction(LeanFunction):
             return getattr(torch.ops.jsigr_fast, cls._op_name)(*args)
 
 
+# Which first-order kernels of the differentiable batch-norm ops (BatchNormTrain's forward, BatchNormBackward's
+# backward) are ATen's native ones, per device: the double backward stays the fused kernel either way, and
+# the values are the same to rounding (the batch statistics ATen saves are what the fused double backward
+# then uses). On the H200 ATen's forward / backward beat ours at ResNet-20's shapes (16-54 us vs 35-124 us;
+# bench/results/bn_cuda_float32.md), which is why the first-order blocks already take ATen's batch norm
+# there (fused.FIRST_ORDER_ATEN_BN); here they would serve the create-graph passes too. Off on CUDA until a
+# GPU run measures it (bench_fused.py --ablation aten_bn; bench/gpu_session.sh runs it). On the 2-core CPU
+# (ResNet-20, batch 128, fp32, channels-last activations; bench/results/fused_cpu_*_jsigr_aten_bn.md) the
+# fused J-SIGR step took 1.04x [0.98-1.14] the time with them: off. The choice is fixed at each layer's
+# forward (_forward_plan), so the step's backward after the loss call runs the kernel its forward planned.
+# ATen's CPU kernels keep bf16 statistics in bf16 (ours: float32), so the CPU takes them for float32 /
+# float64 only. Backward calls that carry cotangents of the statistics (from the double backward) stay ours.
+ATEN_BN_KERNELS = {"cpu": (), "cuda": ()}
+
+
+def _aten_bn(step: str, x) -> bool:
+    return step in ATEN_BN_KERNELS.get(x.device.type, ()) and (x.is_cuda or x.dtype in (torch.float32,
+                                                                                          torch.float64))
+
+
+def _aten_weight(x, weight, acc):
+    """ATen's weight argument: in the accumulation dtype, so its [C] gradients come back in it (ours do),
+    and ones for none, so the backward still returns sum(grad_y * xhat) and sum(grad_y) (the Hutchinson
+    tangent's statistics need them)."""
+    return torch.ones(x.shape[1], dtype=acc, device=x.device) if weight is None else weight.to(acc)
+
+
 class BatchNormTrain(_OpFunction):
     """``jsigr_fast::batch_norm_train`` (x, weight, bias, eps) -> (y, mean, invstd)."""
     _op_name = "batch_norm_train"
@@ -511,6 +545,16 @@ class BatchNormTrain(_OpFunction):
     @staticmethod
     def forward(x, weight, bias, eps):
         return BatchNormTrain._kernel(x, weight, bias, eps)
+
+    @classmethod
+    def _kernel(cls, x, weight, bias, eps):
+        if not _aten_bn("forward", x):
+            return super()._kernel(x, weight, bias, eps)
+        acc = _opmath(x.dtype)
+        b = None if bias is None else bias.to(acc)
+        y, mean, invstd = torch.ops.aten.native_batch_norm(x, _aten_weight(x, weight, acc), b, None, None, True,
+                                                           0.0, eps)
+        return y, mean.to(acc), invstd.to(acc)
 
     setup_context = staticmethod(_setup_bn_train)
     backward = staticmethod(_backward_bn_train)
@@ -523,6 +567,16 @@ class BatchNormBackward(_OpFunction):
     @staticmethod
     def forward(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd):
         return BatchNormBackward._kernel(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
+
+    @classmethod
+    def _kernel(cls, grad_y, x, weight, mean, invstd, grad_mean, grad_invstd):
+        # ATen's has no terms for cotangents of the statistics (grad_mean, grad_invstd): those stay ours
+        planned = getattr(_STATE, "aten", None)  # fixed at the layer's forward (_forward_plan)
+        aten = _aten_bn("backward", x) if planned is None else planned
+        if grad_mean is not None or grad_invstd is not None or grad_y is None or not aten:
+            return super()._kernel(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
+        return torch.ops.aten.native_batch_norm_backward(grad_y, x, _aten_weight(x, weight, mean.dtype), None, None,
+                                                         mean, invstd, True, 0.0, [True, True, True])
 
     setup_context = staticmethod(_setup_bn_backward)
     backward = staticmethod(_backward_bn_backward)

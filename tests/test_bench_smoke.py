@@ -344,14 +344,15 @@ def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
 
     bench_fused.main(["--model", "digits_cnn", "--batch", "8", "--pairs", "jsigr,jsigr_fd", "--rounds", "2",
                       "--repeats", "1", "--ablation", "eager", "--ablation", "fd_kept", "--ablation", "fd_rules",
-                      "--ablation", "bn_rebuild", "--ablation", "aten_rules", "--out", str(tmp_path)])
+                      "--ablation", "bn_rebuild", "--ablation", "aten_rules", "--ablation", "aten_bn",
+                      "--out", str(tmp_path)])
     (path,) = glob.glob(str(tmp_path / "fused_cpu_digits_cnn_b8_float32_t*_jsigr_jsigr_fd_eager_fd_kept_fd_rules"
-                                       "_bn_rebuild_aten_rules.json"))
+                                       "_bn_rebuild_aten_rules_aten_bn.json"))
     with open(path) as f:
         rows = json.load(f)["results"]
     assert list(rows) == ["standard", "jsigr", "jsigr_fused", "jsigr_fd", "jsigr_fd_fused", "jsigr_eager_fused",
                           "jsigr_fd_kept", "jsigr_fd_rules", "jsigr_bn_keep_fused", "jsigr_bn_rebuild_fused",
-                          "jsigr_aten_rules_fused"]
+                          "jsigr_aten_rules_fused", "jsigr_aten_bn_fused"]
     for n in list(rows)[1:]:
         assert len(rows[n]["rounds_s"]) == 2 and rows[n]["x_standard"] == pytest.approx(
             rows[n]["median_s"] / rows["standard"]["median_s"])
@@ -360,7 +361,7 @@ def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
             [r / f for r, f in zip(rows[ref]["rounds_s"], rows[fus]["rounds_s"])])
     for abl, base in (("jsigr_eager_fused", "jsigr_fused"), ("jsigr_fd_kept", "jsigr_fd"),
                       ("jsigr_fd_rules", "jsigr_fd_fused"), ("jsigr_bn_rebuild_fused", "jsigr_bn_keep_fused"),
-                      ("jsigr_aten_rules_fused", "jsigr_fused")):
+                      ("jsigr_aten_rules_fused", "jsigr_fused"), ("jsigr_aten_bn_fused", "jsigr_fused")):
         assert rows[abl][f"x_{base}_rounds"] == pytest.approx(
             [e / f for e, f in zip(rows[abl]["rounds_s"], rows[base]["rounds_s"])])
     md = open(path[:-len(".json")] + ".md").read()
@@ -370,6 +371,7 @@ def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
     assert "Ablation 'fd_kept' (every perturbed forward's graph kept" in md
     assert "Ablation 'fd_rules' (the fused conv / ReLU double-backward rules and the fused batch norm" in md
     assert "Ablation 'aten_rules' (ATen's conv and ReLU autograd in the create-graph passes" in md
+    assert "Ablation 'aten_bn' (ATen's batch-norm forward and backward kernels inside the fused" in md
 
 
 def test_fd_rules_ablation_is_the_same_loss_through_the_rules(monkeypatch):
@@ -499,3 +501,48 @@ def test_bench_overhead_tiny_config(tmp_path):
     with open(tmp_path / "overhead_cpu_resnet20_cuda_policies.json") as f:
         assert json.load(f)["rows"]["standard"]["aten_ops"] == rows["standard"]["aten_ops"]
     assert fused.CHANNELS_LAST["cpu"] is True and ops.BN_REBUILD_GRAD_Y["cpu"] is True
+
+
+def test_aten_bn_ablation_is_the_same_loss_with_atens_kernels():
+    # The aten_bn ablation: the fused J-SIGR loss with ATen's batch-norm forward / backward inside the fused
+    # ops (they ran), the fused double backward kept; the loss and parameter gradients of the reference
+    # backend (the oracle, float64); ops.ATEN_BN_KERNELS restored.
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import jsigr_fast
+    from jsigr_fast import ops
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = steps.get_model("resnet20", num_classes=10).double().train()
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 10, (4,))
+    before = dict(ops.ATEN_BN_KERNELS)
+    runs = []
+    for fn in (lambda m: jsigr_fast.loss(m, x, y, backend="reference"), lambda m: steps._fused_jsigr_aten_bn(m, x, y)):
+        m = copy.deepcopy(model)
+        torch.manual_seed(1)
+        with Seen() as seen:
+            loss = fn(m)
+            grads = torch.autograd.grad(loss, list(m.parameters()))
+        runs.append((loss.detach(), grads, seen.names))
+    assert ops.ATEN_BN_KERNELS == before
+    (ref_loss, ref_grads, _), (loss, grads, names) = runs
+    # (the final backward's batch-norm calls that carry cotangents of the statistics, from the double
+    # backward, still run the fused backward kernel: ATen's has no such terms)
+    assert {"aten.native_batch_norm.default", "aten.native_batch_norm_backward.default",
+            "jsigr_fast.batch_norm_double_backward.default"} <= names
+    assert "jsigr_fast.batch_norm_train.default" not in names
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-8, atol=1e-12)

@@ -531,3 +531,80 @@ def test_rebuild_checks_of_a_block_are_read_once(zero_channel, monkeypatch):
     torch.testing.assert_close(g, g_keep, rtol=1e-12, atol=1e-12)
     for a, b in zip(dws, dws_keep):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# ATen's first-order kernels inside the differentiable ops (ops.ATEN_BN_KERNELS)
+# ----------------------------------------------------------------------------------------------
+class _CountAten(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape,layout", GRAD_CASES[:3])
+@pytest.mark.parametrize("affine", [True, False])
+def test_aten_kernels_inside_the_ops_keep_their_derivatives(shape, layout, affine, monkeypatch):
+    # oracles: finite differences (gradcheck, gradgradcheck: the double backward is still the fused one,
+    # now fed ATen's statistics) and the reference formulas; and ATen's kernels are what ran
+    monkeypatch.setitem(ops.ATEN_BN_KERNELS, "cpu", ("forward", "backward"))
+    d = _inputs(shape, layout, affine=affine)
+    x = d["x"].requires_grad_(True)
+    params = (d["w"].requires_grad_(True), d["b"].requires_grad_(True)) if affine else ()
+
+    def f(x, *p):
+        return ops.BatchNormTrain.apply(x, *(p if affine else (None, None)), 1e-5)
+
+    with _CountAten() as seen:
+        out = f(x, *params)
+        grads = torch.autograd.grad(out[0], (x, *params), d["gy"], create_graph=True)
+    assert "aten.native_batch_norm.default" in seen.names
+    assert "aten.native_batch_norm_backward.default" in seen.names
+    ref = batch_norm_train_ref(d["x"], d["w"] if affine else None, d["b"] if affine else None, 1e-5)
+    _assert_all_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert out[0].is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    ref_grads = batch_norm_backward_ref(d["gy"], d["x"], d["w"] if affine else None, ref[1], ref[2], None, None)
+    _assert_all_close(grads, ref_grads[:len(grads)], rtol=1e-11, atol=1e-11)
+    assert torch.autograd.gradcheck(f, (x, *params))
+    assert torch.autograd.gradgradcheck(f, (x, *params))
+
+
+def test_aten_backward_returns_the_statistics_sums_without_a_weight(monkeypatch):
+    # the Hutchinson tangent reads sum(grad_y * xhat) and sum(grad_y) from the backward op even without
+    # an affine weight: ATen's kernel gets a ones weight; and grad_mean / grad_invstd terms stay ours
+    monkeypatch.setitem(ops.ATEN_BN_KERNELS, "cpu", ("backward",))
+    d = _inputs((3, 4, 2, 5), "channels_last", affine=False)
+    _, mean, invstd = batch_norm_train_ref(d["x"], None, None, 1e-5)
+    gy = d["gy"].contiguous()  # a cotangent in the other layout than x
+    with _CountAten() as seen:
+        got = ops.BatchNormBackward.apply(gy, d["x"], None, mean, invstd, None, None)
+    assert "aten.native_batch_norm_backward.default" in seen.names
+    _assert_all_close(got, batch_norm_backward_ref(gy, d["x"], None, mean, invstd, None, None), rtol=1e-11,
+                      atol=1e-11)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    with _CountAten() as seen:
+        got = ops.BatchNormBackward.apply(gy, d["x"], None, mean, invstd, d["gm"], d["gs"])
+    assert "aten.native_batch_norm_backward.default" not in seen.names
+    _assert_all_close(got, batch_norm_backward_ref(gy, d["x"], None, mean, invstd, d["gm"], d["gs"]), rtol=1e-11,
+                      atol=1e-11)
+
+
+def test_the_backward_kernel_is_chosen_at_the_layers_forward(monkeypatch):
+    # a loss call sets the policy for its forward and create-graph passes; the step's backward runs after
+    # the call, and must run the kernel that forward planned (both ways round)
+    d = _inputs((4, 3, 2, 3), "contiguous")
+    for planned in ((), ("backward",)):
+        monkeypatch.setitem(ops.ATEN_BN_KERNELS, "cpu", planned)
+        x = d["x"].clone().requires_grad_(True)
+        y = ops.batch_norm(x, None, None, d["w"], d["b"], True)
+        monkeypatch.setitem(ops.ATEN_BN_KERNELS, "cpu", ("backward",) if not planned else ())
+        with _CountAten() as seen:
+            (gx,) = torch.autograd.grad(y, x, d["gy"])
+        assert ("aten.native_batch_norm_backward.default" in seen.names) == bool(planned), seen.names
+        _, mean, invstd = batch_norm_train_ref(d["x"], d["w"], d["b"], 1e-5)
+        torch.testing.assert_close(gx, batch_norm_backward_ref(d["gy"], d["x"], d["w"], mean, invstd, None, None)[0],
+                                   rtol=1e-11, atol=1e-11)
