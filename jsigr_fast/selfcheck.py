@@ -12,6 +12,10 @@ three tiers per device and GPU kernel set:
   batch of 16, J-SIGR by projection and by Hutchinson without a saliency mask (a mask threshold would
   flip features on rounding): relative error of the loss and of the whole gradient vector
   ``<= 1e-3`` (measured ~1e-5 on a CPU). TF32 is switched off while it runs.
+* **exact variant** (not with ``--quick``): the exact tier's J-SIGR and double-backprop checks on the
+  batch-norm models with each candidate per-device setting forced (:data:`VARIANTS`: ATen's batch-norm
+  kernels inside the fused ops, the grad_y rebuild, ATen's conv / ReLU), so that one found faster on a
+  GPU is known exact there before it is switched on.
 * **bfloat16**: the same under ``torch.autocast(bfloat16)``, by flash-attention's rule: the fused
   backend's error against the float32 reference is at most 2x plain PyTorch's error in bf16
   (plus 1 % of the value for the loss, a single number whose error is noisy).
@@ -135,6 +139,59 @@ def exact_tier(device: torch.device, kernels: str, report) -> None:
                 report(Result(str(device), kernels, "exact", check, name, err, EXACT_RTOL, err <= EXACT_RTOL))
             except Exception as exc:  # noqa: BLE001 - a crash is a failed check, reported with its reason
                 report(Result(str(device), kernels, "exact", check, name, math.nan, EXACT_RTOL, False, _reason(exc)))
+
+
+# The per-device settings a GPU run times as ablations before one is switched on there (bench_fused.py
+# --ablation aten_bn / bn_rebuild / aten_rules): each is checked exact here first, on the machine.
+VARIANTS = {
+    "ATen batch-norm kernels": ("ops", "ATEN_BN_KERNELS", ("forward", "backward")),
+    "grad_y rebuilt": ("ops", "BN_REBUILD_GRAD_Y", True),
+    "ATen conv / ReLU": ("fused", "LAYER_RULES", ()),
+}
+VARIANT_MODELS = ("conv_bn_train", "residual_bn")
+VARIANT_LOSSES = ("J-SIGR projection", "J-SIGR Hutchinson", "double backprop")
+
+
+@contextmanager
+def _setting(module: str, name: str, device_type: str, value):
+    """``jsigr_fast.<module>.<name>[device_type] = value`` inside the block (restored afterwards)."""
+    import importlib
+
+    table = getattr(importlib.import_module(f"jsigr_fast.{module}"), name)
+    missing = object()
+    before = table.get(device_type, missing)
+    table[device_type] = value
+    try:
+        yield
+    finally:
+        if before is missing:
+            del table[device_type]
+        else:
+            table[device_type] = before
+
+
+def variant_tier(device: torch.device, kernels: str, report) -> None:
+    """The exact tier's check for each of :data:`VARIANTS`, with that setting forced for the device."""
+    from .testing import tiny_input, tiny_model
+
+    for variant, (module, name, value) in VARIANTS.items():
+        for model_name in VARIANT_MODELS:
+            model = tiny_model(model_name).to(device)
+            x = tiny_input(model_name).to(device)
+            y = (torch.arange(x.shape[0]) % 4).to(device)
+            for check in VARIANT_LOSSES:
+                kw = EXACT_LOSSES[check]
+                label = f"{check}, {variant}"
+                try:
+                    ref = _run(model, x, y, "reference", kw)
+                    with _setting(module, name, device.type, value):
+                        got = _run(model, x, y, "fused", kw)
+                    err = _exact_error(ref, got)
+                    report(Result(str(device), kernels, "exact variant", label, model_name, err, EXACT_RTOL,
+                                  err <= EXACT_RTOL))
+                except Exception as exc:  # noqa: BLE001
+                    report(Result(str(device), kernels, "exact variant", label, model_name, math.nan, EXACT_RTOL,
+                                  False, _reason(exc)))
 
 
 def realistic_tiers(device: torch.device, kernels: str, report) -> None:
@@ -290,6 +347,7 @@ def _check_device(device: torch.device, kernels: str, quick: bool, add) -> None:
         ops.use_gpu_kernels(kernels)
     exact_tier(device, kernels, add)
     if not quick:
+        variant_tier(device, kernels, add)
         realistic_tiers(device, kernels, add)
 
 

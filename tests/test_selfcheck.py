@@ -75,3 +75,30 @@ def test_the_build_check_runs_the_installed_package_in_a_subprocess():
     # the real op on this machine: raises (no crash), in a process of its own
     (r,) = selfcheck.error_path_results(["cpu"])
     assert r.passed and r.tier == "build" and r.detail == "", r
+
+
+def test_variant_tier_checks_each_candidate_setting_and_catches_a_wrong_one(monkeypatch):
+    # every variant exact on a sound build (float64 against the reference), the settings restored; then
+    # ATen's batch-norm backward off by one part in a million inside the fused ops: only that variant's
+    # checks fail (its forced setting is what routes there)
+    from jsigr_fast import fused
+
+    before = (dict(ops.ATEN_BN_KERNELS), dict(ops.BN_REBUILD_GRAD_Y), dict(fused.LAYER_RULES))
+    results = []
+    selfcheck.variant_tier(torch.device("cpu"), "cpu", results.append)
+    assert len(results) == len(selfcheck.VARIANTS) * len(selfcheck.VARIANT_MODELS) * len(selfcheck.VARIANT_LOSSES)
+    assert all(r.passed and r.error <= 1e-9 for r in results), [r for r in results if not r.passed]
+    assert (dict(ops.ATEN_BN_KERNELS), dict(ops.BN_REBUILD_GRAD_Y), dict(fused.LAYER_RULES)) == before
+
+    right = torch.ops.aten.native_batch_norm_backward
+
+    class Wrong:
+        def __call__(self, *args):
+            gx, gw, gb = right(*args)
+            return gx * (1 + 1e-6), gw, gb
+
+    monkeypatch.setattr(torch.ops.aten, "native_batch_norm_backward", Wrong())
+    results = []
+    selfcheck.variant_tier(torch.device("cpu"), "cpu", results.append)
+    failed = {r.check.split(", ", 1)[1] for r in results if not r.passed}
+    assert failed == {"ATen batch-norm kernels"}, [(r.check, r.model, r.error) for r in results]
