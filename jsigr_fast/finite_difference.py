@@ -303,7 +303,7 @@ def jsigr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float
     _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
     early = FREE_EARLY and torch.is_grad_enabled()  # the caller will differentiate (no_grad: values only)
-    with torch.enable_grad(), layer_rules(backend, first_order=True):
+    with torch.enable_grad(), layer_rules(backend, first_order=True, device=x.device):
         rng = _ForwardRNG(x)
         xg, logits = forward(model, x, y)
         per_sample = F.cross_entropy(logits, y, reduction="none")
@@ -330,7 +330,7 @@ def input_gradient_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
     early = FREE_EARLY and torch.is_grad_enabled()
-    with torch.enable_grad(), layer_rules(backend, first_order=True):
+    with torch.enable_grad(), layer_rules(backend, first_order=True, device=x.device):
         rng = _ForwardRNG(x)
         xg, logits = forward(model, x, y)
         per_sample = F.cross_entropy(logits, y, reduction="none")
@@ -346,7 +346,7 @@ def jacobian_norm(model: nn.Module, x: torch.Tensor, *, estimator: str = "projec
     _warn_low_precision(x)
     aux = _checks.unwrap_parallel(model)
     early = FREE_EARLY and torch.is_grad_enabled()
-    with torch.enable_grad(), layer_rules(backend, first_order=True):
+    with torch.enable_grad(), layer_rules(backend, first_order=True, device=x.device):
         rng = _ForwardRNG(x)
         xg, logits = forward(model, x, None)
         per = _jacobian_fd(aux, x, logits, xg, estimator=estimator, n_proj=n_proj, generator=generator,

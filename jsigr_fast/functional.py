@@ -89,17 +89,19 @@ def mask_fraction(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mask.to(x.dtype).mean()
 
 
-def layer_rules(backend: str, *, first_order: bool = False):
+def layer_rules(backend: str, *, first_order: bool = False, device=None):
     """The backend's layer rules for a block of plain autograd code: the fused backend's
     BatchNorm/conv/ReLU rules (:func:`jsigr_fast.fused.fused_layers`), nothing for the others.
     Used for the perturbed-input saliency pass (an input-only backward, no graph) and by the
     regularizers written as plain autograd code (``mode="fd"``, Jacobian and interpretation
     regularization, JARN). ``first_order=True`` for a block whose graph is differentiated only
-    once (the saliency pass, ``mode="fd"``): conv and ReLU then stay ATen's (see fused_layers)."""
+    once (the saliency pass, ``mode="fd"``): conv and ReLU then stay ATen's (see fused_layers);
+    with the inputs' ``device`` given, such a block where the device's settings leave ATen's layers
+    in place (the GPU's) runs without the rerouting mode at all."""
     if backend == "fused":
         from . import fused
 
-        return fused.fused_layers(first_order=first_order)
+        return fused.fused_layers(first_order=first_order, device=device)
     return contextlib.nullcontext()
 
 
@@ -222,7 +224,7 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lambda_m: float 
     if lambda_m > 0 and not (isinstance(saliency, str) and saliency == "none"):
         g_hat = None  # a precomputed map needs no perturbed pass
         if not isinstance(saliency, torch.Tensor):
-            with layer_rules(backend, first_order=True):
+            with layer_rules(backend, first_order=True, device=x.device):
                 g_hat = perturbed_input_gradient(model, x, y, eps=eps, generator=generator, grad_scale=grad_scale)
         mask = mask_builder(backend)(saliency, g_hat, x, beta=beta, quantile=mask_quantile)
         del g_hat  # an input-sized tensor not to hold through the step's peak

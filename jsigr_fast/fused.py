@@ -307,8 +307,21 @@ def _batch_norm_jvp(input, running_mean, running_var, weight=None, bias=None, tr
     return y
 
 
+def _first_order_is_plain(device) -> bool:
+    """Whether a first-order block on ``device`` changes nothing for 4-D activations: no relayout
+    (:data:`CHANNELS_LAST`), ATen's conv and ReLU (:data:`FIRST_ORDER_NATIVE`) and ATen's batch norm in both
+    layouts (:data:`FIRST_ORDER_ATEN_BN`) -- the H200's settings. Such a block needs no rerouting mode,
+    whose Python dispatch of every torch call was all the fused fd step added to the reference's host
+    work there (bench/bench_overhead.py); a batch norm on other shapes (BatchNorm1d) then runs ATen's
+    first-order kernels too, exact either way."""
+    dev = torch.device(device).type
+    return (FIRST_ORDER_NATIVE and not CHANNELS_LAST.get(dev, False)
+            and {"contiguous", "channels_last"} <= set(FIRST_ORDER_ATEN_BN.get(dev, ())))
+
+
 @contextlib.contextmanager
-def fused_layers(*, forward_ad: bool = False, conv: bool = True, relu: bool = True, first_order: bool = False):
+def fused_layers(*, forward_ad: bool = False, conv: bool = True, relu: bool = True, first_order: bool = False,
+                 device=None):
     """Inside the block, train-mode ``F.batch_norm`` runs the fused op (:func:`jsigr_fast.ops.batch_norm`),
     ``F.conv2d`` and ``F.relu`` get the explicit double-backward rules of :func:`conv2d` / :func:`relu`.
     With ``forward_ad=True`` batch norm goes through a wrapper that also has an exact forward-mode rule.
@@ -318,7 +331,12 @@ def fused_layers(*, forward_ad: bool = False, conv: bool = True, relu: bool = Tr
     nothing there; so does batch norm where ATen's first-order kernels are the faster ones (see
     FIRST_ORDER_NATIVE). A graph built so is still exact when differentiated twice, through ATen's
     double backward. Batch norm's grad_y-rebuild checks are read together, once per block
-    (:func:`jsigr_fast.ops.rebuild_checks_together`)."""
+    (:func:`jsigr_fast.ops.rebuild_checks_together`). A first-order block given the inputs' ``device``
+    where that device's settings leave every layer ATen's (:func:`_first_order_is_plain`) pushes no mode
+    and yields None."""
+    if first_order and not forward_ad and device is not None and _first_order_is_plain(device):
+        yield None
+        return
     with ops.rebuild_checks_together(), _FusedMode(forward_ad=forward_ad, conv=conv, relu=relu,
                                                    first_order=first_order) as mode:
         yield mode

@@ -93,7 +93,7 @@ class JSIGR(GANCriterion):
         terms_extra = {}
         mask = None
         if self.lambda_m > 0 or self.training:
-            with layer_rules(backend, first_order=True):
+            with layer_rules(backend, first_order=True, device=x.device):
                 g_hat = perturbed_input_gradient(model, x, y, eps=self.eps, generator=generator, grad_scale=grad_scale)
             if self.training:
                 with torch.enable_grad():

@@ -419,3 +419,31 @@ def test_fd_grad_scale_scales_the_early_backward_and_undoes_it():
     for scaled in grads[1:]:
         for a, b in zip(scaled, grads[0]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.skipif("fused" not in jsigr_fast.available_backends(), reason="fused backend unavailable")
+@pytest.mark.parametrize("gpu_like", [True, False])
+def test_fd_first_order_blocks_skip_the_mode_where_the_device_keeps_atens_layers(gpu_like, monkeypatch):
+    # With the H200's first-order settings (no relayout, ATen's conv / ReLU / batch norm in both layouts) the
+    # fused fd loss (and its perturbed saliency pass) runs no rerouting mode: the reference's computation,
+    # bit for bit. With the CPU's it does run one (the channels-last relayout, the fused batch norm).
+    from jsigr_fast import fused
+
+    if gpu_like:
+        monkeypatch.setitem(fused.CHANNELS_LAST, "cpu", False)
+        monkeypatch.setitem(fused.FIRST_ORDER_ATEN_BN, "cpu", ("channels_last", "contiguous"))
+    modes = []
+    real_init = fused._FusedMode.__init__
+    monkeypatch.setattr(fused._FusedMode, "__init__", lambda self, **kw: modes.append(kw) or real_init(self, **kw))
+    model, x = tiny_model("residual_bn"), tiny_input("residual_bn")
+    runs = {}
+    for backend in ("reference", "fused"):
+        m = copy.deepcopy(model)
+        out = jsigr_fast.loss(m, x, Y, mode="fd", backend=backend, generator=torch.Generator().manual_seed(0))
+        runs[backend] = (out.detach(), torch.autograd.grad(out, list(m.parameters())))
+    assert (not modes) == gpu_like, modes
+    (ref, ref_g), (got, got_g) = runs["reference"], runs["fused"]
+    if gpu_like:
+        assert torch.equal(got, ref) and all(torch.equal(a, b) for a, b in zip(got_g, ref_g))
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)
