@@ -3,6 +3,7 @@ records it writes (also of the CPU records committed under bench/results/), and 
 pieces of the new bench/steps.py methods."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -419,6 +420,33 @@ def test_fd_step_peak_is_about_two_standard_steps():
     assert peaks["fd"] < 2.2 * peaks["standard"], peaks
 
 
+def _same_as_reference(fused_loss, mode=None):
+    """The reference backend's J-SIGR loss and parameter gradients (the oracle) against ``fused_loss``'s on a
+    float64 ResNet-20 at 8x8 pixels, same draws; ``mode``: a dispatch mode class both run under, whose
+    instance from the fused run is returned with the (model, x, y) used."""
+    import copy
+
+    import jsigr_fast
+
+    torch.manual_seed(0)
+    model = steps.get_model("resnet20", num_classes=10).double().train()
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 10, (4,))
+    runs = []
+    for fn in (lambda m: jsigr_fast.loss(m, x, y, backend="reference"), lambda m: fused_loss(m, x, y)):
+        m = copy.deepcopy(model)
+        torch.manual_seed(1)
+        with mode() if mode else contextlib.nullcontext() as seen:
+            loss = fn(m)
+            grads = torch.autograd.grad(loss, list(m.parameters()))
+        runs.append((loss.detach(), grads, seen))
+    (ref_loss, ref_grads, _), (loss, grads, seen) = runs
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-8, atol=1e-12)
+    return seen, (model, x, y)
+
+
 def test_aten_rules_ablation_is_the_same_loss_through_aten(monkeypatch):
     # The aten_rules ablation must time what it says: the fused J-SIGR loss with no conv / ReLU rule applied
     # (ATen's autograd there, batch norm still fused), the same loss and parameter gradients as the
@@ -435,22 +463,9 @@ def test_aten_rules_ablation_is_the_same_loss_through_aten(monkeypatch):
     bn_calls = []
     orig_bn = jsigr_fast.ops.BatchNormTrain.apply
     monkeypatch.setattr(jsigr_fast.ops.BatchNormTrain, "apply", lambda *a: bn_calls.append(1) or orig_bn(*a))
-    torch.manual_seed(0)
-    model = steps.get_model("resnet20", num_classes=10).double().train()
-    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
-    y = torch.randint(0, 10, (4,))
     before = dict(fused.LAYER_RULES)
-    runs = []
-    for fn in (lambda m: jsigr_fast.loss(m, x, y, backend="reference"), lambda m: steps._fused_jsigr_aten_layers(m, x, y)):
-        m = copy.deepcopy(model)
-        torch.manual_seed(1)
-        loss = fn(m)
-        runs.append((loss.detach(), torch.autograd.grad(loss, list(m.parameters()))))
+    _, (model, x, y) = _same_as_reference(steps._fused_jsigr_aten_layers)
     assert not calls and bn_calls and fused.LAYER_RULES == before
-    (ref_loss, ref_grads), (loss, grads) = runs
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg, rtol=1e-8, atol=1e-12)
     # and the default fused loss does apply the rules
     torch.manual_seed(1)
     jsigr_fast.loss(copy.deepcopy(model), x, y, backend="fused")
@@ -507,11 +522,8 @@ def test_aten_bn_ablation_is_the_same_loss_with_atens_kernels():
     # The aten_bn ablation: the fused J-SIGR loss with ATen's batch-norm forward / backward inside the fused
     # ops (they ran), the fused double backward kept; the loss and parameter gradients of the reference
     # backend (the oracle, float64); ops.ATEN_BN_KERNELS restored.
-    import copy
-
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import jsigr_fast
     from jsigr_fast import ops
 
     class Seen(TorchDispatchMode):
@@ -523,29 +535,14 @@ def test_aten_bn_ablation_is_the_same_loss_with_atens_kernels():
             self.names.add(str(func))
             return func(*args, **(kwargs or {}))
 
-    torch.manual_seed(0)
-    model = steps.get_model("resnet20", num_classes=10).double().train()
-    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
-    y = torch.randint(0, 10, (4,))
     before = dict(ops.ATEN_BN_KERNELS)
-    runs = []
-    for fn in (lambda m: jsigr_fast.loss(m, x, y, backend="reference"), lambda m: steps._fused_jsigr_aten_bn(m, x, y)):
-        m = copy.deepcopy(model)
-        torch.manual_seed(1)
-        with Seen() as seen:
-            loss = fn(m)
-            grads = torch.autograd.grad(loss, list(m.parameters()))
-        runs.append((loss.detach(), grads, seen.names))
+    seen, _ = _same_as_reference(steps._fused_jsigr_aten_bn, mode=Seen)
     assert ops.ATEN_BN_KERNELS == before
-    (ref_loss, ref_grads, _), (loss, grads, names) = runs
     # (the final backward's batch-norm calls that carry cotangents of the statistics, from the double
     # backward, still run the fused backward kernel: ATen's has no such terms)
     assert {"aten.native_batch_norm.default", "aten.native_batch_norm_backward.default",
-            "jsigr_fast.batch_norm_double_backward.default"} <= names
-    assert "jsigr_fast.batch_norm_train.default" not in names
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg, rtol=1e-8, atol=1e-12)
+            "jsigr_fast.batch_norm_double_backward.default"} <= seen.names
+    assert "jsigr_fast.batch_norm_train.default" not in seen.names
 
 
 def test_profile_lines_give_the_gpus_busy_share():
