@@ -320,8 +320,9 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
                                              "J-SIGR, projection (fused), batch norm rebuilds grad_y"),
             "jsigr_aten_rules_fused": Method("jsigr_aten_rules_fused", "jsigr", _fused_jsigr_aten_layers,
                                              "J-SIGR, projection (fused), ATen's conv / ReLU (ablation)"),
-            "jsigr_aten_bn_fused": Method("jsigr_aten_bn_fused", "jsigr", _fused_jsigr_aten_bn,
-                                          "J-SIGR, projection (fused), ATen's batch-norm forward / backward (ablation)"),
+            "jsigr_aten_bn_fused": Method(
+                "jsigr_aten_bn_fused", "jsigr", _fused_jsigr_aten_bn,
+                "J-SIGR, projection (fused), ATen's batch-norm forward / backward (ablation)"),
             "jsigr_eager_fused": Method("jsigr_eager_fused", "jsigr", fused_jsigr_eager_penalty,
                                         "J-SIGR, projection (fused), penalty gradients eager (ablation)"),
             "jsigr_hutchinson_fused": Method(
