@@ -331,12 +331,10 @@ def _forward_plan(x, weight, invstd):
 
 
 def _batch_norm_backward(plan, *args):
-    """``BatchNormBackward.apply(*args)`` as the layer's forward planned it (:func:`_forward_plan`, or None:
-    as the policies say now): with ATen's first-order kernel or ours, and, where a node is recorded (a
-    create-graph backward), its grad_y rebuild decided with the block's other checks. The decisions reach
-    the op's kernel and setup_context through thread-local state set around the call (same thread)."""
-    if plan is None:
-        return BatchNormBackward.apply(*args)
+    """``BatchNormBackward.apply(*args)`` as the layer's forward planned it (:func:`_forward_plan`): with
+    ATen's first-order kernel or ours, and, where a node is recorded (a create-graph backward), its grad_y
+    rebuild decided with the block's other checks. The decisions reach the op's kernel and setup_context
+    through thread-local state set around the call (same thread)."""
     check, aten = plan
     try:
         _STATE.aten = aten
