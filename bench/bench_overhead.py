@@ -29,7 +29,7 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from steps import conditions, make_methods, publish, train_step  # noqa: E402
 
 from jsigr_fast import fused, ops  # noqa: E402
+from jsigr_fast._settings import device_setting  # noqa: E402
 from jsigr_fast.models import get_model  # noqa: E402
 
 METHODS = ("standard", "double_backprop", "double_backprop_fused", "jsigr", "jsigr_fused", "jsigr_fd",
@@ -51,15 +52,11 @@ POLICIES = ((fused, "CHANNELS_LAST"), (fused, "BATCH_VJPS"), (fused, "BATCH_PROB
 @contextmanager
 def device_policies(device_type: str):
     """The fused backend's choices for ``device_type`` applied to the CPU (restored afterwards)."""
-    saved = [(mod, name, getattr(mod, name)["cpu"]) for mod, name in POLICIES]
-    try:
-        for mod, name, _ in saved:
+    with ExitStack() as stack:
+        for mod, name in POLICIES:
             table = getattr(mod, name)
-            table["cpu"] = table.get(device_type, table["cpu"])
+            stack.enter_context(device_setting(table, "cpu", table.get(device_type, table["cpu"])))
         yield
-    finally:
-        for mod, name, before in saved:
-            getattr(mod, name)["cpu"] = before
 
 
 class _CountOps(TorchDispatchMode):

@@ -113,18 +113,29 @@ def _channels_last(x):
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def _fused_nchw_jsigr(m, x, y):
-    """The fused J-SIGR loss with fused.CHANNELS_LAST off for x's device (restored afterwards; the
-    backward runs outside, but the layout is fixed by the forward)."""
-    from jsigr_fast import fused
+def _fused_jsigr_with(module: str, name: str, value):
+    """The fused J-SIGR loss with ``jsigr_fast.<module>.<name>[x's device] = value`` during the call (restored
+    afterwards): an ablation of one per-device setting. Every setting so timed is fixed inside the call (the
+    layout and layer rules as the forward records the layers, the grad_y rebuild at the create-graph VJPs,
+    the batch-norm kernels at each layer's forward), so the step's backward after it runs what was chosen."""
+    import importlib
 
-    dev = x.device.type
-    before = fused.CHANNELS_LAST.get(dev, False)
-    fused.CHANNELS_LAST[dev] = False
-    try:
-        return jsigr_fast.loss(m, x, y, backend="fused")
-    finally:
-        fused.CHANNELS_LAST[dev] = before
+    from jsigr_fast._settings import device_setting
+
+    table = getattr(importlib.import_module(f"jsigr_fast.{module}"), name)
+
+    def loss(m, x, y):
+        with device_setting(table, x.device.type, value):
+            return jsigr_fast.loss(m, x, y, backend="fused")
+    return loss
+
+
+# fused.CHANNELS_LAST off: activations kept NCHW (the layout ablation)
+_fused_nchw_jsigr = _fused_jsigr_with("fused", "CHANNELS_LAST", False)
+# fused.LAYER_RULES empty: ATen's conv and ReLU autograd in the create-graph passes, batch norm still fused
+_fused_jsigr_aten_layers = _fused_jsigr_with("fused", "LAYER_RULES", ())
+# ops.ATEN_BN_KERNELS on: ATen's batch-norm forward / backward inside the fused ops, the fused double backward kept
+_fused_jsigr_aten_bn = _fused_jsigr_with("ops", "ATEN_BN_KERNELS", ("forward", "backward"))
 
 
 def _fd_graphs_kept(backend):
@@ -157,48 +168,9 @@ def _fd_fused_rules(m, x, y):
 
 
 def _fused_jsigr_bn_rebuild(on: bool):
-    """The fused J-SIGR loss with ops.BN_REBUILD_GRAD_Y forced on or off on every device (restored
-    afterwards; the choice is made when the create-graph VJPs run, inside the call): batch_norm_backward's
-    double backward rebuilding grad_y from its own output (on) or keeping it (off)."""
-    from jsigr_fast import ops
-
-    def loss(m, x, y):
-        before = dict(ops.BN_REBUILD_GRAD_Y)
-        ops.BN_REBUILD_GRAD_Y.update({dev: on for dev in before})
-        try:
-            return jsigr_fast.loss(m, x, y, backend="fused")
-        finally:
-            ops.BN_REBUILD_GRAD_Y.update(before)
-    return loss
-
-
-def _fused_jsigr_aten_layers(m, x, y):
-    """The fused J-SIGR loss with fused.LAYER_RULES empty for x's device (restored afterwards; the rules
-    are chosen as the forward records the layers, inside the call): ATen's conv and ReLU autograd in the
-    create-graph passes, batch norm still the fused ops."""
-    from jsigr_fast import fused
-
-    dev = x.device.type
-    before = fused.LAYER_RULES.get(dev)
-    fused.LAYER_RULES[dev] = ()
-    try:
-        return jsigr_fast.loss(m, x, y, backend="fused")
-    finally:
-        fused.LAYER_RULES[dev] = before
-
-
-def _fused_jsigr_aten_bn(m, x, y):
-    """The fused J-SIGR loss with ops.ATEN_BN_KERNELS on for x's device (restored afterwards): ATen's batch-norm
-    forward and backward kernels inside the fused ops, the fused double backward kept."""
-    from jsigr_fast import ops
-
-    dev = x.device.type
-    before = ops.ATEN_BN_KERNELS.get(dev)
-    ops.ATEN_BN_KERNELS[dev] = ("forward", "backward")
-    try:
-        return jsigr_fast.loss(m, x, y, backend="fused")
-    finally:
-        ops.ATEN_BN_KERNELS[dev] = before
+    """ops.BN_REBUILD_GRAD_Y forced on or off: batch_norm_backward's double backward rebuilding grad_y from its
+    own output (on) or keeping it (off)."""
+    return _fused_jsigr_with("ops", "BN_REBUILD_GRAD_Y", on)
 
 
 def fused_jsigr_eager_penalty(m, x, y, *, generator=None):

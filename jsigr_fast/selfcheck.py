@@ -152,29 +152,15 @@ VARIANT_MODELS = ("conv_bn_train", "residual_bn")
 VARIANT_LOSSES = ("J-SIGR projection", "J-SIGR Hutchinson", "double backprop")
 
 
-@contextmanager
-def _setting(module: str, name: str, device_type: str, value):
-    """``jsigr_fast.<module>.<name>[device_type] = value`` inside the block (restored afterwards)."""
-    import importlib
-
-    table = getattr(importlib.import_module(f"jsigr_fast.{module}"), name)
-    missing = object()
-    before = table.get(device_type, missing)
-    table[device_type] = value
-    try:
-        yield
-    finally:
-        if before is missing:
-            del table[device_type]
-        else:
-            table[device_type] = before
-
-
 def variant_tier(device: torch.device, kernels: str, report) -> None:
     """The exact tier's check for each of :data:`VARIANTS`, with that setting forced for the device."""
+    import importlib
+
+    from ._settings import device_setting
     from .testing import tiny_input, tiny_model
 
     for variant, (module, name, value) in VARIANTS.items():
+        table = getattr(importlib.import_module(f"jsigr_fast.{module}"), name)
         for model_name in VARIANT_MODELS:
             model = tiny_model(model_name).to(device)
             x = tiny_input(model_name).to(device)
@@ -184,7 +170,7 @@ def variant_tier(device: torch.device, kernels: str, report) -> None:
                 label = f"{check}, {variant}"
                 try:
                     ref = _run(model, x, y, "reference", kw)
-                    with _setting(module, name, device.type, value):
+                    with device_setting(table, device.type, value):
                         got = _run(model, x, y, "fused", kw)
                     err = _exact_error(ref, got)
                     report(Result(str(device), kernels, "exact variant", label, model_name, err, EXACT_RTOL,
