@@ -10,6 +10,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def batch_jacobian(model, x):
@@ -129,3 +130,21 @@ def fd_penalty(model, x, h, *, y=None, v=None, zeta=None):
     sq = zeta.reshape(n, -1).pow(2).sum(1)
     d = zeta / sq.sqrt().view(expand)
     return (sq * ((model(x + h * d) - logits) / h).reshape(n, -1).pow(2).sum(1)).mean()
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Inside the block, ``names``: every op dispatched, in order (``"aten.add.Tensor"``, ...); ``reads``: how
+    many of them read a value to the host (``.item()``, ``bool(tensor)``: a device sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def reads(self) -> int:
+        return self.names.count("aten._local_scalar_dense.default")
+

@@ -522,26 +522,17 @@ def test_aten_bn_ablation_is_the_same_loss_with_atens_kernels():
     # The aten_bn ablation: the fused J-SIGR loss with ATen's batch-norm forward / backward inside the fused
     # ops (they ran), the fused double backward kept; the loss and parameter gradients of the reference
     # backend (the oracle, float64); ops.ATEN_BN_KERNELS restored.
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from oracles import DispatchedOps
 
     from jsigr_fast import ops
 
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(str(func))
-            return func(*args, **(kwargs or {}))
-
     before = dict(ops.ATEN_BN_KERNELS)
-    seen, _ = _same_as_reference(steps._fused_jsigr_aten_bn, mode=Seen)
+    seen, _ = _same_as_reference(steps._fused_jsigr_aten_bn, mode=DispatchedOps)
     assert ops.ATEN_BN_KERNELS == before
     # (the final backward's batch-norm calls that carry cotangents of the statistics, from the double
     # backward, still run the fused backward kernel: ATen's has no such terms)
     assert {"aten.native_batch_norm.default", "aten.native_batch_norm_backward.default",
-            "jsigr_fast.batch_norm_double_backward.default"} <= seen.names
+            "jsigr_fast.batch_norm_double_backward.default"} <= set(seen.names)
     assert "jsigr_fast.batch_norm_train.default" not in seen.names
 
 

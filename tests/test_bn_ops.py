@@ -12,12 +12,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import jsigr_fast
 from jsigr_fast import ops
 from jsigr_fast.reference import batch_norm_backward_ref, batch_norm_double_backward_ref, batch_norm_train_ref
-from oracles import graph_nodes
+from oracles import DispatchedOps, graph_nodes
 from bn_oracles import CASES, _assert_all_close, _inputs
 
 pytestmark = pytest.mark.skipif(not jsigr_fast.extension_loaded(),
@@ -483,16 +482,6 @@ def test_cuda_fused_backend_equals_reference():
 # ----------------------------------------------------------------------------------------------
 # the rebuild checks of one block read together (ops.rebuild_checks_together): one host read
 # ----------------------------------------------------------------------------------------------
-class _CountReads(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.reads += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 def _bn_chain_vjp(weights, x):
     """x through batch norms with the given weights (tanh between), then the create-graph input gradient
     of a fixed cotangent and the gradient of its square in the weights: the double backward."""
@@ -516,14 +505,14 @@ def test_rebuild_checks_of_a_block_are_read_once(zero_channel, monkeypatch):
     weights = [torch.rand(3, dtype=torch.float64, generator=gen) + 0.5 for _ in range(4)]
     if zero_channel:
         weights[1][2] = 0
-    with ops.rebuild_checks_together(), _CountReads() as together:
+    with ops.rebuild_checks_together(), DispatchedOps() as together:
         g, dws = _bn_chain_vjp(weights, x)
     nodes = [n for n in graph_nodes(g) if type(n).__name__ == "BatchNormBackwardBackward"]
     assert sorted(n.rebuild for n in nodes) == ([False] + [True] * 3 if zero_channel else [True] * 4)
     # one read for the four checks (where one cannot rebuild, a tolist() says which: a second transfer on
     # a GPU, not an op here); alone, one per batch norm
     assert together.reads == 1
-    with _CountReads() as alone:
+    with DispatchedOps() as alone:
         _bn_chain_vjp(weights, x)
     assert alone.reads == 4
     monkeypatch.setitem(ops.BN_REBUILD_GRAD_Y, "cpu", False)
@@ -536,16 +525,6 @@ def test_rebuild_checks_of_a_block_are_read_once(zero_channel, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # ATen's first-order kernels inside the differentiable ops (ops.ATEN_BN_KERNELS)
 # ----------------------------------------------------------------------------------------------
-class _CountAten(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("shape,layout", GRAD_CASES[:3])
 @pytest.mark.parametrize("affine", [True, False])
 def test_aten_kernels_inside_the_ops_keep_their_derivatives(shape, layout, affine, monkeypatch):
@@ -559,7 +538,7 @@ def test_aten_kernels_inside_the_ops_keep_their_derivatives(shape, layout, affin
     def f(x, *p):
         return ops.BatchNormTrain.apply(x, *(p if affine else (None, None)), 1e-5)
 
-    with _CountAten() as seen:
+    with DispatchedOps() as seen:
         out = f(x, *params)
         grads = torch.autograd.grad(out[0], (x, *params), d["gy"], create_graph=True)
     assert "aten.native_batch_norm.default" in seen.names
@@ -580,13 +559,13 @@ def test_aten_backward_returns_the_statistics_sums_without_a_weight(monkeypatch)
     d = _inputs((3, 4, 2, 5), "channels_last", affine=False)
     _, mean, invstd = batch_norm_train_ref(d["x"], None, None, 1e-5)
     gy = d["gy"].contiguous()  # a cotangent in the other layout than x
-    with _CountAten() as seen:
+    with DispatchedOps() as seen:
         got = ops.BatchNormBackward.apply(gy, d["x"], None, mean, invstd, None, None)
     assert "aten.native_batch_norm_backward.default" in seen.names
     _assert_all_close(got, batch_norm_backward_ref(gy, d["x"], None, mean, invstd, None, None), rtol=1e-11,
                       atol=1e-11)
     assert got[0].is_contiguous(memory_format=torch.channels_last)
-    with _CountAten() as seen:
+    with DispatchedOps() as seen:
         got = ops.BatchNormBackward.apply(gy, d["x"], None, mean, invstd, d["gm"], d["gs"])
     assert "aten.native_batch_norm_backward.default" not in seen.names
     _assert_all_close(got, batch_norm_backward_ref(gy, d["x"], None, mean, invstd, d["gm"], d["gs"]), rtol=1e-11,
@@ -602,7 +581,7 @@ def test_the_backward_kernel_is_chosen_at_the_layers_forward(monkeypatch):
         x = d["x"].clone().requires_grad_(True)
         y = ops.batch_norm(x, None, None, d["w"], d["b"], True)
         monkeypatch.setitem(ops.ATEN_BN_KERNELS, "cpu", ("backward",) if not planned else ())
-        with _CountAten() as seen:
+        with DispatchedOps() as seen:
             (gx,) = torch.autograd.grad(y, x, d["gy"])
         assert ("aten.native_batch_norm_backward.default" in seen.names) == bool(planned), seen.names
         _, mean, invstd = batch_norm_train_ref(d["x"], d["w"], d["b"], 1e-5)
