@@ -38,6 +38,8 @@ ABLATIONS = {
     "aten_rules": ("jsigr_aten_rules_fused", "jsigr_fused", "ATen's conv and ReLU autograd in the create-graph "
                    "passes instead of the fused double-backward rules (fused.LAYER_RULES empty; batch norm stays "
                    "fused)"),
+    "python_rules": ("jsigr_python_rules_fused", "jsigr_fused", "the conv / ReLU double-backward rules as Python "
+                     "autograd Functions instead of the C++ ones (fused.CPP_RULES off)"),
     "aten_bn": ("jsigr_aten_bn_fused", "jsigr_fused", "ATen's batch-norm forward and backward kernels inside the "
                 "fused batch-norm ops, the fused double backward kept (ops.ATEN_BN_KERNELS on)"),
     "fd_kept": ("jsigr_fd_kept", "jsigr_fd", "every perturbed forward's graph kept to the backward "

@@ -18,8 +18,9 @@ work does not depend on the tensors' size, so it can be measured here on tiny te
   device synchronisation on a GPU.
 
 ``--policies cuda`` copies the CUDA entries of the fused backend's per-device choices
-(jsigr_fast.fused: CHANNELS_LAST, BATCH_VJPS, BATCH_PROBES, LOSS_HEAD, FIRST_ORDER_ATEN_BN, LAYER_RULES;
-jsigr_fast.ops: BN_REBUILD_GRAD_Y, ATEN_BN_KERNELS) onto the CPU, so the counts are the GPU configuration's.
+(jsigr_fast.fused: CHANNELS_LAST, BATCH_VJPS, BATCH_PROBES, LOSS_HEAD, FIRST_ORDER_ATEN_BN, LAYER_RULES,
+CPP_RULES; jsigr_fast.ops: BN_REBUILD_GRAD_Y, ATEN_BN_KERNELS) onto the CPU, so the counts are the GPU
+configuration's.
 Results: ``<out>/overhead_cpu_<model>_<policies>_policies[_<tag>].{md,json}``.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ METHODS = ("standard", "double_backprop", "double_backprop_fused", "jsigr", "jsi
            "jsigr_fd_fused", "jsigr_hutchinson", "jsigr_hutchinson_fused")
 # the fused backend's per-device choices (dicts keyed by device type)
 POLICIES = ((fused, "CHANNELS_LAST"), (fused, "BATCH_VJPS"), (fused, "BATCH_PROBES"), (fused, "LOSS_HEAD"),
-            (fused, "FIRST_ORDER_ATEN_BN"), (fused, "LAYER_RULES"), (ops, "BN_REBUILD_GRAD_Y"),
+            (fused, "FIRST_ORDER_ATEN_BN"), (fused, "LAYER_RULES"), (fused, "CPP_RULES"), (ops, "BN_REBUILD_GRAD_Y"),
             (ops, "ATEN_BN_KERNELS"))
 
 

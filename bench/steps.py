@@ -136,6 +136,8 @@ _fused_nchw_jsigr = _fused_jsigr_with("fused", "CHANNELS_LAST", False)
 _fused_jsigr_aten_layers = _fused_jsigr_with("fused", "LAYER_RULES", ())
 # ops.ATEN_BN_KERNELS on: ATen's batch-norm forward / backward inside the fused ops, the fused double backward kept
 _fused_jsigr_aten_bn = _fused_jsigr_with("ops", "ATEN_BN_KERNELS", ("forward", "backward"))
+# fused.CPP_RULES off: the conv / ReLU rules as the Python autograd Functions instead of the C++ ones
+_fused_jsigr_python_rules = _fused_jsigr_with("fused", "CPP_RULES", False)
 
 
 def _fd_graphs_kept(backend):
@@ -295,6 +297,9 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
             "jsigr_aten_bn_fused": Method(
                 "jsigr_aten_bn_fused", "jsigr", _fused_jsigr_aten_bn,
                 "J-SIGR, projection (fused), ATen's batch-norm forward / backward (ablation)"),
+            "jsigr_python_rules_fused": Method(
+                "jsigr_python_rules_fused", "jsigr", _fused_jsigr_python_rules,
+                "J-SIGR, projection (fused), conv / ReLU rules as Python Functions (ablation)"),
             "jsigr_eager_fused": Method("jsigr_eager_fused", "jsigr", fused_jsigr_eager_penalty,
                                         "J-SIGR, projection (fused), penalty gradients eager (ablation)"),
             "jsigr_hutchinson_fused": Method(

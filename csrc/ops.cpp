@@ -71,6 +71,15 @@ TORCH_LIBRARY(jsigr_fast, m) {
   m.def(
       "cross_entropy_cotangent_backward(Tensor? grad_loss, Tensor? grad_cot, Tensor logits, Tensor target) "
       "-> Tensor");
+
+  // ---- the fused backend's conv / ReLU rules as C++ autograd Functions (csrc/layer_rules.cpp) ----
+  // conv2d_rule = F.conv2d(x, weight, bias, stride, padding, dilation, groups) (4-D, 2-element lists)
+  // and relu_rule = relu(x), whose backward and double backward are ordinary convolution /
+  // threshold kernels at every order (the rules of jsigr_fast.fused, without a Python node).
+  m.def(
+      "conv2d_rule(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+      "int groups) -> Tensor");
+  m.def("relu_rule(Tensor x) -> Tensor");
   // (csrc/batch_norm.cpp also defines batch_norm_cpu_isa() -> str: which CPU kernel build runs.)
   // (csrc/saliency_mask.cpp also defines saliency_mask_cpu_isa() -> str, the same for its kernels.)
 }

@@ -17,7 +17,9 @@ any layer without a rule below keeps its ordinary autograd formula:
   gradient of the input-gradient's graph is ``convolution_backward(grad_out, gg_input)`` — the same
   fast kernel as an ordinary weight gradient — where ATen's ``ConvolutionBackwardBackward0`` runs a
   convolution over transposed copies of both tensors (pytorch#22577). The input-gradient VJPs also
-  skip the weight gradient that ATen's create-graph path cannot tell is unused.
+  skip the weight gradient that ATen's create-graph path cannot tell is unused. The rules (and ReLU's)
+  run as C++ autograd Functions (csrc/layer_rules.cpp, :data:`CPP_RULES`) except in forward mode, inside
+  torch.func transforms and under torch.compile, where the Python Functions below do.
 * **ReLU** (``F.relu``, not in-place): its backward's dependence on the input is zero almost
   everywhere; the rule says so, where ATen materialises ``zeros_like`` and adds it in every double backward.
   (So a parameter that reaches the bare Jacobian norm only through the ReLU's on/off pattern gets no gradient,
@@ -126,14 +128,26 @@ FIRST_ORDER_NATIVE = True
 FIRST_ORDER_ATEN_BN = {"cpu": ("channels_last",), "cuda": ("channels_last", "contiguous")}
 
 # The layers whose double-backward rules (conv2d, relu below) run in blocks differentiated twice, per device.
-# Each rule is a Python autograd.Function: it saves ATen's slow conv double backward (pytorch#22577) and
-# the weight gradients the create-graph VJPs do not need, for ~4 Python autograd nodes per conv per step
-# of host work, which is what a launch-bound GPU waits on (bench/bench_overhead.py). Without a rule the
+# The rules save ATen's slow conv double backward (pytorch#22577) and the weight gradients the create-graph
+# VJPs do not need, for ~4 autograd nodes per conv per step (C++ ones, see CPP_RULES, or Python ones: host
+# work, which is what a launch-bound GPU waits on; bench/bench_overhead.py). Without a rule the
 # layer is ATen's (batch norm keeps the fused ops either way). On the 2-core CPU (ResNet-20, batch 128,
 # fp32; bench/results/fused_cpu_resnet20_b128_float32_t2_jsigr_aten_rules.md) the rules pay: ATen's conv and
 # ReLU made the fused J-SIGR step 1.21x [1.08-1.38] slower. Not measured on a GPU yet (bench_fused.py
 # --ablation aten_rules; bench/gpu_session.sh runs it), so CUDA keeps them too.
 LAYER_RULES = {"cpu": ("conv", "relu"), "cuda": ("conv", "relu")}
+
+# The rules above as C++ autograd Functions (csrc/layer_rules.cpp: jsigr_fast::conv2d_rule / relu_rule), per
+# device: the same formulas, and the same ATen kernels, as the Python Functions _Conv2d / _ReLU below, without
+# a Python autograd node per call, its apply and its backward. Host work of the fused J-SIGR step (ResNet-20,
+# the CUDA settings; bench/results/overhead_cpu_resnet20_cuda_policies.md): see the record. The Python
+# Functions stay the path for forward mode (the Hutchinson tangent: C++ Functions have no jvp), inside
+# torch.func transforms and under torch.compile, and without the extension; ``bench_fused.py --ablation
+# python_rules`` times them against these.
+CPP_RULES = {"cpu": True, "cuda": True}
+_CPP_RULES_BUILT = ops._op_defined("conv2d_rule") and ops._op_defined("relu_rule")
+_conv2d_rule_op = torch.ops.jsigr_fast.conv2d_rule.default if _CPP_RULES_BUILT else None
+_relu_rule_op = torch.ops.jsigr_fast.relu_rule.default if _CPP_RULES_BUILT else None
 
 
 def _rule(layer: str, t) -> bool:
@@ -548,8 +562,29 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         dt = torch.get_autocast_dtype(dev)
         args = [t.to(dt) if t is not None else None for t in (input, weight, bias)]
         with torch.autocast(dev, enabled=False):
-            return _Conv2d.apply(*args, p)
+            return _conv_rule(*args, p)
+    return _conv_rule(input, weight, bias, p)
+
+
+def _cpp_rules(t) -> bool:
+    """Whether the rules for ``t`` run as the C++ Functions (:data:`CPP_RULES`): built, wanted on its device,
+    and no forward-mode level, torch.func transform or torch.compile trace active."""
+    return (_CPP_RULES_BUILT and CPP_RULES.get(t.device.type, False) and fwAD._current_level < 0
+            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling())
+
+
+def _conv_rule(input, weight, bias, p):
+    """The conv rule applied: ``jsigr_fast::conv2d_rule`` or :class:`_Conv2d` (see :data:`CPP_RULES`)."""
+    if _cpp_rules(input):
+        return _conv2d_rule_op(input, weight, bias, *p)
     return _Conv2d.apply(input, weight, bias, p)
+
+
+def _relu_rule(input):
+    """The ReLU rule applied: ``jsigr_fast::relu_rule`` or :class:`_ReLU` (see :data:`CPP_RULES`)."""
+    if _cpp_rules(input):
+        return _relu_rule_op(input)
+    return _ReLU.apply(input)
 
 
 class _ReLU(LeanFunction):
@@ -580,7 +615,7 @@ def relu(input, inplace=False):
     """``F.relu`` whose backward has no (identically zero) dependence on the input; in-place calls stay native."""
     if inplace:
         return F.relu(input, inplace=True)
-    return _ReLU.apply(input)
+    return _relu_rule(input)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -346,14 +346,14 @@ def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
     bench_fused.main(["--model", "digits_cnn", "--batch", "8", "--pairs", "jsigr,jsigr_fd", "--rounds", "2",
                       "--repeats", "1", "--ablation", "eager", "--ablation", "fd_kept", "--ablation", "fd_rules",
                       "--ablation", "bn_rebuild", "--ablation", "aten_rules", "--ablation", "aten_bn",
-                      "--out", str(tmp_path)])
+                      "--ablation", "python_rules", "--out", str(tmp_path)])
     (path,) = glob.glob(str(tmp_path / "fused_cpu_digits_cnn_b8_float32_t*_jsigr_jsigr_fd_eager_fd_kept_fd_rules"
-                                       "_bn_rebuild_aten_rules_aten_bn.json"))
+                                       "_bn_rebuild_aten_rules_aten_bn_python_rules.json"))
     with open(path) as f:
         rows = json.load(f)["results"]
     assert list(rows) == ["standard", "jsigr", "jsigr_fused", "jsigr_fd", "jsigr_fd_fused", "jsigr_eager_fused",
                           "jsigr_fd_kept", "jsigr_fd_rules", "jsigr_bn_keep_fused", "jsigr_bn_rebuild_fused",
-                          "jsigr_aten_rules_fused", "jsigr_aten_bn_fused"]
+                          "jsigr_aten_rules_fused", "jsigr_aten_bn_fused", "jsigr_python_rules_fused"]
     for n in list(rows)[1:]:
         assert len(rows[n]["rounds_s"]) == 2 and rows[n]["x_standard"] == pytest.approx(
             rows[n]["median_s"] / rows["standard"]["median_s"])
@@ -362,7 +362,8 @@ def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
             [r / f for r, f in zip(rows[ref]["rounds_s"], rows[fus]["rounds_s"])])
     for abl, base in (("jsigr_eager_fused", "jsigr_fused"), ("jsigr_fd_kept", "jsigr_fd"),
                       ("jsigr_fd_rules", "jsigr_fd_fused"), ("jsigr_bn_rebuild_fused", "jsigr_bn_keep_fused"),
-                      ("jsigr_aten_rules_fused", "jsigr_fused"), ("jsigr_aten_bn_fused", "jsigr_fused")):
+                      ("jsigr_aten_rules_fused", "jsigr_fused"), ("jsigr_aten_bn_fused", "jsigr_fused"),
+                      ("jsigr_python_rules_fused", "jsigr_fused")):
         assert rows[abl][f"x_{base}_rounds"] == pytest.approx(
             [e / f for e, f in zip(rows[abl]["rounds_s"], rows[base]["rounds_s"])])
     md = open(path[:-len(".json")] + ".md").read()
@@ -373,6 +374,7 @@ def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
     assert "Ablation 'fd_rules' (the fused conv / ReLU double-backward rules and the fused batch norm" in md
     assert "Ablation 'aten_rules' (ATen's conv and ReLU autograd in the create-graph passes" in md
     assert "Ablation 'aten_bn' (ATen's batch-norm forward and backward kernels inside the fused" in md
+    assert "Ablation 'python_rules' (the conv / ReLU double-backward rules as Python autograd Functions" in md
 
 
 def test_fd_rules_ablation_is_the_same_loss_through_the_rules(monkeypatch):
@@ -382,8 +384,8 @@ def test_fd_rules_ablation_is_the_same_loss_through_the_rules(monkeypatch):
     from jsigr_fast import fused
 
     calls = []
-    orig = fused._Conv2d.apply
-    monkeypatch.setattr(fused._Conv2d, "apply", lambda *a: calls.append(1) or orig(*a))
+    orig = fused._conv_rule
+    monkeypatch.setattr(fused, "_conv_rule", lambda *a: calls.append(1) or orig(*a))
     m, _, x, y = steps.make_setup("digits_cnn", 4, dtype=torch.float64)
     torch.manual_seed(0)
     ablation = steps._fd_fused_rules(m, x, y)
@@ -457,9 +459,9 @@ def test_aten_rules_ablation_is_the_same_loss_through_aten(monkeypatch):
     from jsigr_fast import fused
 
     calls = []
-    for cls in (fused._Conv2d, fused._ReLU):
-        orig = cls.apply
-        monkeypatch.setattr(cls, "apply", lambda *a, orig=orig: calls.append(1) or orig(*a))
+    for name in ("_conv_rule", "_relu_rule"):
+        orig = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, orig=orig: calls.append(1) or orig(*a))
     bn_calls = []
     orig_bn = jsigr_fast.ops.BatchNormTrain.apply
     monkeypatch.setattr(jsigr_fast.ops.BatchNormTrain, "apply", lambda *a: bn_calls.append(1) or orig_bn(*a))
@@ -534,6 +536,28 @@ def test_aten_bn_ablation_is_the_same_loss_with_atens_kernels():
     assert {"aten.native_batch_norm.default", "aten.native_batch_norm_backward.default",
             "jsigr_fast.batch_norm_double_backward.default"} <= set(seen.names)
     assert "jsigr_fast.batch_norm_train.default" not in seen.names
+
+
+def test_python_rules_ablation_is_the_same_loss_through_the_python_functions(monkeypatch):
+    # The python_rules ablation: the fused J-SIGR loss with the conv / ReLU rules as the Python autograd
+    # Functions (they ran), the reference backend's loss and parameter gradients (the oracle, float64), and
+    # fused.CPP_RULES restored; the default applies the C++ ones (no Python rule Function), where built.
+    import copy
+
+    import jsigr_fast
+    from jsigr_fast import fused
+
+    calls = []
+    for cls in (fused._Conv2d, fused._ReLU):
+        orig = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a, orig=orig: calls.append(1) or orig(*a))
+    before = dict(fused.CPP_RULES)
+    _, (model, x, y) = _same_as_reference(steps._fused_jsigr_python_rules)
+    assert calls and fused.CPP_RULES == before
+    del calls[:]
+    torch.manual_seed(1)
+    jsigr_fast.loss(copy.deepcopy(model), x, y, backend="fused")
+    assert (not calls) == fused._CPP_RULES_BUILT
 
 
 def test_profile_lines_give_the_gpus_busy_share():

@@ -309,8 +309,8 @@ def test_channels_last_activations_are_used_and_view_still_works(kind, net, monk
     # convs see channels-last activations; a model's .view on them falls back to reshape
     monkeypatch.setitem(fused.CHANNELS_LAST, "cpu", True)
     layouts = []
-    real = fused._Conv2d.apply
-    monkeypatch.setattr(fused._Conv2d, "apply",
+    real = fused._conv_rule
+    monkeypatch.setattr(fused, "_conv_rule",
                         lambda x, *a: layouts.append(x.is_contiguous(memory_format=torch.channels_last)) or real(x, *a))
     torch.manual_seed(0)
     model = net().double().train()

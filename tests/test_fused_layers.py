@@ -1,11 +1,44 @@
 """The conv2d / ReLU rules of the fused backend (jsigr_fast.fused): exact at every derivative order the
-library uses, under is_grads_batched and forward mode, and without the work ATen's rules waste."""
+library uses, under is_grads_batched and forward mode, and without the work ATen's rules waste. Each test of
+the rules runs both implementations (fused.CPP_RULES): the C++ autograd Functions (csrc/layer_rules.cpp) and
+the Python ones, against ATen's conv / ReLU and gradcheck's finite differences."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from jsigr_fast import fused
+from jsigr_fast._settings import device_setting
+
+IMPLS = ["cpp", "python"]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    """Runs the test with the rules' C++ Functions or their Python ones (the C++ ones need the extension)."""
+    if request.param == "cpp" and not fused._CPP_RULES_BUILT:
+        pytest.skip("the extension's conv2d_rule / relu_rule ops are not built")
+    with device_setting(fused.CPP_RULES, "cpu", request.param == "cpp"):
+        yield request.param
+
+
+def _node_names(t) -> list[str]:
+    names, stack, seen = [], [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.append(node.name())
+            stack.extend(f for f, _ in node.next_functions)
+    return names
+
+
+def _rule_nodes(t, impl) -> list[str]:
+    """The graph's nodes of the rules of ``impl`` (C++: CppNode<...Conv2dRule> etc.; Python: _Conv2dBackward)."""
+    marks = ("Conv2dRule", "ConvInputGrad", "ConvWeightGrad", "ReluRule") if impl == "cpp" else (
+        "_Conv2dBackward", "_ConvInputGradBackward", "_ConvWeightGradBackward", "_ReLUBackward")
+    return [n for n in _node_names(t) if any(n.endswith(m) or n.endswith(m + ">") for m in marks)]
 
 CONV_CASES = [  # (in, out, kernel, stride, padding, dilation, groups, bias)
     (2, 3, 3, 1, 1, 1, 1, True),
@@ -27,9 +60,11 @@ def _conv_inputs(case, seed=0):
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv2d_matches_native_and_gradgradcheck(case):
+def test_conv2d_matches_native_and_gradgradcheck(case, impl):
     x, w, b, kw = _conv_inputs(case)
-    torch.testing.assert_close(fused.conv2d(x, w, b, **kw), F.conv2d(x, w, b, **kw), rtol=0, atol=0)
+    y = fused.conv2d(x, w, b, **kw)
+    torch.testing.assert_close(y, F.conv2d(x, w, b, **kw), rtol=0, atol=0)
+    assert _rule_nodes(y, impl), _node_names(y)
     args = (x, w) if b is None else (x, w, b)
 
     def f(*a):
@@ -40,7 +75,7 @@ def test_conv2d_matches_native_and_gradgradcheck(case):
 
 
 @pytest.mark.parametrize("case", CONV_CASES[:3])
-def test_conv2d_input_gradient_penalty_matches_native(case):
+def test_conv2d_input_gradient_penalty_matches_native(case, impl):
     # d/d(w, x) ||grad_x <y, c>||^2: the double-backprop quantity, fused rules vs ATen's
     x, w, b, kw = _conv_inputs(case, seed=1)
     c = torch.randn_like(F.conv2d(x, w, b, **kw))
@@ -48,15 +83,18 @@ def test_conv2d_input_gradient_penalty_matches_native(case):
     for conv in (fused.conv2d, F.conv2d):
         y = torch.tanh(conv(x, w, b, **kw))
         (gx,) = torch.autograd.grad(y, x, c, create_graph=True)
+        if conv is fused.conv2d:
+            assert _rule_nodes(gx, impl), _node_names(gx)  # the input gradient's own graph: the rule's pieces
         out.append(torch.autograd.grad(gx.pow(2).sum(), [t for t in (x, w, b) if t is not None]))
     for a, e in zip(*out):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
-def test_conv2d_batched_vjp_with_graph_matches_loop():
+def test_conv2d_batched_vjp_with_graph_matches_loop(impl):
     # is_grads_batched vmaps the backward: the rule then records ATen's differentiable op (see _batched)
     x, w, b, kw = _conv_inputs(CONV_CASES[0], seed=2)
     y = torch.tanh(fused.conv2d(x, w, b, **kw))
+    assert _rule_nodes(y, impl)
     cot = torch.randn(3, *y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     gb = torch.autograd.grad(y, x, cot, create_graph=True, is_grads_batched=True)[0]
     gl = torch.stack([torch.autograd.grad(y, x, c, create_graph=True)[0] for c in cot])
@@ -67,7 +105,8 @@ def test_conv2d_batched_vjp_with_graph_matches_loop():
         torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11)
 
 
-def test_conv2d_and_relu_forward_mode_match_native():
+def test_conv2d_and_relu_forward_mode_match_native(impl):
+    # forward mode always takes the Python Functions (C++ ones have no jvp): with CPP_RULES on as well
     x, w, b, kw = _conv_inputs(CONV_CASES[1], seed=4)
     tx, tw = torch.randn_like(x), torch.randn_like(w)
     res = []
@@ -75,24 +114,42 @@ def test_conv2d_and_relu_forward_mode_match_native():
         with fwAD.dual_level():
             y = act(conv(fwAD.make_dual(x, tx), fwAD.make_dual(w, tw), None, **kw))
             res.append(fwAD.unpack_dual(y).tangent)
+            if conv is fused.conv2d:
+                assert _rule_nodes(y, "python") and not _rule_nodes(y, "cpp")
     torch.testing.assert_close(res[0], res[1], rtol=1e-12, atol=1e-12)
 
 
-def test_input_gradient_does_not_compute_the_weight_gradient(monkeypatch):
-    calls = []
-    real = fused._ConvWeightGrad.forward
-    monkeypatch.setattr(fused._ConvWeightGrad, "forward", staticmethod(lambda *a: calls.append(1) or real(*a)))
+class _ConvBackwardMasks(TorchDispatchMode):
+    """The output masks (grad_input, grad_weight, grad_bias) of every aten.convolution_backward dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.masks.append(tuple(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_input_gradient_does_not_compute_the_weight_gradient(impl):
     x, w, b, kw = _conv_inputs(CONV_CASES[0])
     y = fused.conv2d(x, w, b, **kw)
-    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
-    assert not calls, "autograd.grad(..., x) computed the weight gradient"
-    torch.autograd.grad(y.pow(2).sum(), w, create_graph=True)
-    assert calls
+    with _ConvBackwardMasks() as rec:
+        (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    assert rec.masks and not any(m[1] for m in rec.masks), f"autograd.grad(..., x) computed a weight gradient: {rec.masks}"
+    with _ConvBackwardMasks() as rec:
+        torch.autograd.grad(y.pow(2).sum(), w, create_graph=True)
+    assert any(m[1] for m in rec.masks) and not any(m[0] for m in rec.masks), rec.masks
+    with _ConvBackwardMasks() as rec:  # and the double backward of the input gradient: weight terms only
+        torch.autograd.grad(gx.pow(2).sum(), w)
+    assert rec.masks and not any(m[0] for m in rec.masks), rec.masks
 
 
-def test_relu_rule_gradgradcheck_and_no_zero_branch():
+def test_relu_rule_gradgradcheck_and_no_zero_branch(impl):
     x = (torch.rand(3, 4, dtype=torch.float64) + 0.1) * torch.tensor([1.0, -1.0]).repeat(2)
     x.requires_grad_(True)
+    assert _rule_nodes(fused.relu(x), impl)
     assert torch.autograd.gradcheck(fused.relu, (x,))
     assert torch.autograd.gradgradcheck(fused.relu, (x,))
     # ATen's backward depends on x (through a branch whose derivative is zeros_like); ours does not
@@ -113,16 +170,16 @@ def _conv_relu_net():
 
 
 def _spy_rules(monkeypatch):
-    """Counts of the rules' autograd.Function applications, by name."""
+    """Counts of the rules' applications (either implementation), by name."""
     calls = {"conv": 0, "relu": 0}
-    for key, cls in (("conv", fused._Conv2d), ("relu", fused._ReLU)):
-        orig = cls.apply
+    for key, name in (("conv", "_conv_rule"), ("relu", "_relu_rule")):
+        orig = getattr(fused, name)
 
         def apply(*a, _orig=orig, _key=key):
             calls[_key] += 1
             return _orig(*a)
 
-        monkeypatch.setattr(cls, "apply", apply)
+        monkeypatch.setattr(fused, name, apply)
     return calls
 
 
@@ -178,3 +235,16 @@ def test_saliency_pass_and_fd_run_no_conv_or_relu_rule(monkeypatch):
     calls.update(conv=0, relu=0)
     jsigr_fast.loss(net, x, y, lambda_j=0.0, saliency="none", backend="fused", generator=gen)
     assert calls == exact  # the saliency pass added none of them
+
+
+@pytest.mark.skipif(not fused._CPP_RULES_BUILT, reason="the extension's conv2d_rule / relu_rule ops are not built")
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpp_rule_ops_pass_opcheck_and_name_bad_input(bias):
+    x, w, b, _ = _conv_inputs(CONV_CASES[1 if not bias else 0])
+    conv = torch.ops.jsigr_fast.conv2d_rule.default
+    torch.library.opcheck(conv, (x, w, b, [2, 1], [1, 0], [1, 1], 1))
+    torch.library.opcheck(torch.ops.jsigr_fast.relu_rule.default, (x,))
+    with pytest.raises(RuntimeError, match="conv2d_rule: x and weight must be 4-D, got 3-D and 4-D"):
+        conv(x[0], w, b, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="stride, padding and dilation must have 2 elements each"):
+        conv(x, w, b, [1], [1, 1], [1, 1], 1)
