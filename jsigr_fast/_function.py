@@ -12,7 +12,7 @@ so the binding is the identity: ``LeanFunction.apply`` skips it. Inside ``torch.
 from __future__ import annotations
 
 import torch
-from torch._functorch.utils import unwrap_dead_wrappers
+from torch._C._functorch import unwrap_if_dead
 
 __all__ = ["LeanFunction"]
 
@@ -25,5 +25,7 @@ class LeanFunction(torch.autograd.Function):
     def apply(cls, *args, **kwargs):
         if kwargs or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
             return super().apply(*args, **kwargs)
-        # what Function.apply does outside transforms, after its binding: the C++ apply
-        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
+        # what Function.apply does outside transforms, after its binding: the C++ apply (on the arguments
+        # unwrap_dead_wrappers gives, by a list comprehension: its generator costs a Python frame per argument)
+        return super(torch.autograd.Function, cls).apply(*[unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a
+                                                            for a in args])

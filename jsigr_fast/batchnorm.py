@@ -61,9 +61,13 @@ def frozen_running_stats(model: nn.Module):
     that flag says, so its buffers are set to None for the duration instead. Restored on exit, also
     on error.
     """
-    switched = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
-    hidden = [(m, m.running_mean, m.running_var) for m in model.modules()
-              if isinstance(m, _InstanceNorm) and m.training and m.track_running_stats]
+    switched, hidden = [], []
+    for m in model.modules():  # one walk of the module tree (it runs in every J-SIGR step)
+        if isinstance(m, (_BatchNorm, _InstanceNorm)) and m.training and m.track_running_stats:
+            if isinstance(m, _BatchNorm):
+                switched.append(m)
+            else:
+                hidden.append((m, m.running_mean, m.running_var))
     for m in switched:
         m.track_running_stats = False
     for m, _, _ in hidden:

@@ -452,7 +452,8 @@ def _backward_bn_backward(ctx, gg_x, gg_weight, gg_bias):
     outs = BatchNormDoubleBackward.apply(gg_x, gg_weight, gg_bias, grad_y, x, weight, mean, invstd,
                                          grad_mean, grad_invstd)
     likes = (grad_y, x, weight, mean, invstd, grad_mean, grad_invstd)
-    return tuple(_cast(o, like) if need else None for o, like, need in zip(outs, likes, ctx.needs_input_grad))
+    # a list comprehension, not a generator: one Python frame per call, not one per element (host work)
+    return tuple([_cast(o, like) if need else None for o, like, need in zip(outs, likes, ctx.needs_input_grad)])
 
 
 def _setup_bn_double_backward(ctx, inputs, output):
@@ -479,6 +480,15 @@ def _backward_bn_double_backward(ctx, *grads):
 _is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
+def _any_legacy_batched(args) -> bool:
+    # a loop, not any(<generator>): this runs for every batch-norm op call, and a generator costs a
+    # Python frame per argument (host work; bench/bench_overhead.py)
+    for a in args:
+        if isinstance(a, torch.Tensor) and _is_legacy_batched(a):
+            return True
+    return False
+
+
 class _OpFunction(LeanFunction):
     """One of the batch-norm ops with its registered autograd formula (the functions above), as a Function.
 
@@ -495,7 +505,7 @@ class _OpFunction(LeanFunction):
     @classmethod
     def apply(cls, *args):
         if (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
-                or any(isinstance(a, torch.Tensor) and _is_legacy_batched(a) for a in args)):
+                or _any_legacy_batched(args)):
             return getattr(torch.ops.jsigr_fast, cls._op_name)(*args)
         if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
             # no node to record (e.g. the step's final backward): the kernel alone, as the registered op

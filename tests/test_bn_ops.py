@@ -327,6 +327,23 @@ def test_frozen_running_stats_are_not_touched():
         assert torch.equal(v, before[k]), k
 
 
+def test_frozen_running_stats_with_batch_and_instance_norm_restores_both():
+    # one walk of the module tree finds both kinds: batch norm's flag and instance norm's buffers,
+    # untouched inside and restored (the same objects) afterwards; an eval-mode layer is left alone
+    from jsigr_fast.batchnorm import frozen_running_stats
+    inorm = nn.InstanceNorm2d(3, track_running_stats=True)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), inorm, nn.BatchNorm2d(3).eval()).double().train()
+    m[3].eval()
+    mean, var = inorm.running_mean, inorm.running_var
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with frozen_running_stats(m):
+        assert not m[1].track_running_stats and inorm.running_mean is None and m[3].track_running_stats
+        m(torch.randn(4, 2, 5, 5, dtype=torch.float64)).sum().backward()
+    assert m[1].track_running_stats and inorm.running_mean is mean and inorm.running_var is var
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_entry_point_falls_back_for_eval_and_checks_batch_size():
     x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
     rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
