@@ -140,10 +140,12 @@ LAYER_RULES = {"cpu": ("conv", "relu"), "cuda": ("conv", "relu")}
 # The rules above as C++ autograd Functions (csrc/layer_rules.cpp: jsigr_fast::conv2d_rule / relu_rule), per
 # device: the same formulas, and the same ATen kernels, as the Python Functions _Conv2d / _ReLU below, without
 # a Python autograd node per call, its apply and its backward. Host work of the fused J-SIGR step (ResNet-20,
-# the CUDA settings; bench/results/overhead_cpu_resnet20_cuda_policies.md): see the record. The Python
-# Functions stay the path for forward mode (the Hutchinson tangent: C++ Functions have no jvp), inside
-# torch.func transforms and under torch.compile, and without the extension; ``bench_fused.py --ablation
-# python_rules`` times them against these.
+# the CUDA settings, tiny shapes; bench/bench_overhead.py, interleaved in one process): Python calls 10172 ->
+# 8293, time 1.14x less. On the 2-core CPU at batch 128 (bench/results/fused_cpu_resnet20_b128_float32_t2_jsigr_
+# python_rules.md) the Python ones took 1.02x [1.01-1.04] the time. The kernels a GPU runs are the same, so
+# CUDA takes them too (``bench_fused.py --ablation python_rules`` times both there; gpu_session.sh runs it).
+# The Python Functions stay the path for forward mode (the Hutchinson tangent: C++ Functions have no jvp),
+# inside torch.func transforms and under torch.compile, and without the extension.
 CPP_RULES = {"cpu": True, "cuda": True}
 _CPP_RULES_BUILT = ops._op_defined("conv2d_rule") and ops._op_defined("relu_rule")
 _conv2d_rule_op = torch.ops.jsigr_fast.conv2d_rule.default if _CPP_RULES_BUILT else None
