@@ -2,6 +2,8 @@
 
     python bench/bench_memory.py --out bench/results                      # CPU, ResNet-20, batch 128
     python bench/bench_memory.py --device cuda --out bench/results
+    python bench/bench_memory.py --model resnet18 --batch 16 --dtype bfloat16 --channels-last --policies cuda \
+        --out bench/results     # the fused backend with the GPU's settings, counted on the CPU
 
 What is measured: the most tensor memory the step holds *above the resting state* (the weights,
 their optimizer state and the batch, which every method shares), i.e. the activations, the graphs
@@ -33,6 +35,7 @@ Results: ``<out>/memory_<device>_<model>_b<batch>_<dtype>.{md,json,png}`` (the p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -40,6 +43,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from bench_overhead import device_policies  # noqa: E402
 from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, conditions, make_methods,  # noqa: E402
                    make_setup, publish, sync, train_step)
 
@@ -87,9 +91,15 @@ def cpu_step_peak(model, opt, loss_fn, x, y) -> tuple[int, int]:
     finally:
         if gc_was_enabled:
             gc.enable()
+    return allocation_peak(_allocation_events(prof), start=-sum(stale.values()))
+
+
+def allocation_peak(events, start: int = 0) -> tuple[int, int]:
+    """(peak, net) bytes of ``events`` (time, address, +/- bytes) from ``start``: frees matched to the
+    allocations of the same address among them (a free of an older block does not count)."""
     live = {}
-    total = peak = -sum(stale.values())
-    for _, ptr, nbytes in _allocation_events(prof):
+    total = peak = start
+    for _, ptr, nbytes in events:
         if nbytes > 0:
             live[ptr] = nbytes
             total += nbytes
@@ -113,7 +123,12 @@ def main(argv=None):
     add_step_arguments(p)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--methods", default=DEFAULT)
+    p.add_argument("--policies", default=None, choices=["cpu", "cuda"],
+                   help="on the CPU, run the fused backend with that device's per-device settings (as "
+                        "bench_overhead.py does): what a GPU's step holds, counted here")
     a = p.parse_args(argv)
+    if a.policies and a.device != "cpu":
+        p.error("--policies applies to --device cpu only")
     dtype = apply_step_arguments(a)
     model, opt, x, y = make_setup(a.model, a.batch, device=a.device, dtype=dtype, channels_last=a.channels_last)
     methods = make_methods(model.input_shape, backend="reference", device=a.device)
@@ -125,16 +140,17 @@ def main(argv=None):
         names.insert(0, "standard")
     measure = cuda_step_peak if x.is_cuda else cpu_step_peak
     cond = conditions(a.device)
-    cond.update(model=a.model, batch=a.batch, dtype=a.dtype, channels_last=a.channels_last,
+    cond.update(model=a.model, batch=a.batch, dtype=a.dtype, channels_last=a.channels_last, policies=a.policies,
                 how="torch.cuda.max_memory_allocated" if x.is_cuda else "torch.profiler profile_memory")
     rows = {}
-    for n in names:
-        torch.manual_seed(0)
-        train_step(model, opt, methods[n].loss, x, y)  # warm-up: lazily built state is resting state too
-        peak, net = measure(model, opt, methods[n].loss, x, y)
-        rows[n] = {"label": methods[n].label, "peak_bytes": peak, "net_bytes": net,
-                   "floor_units": FLOOR_UNITS[methods[n].floor]}
-        print(f"  {methods[n].label:45s} peak {peak / MIB:9.1f} MiB (net {net / MIB:+.1f})", flush=True)
+    with device_policies(a.policies) if a.policies else contextlib.nullcontext():
+        for n in names:
+            torch.manual_seed(0)
+            train_step(model, opt, methods[n].loss, x, y)  # warm-up: lazily built state is resting state too
+            peak, net = measure(model, opt, methods[n].loss, x, y)
+            rows[n] = {"label": methods[n].label, "peak_bytes": peak, "net_bytes": net,
+                       "floor_units": FLOOR_UNITS[methods[n].floor]}
+            print(f"  {methods[n].label:45s} peak {peak / MIB:9.1f} MiB (net {net / MIB:+.1f})", flush=True)
     # after the steps, so that the optimizer's momentum exists (it is resting state for every method)
     resting = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(), x, y])
     resting += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
@@ -146,13 +162,15 @@ def main(argv=None):
              f"{', channels-last' if a.channels_last else ''}, {cond['device']}", "",
              f"torch {cond['torch']}, commit {cond['commit']}, {cond['date']}. Peak tensor memory above the resting "
              f"state ({resting / MIB:.1f} MiB: weights, buffers, optimizer state, batch), measured with "
-             f"{cond['how']}; one step per method after an untimed one. Target (issue #3): ≤ 2× the standard "
-             f"step.", "",
+             f"{cond['how']}; one step per method after an untimed one"
+             f"{f', the fused backend with the {a.policies.upper()} settings' if a.policies else ''}. "
+             f"Target (issue #3): ≤ 2× the standard step.", "",
              "| method | peak MiB | × standard | ≤ 2× |", "|---|---:|---:|:---:|"]
     for r in rows.values():
         lines.append(f"| {r['label']} | {r['peak_bytes'] / MIB:.1f} | {r['x_standard']:.2f} | "
                      f"{'yes' if r['x_standard'] <= 2 else '**no**'} |")
-    name = f"memory_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}{'_cl' if a.channels_last else ''}"
+    name = (f"memory_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}{'_cl' if a.channels_last else ''}"
+            f"{f'_{a.policies}_policies' if a.policies else ''}")
     publish(lines, a.out, name, {"conditions": cond, "resting_bytes": resting, "rows": rows})
     if a.out:
         print("wrote " + bar_chart(os.path.join(a.out, name + ".png"), a, rows, cond))

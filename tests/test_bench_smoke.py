@@ -254,6 +254,30 @@ def test_bench_memory_tiny_config(tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
+def test_bench_memory_with_the_cuda_settings_on_the_cpu(tmp_path):
+    # --policies cuda: the fused steps run with the CUDA entries of the per-device settings (there batch norm
+    # keeps grad_y, so the default fused step holds what the keep ablation holds, and more than the rebuild),
+    # the record says so, and the CPU's settings are back afterwards
+    import bench_memory
+
+    from jsigr_fast import fused, ops
+
+    before = (dict(fused.CHANNELS_LAST), dict(ops.BN_REBUILD_GRAD_Y))
+    bench_memory.main(["--model", "resnet20", "--batch", "8", "--policies", "cuda", "--methods",
+                       "jsigr_fused,jsigr_bn_keep_fused,jsigr_bn_rebuild_fused", "--out", str(tmp_path)])
+    assert (dict(fused.CHANNELS_LAST), dict(ops.BN_REBUILD_GRAD_Y)) == before
+    with open(tmp_path / "memory_cpu_resnet20_b8_float32_cuda_policies.json") as f:
+        record = json.load(f)
+    rows = record["rows"]
+    assert record["conditions"]["policies"] == "cuda"
+    assert rows["jsigr_fused"]["peak_bytes"] == rows["jsigr_bn_keep_fused"]["peak_bytes"]
+    assert rows["jsigr_bn_rebuild_fused"]["peak_bytes"] < rows["jsigr_fused"]["peak_bytes"]
+    md = (tmp_path / "memory_cpu_resnet20_b8_float32_cuda_policies.md").read_text()
+    assert "the fused backend with the CUDA settings." in md
+    with pytest.raises(SystemExit):
+        bench_memory.main(["--device", "cuda", "--policies", "cuda"])
+
+
 def test_bench_fd_accuracy_exact_estimator_in_eval_mode(tmp_path):
     import bench_fd_accuracy
 

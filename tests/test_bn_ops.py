@@ -212,6 +212,36 @@ def test_rebuild_grad_y_inverts_the_backward(shape, layout, stats_grads, affine)
     torch.testing.assert_close(got, d["gy"], rtol=1e-11, atol=1e-11)
 
 
+def test_rebuild_grad_y_of_a_bfloat16_activation_holds_one_float32_temporary_less():
+    # The rebuild computes in float32 (mean's dtype) for a bf16 activation; its second step runs in place, so
+    # the call's peak allocation is 2 float32 activations (its result, and the float32 copy of x the CPU's
+    # mixed-dtype addcmul makes), not 3 (measured from the profiler's allocation events), and its values are
+    # still the rebuild formula's, in float32.
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from bench_memory import _allocation_events, allocation_peak
+
+    from jsigr_fast.reference import _bn_view
+
+    gen = torch.Generator().manual_seed(0)
+    x, gx = (torch.randn(4, 8, 16, 16, generator=gen).to(torch.bfloat16) for _ in range(2))
+    w, mean, invstd = (torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen),
+                       torch.rand(8, generator=gen) + 0.5)
+    gw, gb = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = ops.rebuild_grad_y(gx, gw, gb, x, w, mean, invstd)
+    peak, _ = allocation_peak(_allocation_events(prof))
+    assert got.dtype == torch.float32
+    assert peak <= 2.1 * x.numel() * 4, peak / (x.numel() * 4)
+    _, shape, m = _bn_view(x)
+    ws = w * invstd
+    slope = gw / m * invstd
+    expected = ((gb / m - mean * slope).reshape(shape) + x.float() * slope.reshape(shape)
+                + gx.float() / ws.reshape(shape))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def _backward_graph(d, weight, *, rebuild, monkeypatch):
     """batch_norm_backward on a grad_y with a history (gy = 2 * leaf), recorded; returns the outputs, the
     leaves and a weak reference to grad_y (dropped here: only the graph can keep it alive)."""
