@@ -30,7 +30,8 @@ fd needs no double backward and differentiates each perturbed forward's graph as
 computed (jsigr_fast.finite_difference.FREE_EARLY), so it holds about two forwards' graphs; the
 ablation ``jsigr_fd_kept`` keeps them all to the end (``--ablation fd_kept`` times it).
 
-Results: ``<out>/memory_<device>_<model>_b<batch>_<dtype>.{md,json,png}`` (the png: bars of the table).
+Results: ``<out>/memory_<device>_<model>_b<batch>_<dtype>[_cl][_<policies>_policies].{md,json,png}`` (the png:
+bars of the table).
 """
 from __future__ import annotations
 
