@@ -6,6 +6,9 @@
 //                               grad_mean?, grad_invstd?)                     -> (grad_x, grad_weight, grad_bias)
 //   batch_norm_double_backward (gg_x?, gg_weight?, gg_bias?, grad_y, x, weight?, mean, invstd,
 //                               grad_mean?, grad_invstd?)                     -> 7 gradients
+//   batch_norm_double_backward_from_grad_x
+//                              (gg_x?, gg_weight?, gg_bias?, grad_x, grad_weight, grad_bias, x,
+//                               weight?, mean, invstd, grad_mean?, grad_invstd?) -> the same 7
 //
 // This file checks arguments, picks the layout, allocates outputs and calls the kernels of
 // csrc/batch_norm_kernels.h — the AVX2 build when the CPU has it (and ATEN_CPU_CAPABILITY is not
@@ -16,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "batch_norm_cpu.h"
 #include "cpu_isa.h"
@@ -145,22 +149,29 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const std::optional<T
   return {gx, gw, gb};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_double_backward_cpu(
-    const std::optional<Tensor>& gg_x_in, const std::optional<Tensor>& gg_weight,
-    const std::optional<Tensor>& gg_bias, const Tensor& grad_y_in, const Tensor& x_in,
-    const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
-    const std::optional<Tensor>& grad_mean, const std::optional<Tensor>& grad_invstd) {
-  const char* op = "jsigr_fast::batch_norm_double_backward";
+using Grads7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The double backward given grad_y (rebuild == nullptr) or, for _from_grad_x, the backward's outputs
+// (grad_x in grad_y's place, rebuild = its grad_weight, grad_bias).
+Grads7 double_backward(const char* op, const std::optional<Tensor>& gg_x_in, const std::optional<Tensor>& gg_weight,
+                       const std::optional<Tensor>& gg_bias, const Tensor& grad_y_in, const Tensor& x_in,
+                       const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
+                       const std::optional<Tensor>& grad_mean, const std::optional<Tensor>& grad_invstd,
+                       const std::pair<Tensor, Tensor>* rebuild) {
   check_x(x_in, op);
-  check_like_x(grad_y_in, x_in, "grad_y", op);
+  check_like_x(grad_y_in, x_in, rebuild ? "grad_x" : "grad_y", op);
   if (gg_x_in.has_value()) check_like_x(*gg_x_in, x_in, "grad_grad_x", op);
   check_channel(gg_weight, x_in, "grad_grad_weight", op, true);
   check_channel(gg_bias, x_in, "grad_grad_bias", op, true);
   check_channel(weight, x_in, "weight", op, false);
   check_channel(mean, x_in, "mean", op, true);
   check_channel(invstd, x_in, "invstd", op, true);
-  check_channel(grad_mean, x_in, "grad_mean", op, true);  // enters linearly: no effect on the result
+  check_channel(grad_mean, x_in, "grad_mean", op, true);  // given grad_y, enters linearly: no effect
   check_channel(grad_invstd, x_in, "grad_invstd", op, true);
+  if (rebuild) {
+    check_channel(rebuild->first, x_in, "grad_weight", op, true);
+    check_channel(rebuild->second, x_in, "grad_bias", op, true);
+  }
   const auto fmt = dense_memory_format(x_in);
   const Tensor x = x_in.contiguous(fmt);
   const Tensor gy = grad_y_in.contiguous(fmt);
@@ -172,24 +183,52 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_do
   const Tensor w = channel_or(weight, x, 1.0), mu = mean.contiguous(), is = invstd.contiguous();
   const Tensor alpha = channel_or(gg_weight, x, 0.0), beta = channel_or(gg_bias, x, 0.0);
   const Tensor q = channel_or(grad_invstd, x, 0.0);
-  const bn_cpu::DoubleBackwardArgs a{u.defined() ? u.const_data_ptr() : nullptr,
-                                     alpha.const_data_ptr(),
-                                     beta.const_data_ptr(),
-                                     gy.const_data_ptr(),
-                                     x.const_data_ptr(),
-                                     w.const_data_ptr(),
-                                     mu.const_data_ptr(),
-                                     is.const_data_ptr(),
-                                     q.const_data_ptr(),
-                                     d_gy.mutable_data_ptr(),
-                                     d_x.mutable_data_ptr(),
-                                     d_w.mutable_data_ptr(),
-                                     d_mean.mutable_data_ptr(),
-                                     d_invstd.mutable_data_ptr(),
-                                     d_gmean.mutable_data_ptr(),
-                                     d_ginvstd.mutable_data_ptr()};
+  bn_cpu::DoubleBackwardArgs a{u.defined() ? u.const_data_ptr() : nullptr,
+                               alpha.const_data_ptr(),
+                               beta.const_data_ptr(),
+                               gy.const_data_ptr(),
+                               x.const_data_ptr(),
+                               w.const_data_ptr(),
+                               mu.const_data_ptr(),
+                               is.const_data_ptr(),
+                               q.const_data_ptr(),
+                               d_gy.mutable_data_ptr(),
+                               d_x.mutable_data_ptr(),
+                               d_w.mutable_data_ptr(),
+                               d_mean.mutable_data_ptr(),
+                               d_invstd.mutable_data_ptr(),
+                               d_gmean.mutable_data_ptr(),
+                               d_ginvstd.mutable_data_ptr()};
+  Tensor gw, gb, p;  // alive until the kernel returns
+  if (rebuild) {
+    gw = rebuild->first.contiguous();
+    gb = rebuild->second.contiguous();
+    p = channel_or(grad_mean, x, 0.0);
+    a.rebuild_grad_weight = gw.const_data_ptr();
+    a.rebuild_grad_bias = gb.const_data_ptr();
+    a.rebuild_grad_mean = p.const_data_ptr();
+  }
   kernels().double_backward(x.scalar_type(), bn_shape(x, fmt), a);
   return {d_gy, d_x, d_w, d_mean, d_invstd, d_gmean, d_ginvstd};
+}
+
+Grads7 batch_norm_double_backward_cpu(const std::optional<Tensor>& gg_x, const std::optional<Tensor>& gg_weight,
+                                      const std::optional<Tensor>& gg_bias, const Tensor& grad_y, const Tensor& x,
+                                      const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
+                                      const std::optional<Tensor>& grad_mean,
+                                      const std::optional<Tensor>& grad_invstd) {
+  return double_backward("jsigr_fast::batch_norm_double_backward", gg_x, gg_weight, gg_bias, grad_y, x, weight, mean,
+                         invstd, grad_mean, grad_invstd, nullptr);
+}
+
+Grads7 batch_norm_double_backward_from_grad_x_cpu(
+    const std::optional<Tensor>& gg_x, const std::optional<Tensor>& gg_weight, const std::optional<Tensor>& gg_bias,
+    const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias, const Tensor& x,
+    const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
+    const std::optional<Tensor>& grad_mean, const std::optional<Tensor>& grad_invstd) {
+  const std::pair<Tensor, Tensor> rebuild{grad_weight, grad_bias};
+  return double_backward("jsigr_fast::batch_norm_double_backward_from_grad_x", gg_x, gg_weight, gg_bias, grad_x, x,
+                         weight, mean, invstd, grad_mean, grad_invstd, &rebuild);
 }
 
 // Which kernel build runs ("avx2" or "generic"): for tests and benchmark records.
@@ -201,6 +240,7 @@ TORCH_LIBRARY_IMPL(jsigr_fast, CPU, m) {
   m.impl("batch_norm_train", &batch_norm_train_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("batch_norm_double_backward", &batch_norm_double_backward_cpu);
+  m.impl("batch_norm_double_backward_from_grad_x", &batch_norm_double_backward_from_grad_x_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(jsigr_fast, m) {

@@ -48,7 +48,7 @@ struct DoubleBackwardArgs {
   const void* gg_x;  // nullable: zero
   const void* gg_weight;
   const void* gg_bias;
-  const void* grad_y;
+  const void* grad_y;  // with rebuild_*: the backward's output grad_x, from which grad_y is rebuilt
   const void* x;
   const void* weight;
   const void* mean;
@@ -61,6 +61,11 @@ struct DoubleBackwardArgs {
   void* d_invstd;
   void* d_grad_mean;
   void* d_grad_invstd;
+  // batch_norm_double_backward_from_grad_x: the backward's [C] outputs grad_weight, grad_bias and its input
+  // grad_mean; nullptr (all three) for batch_norm_double_backward, where grad_y is grad_y itself.
+  const void* rebuild_grad_weight = nullptr;
+  const void* rebuild_grad_bias = nullptr;
+  const void* rebuild_grad_mean = nullptr;
 };
 
 struct Kernels {

@@ -408,6 +408,81 @@ void backward_impl(const Shape& sh, const BackwardArgs& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// double backward from the backward's outputs (batch_norm_double_backward_from_grad_x): grad_y is
+// the unique solution of the backward, gy = ra gx + rb (x - mean) + rc with
+//   ra = 1 / (w s),  rb = s B / M + q s^2 / (w M),  rc = A / M - p / (w s M),
+// A = grad_bias, B = grad_weight (so B1 = B / s). gy enters the double backward (its sums and
+// coefficients below) linearly, so it is never formed: Sugy = ra Sugx + rb Sux1 + rc Su, and
+// d_x = f1 gy + f2 u becomes f1 ra gx + f2 u + f1 rb (x - mean) + f1 rc. Same passes and traffic as with
+// grad_y; the other sums, A and B1, are the backward's own outputs.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t, typename CoefD>
+void double_backward_from_grad_x(const Shape& sh, const DoubleBackwardArgs& a, const CoefD& coef_d) {
+  using acc_t = acc_type<scalar_t>;
+  const auto* u = static_cast<const scalar_t*>(a.gg_x);
+  const auto* gx = static_cast<const scalar_t*>(a.grad_y);
+  const auto* x = static_cast<const scalar_t*>(a.x);
+  auto* dgy = static_cast<scalar_t*>(a.d_grad_y);
+  auto* dx = static_cast<scalar_t*>(a.d_x);
+  const auto *w = static_cast<const acc_t*>(a.weight), *mu = static_cast<const acc_t*>(a.mean);
+  const auto *is = static_cast<const acc_t*>(a.invstd), *q = static_cast<const acc_t*>(a.grad_invstd);
+  const auto* gw = static_cast<const acc_t*>(a.rebuild_grad_weight);
+  const auto* gb = static_cast<const acc_t*>(a.rebuild_grad_bias);
+  const auto* p = static_cast<const acc_t*>(a.rebuild_grad_mean);
+  const double M = static_cast<double>(sh.M());
+  const bool has_u = u != nullptr;
+  // (u, gx, x), const mean -> Su, Su(x - mean), Sugx
+  auto f = [](const auto* v, const auto* k, auto* acc) {
+    acc[0] = acc[0] + v[0];
+    acc[1] = acc[1] + v[0] * (v[2] - k[0]);
+    acc[2] = acc[2] + v[0] * v[1];
+  };
+  // (u, gx, x), k = (e1, mean, e2, e3, f1 ra, f2, f1 rb, f1 rc)
+  auto g = [](const auto* v, const auto* k, auto* o) {
+    const auto xc = v[2] - k[1];
+    o[0] = v[0] * k[0] + xc * k[2] + k[3];
+    o[1] = v[1] * k[4] + v[0] * k[5] + xc * k[6] + k[7];
+  };
+  // (gx, x), the same k (k0, k5 unused)
+  auto g_nou = [](const auto* v, const auto* k, auto* o) {
+    const auto xc = v[1] - k[1];
+    o[0] = xc * k[2] + k[3];
+    o[1] = v[0] * k[4] + xc * k[6] + k[7];
+  };
+  auto coef = [&](int64_t c, double Su, double Sux1, double Sugx) {
+    const double s = is[c], wc = w[c], A = gb[c], B = gw[c];
+    const double ra = 1.0 / (wc * s), rb = s * B / M + double(q[c]) * s * s / (wc * M);
+    const double rc = A / M - double(p[c]) / (wc * s * M);
+    const auto k = coef_d(c, Su, Sux1, ra * Sugx + rb * Sux1 + rc * Su, A, B / s);
+    return std::array<acc_t, 8>{static_cast<acc_t>(k[0]),      static_cast<acc_t>(k[1]),
+                                static_cast<acc_t>(k[2]),      static_cast<acc_t>(k[3]),
+                                static_cast<acc_t>(k[4] * ra), static_cast<acc_t>(k[5]),
+                                static_cast<acc_t>(k[4] * rb), static_cast<acc_t>(k[4] * rc)};
+  };
+  if (!sh.rows) {
+    for_each_channel(sh, [&](int64_t c) {
+      if (has_u) {
+        const auto s = channel_reduce<3, 1, 3, scalar_t>({u, gx, x}, sh, c, {mu[c]}, f);
+        channel_apply<3, 8, 2, scalar_t>({u, gx, x}, {dgy, dx}, sh, c, coef(c, s[0], s[1], s[2]), g);
+      } else {
+        channel_apply<2, 8, 2, scalar_t>({gx, x}, {dgy, dx}, sh, c, coef(c, 0, 0, 0), g_nou);
+      }
+    });
+  } else {
+    const int64_t R = sh.M(), C = sh.C;
+    std::vector<double> s(static_cast<size_t>(3 * C), 0.0);
+    if (has_u) s = rows_reduce<3, 1, 3, scalar_t>({u, gx, x}, R, C, {mu}, f);
+    const auto kt =
+        channel_coefficients<8, acc_t>(C, [&](int64_t c) { return coef(c, s[c], s[C + c], s[2 * C + c]); });
+    if (has_u) {
+      rows_apply<3, 8, 2, scalar_t>({u, gx, x}, {dgy, dx}, R, C, columns<8>(kt, C), g);
+    } else {
+      rows_apply<2, 8, 2, scalar_t>({gx, x}, {dgy, dx}, R, C, columns<8>(kt, C), g_nou);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // double backward (csrc/README.md):
 //   Su = sum u, Sux = s sum u (x - mean), Sugy = sum u gy, A = sum gy, B1 = sum gy (x - mean), B = s B1
 //   E = Sugy - A Su / M - B Sux / M
@@ -457,7 +532,8 @@ void double_backward_impl(const Shape& sh, const DoubleBackwardArgs& a) {
     o[0] = (v[1] - k[0]) * k[1] + k[2];
     o[1] = v[0] * k[3];
   };
-  auto coef = [&](int64_t c, double Su, double Sux1, double Sugy, double A, double B1) {
+  // the coefficients in double; writes the five [C] outputs
+  auto coef_d = [&](int64_t c, double Su, double Sux1, double Sugy, double A, double B1) {
     const double s = is[c], wc = w[c], alc = al[c], bec = be[c], qc = q[c];
     const double Sux = s * Sux1, B = s * B1;
     const double E = Sugy - A * Su / M - B * Sux / M;
@@ -467,14 +543,24 @@ void double_backward_impl(const Shape& sh, const DoubleBackwardArgs& a) {
     const double sum_h = alc * A - wc * s * (A * Sux + B * Su) / M - qc * s * s * Su / M;
     dmean[c] = static_cast<acc_t>(-s * sum_h);
     dis[c] = static_cast<acc_t>(wc * E - 3 * qc * s * Sux / M - 2 * wc * B * Sux / M + alc * B1);
-    return std::array<acc_t, 6>{static_cast<acc_t>(wc * s),
-                                mu[c],
-                                static_cast<acc_t>(s * (alc - wc * s * Sux / M)),
-                                static_cast<acc_t>(bec - wc * s * Su / M),
-                                static_cast<acc_t>(s * alc - wc * s * s * Sux / M),
-                                static_cast<acc_t>(-(wc * s * s * B + qc * s * s * s) / M)};
+    return std::array<double, 6>{wc * s,
+                                 static_cast<double>(mu[c]),
+                                 s * (alc - wc * s * Sux / M),
+                                 bec - wc * s * Su / M,
+                                 s * alc - wc * s * s * Sux / M,
+                                 -(wc * s * s * B + qc * s * s * s) / M};
+  };
+  auto coef = [&](int64_t c, double Su, double Sux1, double Sugy, double A, double B1) {
+    const auto k = coef_d(c, Su, Sux1, Sugy, A, B1);
+    std::array<acc_t, 6> r;
+    for (int i = 0; i < 6; ++i) r[i] = static_cast<acc_t>(k[i]);
+    return r;
   };
   auto drop_u = [](const std::array<acc_t, 6>& k) { return std::array<acc_t, 4>{k[1], k[2], k[3], k[4]}; };
+  if (a.rebuild_grad_weight != nullptr) {
+    double_backward_from_grad_x<scalar_t>(sh, a, coef_d);
+    return;
+  }
   if (!sh.rows) {
     for_each_channel(sh, [&](int64_t c) {
       if (has_u) {

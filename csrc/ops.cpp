@@ -40,6 +40,16 @@ TORCH_LIBRARY(jsigr_fast, m) {
       "batch_norm_double_backward(Tensor? grad_grad_x, Tensor? grad_grad_weight, Tensor? grad_grad_bias, "
       "Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor? grad_mean, "
       "Tensor? grad_invstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // batch_norm_double_backward without grad_y: given instead the outputs (grad_x, grad_weight, grad_bias)
+  // of batch_norm_backward(grad_y, x, weight, mean, invstd, grad_mean, grad_invstd), from which grad_y
+  // follows wherever weight * invstd != 0 (exact to rounding where |weight * invstd| is neither tiny nor huge:
+  // the caller checks). The same 7 gradients, the first still the one w.r.t. grad_y; grad_y is never formed.
+  // No derivative (the fused backend calls it where no graph is recorded).
+  m.def(
+      "batch_norm_double_backward_from_grad_x(Tensor? grad_grad_x, Tensor? grad_grad_weight, "
+      "Tensor? grad_grad_bias, Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor x, Tensor? weight, "
+      "Tensor mean, Tensor invstd, Tensor? grad_mean, Tensor? grad_invstd) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- the selective mask of J-SIGR (csrc/saliency_mask.cpp; contracts in csrc/README.md) ----
   // Each returns a bool mask of the input's shape (gradient_saliency_mask / threshold_mask: its

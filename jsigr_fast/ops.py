@@ -13,8 +13,9 @@ Ops: ``masked_sq_norm`` (+ backward); ``batch_norm_train`` / ``batch_norm_backwa
 ``batch_norm_double_backward`` (train-mode batch norm whose backward is itself a differentiable op
 with a fused double-backward kernel; formulas and derivation in csrc/README.md), each also an
 ``autograd.Function`` (:class:`BatchNormTrain` & co.: the same formulas without torch.library's Python
-wrapper, for the fused backend's hot path). The batch-norm and
-mask ops have two GPU implementations, the compiled CUDA kernels and the Triton kernels of
+wrapper, for the fused backend's hot path), and ``batch_norm_double_backward_from_grad_x`` (the double
+backward given the backward's outputs instead of its grad_y: :data:`BN_DOUBLE_BACKWARD_FROM_GRAD_X`).
+The batch-norm and mask ops have two GPU implementations, the compiled CUDA kernels and the Triton kernels of
 ``jsigr_fast.kernels``: :func:`use_gpu_kernels` picks one (default: CUDA, Triton for ops the build
 has no CUDA kernel for, e.g. a build without nvcc).
 
@@ -431,6 +432,8 @@ def _setup_bn_backward(ctx, inputs, output):
     if ctx.rebuild:  # grad_y is not kept: see rebuild_grad_y
         grad_y = inputs[0]
         ctx.grad_y_dtype = grad_y.dtype
+        # fixed here, with the rebuild, so that the double backward after the loss call runs what it chose
+        ctx.from_grad_x = BN_DOUBLE_BACKWARD_FROM_GRAD_X.get(grad_y.device.type, False)
         ctx.save_for_backward(*output, *inputs[1:])
         # grad_y's place in the graph, without its data, for a create-graph double backward (third order)
         ctx.grad_y_place = None
@@ -441,11 +444,42 @@ def _setup_bn_backward(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
 
+# Run the double backward of a batch norm whose grad_y was not kept straight from the backward's outputs (grad_x,
+# grad_weight, grad_bias), per device? The op batch_norm_double_backward_from_grad_x never forms grad_y
+# (csrc/batch_norm_kernels.h): the same passes over the data as the double backward given grad_y, instead of
+# rebuild_grad_y's two more, its activation-sized temporary and its ~10 small [C] ops (kernel launches on a GPU).
+# Used wherever no graph of the double backward is recorded (the step's final backward); a create-graph one
+# (third order) rebuilds grad_y with torch ops. Read where the rebuild is decided (the create-graph VJP). Measured on the 2-core CPU (ResNet-20, batch 128, fp32; bench/
+# results/memory_cpu_resnet20_b128_float32.md, fused_cpu_*_jsigr_rebuild_torch.md): the fused J-SIGR step's
+# peak 429.5 -> 421.5 MiB (the rebuild's float32 temporary at the stage-1 double backward), its time see there.
+# On CUDA it only runs where BN_REBUILD_GRAD_Y is on (bench_fused.py --ablation bn_rebuild times that).
+BN_DOUBLE_BACKWARD_FROM_GRAD_X = {"cpu": True, "cuda": True}
+_FROM_GRAD_X = "batch_norm_double_backward_from_grad_x"
+
+
+def _double_backward_from_grad_x(ctx, gg_x, gg_weight, gg_bias, saved):
+    """The 7 gradients straight from the saved ``(grad_x, grad_weight, grad_bias, x, ...)``, or None where this
+    call takes the other path (the setting off at the forward, a graph, a torch.func transform, a legacy-batched
+    gradient, no kernel)."""
+    x = saved[3]
+    if (not ctx.from_grad_x or torch.is_grad_enabled()
+            or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
+            or _any_legacy_batched((gg_x, gg_weight, gg_bias)) or not _has_kernel(_FROM_GRAD_X, x.device)):
+        return None
+    return torch.ops.jsigr_fast.batch_norm_double_backward_from_grad_x(gg_x, gg_weight, gg_bias, *saved)
+
+
 def _backward_bn_backward(ctx, gg_x, gg_weight, gg_bias):
     if gg_x is None and gg_weight is None and gg_bias is None:
         return (None,) * 7
     if ctx.rebuild:
-        gx, gw, gb, x, weight, mean, invstd, grad_mean, grad_invstd = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        gx, gw, gb, x, weight, mean, invstd, grad_mean, grad_invstd = saved
+        outs = _double_backward_from_grad_x(ctx, gg_x, gg_weight, gg_bias, saved)
+        if outs is not None:  # d_grad_y in x's dtype, which is grad_y's (the backward op requires it)
+            likes = (x, x, weight, mean, invstd, grad_mean, grad_invstd)
+            need = ctx.needs_input_grad
+            return tuple([_cast(o, like) if n else None for o, like, n in zip(outs, likes, need)])
         with torch.no_grad():  # its value; its derivatives are grad_y's own (the rebuild is the identity)
             grad_y = rebuild_grad_y(gx, gw, gb, x, weight, mean, invstd, grad_mean, grad_invstd)
         if grad_y.dtype != ctx.grad_y_dtype:
@@ -629,6 +663,13 @@ def _register_batch_norm(lib: str) -> None:
     def _(gg_x, gg_weight, gg_bias, grad_y, x, weight, mean, invstd, grad_mean, grad_invstd):
         c, acc = x.shape[1], _opmath(x.dtype)
         return (_empty_like_bn(x), _empty_like_bn(x)) + tuple(x.new_empty((c,), dtype=acc) for _ in range(5))
+
+    if _op_defined(_FROM_GRAD_X):  # an older build of the extension lacks it
+        @torch.library.register_fake(f"{lib}::{_FROM_GRAD_X}")
+        def _(gg_x, gg_weight, gg_bias, grad_x, grad_weight, grad_bias, x, weight, mean, invstd, grad_mean,
+              grad_invstd):
+            c, acc = x.shape[1], _opmath(x.dtype)
+            return (_empty_like_bn(x), _empty_like_bn(x)) + tuple(x.new_empty((c,), dtype=acc) for _ in range(5))
 
     torch.library.register_autograd(f"{lib}::batch_norm_train", _backward_bn_train, setup_context=_setup_bn_train)
     torch.library.register_autograd(f"{lib}::batch_norm_backward", _backward_bn_backward,
@@ -850,7 +891,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
 # ----------------------------------------------------------------------------------------------
 # The ops with a Triton launcher (jsigr_fast.kernels.<module>.<op>), by module.
 TRITON_OPS = {
-    "batch_norm": ("batch_norm_train", "batch_norm_backward", "batch_norm_double_backward"),
+    "batch_norm": ("batch_norm_train", "batch_norm_backward", "batch_norm_double_backward", _FROM_GRAD_X),
     "saliency_mask": ("gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask", "masked_sq_norm_bool",
                       "masked_sq_norm_bool_backward"),
     "loss_head": ("cross_entropy_cotangent", "cross_entropy_cotangent_backward"),

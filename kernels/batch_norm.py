@@ -17,13 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["batch_norm_train", "batch_norm_backward", "batch_norm_double_backward"]
+__all__ = ["batch_norm_train", "batch_norm_backward", "batch_norm_double_backward",
+           "batch_norm_double_backward_from_grad_x"]
 
 # reduction modes: which sums (K of them) over which inputs
-_SUM_X, _DEV_X, _GY_SUMS, _DBW_SUMS = 0, 1, 2, 3
-_K = {_SUM_X: 1, _DEV_X: 2, _GY_SUMS: 2, _DBW_SUMS: 5}
+_SUM_X, _DEV_X, _GY_SUMS, _DBW_SUMS, _DBW_GX_SUMS = 0, 1, 2, 3, 4
+_K = {_SUM_X: 1, _DEV_X: 2, _GY_SUMS: 2, _DBW_SUMS: 5, _DBW_GX_SUMS: 3}
 # apply modes
-_APPLY_Y, _APPLY_GX, _APPLY_GX_NOGY, _APPLY_DBW, _APPLY_DBW_NOU = 0, 1, 2, 3, 4
+_APPLY_Y, _APPLY_GX, _APPLY_GX_NOGY, _APPLY_DBW, _APPLY_DBW_NOU, _APPLY_DBW_GX, _APPLY_DBW_GX_NOU = range(7)
 
 _REDUCE_BLOCK = 1024
 _APPLY_BLOCK = 1024
@@ -43,9 +44,9 @@ def _channel_offsets(m, c, C, S, ROWS: tl.constexpr):
 def _bn_reduce_kernel(a_ptr, b_ptr, c_ptr, shift_ptr, partial_ptr, M, C, S, SPLITS,
                       MODE: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, ACC: tl.constexpr,
                       BLOCK: tl.constexpr):
-    # a_ptr, b_ptr, c_ptr: the inputs, x-shaped (MODE 0/1: x; 2: gy, x; 3: u, gy, x); unused ones are
+    # a_ptr, b_ptr, c_ptr: the inputs, x-shaped (MODE 0/1: x; 2: gy, x; 3: u, gy, x; 4: u, gx, x); unused ones are
     #                      any valid pointer
-    # shift_ptr: [C] opmath (MODE 1: the rounded mean; 2/3: mean)
+    # shift_ptr: [C] opmath (MODE 1: the rounded mean; 2-4: mean)
     # partial_ptr: [SPLITS, K, C] float64
     c = tl.program_id(0)
     split = tl.program_id(1)
@@ -75,7 +76,7 @@ def _bn_reduce_kernel(a_ptr, b_ptr, c_ptr, shift_ptr, partial_ptr, M, C, S, SPLI
             x = tl.load(b_ptr + off, mask=mask, other=0.0).to(ACC)
             s0 += gy
             s1 += gy * (x - k)
-        else:
+        elif MODE == 3:
             u = tl.load(a_ptr + off, mask=mask, other=0.0).to(ACC)
             gy = tl.load(b_ptr + off, mask=mask, other=0.0).to(ACC)
             x = tl.load(c_ptr + off, mask=mask, other=0.0).to(ACC)
@@ -85,12 +86,20 @@ def _bn_reduce_kernel(a_ptr, b_ptr, c_ptr, shift_ptr, partial_ptr, M, C, S, SPLI
             s2 += u * gy
             s3 += gy
             s4 += gy * xc
+        else:  # (u, gx, x): Su, Su(x - mean), Sugx
+            u = tl.load(a_ptr + off, mask=mask, other=0.0).to(ACC)
+            gx = tl.load(b_ptr + off, mask=mask, other=0.0).to(ACC)
+            x = tl.load(c_ptr + off, mask=mask, other=0.0).to(ACC)
+            s0 += u
+            s1 += u * (x - k)
+            s2 += u * gx
     base = partial_ptr + split * K * C + c
     tl.store(base, tl.sum(s0, axis=0).to(tl.float64))
     if K > 1:
         tl.store(base + C, tl.sum(s1, axis=0).to(tl.float64))
     if K > 2:
         tl.store(base + 2 * C, tl.sum(s2, axis=0).to(tl.float64))
+    if K > 3:
         tl.store(base + 3 * C, tl.sum(s3, axis=0).to(tl.float64))
         tl.store(base + 4 * C, tl.sum(s4, axis=0).to(tl.float64))
 
@@ -98,9 +107,9 @@ def _bn_reduce_kernel(a_ptr, b_ptr, c_ptr, shift_ptr, partial_ptr, M, C, S, SPLI
 @triton.jit
 def _bn_apply_kernel(a_ptr, b_ptr, c_ptr, out0_ptr, out1_ptr, k_ptr, TOTAL, C, S,
                      MODE: tl.constexpr, ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    # a/b/c_ptr: inputs, x-shaped, same layout (0: x; 1: gy, x; 2: x; 3: u, gy, x; 4: gy, x)
-    # out0_ptr, out1_ptr: outputs, x-shaped (out1 only for MODE 3/4)
-    # k_ptr: [NK, C] opmath coefficients (NK = 3, 4, 4, 6, 6)
+    # a/b/c_ptr: inputs, x-shaped, same layout (0: x; 1: gy, x; 2: x; 3: u, gy, x; 4: gy, x; 5: u, gx, x; 6: gx, x)
+    # out0_ptr, out1_ptr: outputs, x-shaped (out1 only for MODE 3-6)
+    # k_ptr: [NK, C] opmath coefficients (NK = 3, 4, 4, 6, 6, 8, 8)
     pid = tl.program_id(0).to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK)
     mask = i < TOTAL
@@ -133,11 +142,27 @@ def _bn_apply_kernel(a_ptr, b_ptr, c_ptr, out0_ptr, out1_ptr, k_ptr, TOTAL, C, S
             x = tl.load(c_ptr + i, mask=mask, other=0.0).to(ACC)
             tl.store(out0_ptr + i, (u * k0 + (x - k1) * k2 + k3).to(out0_ptr.dtype.element_ty), mask=mask)
             tl.store(out1_ptr + i, (gy * k4 + u * k5).to(out1_ptr.dtype.element_ty), mask=mask)
-        else:  # d_gy = (x - k1) k2 + k3, d_x = k4 gy
+        elif MODE == 4:  # d_gy = (x - k1) k2 + k3, d_x = k4 gy
             gy = tl.load(a_ptr + i, mask=mask, other=0.0).to(ACC)
             x = tl.load(b_ptr + i, mask=mask, other=0.0).to(ACC)
             tl.store(out0_ptr + i, ((x - k1) * k2 + k3).to(out0_ptr.dtype.element_ty), mask=mask)
             tl.store(out1_ptr + i, (gy * k4).to(out1_ptr.dtype.element_ty), mask=mask)
+        else:  # from grad_x: d_gy = k0 u + (x - k1) k2 + k3, d_x = k4 gx + k5 u + (x - k1) k6 + k7
+            k6 = tl.load(k_ptr + 6 * C + c, mask=mask, other=0.0).to(ACC)
+            k7 = tl.load(k_ptr + 7 * C + c, mask=mask, other=0.0).to(ACC)
+            if MODE == 5:
+                u = tl.load(a_ptr + i, mask=mask, other=0.0).to(ACC)
+                gx = tl.load(b_ptr + i, mask=mask, other=0.0).to(ACC)
+                x = tl.load(c_ptr + i, mask=mask, other=0.0).to(ACC)
+                xc = x - k1
+                tl.store(out0_ptr + i, (u * k0 + xc * k2 + k3).to(out0_ptr.dtype.element_ty), mask=mask)
+                tl.store(out1_ptr + i, (gx * k4 + u * k5 + xc * k6 + k7).to(out1_ptr.dtype.element_ty), mask=mask)
+            else:
+                gx = tl.load(a_ptr + i, mask=mask, other=0.0).to(ACC)
+                x = tl.load(b_ptr + i, mask=mask, other=0.0).to(ACC)
+                xc = x - k1
+                tl.store(out0_ptr + i, (xc * k2 + k3).to(out0_ptr.dtype.element_ty), mask=mask)
+                tl.store(out1_ptr + i, (gx * k4 + xc * k6 + k7).to(out1_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,29 +283,54 @@ def batch_norm_backward(grad_y, x, weight, mean, invstd, grad_mean=None, grad_in
 def batch_norm_double_backward(gg_x, gg_weight, gg_bias, grad_y, x, weight, mean, invstd, grad_mean=None,
                                grad_invstd=None):
     """The 7 gradients of ``jsigr_fast::batch_norm_double_backward`` (csrc/README.md)."""
+    return _double_backward(gg_x, gg_weight, gg_bias, grad_y, None, x, weight, mean, invstd, grad_mean, grad_invstd)
+
+
+def batch_norm_double_backward_from_grad_x(gg_x, gg_weight, gg_bias, grad_x, grad_weight, grad_bias, x, weight, mean,
+                                           invstd, grad_mean=None, grad_invstd=None):
+    """``jsigr_fast::batch_norm_double_backward_from_grad_x``: the same 7 gradients given the backward's outputs
+    ``(grad_x, grad_weight, grad_bias)`` instead of its grad_y (never formed; csrc/batch_norm_kernels.h)."""
+    return _double_backward(gg_x, gg_weight, gg_bias, grad_x, (grad_weight, grad_bias), x, weight, mean, invstd,
+                            grad_mean, grad_invstd)
+
+
+def _double_backward(gg_x, gg_weight, gg_bias, grad, rebuild, x, weight, mean, invstd, grad_mean, grad_invstd):
+    # grad: grad_y, or with rebuild = (grad_weight, grad_bias) the backward's grad_x
     L = _Layout(x)
-    x, gy = L.canon(x), L.canon(grad_y)
+    x, g = L.canon(x), L.canon(grad)
     m = float(L.M)
     w = _channel(weight, x, 1.0, L)
     s, mu = invstd.double(), mean.to(L.opmath)
     al, be = _channel(gg_weight, x, 0.0, L), _channel(gg_bias, x, 0.0, L)
     q = _channel(grad_invstd, x, 0.0, L)
-    if gg_x is not None:
-        u = L.canon(gg_x)
-        su, sux1, sugy, a, b1 = _reduce(L, _DBW_SUMS, [u, gy, x], mu)
+    u = None if gg_x is None else L.canon(gg_x)
+    zeros = torch.zeros(L.C, dtype=torch.float64, device=x.device)
+    if rebuild is not None:
+        # grad_y = ra gx + rb (x - mean) + rc: the backward solved for its input
+        b, a = (t.double() for t in rebuild)
+        b1 = b / s
+        p = _channel(grad_mean, x, 0.0, L)
+        ra, rb, rc = 1 / (w * s), s * b / m + q * s * s / (w * m), a / m - p / (w * s * m)
+        su, sux1, sugx = _reduce(L, _DBW_GX_SUMS, [u, g, x], mu) if u is not None else (zeros,) * 3
+        sugy = ra * sugx + rb * sux1 + rc * su
+    elif u is not None:
+        su, sux1, sugy, a, b1 = _reduce(L, _DBW_SUMS, [u, g, x], mu)
     else:
-        a, b1 = _reduce(L, _GY_SUMS, [gy, x], mu)
-        su = sux1 = sugy = torch.zeros_like(a)
+        a, b1 = _reduce(L, _GY_SUMS, [g, x], mu)
+        su = sux1 = sugy = zeros
     sux, b = s * sux1, s * b1
     e = sugy - a * su / m - b * sux / m
     sum_h = al * a - w * s * (a * sux + b * su) / m - q * s * s * su / m
     chan = [s * e, -s * sum_h, w * e - 3 * q * s * sux / m - 2 * w * b * sux / m + al * b1, su / m, -s * s * sux / m]
-    coef = [w * s, mu.double(), s * (al - w * s * sux / m), be - w * s * su / m, s * al - w * s * s * sux / m,
-            -(w * s * s * b + q * s ** 3) / m]
+    f1 = s * al - w * s * s * sux / m
+    coef = [w * s, mu.double(), s * (al - w * s * sux / m), be - w * s * su / m, f1, -(w * s * s * b + q * s ** 3) / m]
+    if rebuild is not None:
+        coef[4:] = [f1 * ra, coef[5], f1 * rb, f1 * rc]
     d_gy, d_x = L.empty(x), L.empty(x)
-    if gg_x is not None:
-        _apply(L, _APPLY_DBW, [u, gy, x], [d_gy, d_x], coef)
+    if rebuild is not None:
+        mode = _APPLY_DBW_GX if u is not None else _APPLY_DBW_GX_NOU
     else:
-        _apply(L, _APPLY_DBW_NOU, [gy, x], [d_gy, d_x], coef)
+        mode = _APPLY_DBW if u is not None else _APPLY_DBW_NOU
+    _apply(L, mode, [u, g, x] if u is not None else [g, x], [d_gy, d_x], coef)
     d_w, d_mean, d_invstd, d_gm, d_gs = (t.to(L.opmath) for t in chan)
     return d_gy, d_x, d_w, d_mean, d_invstd, d_gm, d_gs

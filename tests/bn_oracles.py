@@ -45,3 +45,26 @@ def _assert_all_close(got, expect, **kw):
     assert len(got) == len(expect)
     for i, (a, e) in enumerate(zip(got, expect)):
         torch.testing.assert_close(a, e, msg=lambda m, i=i: f"output {i}: {m}", **kw)
+
+
+def check_double_backward_from_grad_x(op, d, mean, invstd, cot, weight, gm, gs):
+    """``op`` (a ``batch_norm_double_backward_from_grad_x`` kernel) given the reference backward's outputs for
+    ``d["gy"]``, against the closed-form double backward at that grad_y. float64: to 1e-10. Lower precision: the
+    op only sees grad_y through its rounded grad_x (and the rounded [C] sums), so the flash-attention rule is
+    used, the op's error against the float64 reference at most twice that of the reference run in the same
+    dtype (given grad_y itself), plus 1e-6 of the output's scale."""
+    from jsigr_fast.reference import batch_norm_backward_ref, batch_norm_double_backward_ref
+
+    gx, gw, gb = batch_norm_backward_ref(d["gy"], d["x"], weight, mean, invstd, gm, gs)
+    rest = (d["x"], weight, mean, invstd, gm, gs)
+    got = op(*cot, gx, gw, gb, *rest)
+    if d["x"].dtype == torch.float64:
+        _assert_all_close(got, batch_norm_double_backward_ref(*cot, d["gy"], *rest), rtol=1e-10, atol=1e-10)
+        return got
+    up = lambda t: None if t is None else t.double()  # noqa: E731
+    exact = batch_norm_double_backward_ref(*map(up, cot), up(d["gy"]), *map(up, rest))
+    plain = batch_norm_double_backward_ref(*cot, d["gy"], *rest)
+    for i, (a, p, e) in enumerate(zip(got, plain, exact)):
+        err, base = (a.double() - e).abs().max().item(), (p.double() - e).abs().max().item()
+        assert err <= 2 * base + 1e-6 * e.abs().max().item(), f"output {i}: error {err:.3g}, plain {base:.3g}"
+    return got

@@ -17,7 +17,7 @@ import jsigr_fast
 from jsigr_fast import ops
 from jsigr_fast.reference import batch_norm_backward_ref, batch_norm_double_backward_ref, batch_norm_train_ref
 from oracles import DispatchedOps, graph_nodes
-from bn_oracles import CASES, _assert_all_close, _inputs
+from bn_oracles import CASES, _assert_all_close, _inputs, check_double_backward_from_grad_x
 
 pytestmark = pytest.mark.skipif(not jsigr_fast.extension_loaded(),
                                 reason=f"compiled extension not loaded: {jsigr_fast.extension_error()}")
@@ -212,6 +212,76 @@ def test_rebuild_grad_y_inverts_the_backward(shape, layout, stats_grads, affine)
     torch.testing.assert_close(got, d["gy"], rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("stats_grads", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_double_backward_from_grad_x_is_the_double_backward_at_the_true_grad_y(shape, layout, dtype, stats_grads,
+                                                                                affine):
+    # oracle: the closed-form reference (checked against autograd above) given the grad_y the backward was given;
+    # the op sees only that backward's outputs (the reference's, not our kernel's)
+    d = _inputs(shape, layout, dtype, affine=affine)
+    _, mean, invstd = batch_norm_train_ref(d["x"], d["w"], d["b"], 1e-5)
+    gm, gs = (d["gm"], d["gs"]) if stats_grads else (None, None)
+    for cot in ((d["u"], d["alpha"], d["beta"]), (None, d["alpha"], None), (d["u"], None, None),
+                (None, None, d["beta"])):
+        got = check_double_backward_from_grad_x(O.batch_norm_double_backward_from_grad_x, d, mean, invstd, cot,
+                                                d["w"], gm, gs)
+        if layout == "channels_last":  # both x-shaped outputs keep x's layout, as the op given grad_y
+            fmt = torch.channels_last if d["x"].dim() == 4 else torch.channels_last_3d
+            assert all(t.is_contiguous(memory_format=fmt) for t in got[:2])
+
+
+def test_double_backward_from_grad_x_low_precision_flash_attention_rule():
+    # |op - ref32| <= 2 |plain - ref32| + tiny atol, plain = ATen's batch norm differentiated twice in bfloat16;
+    # the op gets the bfloat16 grad_x of our backward (what the fused backend keeps) and its float32 [C] outputs
+    d = _inputs((4, 6, 5, 5), "channels_last", torch.bfloat16, seed=5)
+    f32 = {k: (v.float() if v is not None else None) for k, v in d.items()}
+    x, w, gy = (d[k].clone().requires_grad_(True) for k in ("x", "w", "gy"))
+    with torch.enable_grad():
+        gx_l = torch.autograd.grad(F.batch_norm(x, None, None, w, d["b"], True, 0.1, 1e-5), x, gy,
+                                   create_graph=True)[0]
+        plain = torch.autograd.grad(gx_l, (gy, x), d["u"])
+    _, mean, invstd = O.batch_norm_train(d["x"], d["w"], d["b"], 1e-5)
+    gx, gw, gb = O.batch_norm_backward(d["gy"], d["x"], d["w"], mean, invstd, None, None)
+    got = O.batch_norm_double_backward_from_grad_x(d["u"], None, None, gx, gw, gb, d["x"], d["w"], mean, invstd,
+                                                   None, None)
+    xf, wf, gyf = (f32[k].clone().requires_grad_(True) for k in ("x", "w", "gy"))
+    with torch.enable_grad():  # the total derivative, as the chain sees it (through mean and invstd)
+        yf, mf, sf = batch_norm_train_ref(xf, wf, f32["b"], 1e-5)
+        ref = torch.autograd.grad(batch_norm_backward_ref(gyf, xf, wf, mf, sf)[0], (gyf, xf), f32["u"])
+    # the op's d_x is the partial derivative (mean, invstd held): add the statistics' part as the chain does
+    _, mean32, invstd32 = batch_norm_train_ref(f32["x"], f32["w"], f32["b"], 1e-5)
+    stats = torch.autograd.grad(batch_norm_train_ref(xf, wf, f32["b"], 1e-5)[1:], xf, (got[3], got[4]))[0]
+    for a, r, p in ((got[0], ref[0], plain[0]), (got[1].float() + stats, ref[1], plain[1])):
+        err, base = (a.float() - r).abs().max().item(), (p.float() - r).abs().max().item()
+        assert err <= 2 * base + 1e-3 * r.abs().max().item() + 1e-6, (err, base)
+
+
+def test_the_step_s_final_backward_runs_the_double_backward_from_grad_x(monkeypatch):
+    # a create-graph VJP through a batch norm, then a plain backward of its square: that backward takes the
+    # double backward straight from grad_x (one op, no rebuild_grad_y), values equal to keeping grad_y's
+    monkeypatch.setitem(ops.BN_REBUILD_GRAD_Y, "cpu", True)
+    d = _inputs((4, 5, 3, 3), "channels_last")
+
+    def penalty_grads():
+        x, w = d["x"].clone().requires_grad_(True), d["w"].clone().requires_grad_(True)
+        with torch.enable_grad():
+            y = ops.batch_norm(x, None, None, w, d["b"], True, 0.1, 1e-5)
+            (g,) = torch.autograd.grad(y, x, d["gy"], create_graph=True)
+            with DispatchedOps() as seen:
+                grads = torch.autograd.grad((g * d["u"]).sum(), (x, w))
+        return grads, seen.names
+
+    got, names = penalty_grads()
+    assert names.count("jsigr_fast.batch_norm_double_backward_from_grad_x.default") == 1
+    assert "jsigr_fast.batch_norm_double_backward.default" not in names
+    monkeypatch.setitem(ops.BN_REBUILD_GRAD_Y, "cpu", False)
+    kept, names = penalty_grads()
+    assert "jsigr_fast.batch_norm_double_backward.default" in names
+    _assert_all_close(got, kept, rtol=1e-11, atol=1e-11)
+
+
 def test_rebuild_grad_y_of_a_bfloat16_activation_holds_one_float32_temporary_less():
     # The rebuild computes in float32 (mean's dtype) for a bf16 activation; its second step runs in place, so
     # the call's peak allocation is 2 float32 activations (its result, and the float32 copy of x the CPU's
@@ -318,6 +388,10 @@ def test_opcheck():
     torch.library.opcheck(O.batch_norm_double_backward.default,
                           (rg(d["u"]), rg(d["alpha"]), None, rg(d["gy"]), rg(d["x"]), rg(d["w"]), rg(mean),
                            rg(invstd), None, rg(d["gs"])))
+    gx, gw, gb = batch_norm_backward_ref(dc["gy"], dc["x"], dc["w"], mean_c, invstd_c, dc["gm"], None)
+    # no derivative (the fused backend calls it where no graph is recorded): no requires_grad inputs
+    torch.library.opcheck(O.batch_norm_double_backward_from_grad_x.default,
+                          (dc["u"], None, dc["beta"], gx, gw, gb, dc["x"], dc["w"], mean_c, invstd_c, dc["gm"], None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,6 +541,10 @@ def test_errors_name_the_problem():
         O.batch_norm_backward(torch.ones(3, 4, 2, 1), x, None, m, s, None, None)
     with pytest.raises(RuntimeError, match="mean must have dtype"):
         O.batch_norm_backward(x, x, None, m.double(), s, None, None)
+    with pytest.raises(RuntimeError, match="grad_weight must have shape \\[4\\]"):
+        O.batch_norm_double_backward_from_grad_x(None, None, None, x, m[:3], m, x, None, m, s, None, None)
+    with pytest.raises(RuntimeError, match="grad_x must have x's shape"):
+        O.batch_norm_double_backward_from_grad_x(None, None, None, x[:2], m, m, x, None, m, s, None, None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import cuda_emu
 from bn_oracles import CASES as BN_CASES
-from bn_oracles import _assert_all_close, _inputs, _layout
+from bn_oracles import _assert_all_close, _inputs, _layout, check_double_backward_from_grad_x
 from jsigr_fast import reference
 from loss_head_oracles import DTYPES, UNIT, _ce_oracle, _logits, _tols, _vjp_oracle, check_special_values
 from mask_oracles import (QUANTILE_COUNT_DS, _adaptor_oracle, _check_near_threshold, adaptor_bad_arguments,
@@ -175,6 +175,10 @@ def _bn_check(E, shape, layout, dtype):
     _assert_all_close(E.batch_norm_double_backward(*full), reference.batch_norm_double_backward_ref(*full), **tol)
     sparse = (None, d["alpha"], None, d["gy"], d["x"], None, mean, invstd, None, d["gs"])
     _assert_all_close(E.batch_norm_double_backward(*sparse), reference.batch_norm_double_backward_ref(*sparse), **tol)
+    # from the backward's outputs (grad_y rebuilt, never formed): the reference at the true grad_y is the oracle
+    for cot, w, gm, gs in (((d["u"], d["alpha"], d["beta"]), d["w"], d["gm"], d["gs"]),
+                           ((None, d["alpha"], None), None, None, d["gs"])):
+        check_double_backward_from_grad_x(E.batch_norm_double_backward_from_grad_x, d, mean, invstd, cot, w, gm, gs)
 
 
 @pytest.mark.parametrize("shape,layout", BN_CASES + BN_EXTRA, ids=[f"{s}-{lay}" for s, lay in BN_CASES + BN_EXTRA])

@@ -39,7 +39,7 @@ def restore_mode():
 
 
 def test_switching_registers_and_restores(restore_mode):
-    assert len(ALL_TRITON_OPS) == 10
+    assert len(ALL_TRITON_OPS) == 11
     ops._apply_gpu_kernels(None)
     original = {op: _cuda_entry(op) for op in ALL_TRITON_OPS}
     compiled = {op for op, e in original.items() if e}

@@ -20,7 +20,7 @@ CASES = [((3, 5, 4, 7), "contiguous"), ((3, 5, 4, 7), "channels_last"), ((6, 5),
 @parent_driver
 def test_triton_kernels_in_interpreter():
     # every child test must really run there: the only skips allowed are the two parent-only tests
-    expected = 2 * len(CASES) + 1
+    expected = 4 * len(CASES) + 1
     run_in_interpreter(__file__, passed=expected, skipped=2)
 
 
@@ -40,7 +40,7 @@ def test_triton_bn_kernels_compile_for_sm90():
                                            "partial_ptr": "*fp64", "M": "i32", "C": "i32", "S": "i32",
                                            "SPLITS": "i32"},
                     {"MODE": mode, "K": k, "ROWS": rows, "ACC": acc, "BLOCK": 1024})
-            for mode in range(5):
+            for mode in range(7):
                 code = ptx(tb._bn_apply_kernel, {"a_ptr": "*" + dt, "b_ptr": "*" + dt, "c_ptr": "*" + dt,
                                                  "out0_ptr": "*" + dt, "out1_ptr": "*" + dt, "k_ptr": accp,
                                                  "TOTAL": "i64", "C": "i32", "S": "i32"},
@@ -91,6 +91,25 @@ def test_ops_match_references(shape, layout, dtype):
     for args in ((u, al, gm, gy, x, w, mean, invstd, gm, gs), (None, al, None, gy, x, None, mean, invstd, None, gs)):
         for a, e in zip(tb.batch_norm_double_backward(*args), batch_norm_double_backward_ref(*args)):
             torch.testing.assert_close(a, e, **tol)
+
+
+@child_only
+@pytest.mark.parametrize("shape,layout", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_double_backward_from_grad_x_matches_the_reference_at_the_true_grad_y(shape, layout, dtype):
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from jsigr_fast.kernels import batch_norm as tb
+
+    x, gy, u, w, b, gm, gs, al = _inputs(shape, layout, dtype)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else {}
+    _, mean, invstd = batch_norm_train_ref(x, w, b, 1e-5)
+    for weight, p, q in ((w, gm, gs), (None, None, None)):
+        gx, gw, gb = batch_norm_backward_ref(gy, x, weight, mean, invstd, p, q)
+        for cot in ((u, al, gm), (None, al, None)):
+            rest = (x, weight, mean, invstd, p, q)
+            got = tb.batch_norm_double_backward_from_grad_x(*cot, gx, gw, gb, *rest)
+            for a, e in zip(got, batch_norm_double_backward_ref(*cot, gy, *rest)):
+                torch.testing.assert_close(a, e, **tol)
 
 
 @child_only

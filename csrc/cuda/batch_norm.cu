@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "../memory_format.h"
 
@@ -95,6 +96,16 @@ struct DbwSums {
     acc[4] += v[1] * xc;
   }
 };
+// double backward from grad_x with u: (u, gx, x) -> Su, Su(x - mean), Sugx
+struct DbwGxSums {
+  static constexpr int NI = 3, NK = 1, K = 3;
+  template <typename A>
+  __device__ void operator()(const A* v, const A* k, A* acc) const {
+    acc[0] += v[0];
+    acc[1] += v[0] * (v[2] - k[0]);
+    acc[2] += v[0] * v[1];
+  }
+};
 
 // y = (x - k0) k1 + k2
 struct ApplyY {
@@ -130,6 +141,27 @@ struct ApplyDbwNoU {
   __device__ void operator()(const A* v, const A* k, A* o) const {
     o[0] = (v[1] - k[1]) * k[2] + k[3];
     o[1] = v[0] * k[4];
+  }
+};
+// from grad_x (grad_y rebuilt, never formed), (u, gx, x): d_gy = k0 u + (x - k1) k2 + k3,
+// d_x = k4 gx + k5 u + (x - k1) k6 + k7
+struct ApplyDbwGx {
+  static constexpr int NI = 3, NK = 8, NO = 2;
+  template <typename A>
+  __device__ void operator()(const A* v, const A* k, A* o) const {
+    const A xc = v[2] - k[1];
+    o[0] = v[0] * k[0] + xc * k[2] + k[3];
+    o[1] = v[1] * k[4] + v[0] * k[5] + xc * k[6] + k[7];
+  }
+};
+// (gx, x): the same without u
+struct ApplyDbwGxNoU {
+  static constexpr int NI = 2, NK = 8, NO = 2;
+  template <typename A>
+  __device__ void operator()(const A* v, const A* k, A* o) const {
+    const A xc = v[1] - k[1];
+    o[0] = xc * k[2] + k[3];
+    o[1] = v[0] * k[4] + xc * k[6] + k[7];
   }
 };
 
@@ -316,19 +348,39 @@ __global__ void finalize_backward_kernel(const double* __restrict__ partial, int
   kc[3 * C + c] = static_cast<acc_t>((double(p[c]) - wc * s * A) / M);
 }
 
-// double backward: the five [C] outputs and coefficients (e1, mean, e2, e3, f1, f2)
+// double backward: the five [C] outputs and coefficients (e1, mean, e2, e3, f1, f2). From grad_x (rgw, rgb, rp:
+// the backward's grad_weight, grad_bias and grad_mean; null for the op given grad_y), grad_y = ra gx +
+// rb (x - mean) + rc is never formed: the sums are (Su, Sux1, Sugx), A = grad_bias, B1 = grad_weight / s, and the
+// coefficients (e1, mean, e2, e3, f1 ra, f2, f1 rb, f1 rc) (csrc/batch_norm_kernels.h has the derivation).
 template <typename acc_t>
 __global__ void finalize_double_backward_kernel(const double* __restrict__ partial, int splits, int64_t C, double M,
                                                 bool has_u, const acc_t* __restrict__ w, const acc_t* __restrict__ mu,
                                                 const acc_t* __restrict__ is, const acc_t* __restrict__ al,
                                                 const acc_t* __restrict__ be, const acc_t* __restrict__ q,
-                                                acc_t* __restrict__ dw, acc_t* __restrict__ dmean,
-                                                acc_t* __restrict__ dis, acc_t* __restrict__ dgm,
-                                                acc_t* __restrict__ dgs, acc_t* __restrict__ kc) {
+                                                const acc_t* __restrict__ rgw, const acc_t* __restrict__ rgb,
+                                                const acc_t* __restrict__ rp, acc_t* __restrict__ dw,
+                                                acc_t* __restrict__ dmean, acc_t* __restrict__ dis,
+                                                acc_t* __restrict__ dgm, acc_t* __restrict__ dgs,
+                                                acc_t* __restrict__ kc) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  double Su = 0, Sux1 = 0, Sugy = 0, A, B1;
-  if (has_u) {
+  const double s = is[c], wc = w[c], alc = al[c], bec = be[c], qc = q[c];
+  double Su = 0, Sux1 = 0, Sugy = 0, A, B1, ra = 0, rb = 0, rc = 0;
+  const bool rebuild = rgw != nullptr;
+  if (rebuild) {
+    double Sugx = 0;
+    if (has_u) {
+      double t[3];
+      gather_sums<3>(partial, splits, C, c, t);
+      Su = t[0], Sux1 = t[1], Sugx = t[2];
+    }
+    A = rgb[c];
+    B1 = double(rgw[c]) / s;
+    ra = 1.0 / (wc * s);
+    rb = double(rgw[c]) * s / M + qc * s * s / (wc * M);
+    rc = A / M - double(rp[c]) / (wc * s * M);
+    Sugy = ra * Sugx + rb * Sux1 + rc * Su;
+  } else if (has_u) {
     double t[5];
     gather_sums<5>(partial, splits, C, c, t);
     Su = t[0], Sux1 = t[1], Sugy = t[2], A = t[3], B1 = t[4];
@@ -337,7 +389,6 @@ __global__ void finalize_double_backward_kernel(const double* __restrict__ parti
     gather_sums<2>(partial, splits, C, c, t);
     A = t[0], B1 = t[1];
   }
-  const double s = is[c], wc = w[c], alc = al[c], bec = be[c], qc = q[c];
   const double Sux = s * Sux1, B = s * B1;
   const double E = Sugy - A * Su / M - B * Sux / M;
   dw[c] = static_cast<acc_t>(s * E);
@@ -346,12 +397,17 @@ __global__ void finalize_double_backward_kernel(const double* __restrict__ parti
   const double sum_h = alc * A - wc * s * (A * Sux + B * Su) / M - qc * s * s * Su / M;
   dmean[c] = static_cast<acc_t>(-s * sum_h);
   dis[c] = static_cast<acc_t>(wc * E - 3 * qc * s * Sux / M - 2 * wc * B * Sux / M + alc * B1);
+  const double f1 = s * alc - wc * s * s * Sux / M;
   kc[c] = static_cast<acc_t>(wc * s);
   kc[C + c] = mu[c];
   kc[2 * C + c] = static_cast<acc_t>(s * (alc - wc * s * Sux / M));
   kc[3 * C + c] = static_cast<acc_t>(bec - wc * s * Su / M);
-  kc[4 * C + c] = static_cast<acc_t>(s * alc - wc * s * s * Sux / M);
+  kc[4 * C + c] = static_cast<acc_t>(rebuild ? f1 * ra : f1);
   kc[5 * C + c] = static_cast<acc_t>(-(wc * s * s * B + qc * s * s * s) / M);
+  if (rebuild) {
+    kc[6 * C + c] = static_cast<acc_t>(f1 * rb);
+    kc[7 * C + c] = static_cast<acc_t>(f1 * rc);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -539,14 +595,17 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const std::optional<
   return {gx, gw, gb};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_double_backward_cuda(
-    const std::optional<Tensor>& gg_x_in, const std::optional<Tensor>& gg_weight,
-    const std::optional<Tensor>& gg_bias, const Tensor& grad_y_in, const Tensor& x_in,
-    const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
-    const std::optional<Tensor>& grad_mean, const std::optional<Tensor>& grad_invstd) {
-  const char* op = "jsigr_fast::batch_norm_double_backward";
+using Grads7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The double backward given grad_y (rebuild == nullptr) or, for _from_grad_x, the backward's outputs
+// (grad_x in grad_y's place, rebuild = its grad_weight, grad_bias).
+Grads7 double_backward(const char* op, const std::optional<Tensor>& gg_x_in, const std::optional<Tensor>& gg_weight,
+                       const std::optional<Tensor>& gg_bias, const Tensor& grad_y_in, const Tensor& x_in,
+                       const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
+                       const std::optional<Tensor>& grad_mean, const std::optional<Tensor>& grad_invstd,
+                       const std::pair<Tensor, Tensor>* rebuild) {
   check_x(x_in, op);
-  check_like_x(grad_y_in, x_in, "grad_y", op);
+  check_like_x(grad_y_in, x_in, rebuild ? "grad_x" : "grad_y", op);
   if (gg_x_in.has_value()) check_like_x(*gg_x_in, x_in, "grad_grad_x", op);
   check_channel(gg_weight, x_in, "grad_grad_weight", op, true);
   check_channel(gg_bias, x_in, "grad_grad_bias", op, true);
@@ -555,6 +614,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_do
   check_channel(invstd, x_in, "invstd", op, true);
   check_channel(grad_mean, x_in, "grad_mean", op, true);
   check_channel(grad_invstd, x_in, "grad_invstd", op, true);
+  if (rebuild) {
+    check_channel(rebuild->first, x_in, "grad_weight", op, true);
+    check_channel(rebuild->second, x_in, "grad_bias", op, true);
+  }
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto fmt = dense_memory_format(x_in);
   const Tensor x = x_in.contiguous(fmt);
@@ -569,7 +632,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_do
   const Tensor w = channel_or(weight, x, 1.0), mu = mean.contiguous(), is = invstd.contiguous();
   const Tensor alpha = channel_or(gg_weight, x, 0.0), beta = channel_or(gg_bias, x, 0.0);
   const Tensor q = channel_or(grad_invstd, x, 0.0);
-  Tensor kc = at::empty({6, sh.C}, mu.options());
+  Tensor rgw, rgb, rp;
+  if (rebuild) {
+    rgw = rebuild->first.contiguous();
+    rgb = rebuild->second.contiguous();
+    rp = channel_or(grad_mean, x, 0.0);
+  }
+  Tensor kc = at::empty({rebuild ? 8 : 6, sh.C}, mu.options());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_double_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -578,28 +647,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_do
     const scalar_t* up = has_u ? u.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* gyp = gy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    if (has_u) {
-      partial = launch_reduce<scalar_t, DbwSums>(sh, Inputs<scalar_t, 3>{{up, gyp, xp}}, mu.const_data_ptr<acc_t>(),
-                                                 x, splits, stream);
-    } else {
-      partial = launch_reduce<scalar_t, GySums>(sh, Inputs<scalar_t, 2>{{gyp, xp}}, mu.const_data_ptr<acc_t>(), x,
-                                                splits, stream);
+    const acc_t* mup = mu.const_data_ptr<acc_t>();
+    if (rebuild && has_u) {
+      partial = launch_reduce<scalar_t, DbwGxSums>(sh, Inputs<scalar_t, 3>{{up, gyp, xp}}, mup, x, splits, stream);
+    } else if (has_u) {
+      partial = launch_reduce<scalar_t, DbwSums>(sh, Inputs<scalar_t, 3>{{up, gyp, xp}}, mup, x, splits, stream);
+    } else if (!rebuild) {
+      partial = launch_reduce<scalar_t, GySums>(sh, Inputs<scalar_t, 2>{{gyp, xp}}, mup, x, splits, stream);
     }
     finalize_double_backward_kernel<acc_t><<<channel_blocks(sh.C), 128, 0, stream>>>(
-        partial.const_data_ptr<double>(), splits, sh.C, double(sh.M()), has_u, w.const_data_ptr<acc_t>(),
-        mu.const_data_ptr<acc_t>(), is.const_data_ptr<acc_t>(), alpha.const_data_ptr<acc_t>(),
-        beta.const_data_ptr<acc_t>(), q.const_data_ptr<acc_t>(), d_w.mutable_data_ptr<acc_t>(),
-        d_mean.mutable_data_ptr<acc_t>(), d_invstd.mutable_data_ptr<acc_t>(), d_gmean.mutable_data_ptr<acc_t>(),
-        d_ginvstd.mutable_data_ptr<acc_t>(), kc.mutable_data_ptr<acc_t>());
+        partial.defined() ? partial.const_data_ptr<double>() : nullptr, splits, sh.C, double(sh.M()), has_u,
+        w.const_data_ptr<acc_t>(), mup, is.const_data_ptr<acc_t>(), alpha.const_data_ptr<acc_t>(),
+        beta.const_data_ptr<acc_t>(), q.const_data_ptr<acc_t>(), rebuild ? rgw.const_data_ptr<acc_t>() : nullptr,
+        rebuild ? rgb.const_data_ptr<acc_t>() : nullptr, rebuild ? rp.const_data_ptr<acc_t>() : nullptr,
+        d_w.mutable_data_ptr<acc_t>(), d_mean.mutable_data_ptr<acc_t>(), d_invstd.mutable_data_ptr<acc_t>(),
+        d_gmean.mutable_data_ptr<acc_t>(), d_ginvstd.mutable_data_ptr<acc_t>(), kc.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const Outputs<scalar_t, 2> out{{d_gy.mutable_data_ptr<scalar_t>(), d_x.mutable_data_ptr<scalar_t>()}};
-    if (has_u) {
-      launch_apply<scalar_t, ApplyDbw>(sh, Inputs<scalar_t, 3>{{up, gyp, xp}}, out, kc.const_data_ptr<acc_t>(), stream);
+    const acc_t* k = kc.const_data_ptr<acc_t>();
+    if (rebuild && has_u) {
+      launch_apply<scalar_t, ApplyDbwGx>(sh, Inputs<scalar_t, 3>{{up, gyp, xp}}, out, k, stream);
+    } else if (rebuild) {
+      launch_apply<scalar_t, ApplyDbwGxNoU>(sh, Inputs<scalar_t, 2>{{gyp, xp}}, out, k, stream);
+    } else if (has_u) {
+      launch_apply<scalar_t, ApplyDbw>(sh, Inputs<scalar_t, 3>{{up, gyp, xp}}, out, k, stream);
     } else {
-      launch_apply<scalar_t, ApplyDbwNoU>(sh, Inputs<scalar_t, 2>{{gyp, xp}}, out, kc.const_data_ptr<acc_t>(), stream);
+      launch_apply<scalar_t, ApplyDbwNoU>(sh, Inputs<scalar_t, 2>{{gyp, xp}}, out, k, stream);
     }
   });
   return {d_gy, d_x, d_w, d_mean, d_invstd, d_gmean, d_ginvstd};
+}
+
+Grads7 batch_norm_double_backward_cuda(const std::optional<Tensor>& gg_x, const std::optional<Tensor>& gg_weight,
+                                       const std::optional<Tensor>& gg_bias, const Tensor& grad_y, const Tensor& x,
+                                       const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
+                                       const std::optional<Tensor>& grad_mean,
+                                       const std::optional<Tensor>& grad_invstd) {
+  return double_backward("jsigr_fast::batch_norm_double_backward", gg_x, gg_weight, gg_bias, grad_y, x, weight, mean,
+                         invstd, grad_mean, grad_invstd, nullptr);
+}
+
+Grads7 batch_norm_double_backward_from_grad_x_cuda(
+    const std::optional<Tensor>& gg_x, const std::optional<Tensor>& gg_weight, const std::optional<Tensor>& gg_bias,
+    const Tensor& grad_x, const Tensor& grad_weight, const Tensor& grad_bias, const Tensor& x,
+    const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
+    const std::optional<Tensor>& grad_mean, const std::optional<Tensor>& grad_invstd) {
+  const std::pair<Tensor, Tensor> rebuild{grad_weight, grad_bias};
+  return double_backward("jsigr_fast::batch_norm_double_backward_from_grad_x", gg_x, gg_weight, gg_bias, grad_x, x,
+                         weight, mean, invstd, grad_mean, grad_invstd, &rebuild);
 }
 
 }  // namespace
@@ -608,6 +703,7 @@ TORCH_LIBRARY_IMPL(jsigr_fast, CUDA, m) {
   m.impl("batch_norm_train", &batch_norm_train_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
   m.impl("batch_norm_double_backward", &batch_norm_double_backward_cuda);
+  m.impl("batch_norm_double_backward_from_grad_x", &batch_norm_double_backward_from_grad_x_cuda);
 }
 
 }  // namespace jsigr_fast

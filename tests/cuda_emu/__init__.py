@@ -105,9 +105,9 @@ def load_selftest(verbose: bool = False):
 
 # every op of csrc/ops.cpp that has a CUDA kernel
 OPS = ("masked_sq_norm", "masked_sq_norm_backward", "batch_norm_train", "batch_norm_backward",
-       "batch_norm_double_backward", "gradient_saliency_mask", "threshold_mask", "adaptor_saliency_mask",
-       "masked_sq_norm_bool", "masked_sq_norm_bool_backward", "cross_entropy_cotangent",
-       "cross_entropy_cotangent_backward")
+       "batch_norm_double_backward", "batch_norm_double_backward_from_grad_x", "gradient_saliency_mask",
+       "threshold_mask", "adaptor_saliency_mask", "masked_sq_norm_bool", "masked_sq_norm_bool_backward",
+       "cross_entropy_cotangent", "cross_entropy_cotangent_backward")
 
 
 def install_as_cpu_kernels() -> dict:
