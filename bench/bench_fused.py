@@ -35,6 +35,9 @@ ABLATIONS = {
               "inside the loss call (one create_graph VJP graph alive at a time)"),
     "bn_rebuild": ("jsigr_bn_rebuild_fused", "jsigr_bn_keep_fused", "batch_norm_backward's double backward "
                    "rebuilding grad_y from its own output instead of keeping it (ops.BN_REBUILD_GRAD_Y on vs off)"),
+    "rebuild_torch": ("jsigr_bn_rebuild_torch_fused", "jsigr_bn_rebuild_fused", "the rebuilt grad_y formed with "
+                      "torch ops and passed to the double backward given grad_y, instead of the double backward "
+                      "straight from grad_x (ops.BN_DOUBLE_BACKWARD_FROM_GRAD_X off; the rebuild on in both)"),
     "aten_rules": ("jsigr_aten_rules_fused", "jsigr_fused", "ATen's conv and ReLU autograd in the create-graph "
                    "passes instead of the fused double-backward rules (fused.LAYER_RULES empty; batch norm stays "
                    "fused)"),

@@ -25,7 +25,9 @@ parameter gradients taken inside the loss call, so one such VJP graph is alive a
 how much of that a split backward buys back; ``bench_fused.py --pairs jsigr --ablation eager`` times it.
 Of each such set, one tensor per batch norm is its ``grad_y``; ``jsigr_fast.ops.BN_REBUILD_GRAD_Y`` rebuilds it
 from the ``grad_x`` the conv before it keeps anyway: ``jsigr_bn_keep_fused`` / ``jsigr_bn_rebuild_fused`` are the
-fused J-SIGR step with that forced off / on (``bench_fused.py --ablation bn_rebuild`` times it).
+fused J-SIGR step with that forced off / on (``bench_fused.py --ablation bn_rebuild`` times it);
+``jsigr_bn_rebuild_torch_fused`` forms the rebuilt grad_y with torch ops (``ops.rebuild_grad_y``, an activation-sized
+temporary at the double backward) instead of the kernel that never forms it (``--ablation rebuild_torch``).
 fd needs no double backward and differentiates each perturbed forward's graph as soon as its term is
 computed (jsigr_fast.finite_difference.FREE_EARLY), so it holds about two forwards' graphs; the
 ablation ``jsigr_fd_kept`` keeps them all to the end (``--ablation fd_kept`` times it).
@@ -49,8 +51,8 @@ from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, condit
                    make_setup, publish, sync, train_step)
 
 DEFAULT = ("standard,double_backprop,double_backprop_fused,jsigr,jsigr_fused,jsigr_bn_keep_fused,"
-           "jsigr_bn_rebuild_fused,jsigr_eager_fused,jsigr_hutchinson,jsigr_hutchinson_fused,jsigr_fd,jsigr_fd_fused,"
-           "jsigr_fd_kept,pgd_at7")
+           "jsigr_bn_rebuild_fused,jsigr_bn_rebuild_torch_fused,jsigr_eager_fused,jsigr_hutchinson,"
+           "jsigr_hutchinson_fused,jsigr_fd,jsigr_fd_fused,jsigr_fd_kept,pgd_at7")
 MIB = 2 ** 20
 
 

@@ -19,8 +19,8 @@ work does not depend on the tensors' size, so it can be measured here on tiny te
 
 ``--policies cuda`` copies the CUDA entries of the fused backend's per-device choices
 (jsigr_fast.fused: CHANNELS_LAST, BATCH_VJPS, BATCH_PROBES, LOSS_HEAD, FIRST_ORDER_ATEN_BN, LAYER_RULES,
-CPP_RULES; jsigr_fast.ops: BN_REBUILD_GRAD_Y, ATEN_BN_KERNELS) onto the CPU, so the counts are the GPU
-configuration's.
+CPP_RULES; jsigr_fast.ops: BN_REBUILD_GRAD_Y, BN_DOUBLE_BACKWARD_FROM_GRAD_X, ATEN_BN_KERNELS) onto the CPU,
+so the counts are the GPU configuration's.
 Results: ``<out>/overhead_cpu_<model>_<policies>_policies[_<tag>].{md,json}``.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ METHODS = ("standard", "double_backprop", "double_backprop_fused", "jsigr", "jsi
 # the fused backend's per-device choices (dicts keyed by device type)
 POLICIES = ((fused, "CHANNELS_LAST"), (fused, "BATCH_VJPS"), (fused, "BATCH_PROBES"), (fused, "LOSS_HEAD"),
             (fused, "FIRST_ORDER_ATEN_BN"), (fused, "LAYER_RULES"), (fused, "CPP_RULES"), (ops, "BN_REBUILD_GRAD_Y"),
-            (ops, "ATEN_BN_KERNELS"))
+            (ops, "BN_DOUBLE_BACKWARD_FROM_GRAD_X"), (ops, "ATEN_BN_KERNELS"))
 
 
 @contextmanager

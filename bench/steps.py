@@ -140,6 +140,16 @@ _fused_jsigr_aten_bn = _fused_jsigr_with("ops", "ATEN_BN_KERNELS", ("forward", "
 _fused_jsigr_python_rules = _fused_jsigr_with("fused", "CPP_RULES", False)
 
 
+def _fused_jsigr_rebuild_torch(m, x, y):
+    """ops.BN_REBUILD_GRAD_Y on and ops.BN_DOUBLE_BACKWARD_FROM_GRAD_X off: the rebuilt grad_y formed with torch ops
+    (ops.rebuild_grad_y) and passed to the double backward given grad_y, as before that op existed."""
+    from jsigr_fast import ops
+    from jsigr_fast._settings import device_setting
+
+    with device_setting(ops.BN_DOUBLE_BACKWARD_FROM_GRAD_X, x.device.type, False):
+        return _fused_jsigr_bn_rebuild(True)(m, x, y)
+
+
 def _fd_graphs_kept(backend):
     """The fd J-SIGR loss with finite_difference.FREE_EARLY off: every perturbed forward's graph kept
     to the backward (the ablation of the early differentiation; restored afterwards)."""
@@ -297,6 +307,9 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
             "jsigr_aten_bn_fused": Method(
                 "jsigr_aten_bn_fused", "jsigr", _fused_jsigr_aten_bn,
                 "J-SIGR, projection (fused), ATen's batch-norm forward / backward (ablation)"),
+            "jsigr_bn_rebuild_torch_fused": Method(
+                "jsigr_bn_rebuild_torch_fused", "jsigr", _fused_jsigr_rebuild_torch,
+                "J-SIGR, projection (fused), batch norm rebuilds grad_y with torch ops (ablation)"),
             "jsigr_python_rules_fused": Method(
                 "jsigr_python_rules_fused", "jsigr", _fused_jsigr_python_rules,
                 "J-SIGR, projection (fused), conv / ReLU rules as Python Functions (ablation)"),

@@ -12,7 +12,8 @@ any layer without a rule below keeps its ordinary autograd formula:
   Where :data:`jsigr_fast.ops.BN_REBUILD_GRAD_Y` says so, the backward op keeps its output grad_x for the
   double backward, which the conv before it keeps anyway, and rebuilds its input grad_y from it: one
   activation-sized tensor per batch norm less in every input-gradient graph (ResNet-20 J-SIGR step: peak
-  3.04x -> 2.18x the standard step's; bench/bench_memory.py).
+  3.04x -> 2.14x the standard step's; bench/bench_memory.py). The step's final backward never forms the
+  rebuilt grad_y (:data:`jsigr_fast.ops.BN_DOUBLE_BACKWARD_FROM_GRAD_X`).
 * **Conv2d** (``F.conv2d`` with numeric padding) gets an explicit double-backward rule: the weight
   gradient of the input-gradient's graph is ``convolution_backward(grad_out, gg_input)`` — the same
   fast kernel as an ordinary weight gradient — where ATen's ``ConvolutionBackwardBackward0`` runs a

@@ -261,7 +261,9 @@ def _register_loss_head(lib: str) -> None:
 # (ResNet-20 fp32) / 1.29x (ResNet-18 bf16) slower for a peak of 2.12x / 2.64x the standard step instead of
 # 2.76x / 2.91x. Inside the fused backend's blocks the checks of all batch norms are now read together, once
 # (rebuild_checks_together: one sync per block instead of one per batch-norm backward); not measured on a GPU
-# yet, so CUDA still keeps grad_y. float16 keeps grad_y: grad_x = weight * invstd * (...) underflows its range.
+# yet, so CUDA still keeps grad_y; with BN_DOUBLE_BACKWARD_FROM_GRAD_X the rebuild costs no extra pass or kernel
+# launch there either (ResNet-18 bf16, the CUDA settings, counted on the CPU: peak 2.81x -> 2.39x the standard
+# step with the rebuild forced). float16 keeps grad_y: grad_x = weight * invstd * (...) underflows its range.
 BN_REBUILD_GRAD_Y = {"cpu": True, "cuda": False}
 _REBUILD_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _REBUILD_RANGE = 2.0 ** -24
@@ -449,10 +451,14 @@ def _setup_bn_backward(ctx, inputs, output):
 # (csrc/batch_norm_kernels.h): the same passes over the data as the double backward given grad_y, instead of
 # rebuild_grad_y's two more, its activation-sized temporary and its ~10 small [C] ops (kernel launches on a GPU).
 # Used wherever no graph of the double backward is recorded (the step's final backward); a create-graph one
-# (third order) rebuilds grad_y with torch ops. Read where the rebuild is decided (the create-graph VJP). Measured on the 2-core CPU (ResNet-20, batch 128, fp32; bench/
-# results/memory_cpu_resnet20_b128_float32.md, fused_cpu_*_jsigr_rebuild_torch.md): the fused J-SIGR step's
-# peak 429.5 -> 421.5 MiB (the rebuild's float32 temporary at the stage-1 double backward), its time see there.
-# On CUDA it only runs where BN_REBUILD_GRAD_Y is on (bench_fused.py --ablation bn_rebuild times that).
+# (third order) rebuilds grad_y with torch ops. Read where the rebuild is decided (the create-graph VJP).
+# Measured on the 2-core CPU (bench/results/memory_cpu_*.md, fused_cpu_resnet20_b128_float32_t2_jsigr_rebuild_torch
+# .md; --ablation rebuild_torch is the torch rebuild): ResNet-20, batch 128, fp32: the fused J-SIGR step's peak
+# 428.5 -> 420.5 MiB (2.18x -> 2.14x the standard step; the rebuild's temporary at a stage-1 double backward),
+# double backprop's 1.67x -> 1.63x, and the torch rebuild took 1.06x [1.01-1.07] the step's time (8 rounds).
+# ResNet-18 bf16 channels-last, batch 16, the CUDA settings with the rebuild forced: 2.66x -> 2.39x (the
+# rebuild's float32 temporary was twice the bf16 activation). On CUDA it only runs where BN_REBUILD_GRAD_Y is on
+# (bench_fused.py --ablation bn_rebuild times that, --ablation rebuild_torch this).
 BN_DOUBLE_BACKWARD_FROM_GRAD_X = {"cpu": True, "cuda": True}
 _FROM_GRAD_X = "batch_norm_double_backward_from_grad_x"
 

@@ -370,14 +370,15 @@ def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
     bench_fused.main(["--model", "digits_cnn", "--batch", "8", "--pairs", "jsigr,jsigr_fd", "--rounds", "2",
                       "--repeats", "1", "--ablation", "eager", "--ablation", "fd_kept", "--ablation", "fd_rules",
                       "--ablation", "bn_rebuild", "--ablation", "aten_rules", "--ablation", "aten_bn",
-                      "--ablation", "python_rules", "--out", str(tmp_path)])
+                      "--ablation", "python_rules", "--ablation", "rebuild_torch", "--out", str(tmp_path)])
     (path,) = glob.glob(str(tmp_path / "fused_cpu_digits_cnn_b8_float32_t*_jsigr_jsigr_fd_eager_fd_kept_fd_rules"
-                                       "_bn_rebuild_aten_rules_aten_bn_python_rules.json"))
+                                       "_bn_rebuild_aten_rules_aten_bn_python_rules_rebuild_torch.json"))
     with open(path) as f:
         rows = json.load(f)["results"]
     assert list(rows) == ["standard", "jsigr", "jsigr_fused", "jsigr_fd", "jsigr_fd_fused", "jsigr_eager_fused",
                           "jsigr_fd_kept", "jsigr_fd_rules", "jsigr_bn_keep_fused", "jsigr_bn_rebuild_fused",
-                          "jsigr_aten_rules_fused", "jsigr_aten_bn_fused", "jsigr_python_rules_fused"]
+                          "jsigr_aten_rules_fused", "jsigr_aten_bn_fused", "jsigr_python_rules_fused",
+                          "jsigr_bn_rebuild_torch_fused"]
     for n in list(rows)[1:]:
         assert len(rows[n]["rounds_s"]) == 2 and rows[n]["x_standard"] == pytest.approx(
             rows[n]["median_s"] / rows["standard"]["median_s"])
@@ -387,7 +388,8 @@ def test_bench_fused_tiny_config_with_all_ablations(tmp_path):
     for abl, base in (("jsigr_eager_fused", "jsigr_fused"), ("jsigr_fd_kept", "jsigr_fd"),
                       ("jsigr_fd_rules", "jsigr_fd_fused"), ("jsigr_bn_rebuild_fused", "jsigr_bn_keep_fused"),
                       ("jsigr_aten_rules_fused", "jsigr_fused"), ("jsigr_aten_bn_fused", "jsigr_fused"),
-                      ("jsigr_python_rules_fused", "jsigr_fused")):
+                      ("jsigr_python_rules_fused", "jsigr_fused"),
+                      ("jsigr_bn_rebuild_torch_fused", "jsigr_bn_rebuild_fused")):
         assert rows[abl][f"x_{base}_rounds"] == pytest.approx(
             [e / f for e, f in zip(rows[abl]["rounds_s"], rows[base]["rounds_s"])])
     md = open(path[:-len(".json")] + ".md").read()
@@ -557,8 +559,10 @@ def test_aten_bn_ablation_is_the_same_loss_with_atens_kernels():
     assert ops.ATEN_BN_KERNELS == before
     # (the final backward's batch-norm calls that carry cotangents of the statistics, from the double
     # backward, still run the fused backward kernel: ATen's has no such terms)
-    assert {"aten.native_batch_norm.default", "aten.native_batch_norm_backward.default",
-            "jsigr_fast.batch_norm_double_backward.default"} <= set(seen.names)
+    assert {"aten.native_batch_norm.default", "aten.native_batch_norm_backward.default"} <= set(seen.names)
+    # the fused double backward: given grad_y, or (where the rebuild is on, as on the CPU) given the outputs
+    assert {"jsigr_fast.batch_norm_double_backward.default",
+            "jsigr_fast.batch_norm_double_backward_from_grad_x.default"} & set(seen.names)
     assert "jsigr_fast.batch_norm_train.default" not in seen.names
 
 
@@ -582,6 +586,27 @@ def test_python_rules_ablation_is_the_same_loss_through_the_python_functions(mon
     torch.manual_seed(1)
     jsigr_fast.loss(copy.deepcopy(model), x, y, backend="fused")
     assert (not calls) == fused._CPP_RULES_BUILT
+
+
+def test_rebuild_torch_ablation_is_the_same_loss_through_the_torch_rebuild(monkeypatch):
+    # The rebuild_torch ablation: the fused J-SIGR loss with grad_y rebuilt by torch ops (ops.rebuild_grad_y ran)
+    # and passed to the double backward given grad_y, not the op that takes grad_x; the reference backend's loss
+    # and parameter gradients (the oracle, float64); both settings restored.
+    from oracles import DispatchedOps
+
+    from jsigr_fast import ops
+
+    calls = []
+    real = ops.rebuild_grad_y
+    monkeypatch.setattr(ops, "rebuild_grad_y", lambda *a, **k: calls.append(1) or real(*a, **k))
+    before = (dict(ops.BN_REBUILD_GRAD_Y), dict(ops.BN_DOUBLE_BACKWARD_FROM_GRAD_X))
+    seen, _ = _same_as_reference(steps._fused_jsigr_rebuild_torch, mode=DispatchedOps)
+    assert (dict(ops.BN_REBUILD_GRAD_Y), dict(ops.BN_DOUBLE_BACKWARD_FROM_GRAD_X)) == before
+    assert calls and "jsigr_fast.batch_norm_double_backward.default" in seen.names
+    assert "jsigr_fast.batch_norm_double_backward_from_grad_x.default" not in seen.names
+    del calls[:]
+    seen, _ = _same_as_reference(steps._fused_jsigr_bn_rebuild(True), mode=DispatchedOps)
+    assert not calls and "jsigr_fast.batch_norm_double_backward_from_grad_x.default" in seen.names
 
 
 def test_profile_lines_give_the_gpus_busy_share():
