@@ -251,7 +251,6 @@ def test_double_backward_from_grad_x_low_precision_flash_attention_rule():
         yf, mf, sf = batch_norm_train_ref(xf, wf, f32["b"], 1e-5)
         ref = torch.autograd.grad(batch_norm_backward_ref(gyf, xf, wf, mf, sf)[0], (gyf, xf), f32["u"])
     # the op's d_x is the partial derivative (mean, invstd held): add the statistics' part as the chain does
-    _, mean32, invstd32 = batch_norm_train_ref(f32["x"], f32["w"], f32["b"], 1e-5)
     stats = torch.autograd.grad(batch_norm_train_ref(xf, wf, f32["b"], 1e-5)[1:], xf, (got[3], got[4]))[0]
     for a, r, p in ((got[0], ref[0], plain[0]), (got[1].float() + stats, ref[1], plain[1])):
         err, base = (a.float() - r).abs().max().item(), (p.float() - r).abs().max().item()
@@ -259,7 +258,7 @@ def test_double_backward_from_grad_x_low_precision_flash_attention_rule():
 
 
 def test_the_step_s_final_backward_runs_the_double_backward_from_grad_x(monkeypatch):
-    # a create-graph VJP through a batch norm, then a plain backward of its square: that backward takes the
+    # a create-graph VJP g through a batch norm, then a plain backward of <g, u>: that backward takes the
     # double backward straight from grad_x (one op, no rebuild_grad_y), values equal to keeping grad_y's
     monkeypatch.setitem(ops.BN_REBUILD_GRAD_Y, "cpu", True)
     d = _inputs((4, 5, 3, 3), "channels_last")
