@@ -21,6 +21,9 @@ any layer without a rule below keeps its ordinary autograd formula:
   skip the weight gradient that ATen's create-graph path cannot tell is unused. The rules (and ReLU's)
   run as C++ autograd Functions (csrc/layer_rules.cpp, :data:`CPP_RULES`) except in forward mode, inside
   torch.func transforms and under torch.compile, where the Python Functions below do.
+* **A conv after relu(batch_norm(h))** keeps neither that input nor the ReLU its output: the conv's weight
+  gradient recomputes it from h (which the batch norm keeps) and the ReLU keeps a one-byte mask
+  (:data:`RECOMPUTE_CONV_INPUT`; ResNet-20 J-SIGR step: peak 2.14x -> 1.95x the standard step's).
 * **ReLU** (``F.relu``, not in-place): its backward's dependence on the input is zero almost
   everywhere; the rule says so, where ATen materialises ``zeros_like`` and adds it in every double backward.
   (So a parameter that reaches the bare Jacobian norm only through the ReLU's on/off pattern gets no gradient,
@@ -152,6 +155,23 @@ _CPP_RULES_BUILT = ops._op_defined("conv2d_rule") and ops._op_defined("relu_rule
 _conv2d_rule_op = torch.ops.jsigr_fast.conv2d_rule.default if _CPP_RULES_BUILT else None
 _relu_rule_op = torch.ops.jsigr_fast.relu_rule.default if _CPP_RULES_BUILT else None
 
+# Recompute a convolution's input a = relu(batch_norm(h)) in its backward instead of keeping it, per device? In a
+# ResNet block the first conv's output h is kept by the batch norm after it, and the ReLU's output a by the ReLU
+# (for its mask) and by the next conv (for its weight gradient): two activation-sized tensors where one carries
+# the information. Inside the blocks differentiated twice, a conv applied to relu(fused batch norm's output)
+# keeps nothing of its input (_RecomputedInputConv2d): its weight gradient recomputes a from (h, the batch
+# statistics, the affine parameters, the ReLU's mask) once, in the step's final backward, and its create-graph
+# input-gradient VJPs only need a's shape, which h has; the ReLU (_RecipeReLU) then trades its saved output for a
+# one-byte mask (_ReluOutput). a is freed after the forward unless something else keeps it (a max-pool).
+# On the 2-core CPU (ResNet-20, batch 128, fp32; bench/results/memory_cpu_resnet20_b128_float32.md,
+# fused_cpu_resnet20_b128_float32_t2_jsigr_recompute.md): the fused J-SIGR step's peak 420.5 -> 383.0 MiB (2.14x
+# -> 1.95x the standard step), double backprop's 1.63x -> 1.44x, for 1.06x [0.93-1.27] the step's time (8
+# rounds: the mask's conversions, the recompute, four Python autograd nodes per block). With the CUDA settings
+# (counted on the CPU, bench_memory.py --policies cuda), where batch norm keeps grad_y: 3.03x -> 2.84x alone,
+# 2.18x (the rebuild alone) -> 1.99x with the rebuild. Not measured on a GPU yet: off there (bench/gpu_session.sh
+# times --ablation recompute; its memory stage has both settings together).
+RECOMPUTE_CONV_INPUT = {"cpu": True, "cuda": False}
+
 
 def _rule(layer: str, t) -> bool:
     return isinstance(t, torch.Tensor) and layer in LAYER_RULES.get(t.device.type, ())
@@ -245,6 +265,49 @@ class _FusedMode(SafeOps):
         # order and a failing view replaced: with the caller's own channels-last input, the plain
         # forward's activations are channels-last too (masks drawn in memory order, views failing alike).
         self.relaid = False
+        # activations a conv may recompute instead of keeping (RECOMPUTE_CONV_INPUT): id(tensor) ->
+        # (weakref to it, recipe); a fused batch norm's output y -> (h, mean, invstd, weight, bias), a ReLU's
+        # output relu(y) -> the same and what the ReLU keeps (_ReluOutput). Dropped with the block; h and
+        # the rest are kept by the graph anyway.
+        self._recipes: dict[int, tuple] = {}
+
+    def _recipe(self, t):
+        entry = self._recipes.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def _remember(self, t, recipe) -> None:
+        self._recipes[id(t)] = (weakref.ref(t), recipe)
+
+    def _recomputes(self, t) -> bool:
+        """Whether this block keeps recipes for ``t``'s layers: differentiated twice, both rules on for its
+        device, the setting on, and no forward-mode level, transform or trace (the Functions have no jvp)."""
+        return (not self.first_order and not self.forward_ad and self.conv and self.relu
+                and isinstance(t, torch.Tensor) and RECOMPUTE_CONV_INPUT.get(t.device.type, False)
+                and _rule("conv", t) and _rule("relu", t) and fwAD._current_level < 0
+                and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling())
+
+    def _batch_norm(self, args, kwargs):
+        if not self._recomputes(args[0] if args else kwargs.get("input")):
+            return ops.batch_norm(*args, **kwargs)
+        y, mean, invstd = ops.batch_norm_with_stats(*args, **kwargs)
+        if mean is not None:
+            names = ("input", "running_mean", "running_var", "weight", "bias")
+            bound = dict(zip(names, args), **kwargs)
+            self._remember(y, (bound["input"], mean, invstd, bound.get("weight"), bound.get("bias")))
+        return y
+
+    def _relu(self, args, kwargs):
+        t = args[0] if args else kwargs.get("input")
+        inplace = args[1] if len(args) > 1 else kwargs.get("inplace", False)
+        recipe = None if inplace or not isinstance(t, torch.Tensor) else self._recipe(t)
+        if (recipe is None or len(recipe) != 5 or not (t.requires_grad and torch.is_grad_enabled())
+                or not torch._C._autograd._saved_tensors_hooks_is_enabled()):  # (the ReLU keeps its output by one)
+            return relu(*args, **kwargs)
+        kept = _ReluOutput()
+        with torch.autograd.graph.saved_tensors_hooks(kept.pack, _ReluOutput.unpack):
+            out = _RecipeReLU.apply(t)
+        self._remember(out, (*recipe, kept))
+        return out
 
     def other(self, func, args, kwargs):  # after SafeOps' composites
         if self._view_copies and args and isinstance(args[0], torch.Tensor) and _writes_in_place(func):
@@ -261,12 +324,12 @@ class _FusedMode(SafeOps):
                 return _batch_norm_jvp(*args, **kwargs)
             if self.first_order and _aten_bn_first_order(args[0] if args else kwargs["input"]):
                 return func(*args, **kwargs)
-            return ops.batch_norm(*args, **kwargs)
+            return self._batch_norm(args, kwargs)
         if func is F.conv2d and self.conv:
             return conv2d(*args, **kwargs, _mode=self)
         if func is F.relu and self.relu and not self.first_order:
             if _rule("relu", args[0] if args else kwargs.get("input")):
-                return relu(*args, **kwargs)
+                return self._relu(args, kwargs) if self._recipes else relu(*args, **kwargs)
         if func is F.adaptive_avg_pool2d and self.forward_ad and _global_pool(args, kwargs):
             # a global average pool inside the batched Hutchinson probes (vmap): ATen's forward-mode
             # rule for it has no batching rule there (a per-probe loop and a warning); the same mean
@@ -559,7 +622,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         _mode.relaid = True
     if _mode is not None and (_mode.first_order or not _rule("conv", input)):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    if torch.is_autocast_enabled(dev) and input.is_floating_point():
+    autocast = torch.is_autocast_enabled(dev) and input.is_floating_point()
+    recipe = _mode._recipe(input) if _mode is not None and _mode._recipes and not autocast else None
+    if recipe is not None and len(recipe) == 6 and torch.is_grad_enabled() and _mode._recomputes(input):
+        return _RecomputedInputConv2d.apply(input, weight, bias, p, (*recipe[:5], recipe[5].to_mask()))
+    if autocast:
         # cast as autocast would (conv runs in the low-precision dtype), so the rule saves and
         # differentiates the cast tensors, whatever autocast state the backward later runs under
         dt = torch.get_autocast_dtype(dev)
@@ -619,6 +686,137 @@ def relu(input, inplace=False):
     if inplace:
         return F.relu(input, inplace=True)
     return _relu_rule(input)
+
+
+class _ReluOutput:
+    """What a :class:`_RecipeReLU` keeps for its backward (its saved tensor, packed by a saved-tensor hook, so the
+    engine releases it with the node's other saved tensors): its output, until a conv that recomputes that
+    output (RECOMPUTE_CONV_INPUT) trades it for the one-byte mask ``output > 0`` (:meth:`to_mask`). A ReLU whose
+    output no such conv reads (a max-pool's input, which the pool keeps anyway) keeps its output: no mask."""
+
+    __slots__ = ("out", "version", "mask")
+
+    def pack(self, t):
+        self.out, self.version, self.mask = t.detach(), t._version, None
+        return self
+
+    @staticmethod
+    def unpack(kept):
+        if kept.out is None:
+            return kept.mask
+        kept._check()
+        return kept.out
+
+    def _check(self):
+        if self.out._version != self.version:
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                               f"inplace operation: the output of a ReLU is at version {self.out._version}; "
+                               f"expected version {self.version} instead")
+
+    def to_mask(self):
+        """The mask (where the ReLU passes its gradient: threshold_backward's ``not output <= 0``), the output
+        dropped."""
+        if self.out is not None:
+            self._check()
+            self.mask = self.out.le(0).logical_not_()
+            self.out = None
+        return self.mask
+
+
+class _RecipeReLU(LeanFunction):
+    """:class:`_ReLU` whose saved output may become a mask (:class:`_ReluOutput`; applied under its hooks)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.relu(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (kept,) = ctx.saved_tensors
+        if kept.dtype == torch.bool:
+            return _masked(grad_out, kept)
+        return torch.ops.aten.threshold_backward(grad_out, kept, 0)
+
+
+def _apply_mask(t, mask):
+    """``t`` where the bool ``mask`` is set, else exact zeros (threshold_backward's rule, whatever t holds there).
+    Through a float copy of the mask: on the CPU ``torch.where(mask, t, 0)`` and a bool mask's conversion are
+    not vectorised (4.9 / 0.7 ms against 0.13 ms for the mask viewed as uint8 and 0.4 ms for threshold_backward,
+    128x16x32x32 float32 channels-last, 2 cores)."""
+    return torch.ops.aten.threshold_backward(t, mask.view(torch.uint8).to(t.dtype), 0)
+
+
+class _Masked(LeanFunction):
+    """:func:`_apply_mask` with a graph: linear in ``t``, its backward is itself; it keeps only the bool mask
+    (ATen's threshold_backward would keep the float copy)."""
+
+    @staticmethod
+    def forward(t, mask):
+        return _apply_mask(t, mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return _masked(grad, mask), None
+
+
+def _masked(t, mask):
+    """:func:`_apply_mask`, differentiable in ``t`` where grad mode records a graph (a legacy-batched ``t``, inside
+    an ``is_grads_batched`` backward, takes ATen's differentiable op: a Function would save the batch wrappers)."""
+    if torch.is_grad_enabled() and t.requires_grad and not _batched(t):
+        return _Masked.apply(t, mask)
+    return _apply_mask(t, mask)
+
+
+def _recompute_input(h, mean, invstd, weight, bias, mask):
+    """``relu(batch_norm(h))`` from the batch norm's input, its batch statistics and affine parameters, and the
+    ReLU's mask: the values to rounding (the mask exactly, so the same units are on). Differentiable in all of
+    them where grad mode is on (a create-graph weight gradient, e.g. a penalty on parameter gradients)."""
+    shape = [1, -1] + [1] * (h.dim() - 2)
+    scale = invstd if weight is None else invstd * weight  # promotes to the statistics' (accumulation) dtype
+    shift = -mean * scale if bias is None else bias - mean * scale
+    y = torch.addcmul(shift.reshape(shape), h, scale.reshape(shape)).to(h.dtype)
+    return _masked(y, mask)
+
+
+class _RecomputedInputConv2d(LeanFunction):
+    """:class:`_Conv2d` for an input ``a = relu(batch_norm(h))`` that it does not keep: it saves the recipe
+    ``(h, mean, invstd, weight, bias, mask)``, which the batch norm and the ReLU keep anyway. The input-gradient
+    VJPs take a's shape and layout from h (the same); the weight gradient recomputes a (:func:`_recompute_input`)."""
+
+    @staticmethod
+    def forward(x, w, b, p, recipe):
+        return F.conv2d(x, w, b, *p)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _x, w, b, p, recipe = inputs
+        ctx.save_for_backward(w, *recipe)
+        ctx.p = p
+        ctx.has_bias = b is not None
+        _mark_inputs(ctx, inputs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w, h, *recipe = ctx.saved_tensors
+        p = ctx.p
+        need_x, need_w, need_b = _needed(ctx)[:3]
+        if torch.is_grad_enabled() and not _batched(grad_out):  # create_graph: pieces with their own rules
+            gx = _ConvInputGrad.apply(grad_out, w, h, p) if need_x else None
+            gw = _ConvWeightGrad.apply(grad_out, _recompute_input(h, *recipe), w, p) if need_w else None
+            gb = grad_out.sum(dim=(0, 2, 3)) if need_b else None
+            return gx, gw, gb, None, None
+        x = _recompute_input(h, *recipe) if need_w else h  # grad_input only needs the shape
+        gx, gw, gb = _conv_bw(grad_out, x, w, p, [need_x, need_w, need_b], bias=ctx.has_bias)
+        return gx, gw, gb, None, None
 
 
 # ----------------------------------------------------------------------------------------------

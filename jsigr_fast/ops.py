@@ -884,12 +884,19 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     statistics (when passed) are updated bit-identically to ``F.batch_norm``. Eval mode, unsupported
     inputs or a missing kernel fall through to ``F.batch_norm``.
     """
+    return batch_norm_with_stats(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
+
+
+def batch_norm_with_stats(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                          eps=1e-5) -> tuple:
+    """:func:`batch_norm` returning ``(y, mean, invstd)``: the op's batch statistics (differentiable outputs of
+    its node, in the accumulation dtype), or ``(y, None, None)`` where it falls through to ``F.batch_norm``."""
     if not training or not batch_norm_supported(input, weight):
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps), None, None
     F._verify_batch_size(input.size())
-    y, _mean, _invstd = BatchNormTrain.apply(input, weight, bias, eps)
+    y, mean, invstd = BatchNormTrain.apply(input, weight, bias, eps)
     _update_running_stats(input, running_mean, running_var, momentum)
-    return y
+    return y, mean, invstd
 
 
 # ----------------------------------------------------------------------------------------------

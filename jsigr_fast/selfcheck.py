@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-EXACT_MODELS = ("conv_bn_train", "conv_bn_eval", "residual_bn", "maxpool_relu", "dropout")
+EXACT_MODELS = ("conv_bn_train", "conv_bn_eval", "residual_bn", "residual_bn_relu", "maxpool_relu", "dropout")
 EXACT_LOSSES = {
     "J-SIGR projection": dict(jacobian="projection", n_proj=2),
     "J-SIGR Hutchinson": dict(jacobian="hutchinson"),
@@ -142,13 +142,14 @@ def exact_tier(device: torch.device, kernels: str, report) -> None:
 
 
 # The per-device settings a GPU run times as ablations before one is switched on there (bench_fused.py
-# --ablation aten_bn / bn_rebuild / aten_rules): each is checked exact here first, on the machine.
+# --ablation aten_bn / bn_rebuild / aten_rules / recompute): each is checked exact here first, on the machine.
 VARIANTS = {
     "ATen batch-norm kernels": ("ops", "ATEN_BN_KERNELS", ("forward", "backward")),
     "grad_y rebuilt": ("ops", "BN_REBUILD_GRAD_Y", True),
     "ATen conv / ReLU": ("fused", "LAYER_RULES", ()),
+    "conv input recomputed": ("fused", "RECOMPUTE_CONV_INPUT", True),
 }
-VARIANT_MODELS = ("conv_bn_train", "residual_bn")
+VARIANT_MODELS = ("conv_bn_train", "residual_bn", "residual_bn_relu")
 VARIANT_LOSSES = ("J-SIGR projection", "J-SIGR Hutchinson", "double backprop")
 
 

@@ -62,6 +62,9 @@ def tiny_model(name: str, *, in_channels: int = 2, num_classes: int = 4, dtype=t
             m = _conv_head(nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)), 4, 3, k)
         elif name == "residual_bn":
             m = _conv_head(nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), Residual(4, nn.GELU, "batch"), nn.SiLU()), 4, 6, k)
+        elif name == "residual_bn_relu":  # relu(batch_norm(h)) read by convs: what fused.RECOMPUTE_CONV_INPUT is for
+            m = _conv_head(nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                         Residual(4, nn.ReLU, "batch"), nn.ReLU()), 4, 6, k)
         elif name == "dropout":
             m = _conv_head(nn.Sequential(nn.Conv2d(c, 3, 3, padding=1), nn.Tanh(), nn.Dropout(0.25)), 3, 6, k)
         else:
@@ -76,8 +79,8 @@ def tiny_input(name: str, n: int = 5, *, in_channels: int = 2, dtype=torch.float
 
 
 TINY_MODELS = ("mlp", "conv_tanh", "conv_bn_train", "conv_bn_eval", "groupnorm_gelu", "layernorm_silu",
-               "instancenorm_elu", "maxpool_relu", "residual_bn", "dropout")
+               "instancenorm_elu", "maxpool_relu", "residual_bn", "residual_bn_relu", "dropout")
 # Models whose samples do not interact (the batch Jacobian is block diagonal).
-INDEPENDENT_MODELS = tuple(m for m in TINY_MODELS if m not in ("conv_bn_train", "residual_bn"))
+INDEPENDENT_MODELS = tuple(m for m in TINY_MODELS if m not in ("conv_bn_train", "residual_bn", "residual_bn_relu"))
 # Deterministic ones (no dropout), for finite-difference checks.
 DETERMINISTIC_MODELS = tuple(m for m in TINY_MODELS if m != "dropout")

@@ -2,10 +2,13 @@
 library uses, under is_grads_batched and forward mode, and without the work ATen's rules waste. Each test of
 the rules runs both implementations (fused.CPP_RULES): the C++ autograd Functions (csrc/layer_rules.cpp) and
 the Python ones, against ATen's conv / ReLU and gradcheck's finite differences."""
+import contextlib
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from jsigr_fast import fused
@@ -192,7 +195,9 @@ def test_first_order_block_keeps_aten_conv_and_relu_with_the_layout(monkeypatch)
     assert seen[0].is_contiguous(memory_format=torch.channels_last) == fused.CHANNELS_LAST["cpu"]
     names = graph_node_names(out)
     assert "ConvolutionBackward0" in names and "ReluBackward0" in names, names
-    with fused.fused_layers():  # the default block: both rules, so the spy can see them
+    # the default block: both rules, so the spy can see them (the conv after relu(batch_norm) and that ReLU take
+    # the recompute's Functions where RECOMPUTE_CONV_INPUT is on: off here)
+    with device_setting(fused.RECOMPUTE_CONV_INPUT, "cpu", False), fused.fused_layers():
         net(x)
     assert calls["conv"] == 2 and calls["relu"] == 2
     # differentiated twice anyway, a first-order block's graph is still exact (ATen's double backward)
@@ -236,3 +241,108 @@ def test_cpp_rule_ops_pass_opcheck_and_name_bad_input(bias):
         conv(x[0], w, b, [1, 1], [1, 1], [1, 1], 1)
     with pytest.raises(RuntimeError, match="stride, padding and dilation must have 2 elements each"):
         conv(x, w, b, [1], [1, 1], [1, 1], 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# a conv after relu(batch_norm(h)) recomputes its input instead of keeping it (fused.RECOMPUTE_CONV_INPUT)
+# ----------------------------------------------------------------------------------------------
+class _Block(torch.nn.Module):
+    """conv -> batch norm -> ReLU -> conv -> batch norm (+ input) -> ReLU -> conv, with a max-pool reading the
+    first ReLU's output too when ``pooled`` (a consumer that keeps it), and the convs' bias / the norms' affine
+    parameters optional: the residual block's pattern the recompute is for."""
+
+    def __init__(self, affine=True, bias=False, pooled=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv2d(3, 4, 3, padding=1, bias=bias)
+        self.b1 = torch.nn.BatchNorm2d(4, affine=affine)
+        self.c2 = torch.nn.Conv2d(4, 4, 3, padding=1, bias=bias)
+        self.b2 = torch.nn.BatchNorm2d(4, affine=affine)
+        self.c3 = torch.nn.Conv2d(4, 2, 3, stride=2, padding=1, bias=True)
+        self.pooled = pooled
+        self.relu_outputs = []
+        if affine:
+            with torch.no_grad():  # weights of both signs and away from 1 (and a zero one): masks of every kind
+                self.b1.weight.copy_(torch.tensor([1.5, -0.7, 0.0, 2.0]))
+                self.b1.bias.copy_(torch.tensor([0.2, -0.1, 0.3, -0.5]))
+        self.double()
+
+    def forward(self, x):
+        h = self.c1(x)
+        a = F.relu(self.b1(h))
+        self.relu_outputs.append(a)
+        out = F.relu(self.b2(self.c2(a)) + h)
+        self.relu_outputs.append(out)
+        y = self.c3(out)
+        if self.pooled:
+            y = y + F.max_pool2d(a, 3, stride=2, padding=1)[:, :2]
+        return y.flatten(1)
+
+
+def _run_block(net, x, recompute, *, create_graph=True):
+    """The block's forward and the input gradient of its output's squared norm (with its graph) inside a fused
+    layer block with the setting as given; returns (gradient, weak references to the ReLU outputs' storages)."""
+    net.relu_outputs.clear()
+    with device_setting(fused.RECOMPUTE_CONV_INPUT, "cpu", recompute), fused.fused_layers():
+        out = net(x)
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=create_graph)
+    refs = [StorageWeakRef(t.untyped_storage()) for t in net.relu_outputs]
+    net.relu_outputs.clear()
+    return g, refs
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_recompute_frees_the_relu_output_only_a_conv_reads(recompute):
+    # With the setting on, nothing keeps the first ReLU's output (read by a conv only) once the forward and the
+    # create-graph VJP are done: the ReLU keeps a bool mask, the conv a recipe. The block's last ReLU output
+    # (after a residual add, not a batch norm alone) stays kept, and with the setting off both do: the oracle
+    # that a kept output is visible here at all. The graph itself (g) is alive throughout.
+    net = _Block()
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    g, (a, block_out) = _run_block(net, x, recompute)
+    assert g.requires_grad
+    assert a.expired() is recompute
+    assert not block_out.expired()
+    # a consumer that keeps it (a max-pool) keeps it alive whatever the conv does
+    g, (a, _) = _run_block(_Block(pooled=True), x, recompute)
+    assert not a.expired()
+
+
+@pytest.mark.parametrize("affine,bias,pooled", [(True, False, False), (False, True, False), (True, True, True)])
+def test_recompute_matches_aten_at_every_order(affine, bias, pooled):
+    # float64, against ATen's own autograd on the same module (no rules, nothing recomputed): the input-gradient
+    # penalty's parameter gradients (the conv's VJP takes its input's shape from h, the ReLU's gradient passes
+    # through its mask), a penalty on a parameter gradient (the weight gradient's recomputed input
+    # differentiated: through the batch statistics and the affine parameters), and the first-order gradients.
+    x = torch.randn(3, 3, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for rules in (True, False):
+        net = _Block(affine, bias, pooled)
+        params = list(net.parameters())
+        xg = x.clone().requires_grad_(True)
+        with device_setting(fused.RECOMPUTE_CONV_INPUT, "cpu", True), (
+                fused.fused_layers() if rules else contextlib.nullcontext()):
+            out = net(xg)
+            (gx,) = torch.autograd.grad(out.logsumexp(1).sum(), xg, create_graph=True)
+            (gw,) = torch.autograd.grad(out.logsumexp(1).sum(), net.c2.weight, create_graph=True)
+        first = torch.autograd.grad(out.logsumexp(1).sum(), params, retain_graph=True)
+        second = torch.autograd.grad(gx.square().sum() + gw.square().sum(), params)
+        results.append((gx, gw, first, second))
+    for got, want in zip(results[0], results[1]):
+        for a, e in zip(*(([t] if isinstance(t, torch.Tensor) else t) for t in (got, want))):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_relu_output_written_in_place_before_the_conv_reads_it_is_refused():
+    # what ATen says when a ReLU's saved output is modified in place: the ReLU keeps its output until the conv
+    # asks for the mask, so a write in between is the same error, not a silently wrong mask
+    class Writes(_Block):
+        def forward(self, x):
+            a = F.relu(self.b1(self.c1(x)))
+            a.mul_(2)
+            return self.c2(a).flatten(1)
+
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    with device_setting(fused.RECOMPUTE_CONV_INPUT, "cpu", True), fused.fused_layers():
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            Writes()(x)

@@ -31,16 +31,17 @@ def test_quick_check_passes_and_writes_json(tmp_path, capsys):
 def test_a_wrong_batch_norm_kernel_fails_the_check(monkeypatch, capsys):
     # the fused BatchNorm off by one part in a million: the BN models' checks that run it fail, the
     # models without BN pass
-    right = ops.batch_norm
+    right = ops.batch_norm_with_stats  # every train-mode route of the fused backend goes through it
 
     def wrong(*args, **kwargs):
-        return right(*args, **kwargs) * (1 + 1e-6)
+        y, mean, invstd = right(*args, **kwargs)
+        return y * (1 + 1e-6), mean, invstd
 
-    monkeypatch.setattr(ops, "batch_norm", wrong)
+    monkeypatch.setattr(ops, "batch_norm_with_stats", wrong)
     assert main(["check", "--device", "cpu", "--quick"]) == 1
     text = capsys.readouterr().out
     failed = {line.split(" | ")[4] for line in text.splitlines() if "**FAIL**" in line}
-    assert failed == {"conv_bn_train", "conv_bn_eval", "residual_bn"}, text
+    assert failed == {"conv_bn_train", "conv_bn_eval", "residual_bn", "residual_bn_relu"}, text
     assert "FAILED: cpu/cpu exact J-SIGR projection on conv_bn_train" in text
 
 
