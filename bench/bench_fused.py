@@ -45,6 +45,9 @@ ABLATIONS = {
                      "autograd Functions instead of the C++ ones (fused.CPP_RULES off)"),
     "aten_bn": ("jsigr_aten_bn_fused", "jsigr_fused", "ATen's batch-norm forward and backward kernels inside the "
                 "fused batch-norm ops, the fused double backward kept (ops.ATEN_BN_KERNELS on)"),
+    "recompute": ("jsigr_recompute_input_fused", "jsigr_keep_input_fused", "the conv after relu(batch_norm(h)) "
+                  "recomputing its input from h in its weight gradient instead of keeping it, the ReLU keeping a "
+                  "one-byte mask (fused.RECOMPUTE_CONV_INPUT on vs off)"),
     "fd_kept": ("jsigr_fd_kept", "jsigr_fd", "every perturbed forward's graph kept to the backward "
                 "(finite_difference.FREE_EARLY off)"),
     "fd_rules": ("jsigr_fd_rules", "jsigr_fd_fused", "the fused conv / ReLU double-backward rules and the fused "

@@ -51,7 +51,9 @@ from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, condit
                    make_setup, publish, sync, train_step)
 
 DEFAULT = ("standard,double_backprop,double_backprop_fused,jsigr,jsigr_fused,jsigr_bn_keep_fused,"
-           "jsigr_bn_rebuild_fused,jsigr_bn_rebuild_torch_fused,jsigr_eager_fused,jsigr_hutchinson,"
+           "jsigr_bn_rebuild_fused,jsigr_bn_rebuild_torch_fused,jsigr_keep_input_fused,jsigr_recompute_input_fused,"
+           "jsigr_rebuild_recompute_fused,"
+           "jsigr_eager_fused,jsigr_hutchinson,"
            "jsigr_hutchinson_fused,jsigr_fd,jsigr_fd_fused,jsigr_fd_kept,pgd_at7")
 MIB = 2 ** 20
 

@@ -47,7 +47,7 @@ METHODS = ("standard", "double_backprop", "double_backprop_fused", "jsigr", "jsi
 # the fused backend's per-device choices (dicts keyed by device type)
 POLICIES = ((fused, "CHANNELS_LAST"), (fused, "BATCH_VJPS"), (fused, "BATCH_PROBES"), (fused, "LOSS_HEAD"),
             (fused, "FIRST_ORDER_ATEN_BN"), (fused, "LAYER_RULES"), (fused, "CPP_RULES"), (ops, "BN_REBUILD_GRAD_Y"),
-            (ops, "BN_DOUBLE_BACKWARD_FROM_GRAD_X"), (ops, "ATEN_BN_KERNELS"))
+            (ops, "BN_DOUBLE_BACKWARD_FROM_GRAD_X"), (ops, "ATEN_BN_KERNELS"), (fused, "RECOMPUTE_CONV_INPUT"))
 
 
 @contextmanager

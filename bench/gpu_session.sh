@@ -146,10 +146,11 @@ case "$stage" in
     # the targets first (fused vs reference, then the bandwidth ones): a spent budget skips the rest
     run fused_r20 "$PY" bench/bench_fused.py --device cuda --model resnet20 --batch 128 --dtype float32 \
       --rounds 5 --repeats 5 --profile --ablation fd_kept --ablation fd_rules --ablation bn_rebuild \
-      --ablation aten_rules --ablation aten_bn --ablation python_rules --ablation rebuild_torch --out "$RES"
+      --ablation aten_rules --ablation aten_bn --ablation python_rules --ablation rebuild_torch \
+      --ablation recompute --out "$RES"
     run fused_r18 "$PY" bench/bench_fused.py --device cuda --model resnet18 --batch 256 --dtype bfloat16 \
       --channels-last --rounds 3 --repeats 3 --ablation eager --ablation bn_rebuild --ablation aten_rules \
-      --ablation aten_bn --ablation python_rules --ablation rebuild_torch --out "$RES"
+      --ablation aten_bn --ablation python_rules --ablation rebuild_torch --ablation recompute --out "$RES"
     run bn_bw_fp32 "$PY" bench/bench_bn.py --device cuda --dtype float32 --out "$RES"
     run mask_bw "$PY" bench/bench_mask.py --device cuda --out "$RES"
     run bn_bw_bf16 "$PY" bench/bench_bn.py --device cuda --dtype bfloat16 --out "$RES"

@@ -138,6 +138,18 @@ _fused_jsigr_aten_layers = _fused_jsigr_with("fused", "LAYER_RULES", ())
 _fused_jsigr_aten_bn = _fused_jsigr_with("ops", "ATEN_BN_KERNELS", ("forward", "backward"))
 # fused.CPP_RULES off: the conv / ReLU rules as the Python autograd Functions instead of the C++ ones
 _fused_jsigr_python_rules = _fused_jsigr_with("fused", "CPP_RULES", False)
+# fused.RECOMPUTE_CONV_INPUT off / on: a conv after relu(batch_norm(h)) keeps its input, or recomputes it from h
+_fused_jsigr_keep_input = _fused_jsigr_with("fused", "RECOMPUTE_CONV_INPUT", False)
+_fused_jsigr_recompute_input = _fused_jsigr_with("fused", "RECOMPUTE_CONV_INPUT", True)
+
+
+def _fused_jsigr_rebuild_recompute(m, x, y):
+    """ops.BN_REBUILD_GRAD_Y and fused.RECOMPUTE_CONV_INPUT both forced on: the two memory settings together."""
+    from jsigr_fast import fused
+    from jsigr_fast._settings import device_setting
+
+    with device_setting(fused.RECOMPUTE_CONV_INPUT, x.device.type, True):
+        return _fused_jsigr_bn_rebuild(True)(m, x, y)
 
 
 def _fused_jsigr_rebuild_torch(m, x, y):
@@ -313,6 +325,17 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
             "jsigr_python_rules_fused": Method(
                 "jsigr_python_rules_fused", "jsigr", _fused_jsigr_python_rules,
                 "J-SIGR, projection (fused), conv / ReLU rules as Python Functions (ablation)"),
+            # the conv after relu(batch_norm(h)) keeping its input vs recomputing it (fused.RECOMPUTE_CONV_INPUT),
+            # both forced, whatever the device's default
+            "jsigr_keep_input_fused": Method(
+                "jsigr_keep_input_fused", "jsigr", _fused_jsigr_keep_input,
+                "J-SIGR, projection (fused), convs keep their relu(batch_norm) input (ablation)"),
+            "jsigr_recompute_input_fused": Method(
+                "jsigr_recompute_input_fused", "jsigr", _fused_jsigr_recompute_input,
+                "J-SIGR, projection (fused), convs recompute their relu(batch_norm) input"),
+            "jsigr_rebuild_recompute_fused": Method(
+                "jsigr_rebuild_recompute_fused", "jsigr", _fused_jsigr_rebuild_recompute,
+                "J-SIGR, projection (fused), batch norm rebuilds grad_y, convs recompute their input"),
             "jsigr_eager_fused": Method("jsigr_eager_fused", "jsigr", fused_jsigr_eager_penalty,
                                         "J-SIGR, projection (fused), penalty gradients eager (ablation)"),
             "jsigr_hutchinson_fused": Method(
