@@ -279,13 +279,13 @@ class _Block(torch.nn.Module):
         return y.flatten(1)
 
 
-def _run_block(net, x, recompute, *, create_graph=True):
+def _run_block(net, x, recompute):
     """The block's forward and the input gradient of its output's squared norm (with its graph) inside a fused
     layer block with the setting as given; returns (gradient, weak references to the ReLU outputs' storages)."""
     net.relu_outputs.clear()
     with device_setting(fused.RECOMPUTE_CONV_INPUT, "cpu", recompute), fused.fused_layers():
         out = net(x)
-        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=create_graph)
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     refs = [StorageWeakRef(t.untyped_storage()) for t in net.relu_outputs]
     net.relu_outputs.clear()
     return g, refs
