@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import warnings
 import weakref
 from typing import Iterable
@@ -81,6 +82,13 @@ def model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Is ``t``'s stream being captured into a CUDA graph (:mod:`jsigr_fast.cuda_graphs`)? The checks that
+    read a tensor's values back to the host (a device sync, which capture refuses) are skipped then: a
+    graphed step checks its inputs before each replay instead."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_input(x, model: nn.Module, name: str = "x") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -104,7 +112,7 @@ def check_input(x, model: nn.Module, name: str = "x") -> torch.Tensor:
     dev = model_device(model)
     if dev is not None and dev != x.device:
         raise ValueError(f"{name} is on {x.device} but the model is on {dev}; move one of them (e.g. {name}.to({str(dev)!r}))")
-    if not bool(torch.isfinite(x.detach()).all()):
+    if not capturing(x) and not bool(torch.isfinite(x.detach()).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return x
 
@@ -132,7 +140,7 @@ def check_logits(logits, y: torch.Tensor | None, n: int) -> torch.Tensor:
         raise ValueError(f"model must return (N, K) = ({n}, K) logits, got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise TypeError(f"model must return floating-point logits, got dtype {logits.dtype}")
-    if y is not None:
+    if y is not None and not capturing(y) and not _labels_known_in_range(y, logits.shape[1]):
         k = logits.shape[1]
         bad = (y < 0) | (y >= k)
         if bool(bad.any()):
@@ -140,7 +148,21 @@ def check_logits(logits, y: torch.Tensor | None, n: int) -> torch.Tensor:
                 f"labels must lie in [0, {k}) for a model with {k} outputs; got values "
                 f"{sorted(set(y[bad].tolist()))[:8]}"
             )
+        if not y.is_inference():  # (an inference tensor has no version counter to tell a write by)
+            _LABELS_IN_RANGE.last = (weakref.ref(y), y._version, y.data_ptr(), k)
     return logits
+
+
+# The labels last found in range, (weakref, version, data pointer, K): a loss call runs the model two or
+# three times on the same y (the saliency pass, the main pass, PGD's iterations), and each check is a
+# device sync on a GPU. An in-place write to y bumps its version and is checked again.
+_LABELS_IN_RANGE = threading.local()
+
+
+def _labels_known_in_range(y: torch.Tensor, k: int) -> bool:
+    last = getattr(_LABELS_IN_RANGE, "last", None)
+    return (last is not None and not y.is_inference() and last[0]() is y and last[1] == y._version
+            and last[2] == y.data_ptr() and last[3] == k)
 
 
 def check_bool(name: str, value) -> bool:

@@ -107,7 +107,7 @@ def _prepare(model, x, labels, clamp, *, label_name: str = "y", labels_optional:
     clamp = _check_clamp(clamp)
     if clamp is not None:
         lo, hi = clamp
-        if bool((x0 < lo).any()) or bool((x0 > hi).any()):
+        if not _checks.capturing(x0) and (bool((x0 < lo).any()) or bool((x0 > hi).any())):
             # Not silently clamped: moving x into the box could itself exceed the eps budget.
             raise ValueError(
                 f"x has values outside clamp=({lo}, {hi}) (min {x0.min().item():.4g}, max {x0.max().item():.4g}); "
@@ -168,7 +168,9 @@ def _warns_on_nonfinite_gradients(fn):
             out = fn(*args, **kwargs)
         finally:
             _GRAD_CHECK.flags = outer
-        if flags and bool(torch.stack(flags).any()):
+        # (not while a CUDA graph captures the attack: the host read would break the capture, and a replay
+        # never returns here to warn)
+        if flags and not _checks.capturing(flags[0]) and bool(torch.stack(flags).any()):
             warnings.warn(f"{fn.__name__}: the model's input gradient was not finite (NaN/inf) at some samples "
                           "and steps; those samples were not attacked as intended, so accuracy under this attack "
                           "overstates robustness", RuntimeWarning, stacklevel=2)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
-from . import reference
+from . import _checks, reference
 from ._function import LeanFunction
 from ._extension import extension_loaded, has_kernel
 
@@ -270,9 +270,10 @@ _REBUILD_RANGE = 2.0 ** -24
 
 
 def _rebuild_allowed(x, invstd) -> bool:
-    """The device's policy and x's dtype allow the rebuild, and there are values to check (not traced)."""
+    """The device's policy and x's dtype allow the rebuild, and there are values to check on the host (not
+    traced, not captured into a CUDA graph: the check's host read would break the capture)."""
     return (BN_REBUILD_GRAD_Y.get(x.device.type, False) and x.dtype in _REBUILD_DTYPES
-            and not torch.compiler.is_compiling() and not is_fake(invstd))
+            and not torch.compiler.is_compiling() and not is_fake(invstd) and not _checks.capturing(x))
 
 
 def _in_range(weight, invstd) -> torch.Tensor:

@@ -126,7 +126,8 @@ def _check_map(M: torch.Tensor, x: torch.Tensor, what: str, *, finite: bool = Tr
         raise ValueError(f"{what} is on {M.device} but x is on {x.device}")
     if M.is_complex() or M.dtype == torch.bool:
         raise TypeError(f"{what} must be a real-valued map (the mask keeps features with M <= beta), got dtype {M.dtype}")
-    if finite and M.is_floating_point() and not bool(torch.isfinite(M.detach()).all()):
+    if (finite and M.is_floating_point() and not _checks.capturing(M)
+            and not bool(torch.isfinite(M.detach()).all())):
         raise ValueError(f"{what} contains NaN or infinite values (a NaN feature would silently go unpenalised)")
 
 
