@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from steps import (FLOOR_UNITS, add_step_arguments, apply_step_arguments, conditions, make_methods,  # noqa: E402
-                   make_setup, publish, time_steps, train_step)
+                   make_setup, publish, time_graphed_steps, time_steps, train_step)
 
 
 def profile_top_ops(model, opt, loss_fn, x, y, k=8):
@@ -76,6 +76,23 @@ def format_top_ops(top: dict, what: str, step_ms: float | None = None) -> list[s
     return lines
 
 
+def graph_table(results: dict) -> list[str]:
+    """The steps captured as CUDA graphs, beside their eager times (--cuda-graph)."""
+    lines = ["", "Captured as CUDA graphs (jsigr_fast.graphed_step; × standard and × floor against the graphed "
+             "standard step):", "",
+             "| method | graphed ms/step | × standard | × floor | eager / graphed |", "|---|---:|---:|---:|---:|"]
+    for r in results.values():
+        g = r.get("graph", {})
+        if "error" in g:
+            lines.append(f"| {r['label']} | not capturable: {g['error']} | | | |")
+        elif "median_s" in g:
+            ms = f"{g['median_s'] * 1e3:.1f} [{g['p20_s'] * 1e3:.0f}–{g['p80_s'] * 1e3:.0f}]"
+            lines.append(f"| {r['label']} | {ms} "
+                         f"| {g.get('x_standard', float('nan')):.2f} | {g.get('x_floor', float('nan')):.2f} "
+                         f"| {g.get('speedup_vs_eager', float('nan')):.2f}x |")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_arguments(p, threads=False)
@@ -86,7 +103,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time each step captured as a CUDA graph (jsigr_fast.graphed_step), side by side")
     a = p.parse_args(argv)
+    if a.cuda_graph and torch.device(a.device).type != "cuda":
+        p.error("--cuda-graph needs --device cuda")
 
     dtype = apply_step_arguments(a)
     model, opt, x, y = make_setup(a.model, a.batch, device=a.device, dtype=dtype, channels_last=a.channels_last)
@@ -109,11 +130,24 @@ def main(argv=None):
         r = time_steps(model, opt, m.loss, x, y, warmup=a.warmup, repeats=a.repeats, device=a.device)
         results[name] = dict(r, label=m.label, floor_units=FLOOR_UNITS[m.floor])
         print(f"  {m.label:40s} {r['median_s'] * 1e3:9.1f} ms/step", flush=True)
+        if a.cuda_graph:
+            torch.manual_seed(0)
+            g = time_graphed_steps(model, opt, m.loss, x, y, repeats=a.repeats, device=a.device)
+            results[name]["graph"] = g
+            print(f"  {m.label + ' (CUDA graph)':40s} " +
+                  (f"{g['median_s'] * 1e3:9.1f} ms/step" if "error" not in g else g["error"]), flush=True)
     std = results["standard"]["median_s"]
     for r in results.values():
         r["x_standard"] = r["median_s"] / std
         # floor in seconds: the standard step is 3 units
         r["x_floor"] = r["median_s"] / (std * r["floor_units"] / 3)
+    std_graph = results["standard"].get("graph", {}).get("median_s")
+    for r in results.values():
+        g = r.get("graph", {})
+        if "median_s" in g and std_graph:
+            g["x_standard"] = g["median_s"] / std_graph  # against the graphed standard step: like with like
+            g["x_floor"] = g["median_s"] / (std_graph * r["floor_units"] / 3)
+            g["speedup_vs_eager"] = r["median_s"] / g["median_s"]
     if a.profile and "jsigr" in names:
         results["jsigr"]["top_ops"] = profile_top_ops(model, opt, methods["jsigr"].loss, x, y)
 
@@ -124,6 +158,8 @@ def main(argv=None):
     for r in results.values():
         lines.append(f"| {r['label']} | {r['median_s'] * 1e3:.1f} [{r['p20_s'] * 1e3:.0f}–{r['p80_s'] * 1e3:.0f}] "
                      f"| {r['x_standard']:.2f} | {r['floor_units']} | {r['x_floor']:.2f} |")
+    if a.cuda_graph:
+        lines += graph_table(results)
     if "top_ops" in results.get("jsigr", {}):
         lines += format_top_ops(results["jsigr"]["top_ops"], "the J-SIGR step")
     publish(lines, a.out, f"step_{torch.device(a.device).type}_{a.model}_b{a.batch}_{a.dtype}",

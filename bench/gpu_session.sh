@@ -8,6 +8,7 @@
 #   bash bench/gpu_session.sh step     # fused vs reference steps, BN/VJP/probes/loss-head/mask (~8 min)
 #   bash bench/gpu_session.sh memory   # peak memory vs the standard step (R20, R18), fd accuracy (~2 min)
 #   bash bench/gpu_session.sh epoch    # Table-4 epoch bench (CIFAR ResNet-20) + ImageNet R18 throughput
+#   bash bench/gpu_session.sh graphs   # whole steps as CUDA graphs: their GPU tests, eager vs graphed (~4 min)
 #
 # What comes back. The device tool returns at most 8 files from $OUT, so each stage writes its logs
 # and benchmark records to a scratch folder and leaves in $OUT only: gpu_<stage>.tar.gz (everything),
@@ -176,6 +177,18 @@ case "$stage" in
     run epoch_cifar "$PY" bench/bench_epoch.py --preset cifar-gpu --rounds 3 --out "$RES"
     run epoch_imagenet "$PY" bench/bench_epoch.py --preset imagenet-gpu --rounds 2 --out "$RES"
     ;;
+  graphs)
+    versions
+    ensure_built >/dev/null
+    # jsigr_fast.graphed_step has never run on a GPU: its tests first (graphed = eager in float64), then
+    # eager and graphed steps side by side (a step that cannot be captured shows its error in the table)
+    run test_graphs "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py -rs
+    run step_r20_graphs "$PY" bench/bench_step.py --device cuda --model resnet20 --batch 128 --repeats 10 \
+      --cuda-graph --out "$RES" \
+      --methods standard,double_backprop_fused,jsigr,jsigr_fused,jsigr_fd_fused,jsigr_hutchinson_fused,pgd_at7
+    run step_r18_graphs "$PY" bench/bench_step.py --device cuda --model resnet18 --batch 256 --dtype bfloat16 \
+      --channels-last --repeats 5 --cuda-graph --methods standard,jsigr,jsigr_fused,pgd_at7 --out "$RES"
+    ;;
   selftest)  # the machinery above, for tests/test_gpu_session_script.py (no GPU, nothing built)
     run ok true
     run fails false
@@ -183,7 +196,7 @@ case "$stage" in
     run after_budget true
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh build|step|memory|epoch   (results in \$OUT, default bench/results/gpu)" >&2
+    echo "usage: bash bench/gpu_session.sh build|step|memory|epoch|graphs   (results in \$OUT, default bench/results/gpu)" >&2
     exit 2
     ;;
 esac

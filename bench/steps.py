@@ -416,6 +416,38 @@ def time_steps(model, opt, loss_fn, x, y, *, warmup=1, repeats=5, device="cpu"):
     return out
 
 
+def time_graphed_steps(model, opt, loss_fn, x, y, *, repeats=5, device="cpu", _graph_factory=None):
+    """:func:`time_steps` for the step captured as a CUDA graph (jsigr_fast.graphed_step): its warm-up and
+    capture are not timed; each timed call copies the batch in, checks it (one host read) and replays.
+    A step that cannot be captured gives ``{"error": message}`` instead of stopping the benchmark."""
+    from jsigr_fast.cuda_graphs import GraphedStep
+
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        step = GraphedStep(model, opt, loss_fn, x, y, _graph_factory=_graph_factory)
+    except RuntimeError as e:
+        return {"error": str(e).split(". A capturable step")[0]}
+    step(x, y)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step(x, y)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    t = torch.tensor(times, dtype=torch.float64)
+    out = {"median_s": float(t.quantile(0.5)), "p20_s": float(t.quantile(0.2)), "p80_s": float(t.quantile(0.8)),
+           "repeats": repeats}
+    if cuda:
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del step
+    if cuda:
+        torch.cuda.empty_cache()  # the graph's private memory pool
+    return out
+
+
 def gpu_kernel_impls(device) -> list[str | None]:
     """The GPU implementations of the batch-norm and mask ops to time side by side on ``device``:
     "cuda" when the build compiled them, "triton" when Triton is installed; [None] off the GPU."""

@@ -12,6 +12,7 @@ from ._checks import unwrap_parallel
 from ._extension import extension_error, extension_loaded
 from .adversarial import Discriminator, SaliencyGAN
 from .batchnorm import batch_coupled, frozen_running_stats
+from .cuda_graphs import GraphedStep, graphed_step
 from .functional import (
     available_backends,
     double_backprop,
@@ -45,5 +46,5 @@ __all__ = [
     "smoothgrad", "interpretation_regularization", "JSIGR", "JARN", "SaliencyAdaptor", "Discriminator",
     "SaliencyGAN", "masked_sq_norm", "perturbed_input_gradient", "gradient_saliency", "selective_mask",
     "batch_coupled", "frozen_running_stats", "available_backends", "extension_loaded", "extension_error",
-    "unwrap_parallel",
+    "unwrap_parallel", "graphed_step", "GraphedStep",
 ]

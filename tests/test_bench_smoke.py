@@ -622,3 +622,44 @@ def test_profile_lines_give_the_gpus_busy_share():
             "step's 80.0 ms.") in text
     cpu = "\n".join(bench_step.format_top_ops({"autograd_nodes": [], "aten_self": []}, "the step"))
     assert "GPU" not in cpu  # a CPU profile has no device events
+
+
+def test_graphed_step_timing_and_table():
+    # bench_step --cuda-graph's pieces on the CPU: the timing loop with a stand-in graph that re-runs the
+    # step (the real capture needs a GPU), a step that cannot be captured, and the table by hand
+    import bench_step
+
+    class RerunGraph:
+        def capture(self, fn):
+            self.fn, self.out = fn, fn()
+            return self.out
+
+        def replay(self):
+            self.out.copy_(self.fn())
+
+    class Refuses(RerunGraph):
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    model, opt, x, y = steps.make_setup("digits_cnn", 4, dataset="digits")
+    loss = steps.make_methods(model.input_shape)["double_backprop_fused"].loss
+    r = steps.time_graphed_steps(model, opt, loss, x, y, repeats=3, _graph_factory=RerunGraph)
+    assert r["repeats"] == 3 and 0 < r["p20_s"] <= r["median_s"] <= r["p80_s"]
+    bad = steps.time_graphed_steps(model, opt, loss, x, y, _graph_factory=Refuses)
+    assert bad == {"error": "capturing the training step as a CUDA graph failed (RuntimeError: operation not "
+                            "permitted when stream is capturing)"}
+
+    results = {"standard": {"label": "standard CE", "median_s": 0.008, "floor_units": 3,
+                            "graph": {"median_s": 0.002, "p20_s": 0.002, "p80_s": 0.003}},
+               "jsigr_fused": {"label": "J-SIGR (fused)", "median_s": 0.05, "floor_units": 11,
+                               "graph": {"median_s": 0.011, "p20_s": 0.010, "p80_s": 0.012}},
+               "pgd_at7": {"label": "PGD-AT7", "median_s": 0.04, "floor_units": 17, "graph": bad}}
+    for rr in results.values():  # what main() adds
+        g = rr["graph"]
+        if "median_s" in g:
+            g["x_standard"] = g["median_s"] / 0.002
+            g["x_floor"] = g["median_s"] / (0.002 * rr["floor_units"] / 3)
+            g["speedup_vs_eager"] = rr["median_s"] / g["median_s"]
+    text = "\n".join(bench_step.graph_table(results))
+    assert "| J-SIGR (fused) | 11.0 [10–12] | 5.50 | 1.50 | 4.55x |" in text  # 11/2, 11/(2*11/3), 50/11
+    assert "| PGD-AT7 | not capturable: capturing the training step as a CUDA graph failed" in text

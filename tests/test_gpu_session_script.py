@@ -55,7 +55,7 @@ def _stop_after_parsing(monkeypatch):
 
 def test_the_script_runs_benchmarks_and_tests():
     # the parse below would pass vacuously on an empty list
-    assert len(BENCH_CMDS) >= 15 and len(PYTEST_CMDS) == 6
+    assert len(BENCH_CMDS) >= 15 and len(PYTEST_CMDS) == 7
 
 
 @pytest.mark.parametrize("name", BENCH_CMDS)
@@ -97,7 +97,7 @@ def test_script_syntax_and_unknown_stage(tmp_path):
     assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
     r = subprocess.run(["bash", SCRIPT, "nonsense"], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, OUT=str(tmp_path)))
-    assert r.returncode == 2 and "usage: bash bench/gpu_session.sh build|step|memory|epoch" in r.stderr
+    assert r.returncode == 2 and "usage: bash bench/gpu_session.sh build|step|memory|epoch|graphs" in r.stderr
 
 
 def test_stage_budget_stops_a_long_command_and_packs_what_ran(tmp_path):

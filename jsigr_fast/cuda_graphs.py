@@ -1,0 +1,211 @@
+"""A whole training step captured once as a CUDA graph and replayed: one launch per step.
+
+At CIFAR sizes a GPU like the H200 runs a regularised step's kernels faster than the host issues
+them: Python, autograd bookkeeping and one dispatch per kernel set the step's time
+(bench/results/gpu_session_h200_2026-11-23.md; bench/bench_overhead.py counts that work). A CUDA
+graph records the step's kernels at capture and replays them with one launch, so the host work is
+paid once. The library's losses are capturable: they read nothing back to the host while a stream is
+being captured (their input checks move to :class:`GraphedStep`, before each replay)::
+
+    loss_fn = functools.partial(jsigr_fast.loss, backend="fused")
+    step = jsigr_fast.graphed_step(model, optimizer, loss_fn, x0, y0)   # x0, y0: one batch
+    for x, y in loader:                                                   # batches of x0's shape
+        loss = step(x, y)        # copies x, y into the graph's inputs and replays the step
+
+A replay runs exactly the kernels captured, so everything decided on the host is fixed at capture:
+shapes, dtypes and device of x and y; the model's structure and train/eval modes; the loss's
+arguments; the optimizer's hyperparameters (a learning-rate schedule must change a tensor ``lr``
+in place, as ``torch.optim``'s ``capturable`` optimizers allow; a changed Python value raises here
+instead of being silently ignored). Random draws (noise, projections) are fresh at every replay
+(PyTorch's graph-safe generator), from the default CUDA generator: a loss given its own
+``generator`` cannot be captured. A step that reads a value on the host (``.item()``, ``bool(t)``,
+a GradScaler's inf check) cannot be captured either: the capture fails with PyTorch's error.
+
+The warm-up steps before the capture (cuDNN's algorithm choice, lazily created optimizer state) run
+on the example batch and are then undone: parameters, buffers and optimizer state are restored,
+optimizer state the warm-up created is zeroed (as a first step finds it; for SGD with dampening the
+first step differs by the dampening factor). Untested on a GPU so far: bench/gpu_session.sh `graphs`
+runs the GPU tests (tests/test_cuda_graphs.py -m gpu) and times eager against graphed steps.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from . import _checks
+
+__all__ = ["GraphedStep", "graphed_step"]
+
+
+def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+                 x: torch.Tensor, y: torch.Tensor, *, warmup: int = 3, check_inputs: bool = True) -> "GraphedStep":
+    """Capture ``zero_grad; loss_fn(model, x, y).backward(); optimizer.step()`` as a CUDA graph.
+
+    Args:
+        model: the module ``loss_fn`` trains, on a CUDA device.
+        optimizer: its optimizer (Adam/AdamW need ``capturable=True``; SGD works as is).
+        loss_fn: ``(model, x, y) -> scalar loss``, e.g. ``functools.partial(jsigr_fast.loss, backend="fused")``.
+        x, y: an example batch (CUDA tensors) with the shapes and dtypes of every later batch.
+        warmup: eager steps before the capture (undone afterwards; see the module's docstring).
+        check_inputs: before each replay, check that x is finite and every label lies in [0, K) (one
+            device sync per step, as the eager loss's checks cost); the losses cannot check inside a graph.
+
+    Returns:
+        A :class:`GraphedStep`; ``step(x, y)`` trains one step on a new batch and returns its loss.
+    """
+    return GraphedStep(model, optimizer, loss_fn, x, y, warmup=warmup, check_inputs=check_inputs)
+
+
+class GraphedStep:
+    """One training step as a CUDA graph (see :func:`graphed_step`)."""
+
+    def __init__(self, model, optimizer, loss_fn, x, y, *, warmup: int = 3, check_inputs: bool = True,
+                 _graph_factory=None):
+        _checks.check_model(model)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, x, y), got {type(loss_fn).__name__}")
+        _checks.check_input(x, model)
+        _checks.check_labels(y, x.shape[0], x.device)
+        self.warmup = _checks.check_int("warmup", warmup, low=1)
+        self.check_inputs = _checks.check_bool("check_inputs", check_inputs)
+        # _graph_factory: tests run the plumbing on the CPU with a stand-in for torch.cuda.CUDAGraph
+        if _graph_factory is None and not x.is_cuda:
+            raise ValueError(f"x is on {x.device}: CUDA graphs need the model and the batch on a CUDA device "
+                             "(call the loss directly elsewhere)")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self._modes = [m.training for m in model.modules()]
+        self._hyper = _hyperparameters(optimizer)
+        self._static_x = x.detach().clone()
+        self._static_y = y.detach().clone()
+        self._num_classes = None
+        self._graph = self._capture(_graph_factory)
+
+    # ---- capture ----
+    def _run(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model, self._static_x, self._static_y)
+        if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad):
+            raise ValueError("loss_fn must return a scalar loss tensor with a graph to the parameters, got "
+                             f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def _capture(self, graph_factory):
+        saved = _snapshot(self.model, self.optimizer)
+        hook = self.model.register_forward_hook(self._record_classes)
+        cuda = graph_factory is None
+        side = torch.cuda.Stream(device=self._static_x.device) if cuda else None
+        try:
+            if cuda:  # warm up on a side stream, as torch.cuda.graph's own capture stream is one
+                side.wait_stream(torch.cuda.current_stream(self._static_x.device))
+            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                for _ in range(self.warmup):
+                    self._run()
+            if cuda:
+                torch.cuda.current_stream(self._static_x.device).wait_stream(side)
+        finally:
+            hook.remove()
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            if cuda:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._loss = self._run()
+            else:  # the stand-in runs the step now and again at each replay, into the same output tensor
+                graph = graph_factory()
+                self._loss = graph.capture(self._run)
+        except Exception as e:
+            raise RuntimeError(
+                f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}). A capturable step "
+                "reads nothing back to the host while it runs: no .item(), bool(tensor) or printing of tensors, "
+                "no GradScaler, Adam/AdamW with capturable=True, the default CUDA generator; jsigr_fast's losses "
+                "skip their host-side checks while capturing") from e
+        _restore(self.model, self.optimizer, saved)
+        return graph
+
+    def _record_classes(self, module, args, out):
+        if self._num_classes is None and isinstance(out, torch.Tensor) and out.dim() == 2:
+            self._num_classes = out.shape[1]
+
+    # ---- replay ----
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Train one step on ``(x, y)``; returns the step's loss (a fresh 0-d tensor, detached)."""
+        self._check_batch(x, "x", self._static_x)
+        self._check_batch(y, "y", self._static_y)
+        self._check_unchanged()
+        if self.check_inputs:
+            self._check_values(x, y)
+        with torch.no_grad():
+            self._static_x.copy_(x)
+            self._static_y.copy_(y)
+        self._graph.replay()
+        return self._loss.clone()  # the static output is overwritten by the next replay
+
+    @staticmethod
+    def _check_batch(t, name, static):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != static.shape or t.dtype != static.dtype or t.device != static.device:
+            raise ValueError(f"{name} must match the captured batch: shape {tuple(static.shape)}, {static.dtype} on "
+                             f"{static.device}; got shape {tuple(t.shape)}, {t.dtype} on {t.device} (a graph replays "
+                             "fixed shapes: capture another step for another batch size, or drop the last batch)")
+
+    def _check_unchanged(self):
+        modes = [m.training for m in self.model.modules()]
+        if modes != self._modes:
+            raise RuntimeError("the model's train/eval modes changed since the capture; the graph replays the "
+                               "captured ones: call model.train() / model.eval() back, or capture a new step")
+        now = _hyperparameters(self.optimizer)
+        if now != self._hyper:
+            changed = sorted({k for a, b in zip(now, self._hyper) for k in a if a.get(k) != b.get(k)})
+            raise RuntimeError(f"the optimizer's {', '.join(changed) or 'param groups'} changed since the capture; "
+                               "the graph replays the captured values: change a tensor lr in place (capturable "
+                               "optimizers take lr=torch.tensor(...)) or capture a new step")
+
+    def _check_values(self, x, y):
+        k = self._num_classes  # None where the model's output was not (N, K) logits: the lower bound only
+        bad = (y < 0) if k is None else (y < 0) | (y >= k)
+        flags = torch.stack([~torch.isfinite(x).all(), bad.any()]).tolist()  # the one host read
+        if flags[0]:
+            raise ValueError("x contains NaN or infinite values")
+        if flags[1]:
+            raise ValueError(f"labels must lie in [0, {'K' if k is None else k}) for the captured model; got values "
+                             f"{sorted(set(y[bad].tolist()))[:8]}")
+
+
+def _hyperparameters(optimizer) -> list[dict]:
+    """The param groups' settings as the graph sees them: Python values by value, tensors by identity."""
+    return [{k: (("tensor", id(v)) if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != "params"}
+            for g in optimizer.param_groups]
+
+
+def _snapshot(model, optimizer):
+    tensors = list(model.parameters()) + list(model.buffers())
+    state = {p: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+             for p, s in optimizer.state.items()}
+    return tensors, [t.detach().clone() for t in tensors], state
+
+
+@torch.no_grad()
+def _restore(model, optimizer, saved):
+    """Undo the warm-up in place (the graph keeps pointers to these tensors)."""
+    tensors, values, state = saved
+    for t, v in zip(tensors, values):
+        t.copy_(v)
+    for p, s in optimizer.state.items():
+        before = state.get(p, {})
+        for k, v in s.items():
+            if k in before:
+                if isinstance(v, torch.Tensor):
+                    v.copy_(before[k])
+                else:
+                    s[k] = before[k]
+            elif isinstance(v, torch.Tensor):
+                v.zero_()  # created by the warm-up: what a first step finds (SGD's momentum, Adam's moments, step)
