@@ -101,20 +101,35 @@ class GraphedStep:
         saved = _snapshot(self.model, self.optimizer)
         hook = self.model.register_forward_hook(self._record_classes)
         cuda = graph_factory is None
-        side = torch.cuda.Stream(device=self._static_x.device) if cuda else None
         try:
-            if cuda:  # warm up on a side stream, as torch.cuda.graph's own capture stream is one
-                side.wait_stream(torch.cuda.current_stream(self._static_x.device))
-            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            if cuda:
+                # warm up on a side stream, as torch.cuda.graph's own capture stream is one
+                current = torch.cuda.current_stream(self._static_x.device)
+                side = torch.cuda.Stream(device=self._static_x.device)
+                side.wait_stream(current)
+                try:
+                    with torch.cuda.stream(side):
+                        for _ in range(self.warmup):
+                            self._run()
+                finally:
+                    current.wait_stream(side)
+            else:
                 for _ in range(self.warmup):
                     self._run()
-            if cuda:
-                torch.cuda.current_stream(self._static_x.device).wait_stream(side)
-        finally:
             hook.remove()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            graph = self._capture_step(graph_factory)
+        except BaseException:  # the caller's model and optimizer as they were
+            hook.remove()
+            _restore(self.model, self.optimizer, saved, captured=False)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        _restore(self.model, self.optimizer, saved, captured=True)
+        return graph
+
+    def _capture_step(self, graph_factory):
         try:
-            if cuda:
+            if graph_factory is None:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     self._loss = self._run()
@@ -127,7 +142,6 @@ class GraphedStep:
                 "reads nothing back to the host while it runs: no .item(), bool(tensor) or printing of tensors, "
                 "no GradScaler, Adam/AdamW with capturable=True, the default CUDA generator; jsigr_fast's losses "
                 "skip their host-side checks while capturing") from e
-        _restore(self.model, self.optimizer, saved)
         return graph
 
     def _record_classes(self, module, args, out):
@@ -194,11 +208,15 @@ def _snapshot(model, optimizer):
 
 
 @torch.no_grad()
-def _restore(model, optimizer, saved):
-    """Undo the warm-up in place (the graph keeps pointers to these tensors)."""
+def _restore(model, optimizer, saved, *, captured: bool):
+    """Undo the warm-up in place (a captured graph keeps pointers to these tensors). Optimizer state the
+    warm-up created is zeroed for a captured graph (which reads and writes it), dropped otherwise."""
     tensors, values, state = saved
     for t, v in zip(tensors, values):
         t.copy_(v)
+    for p in list(optimizer.state):
+        if p not in state and not captured:
+            del optimizer.state[p]
     for p, s in optimizer.state.items():
         before = state.get(p, {})
         for k, v in s.items():

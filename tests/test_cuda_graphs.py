@@ -224,11 +224,16 @@ def test_capture_failure_names_the_cause():
             raise RuntimeError("operation not permitted when stream is capturing")
 
     model = Reads()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = copy.deepcopy(model.state_dict())
     x, y = torch.rand(2, 3), torch.tensor([0, 1])
     with pytest.raises(RuntimeError, match=r"capturing the training step as a CUDA graph failed \(RuntimeError: "
                                            r"operation not permitted.*no \.item\(\)"):
         GraphedStep(model, opt, jsigr_fast.double_backprop, x, y, _graph_factory=FailingGraph)
+    # the warm-up steps are undone: parameters, and no momentum buffers left behind
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert len(opt.state) == 0 and all(p.grad is None for p in model.parameters())
 
 
 # ---- the real capture (a GPU session runs these) ----
