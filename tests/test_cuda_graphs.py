@@ -119,17 +119,32 @@ def test_label_check_sees_in_place_writes():
 
 
 # ---- GraphedStep's plumbing, on the CPU with a stand-in graph ----
+class _RefuseSyncs(TorchDispatchMode):
+    """A host read fails, as it fails a CUDA graph capture."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return func(*args, **(kwargs or {}))
+
+
 class _RerunGraph:
-    """Stand-in for torch.cuda.CUDAGraph: capture runs the step once; each replay runs it again and writes
-    its loss into the captured output, as a replay rewrites the graph's static tensors."""
+    """Stand-in for torch.cuda.CUDAGraph: capture runs the step once as a capture would see it (the
+    library's ``capturing`` answers True, a host read fails); each replay runs it again the same way and
+    writes its loss into the captured output, as a replay rewrites the graph's static tensors."""
+
+    def _as_captured(self):
+        with pytest.MonkeyPatch.context() as mp, _RefuseSyncs():
+            mp.setattr(_checks, "capturing", lambda t: True)
+            return self.fn()
 
     def capture(self, fn):
         self.fn = fn
-        self.out = fn()
+        self.out = self._as_captured()
         return self.out
 
     def replay(self):
-        self.out.copy_(self.fn())
+        self.out.copy_(self._as_captured())
 
 
 def _graphed(model, opt, loss_fn, x, y, **kw):
@@ -208,6 +223,17 @@ def test_graphed_step_errors():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # refused steps trained nothing
     step(x, y)
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_stateful_gan_losses_are_refused():
+    """JSIGR's adaptor and discriminator steps read the host (their gradients' finiteness): not capturable,
+    refused with the capture's error rather than replayed with a frozen step schedule."""
+    model = tiny_model("conv_tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batches(1, "conv_tanh")[0]
+    reg = jsigr_fast.JSIGR((2, 6, 6), discriminator=(4, 8), backend="fused").double()
+    with pytest.raises(RuntimeError, match="capturing the training step as a CUDA graph failed.*not permitted"):
+        _graphed(model, opt, lambda m, a, b: reg(m, a, b), x, y, warmup=1)
 
 
 def test_capture_failure_names_the_cause():
