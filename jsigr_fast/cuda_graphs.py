@@ -21,6 +21,10 @@ instead of being silently ignored). Random draws (noise, projections) are fresh 
 ``generator`` cannot be captured. A step that reads a value on the host (``.item()``, ``bool(t)``,
 a GradScaler's inf check) cannot be captured either: the capture fails with PyTorch's error.
 
+Without an optimizer (``graphed_step(model, None, ...)``) the graph is the loss and its backward
+only, and each call leaves fresh gradients in ``.grad`` for the caller's clipping, finiteness check
+and optimizer step, which then run eagerly: a training loop that skips non-finite steps keeps doing so.
+
 The warm-up steps before the capture (cuDNN's algorithm choice, lazily created optimizer state) run
 on the example batch and are then undone: parameters, buffers and optimizer state are restored,
 optimizer state the warm-up created is zeroed (as a first step finds it; for SGD with dampening the
@@ -40,14 +44,17 @@ from . import _checks
 __all__ = ["GraphedStep", "graphed_step"]
 
 
-def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
                  x: torch.Tensor, y: torch.Tensor, *, warmup: int = 3, check_inputs: bool = True) -> "GraphedStep":
     """Capture ``zero_grad; loss_fn(model, x, y).backward(); optimizer.step()`` as a CUDA graph.
 
     Args:
         model: the module ``loss_fn`` trains, on a CUDA device.
-        optimizer: its optimizer (Adam/AdamW need ``capturable=True``; SGD works as is).
+        optimizer: its optimizer (Adam/AdamW need ``capturable=True``; SGD works as is), or None to
+            capture the loss and its backward only: each call then leaves fresh gradients in the
+            parameters' ``.grad`` (not accumulated across calls) for the caller's own clipping,
+            finiteness check and optimizer step, which run eagerly (a few kernels).
         loss_fn: ``(model, x, y) -> scalar loss``, e.g. ``functools.partial(jsigr_fast.loss, backend="fused")``.
         x, y: an example batch (CUDA tensors) with the shapes and dtypes of every later batch.
         warmup: eager steps before the capture (undone afterwards; see the module's docstring).
@@ -55,7 +62,8 @@ def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer,
             device sync per step, as the eager loss's checks cost); the losses cannot check inside a graph.
 
     Returns:
-        A :class:`GraphedStep`; ``step(x, y)`` trains one step on a new batch and returns its loss.
+        A :class:`GraphedStep`; ``step(x, y)`` trains one step on a new batch (or, without an optimizer,
+        computes its gradients) and returns its loss.
     """
     return GraphedStep(model, optimizer, loss_fn, x, y, warmup=warmup, check_inputs=check_inputs)
 
@@ -66,8 +74,8 @@ class GraphedStep:
     def __init__(self, model, optimizer, loss_fn, x, y, *, warmup: int = 3, check_inputs: bool = True,
                  _graph_factory=None):
         _checks.check_model(model)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, x, y), got {type(loss_fn).__name__}")
         _checks.check_input(x, model)
@@ -80,22 +88,29 @@ class GraphedStep:
                              "(call the loss directly elsewhere)")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self._modes = [m.training for m in model.modules()]
-        self._hyper = _hyperparameters(optimizer)
+        self._hyper = _hyperparameters(optimizer) if optimizer is not None else []
         self._static_x = x.detach().clone()
         self._static_y = y.detach().clone()
         self._num_classes = None
+        self._params = [p for p in model.parameters() if p.requires_grad]
         self._graph = self._capture(_graph_factory)
 
     # ---- capture ----
-    def _run(self):
-        self.optimizer.zero_grad(set_to_none=True)
+    def _zero_grad(self):
+        (self.optimizer or self.model).zero_grad(set_to_none=True)
+
+    def _run(self) -> tuple:
+        """The step; returns the graph's outputs: the loss and the gradients."""
+        self._zero_grad()
         loss = self.loss_fn(self.model, self._static_x, self._static_y)
         if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad):
             raise ValueError("loss_fn must return a scalar loss tensor with a graph to the parameters, got "
                              f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
         loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        grads = [p.grad for p in self._params]
+        if self.optimizer is not None:
+            self.optimizer.step()
+        return (loss.detach(), *grads)
 
     def _capture(self, graph_factory):
         saved = _snapshot(self.model, self.optimizer)
@@ -117,14 +132,16 @@ class GraphedStep:
                 for _ in range(self.warmup):
                     self._run()
             hook.remove()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             graph = self._capture_step(graph_factory)
         except BaseException:  # the caller's model and optimizer as they were
             hook.remove()
             _restore(self.model, self.optimizer, saved, captured=False)
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             raise
         _restore(self.model, self.optimizer, saved, captured=True)
+        for p in self._params:  # the captured gradients hold nothing until the first replay
+            p.grad = None
         return graph
 
     def _capture_step(self, graph_factory):
@@ -132,10 +149,10 @@ class GraphedStep:
             if graph_factory is None:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    self._loss = self._run()
-            else:  # the stand-in runs the step now and again at each replay, into the same output tensor
+                    self._outputs = self._run()
+            else:  # the stand-in runs the step now and again at each replay, into the same output tensors
                 graph = graph_factory()
-                self._loss = graph.capture(self._run)
+                self._outputs = graph.capture(self._run)
         except Exception as e:
             raise RuntimeError(
                 f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}). A capturable step "
@@ -160,7 +177,11 @@ class GraphedStep:
             self._static_x.copy_(x)
             self._static_y.copy_(y)
         self._graph.replay()
-        return self._loss.clone()  # the static output is overwritten by the next replay
+        # the graph writes its gradients into the tensors captured as .grad: hand them back (after a
+        # zero_grad(set_to_none=True), .grad would stay None, and a caller's optimizer step do nothing)
+        for p, g in zip(self._params, self._outputs[1:]):
+            p.grad = g
+        return self._outputs[0].clone()  # the static output is overwritten by the next replay
 
     @staticmethod
     def _check_batch(t, name, static):
@@ -176,7 +197,7 @@ class GraphedStep:
         if modes != self._modes:
             raise RuntimeError("the model's train/eval modes changed since the capture; the graph replays the "
                                "captured ones: call model.train() / model.eval() back, or capture a new step")
-        now = _hyperparameters(self.optimizer)
+        now = _hyperparameters(self.optimizer) if self.optimizer is not None else []
         if now != self._hyper:
             changed = sorted({k for a, b in zip(now, self._hyper) for k in a if a.get(k) != b.get(k)})
             raise RuntimeError(f"the optimizer's {', '.join(changed) or 'param groups'} changed since the capture; "
@@ -202,8 +223,9 @@ def _hyperparameters(optimizer) -> list[dict]:
 
 def _snapshot(model, optimizer):
     tensors = list(model.parameters()) + list(model.buffers())
-    state = {p: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-             for p, s in optimizer.state.items()}
+    state = {} if optimizer is None else {
+        p: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+        for p, s in optimizer.state.items()}
     return tensors, [t.detach().clone() for t in tensors], state
 
 
@@ -214,6 +236,8 @@ def _restore(model, optimizer, saved, *, captured: bool):
     tensors, values, state = saved
     for t, v in zip(tensors, values):
         t.copy_(v)
+    if optimizer is None:
+        return
     for p in list(optimizer.state):
         if p not in state and not captured:
             del optimizer.state[p]

@@ -144,7 +144,9 @@ class _RerunGraph:
         return self.out
 
     def replay(self):
-        self.out.copy_(self._as_captured())
+        for old, new in zip(self.out, self._as_captured()):
+            if old is not None:  # (a parameter the loss does not reach has no gradient)
+                old.copy_(new)
 
 
 def _graphed(model, opt, loss_fn, x, y, **kw):
@@ -176,6 +178,32 @@ def test_graphed_steps_train_as_eager_steps():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0, msg=n)
 
 
+def test_graphed_gradients_for_an_eager_optimizer_step():
+    """Without an optimizer the graph is the loss and its backward: each call leaves that batch's gradients
+    in .grad (fresh, not accumulated; also after zero_grad(set_to_none=True)), the caller steps eagerly."""
+    loss_fn = functools.partial(jsigr_fast.double_backprop, backend="fused")
+    model = tiny_model("residual_bn_relu")
+    eager = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    batches = _batches(3)
+    step = _graphed(model, None, loss_fn, *batches[0])
+    assert all(p.grad is None for p in model.parameters())  # the warm-up's gradients are not left behind
+    for x, y in batches:
+        got = step(x, y)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        eager_opt.zero_grad(set_to_none=True)
+        want = loss_fn(eager, x, y)
+        want.backward()
+        torch.nn.utils.clip_grad_norm_(eager.parameters(), 1.0)
+        eager_opt.step()
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=0)
+    for (n, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0, msg=n)
+
+
 def test_returned_loss_is_not_overwritten():
     model = tiny_model("conv_tanh")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -193,7 +221,7 @@ def test_graphed_step_errors():
     x, y = _batches(1, "conv_tanh")[0]
     with pytest.raises(ValueError, match="CUDA graphs need the model and the batch on a CUDA device"):
         GraphedStep(model, opt, jsigr_fast.double_backprop, x, y)
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer or None"):
         _graphed(model, "sgd", jsigr_fast.double_backprop, x, y)
     with pytest.raises(ValueError, match="loss_fn must return a scalar loss tensor"):
         _graphed(model, opt, lambda m, a, b: m(a), x, y)
@@ -269,17 +297,21 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("backend", ["reference", "fused"])
-def test_cuda_graph_steps_match_eager(backend):
-    """float64 on the GPU: graphed double-backprop steps give the eager steps' losses and parameters."""
+@pytest.mark.parametrize("captured_optimizer", [True, False])
+def test_cuda_graph_steps_match_eager(backend, captured_optimizer):
+    """float64 on the GPU: graphed double-backprop steps give the eager steps' losses and parameters (the
+    optimizer step inside the graph, or run eagerly on the graph's gradients)."""
     loss_fn = functools.partial(jsigr_fast.double_backprop, backend=backend)
     model = tiny_model("residual_bn_relu").cuda()
     eager = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
     batches = [(x.cuda(), y.cuda()) for x, y in _batches(3)]
-    step = jsigr_fast.graphed_step(model, opt, loss_fn, *batches[0])
+    step = jsigr_fast.graphed_step(model, opt if captured_optimizer else None, loss_fn, *batches[0])
     for x, y in batches:
         got = step(x, y)
+        if not captured_optimizer:
+            opt.step()
         eager_opt.zero_grad(set_to_none=True)
         want = loss_fn(eager, x, y)
         want.backward()
