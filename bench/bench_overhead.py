@@ -132,7 +132,8 @@ def _run(a) -> dict:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {sorted(methods)}")
     rows = {}
     with device_policies(a.policies):
-        steps = {n: (lambda f=methods[n].loss: train_step(model, opt, f, x, y)) for n in names}
+        # fresh labels per step, as a loader gives them (a label tensor already checked is not read again)
+        steps = {n: (lambda f=methods[n].loss: train_step(model, opt, f, x, y.clone())) for n in names}
         for n in names:
             steps[n]()  # warm-up (lazy state, first-call caches)
             rows[n] = {"label": methods[n].label, **count_step(steps[n]), "round_ms": []}
