@@ -447,6 +447,20 @@ def test_frozen_running_stats_with_batch_and_instance_norm_restores_both():
         assert torch.equal(v, before[k]), k
 
 
+def test_frozen_running_stats_walks_every_module_once():
+    # its walk of the module tree (one Python frame, not modules()'s nested generators) reaches the batch
+    # norms modules() reaches: nested, shared between parents, behind an empty (None) submodule slot
+    from jsigr_fast.batchnorm import _walk, frozen_running_stats
+    shared = nn.BatchNorm2d(3)
+    inner = nn.Sequential(nn.Conv2d(3, 3, 1), shared)
+    inner.register_module("empty", None)
+    m = nn.Sequential(nn.Conv2d(2, 3, 1), nn.Sequential(inner, nn.Sequential(shared)), shared, nn.BatchNorm2d(3))
+    assert _walk(m) == list(m.modules())
+    with frozen_running_stats(m):
+        assert not shared.track_running_stats and not m[3].track_running_stats
+    assert shared.track_running_stats and m[3].track_running_stats
+
+
 def test_entry_point_falls_back_for_eval_and_checks_batch_size():
     x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
     rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
