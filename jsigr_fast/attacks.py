@@ -107,7 +107,7 @@ def _prepare(model, x, labels, clamp, *, label_name: str = "y", labels_optional:
     clamp = _check_clamp(clamp)
     if clamp is not None:
         lo, hi = clamp
-        if not _checks.capturing(x0) and (bool((x0 < lo).any()) or bool((x0 > hi).any())):
+        if not _checks.capturing(x0) and bool(((x0 < lo) | (x0 > hi)).any()):  # one host read
             # Not silently clamped: moving x into the box could itself exceed the eps budget.
             raise ValueError(
                 f"x has values outside clamp=({lo}, {hi}) (min {x0.min().item():.4g}, max {x0.max().item():.4g}); "
