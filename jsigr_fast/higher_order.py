@@ -252,14 +252,6 @@ _FORWARD_AD = {
 }
 
 
-def route(func, args, kwargs, *, forward_ad: bool):
-    """The composite's result for ``func(*args, **kwargs)``, or NotImplemented for a call to leave alone."""
-    call = (_FORWARD_AD if forward_ad else _REVERSE).get(func)
-    if call is None:
-        return NotImplemented
-    return call(args, kwargs)
-
-
 class SafeOps(TorchFunctionMode):
     """Reroutes the calls listed in the module docstring to their composites. ``forward_ad=True`` for
     passes whose forward-mode tangents are differentiated (the Hutchinson estimator), False for the
@@ -271,9 +263,13 @@ class SafeOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = route(func, args, kwargs, forward_ad=self.forward_ad)
-        if out is not NotImplemented:
-            return out
+        # the composite for func, if any (NotImplemented: leave the call alone); this runs for every
+        # torch call of the model's forward, so no helper call in between (host work)
+        call = (_FORWARD_AD if self.forward_ad else _REVERSE).get(func)
+        if call is not None:
+            out = call(args, kwargs)
+            if out is not NotImplemented:
+                return out
         return self.other(func, args, kwargs)
 
     def other(self, func, args, kwargs):
