@@ -855,8 +855,9 @@ def cross_entropy_cotangent(logits: torch.Tensor, target: torch.Tensor, *,
 # ----------------------------------------------------------------------------------------------
 def batch_norm_compiled_available(device: torch.device | str) -> bool:
     """True when the compiled train-mode batch-norm ops (forward, backward, double backward) exist for ``device``."""
-    return all(has_kernel(op, device) for op in ("batch_norm_train", "batch_norm_backward",
-                                                 "batch_norm_double_backward"))
+    # (and-ed, not all(<generator>): this runs for every batch-norm call of the fused backend)
+    return (has_kernel("batch_norm_train", device) and has_kernel("batch_norm_backward", device)
+            and has_kernel("batch_norm_double_backward", device))
 
 
 def batch_norm_supported(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
