@@ -83,10 +83,22 @@ def model_device(model: nn.Module) -> torch.device | None:
 
 
 def capturing(t: torch.Tensor) -> bool:
-    """Is ``t``'s stream being captured into a CUDA graph (:mod:`jsigr_fast.cuda_graphs`)? The checks that
-    read a tensor's values back to the host (a device sync, which capture refuses) are skipped then: a
-    graphed step checks its inputs before each replay instead."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+    """Is ``t``'s stream being captured into a CUDA graph (:mod:`jsigr_fast.cuda_graphs`), or a capture
+    simulated (:func:`jsigr_fast.cuda_graphs.simulated_capture`)? The checks that read a tensor's values
+    back to the host (a device sync, which capture refuses) are skipped then: a graphed step checks its
+    inputs before each replay instead."""
+    return SIMULATED_CAPTURE.depth > 0 or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _capturing_on(device: torch.device) -> bool:
+    return SIMULATED_CAPTURE.depth > 0 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+class _SimulatedCapture(threading.local):
+    depth = 0  # open simulated_capture() blocks on this thread
+
+
+SIMULATED_CAPTURE = _SimulatedCapture()
 
 
 def check_input(x, model: nn.Module, name: str = "x") -> torch.Tensor:
@@ -221,7 +233,15 @@ def stacked_in_layout(zs: list, like: torch.Tensor) -> torch.Tensor:
 
 def rng_state(device: torch.device) -> list:
     """The global random-number state a forward on ``device`` draws from: the CPU generator's, and
-    the CUDA generator of that device if it is one."""
+    the CUDA generator of that device if it is one. Refused inside a CUDA graph capture, which cannot
+    read or wind back the CUDA generator's state (the callers: ``mode="fd"``'s perturbed forwards, the
+    fused Hutchinson estimator's shared forward)."""
+    if _capturing_on(device):
+        raise RuntimeError(
+            "this loss winds the random-number state back (mode='fd' replays the forward's random numbers in "
+            "its perturbed forwards; the fused Hutchinson estimator shares the training forward), which a CUDA "
+            "graph capture cannot do: in a graphed step use mode='autograd' and jacobian='projection' (or the "
+            "reference backend's Hutchinson estimator)")
     states = [torch.get_rng_state()]
     if device.type == "cuda":
         states.append(torch.cuda.get_rng_state(device))

@@ -19,7 +19,10 @@ in place, as ``torch.optim``'s ``capturable`` optimizers allow; a changed Python
 instead of being silently ignored). Random draws (noise, projections) are fresh at every replay
 (PyTorch's graph-safe generator), from the default CUDA generator: a loss given its own
 ``generator`` cannot be captured. A step that reads a value on the host (``.item()``, ``bool(t)``,
-a GradScaler's inf check) cannot be captured either: the capture fails with PyTorch's error.
+a GradScaler's inf check) cannot be captured either: the capture fails with PyTorch's error; nor a
+loss that winds the random state back (``mode="fd"``, the fused Hutchinson estimator), refused with
+one that says what to use instead. ``simulate=True`` (:func:`simulated_capture`) tries all of this on
+any device.
 
 Without an optimizer (``graphed_step(model, None, ...)``) the graph is the loss and its backward
 only, and each call leaves fresh gradients in ``.grad`` for the caller's clipping, finiteness check
@@ -38,15 +41,17 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _checks
 
-__all__ = ["GraphedStep", "graphed_step"]
+__all__ = ["GraphedStep", "graphed_step", "simulated_capture", "SimulatedGraph"]
 
 
 def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-                 x: torch.Tensor, y: torch.Tensor, *, warmup: int = 3, check_inputs: bool = True) -> "GraphedStep":
+                 x: torch.Tensor, y: torch.Tensor, *, warmup: int = 3, check_inputs: bool = True,
+                 simulate: bool = False) -> "GraphedStep":
     """Capture ``zero_grad; loss_fn(model, x, y).backward(); optimizer.step()`` as a CUDA graph.
 
     Args:
@@ -60,12 +65,16 @@ def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         warmup: eager steps before the capture (undone afterwards; see the module's docstring).
         check_inputs: before each replay, check that x is finite and every label lies in [0, K) (one
             device sync per step, as the eager loss's checks cost); the losses cannot check inside a graph.
+        simulate: no graph: every call runs the step eagerly as a capture would see it
+            (:class:`SimulatedGraph`), on any device. For trying a training loop on the CPU before a
+            GPU run: a step that reads the host fails here as its capture would. No faster than eager.
 
     Returns:
         A :class:`GraphedStep`; ``step(x, y)`` trains one step on a new batch (or, without an optimizer,
         computes its gradients) and returns its loss.
     """
-    return GraphedStep(model, optimizer, loss_fn, x, y, warmup=warmup, check_inputs=check_inputs)
+    return GraphedStep(model, optimizer, loss_fn, x, y, warmup=warmup, check_inputs=check_inputs,
+                       _graph_factory=SimulatedGraph if _checks.check_bool("simulate", simulate) else None)
 
 
 class GraphedStep:
@@ -251,3 +260,59 @@ def _restore(model, optimizer, saved, *, captured: bool):
                     s[k] = before[k]
             elif isinstance(v, torch.Tensor):
                 v.zero_()  # created by the warm-up: what a first step finds (SGD's momentum, Adam's moments, step)
+
+
+# ---- a capture simulated on any device ----
+_aten = torch.ops.aten
+# ops whose CUDA kernels read a value back to the host (a scalar, or the size of their output)
+_HOST_READS = frozenset(op for op in (
+    _aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default, _aten.equal.default,
+    _aten._unique.default, _aten._unique2.default, _aten.unique_dim.default, _aten.unique_consecutive.default,
+    _aten.repeat_interleave.Tensor, _aten.argwhere.default))
+
+
+class _RefuseHostReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        bool_index = func is _aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        if func in _HOST_READS or bool_index:
+            what = "indexing with a boolean mask" if bool_index else str(func)
+            raise RuntimeError(f"{what} reads a value back to the host, which a CUDA graph capture does not permit "
+                               "(operation not permitted when stream is capturing; simulated capture)")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def simulated_capture():
+    """Run a block as a CUDA graph capture sees it, on any device: the library's losses take their
+    capture path (their host-side checks skipped, as under a real capture), and an op that reads a value
+    back to the host (``.item()``, ``bool(t)``, ``nonzero``, boolean-mask indexing, ``unique``...) raises
+    capture's error. What it cannot see: copies between host and device (all tensors are on one device
+    here), non-default CUDA streams and generators, ops whose CUDA kernel alone syncs."""
+    _checks.SIMULATED_CAPTURE.depth += 1
+    try:
+        with _RefuseHostReads():
+            yield
+    finally:
+        _checks.SIMULATED_CAPTURE.depth -= 1
+
+
+class SimulatedGraph:
+    """A stand-in for ``torch.cuda.CUDAGraph`` on any device (:func:`graphed_step` with ``simulate=True``):
+    ``capture(fn)`` runs ``fn`` once under :func:`simulated_capture` and keeps its outputs; each ``replay()``
+    runs it again the same way and writes the new outputs into the kept tensors, as a replay rewrites a
+    graph's static tensors."""
+
+    def capture(self, fn):
+        self._fn = fn
+        with simulated_capture():
+            self._out = fn()
+        return self._out
+
+    def replay(self):
+        with simulated_capture():
+            new = self._fn()
+        for old, value in zip(self._out, new):
+            if old is not None:  # (a parameter the loss does not reach has no gradient)
+                old.copy_(value)

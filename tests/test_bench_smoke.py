@@ -68,6 +68,26 @@ def test_bench_epoch_tiny_config(tmp_path, capsys):
     assert "| J-SIGR, projection (reference) |" in capsys.readouterr().out
 
 
+def test_bench_epoch_graphed_steps(tmp_path, monkeypatch, capsys):
+    # --cuda-graph's plumbing on the CPU (a simulated capture): every method is captured at its first batch
+    # (untimed; timed batches replay it), JARN's GAN steps read the host, cannot be, and run eagerly
+    from jsigr_fast.cuda_graphs import SimulatedGraph
+
+    monkeypatch.setattr(bench_epoch, "GRAPH_FACTORY", SimulatedGraph)
+    record, written = bench_epoch.main(["--model", "digits_cnn", "--dataset", "digits", "--batch", "16",
+                                        "--batches", "2", "--rounds", "1", "--warmup", "0", "--out", str(tmp_path),
+                                        "--methods", "standard,pgd_at7,jarn,jsigr", "--cuda-graph", "--no-plot"])
+    assert written[0].endswith("epoch_cpu_digits_cnn_digits_b16_fp32_graphs.json")
+    res = record["results"]
+    assert record["conditions"]["cuda_graph"] is True
+    assert {n: r["cuda_graph"] for n, r in res.items()} == {"standard": True, "pgd_at7": True, "jarn": False,
+                                                            "jsigr": True}
+    assert res["jarn"]["label"].endswith("(eager: not capturable)") and "failed" in res["jarn"]["graph_error"]
+    assert all(r["n_timed"] == 1 for n, r in res.items() if n != "jarn")  # the capture's batch is untimed
+    assert res["jarn"]["n_timed"] == 1  # its first batch tried the capture, then ran eagerly: untimed too
+    assert "each step replays a CUDA graph" in open(written[1]).read()
+
+
 def test_bench_epoch_rejects_unknown_method(tmp_path):
     with pytest.raises(SystemExit):
         bench_epoch.main(["--model", "digits_cnn", "--dataset", "digits", "--methods", "standard,nope",
@@ -625,27 +645,19 @@ def test_profile_lines_give_the_gpus_busy_share():
 
 
 def test_graphed_step_timing_and_table():
-    # bench_step --cuda-graph's pieces on the CPU: the timing loop with a stand-in graph that re-runs the
-    # step (the real capture needs a GPU), a step that cannot be captured, and the table by hand
+    # bench_step --cuda-graph's pieces on the CPU: the timing loop with a simulated capture (the real one
+    # needs a GPU), a step that cannot be captured, and the table by hand
     import bench_step
 
-    class RerunGraph:
-        def capture(self, fn):
-            self.fn, self.out = fn, fn()
-            return self.out
+    from jsigr_fast.cuda_graphs import SimulatedGraph
 
-        def replay(self):
-            for old, new in zip(self.out, self.fn()):
-                if old is not None:
-                    old.copy_(new)
-
-    class Refuses(RerunGraph):
+    class Refuses(SimulatedGraph):
         def capture(self, fn):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     model, opt, x, y = steps.make_setup("digits_cnn", 4, dataset="digits")
     loss = steps.make_methods(model.input_shape)["double_backprop_fused"].loss
-    r = steps.time_graphed_steps(model, opt, loss, x, y, repeats=3, _graph_factory=RerunGraph)
+    r = steps.time_graphed_steps(model, opt, loss, x, y, repeats=3, _graph_factory=SimulatedGraph)
     assert r["repeats"] == 3 and 0 < r["p20_s"] <= r["median_s"] <= r["p80_s"]
     bad = steps.time_graphed_steps(model, opt, loss, x, y, _graph_factory=Refuses)
     assert bad == {"error": "capturing the training step as a CUDA graph failed (RuntimeError: operation not "

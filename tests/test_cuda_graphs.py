@@ -1,10 +1,11 @@
 """Graphed training steps (jsigr_fast.cuda_graphs) and what makes a loss capturable.
 
-On the CPU: every loss reads nothing back to the host while its stream is being captured (the
-capture is simulated: ``_checks.capturing`` answers True), the checks it skips then are the ones a
-GraphedStep runs before each replay, and the GraphedStep's plumbing (warm-up undone, static inputs,
-replays, its errors) runs with a stand-in for torch.cuda.CUDAGraph that re-runs the step. The real
-capture is the ``-m gpu`` tests at the bottom (bench/gpu_session.sh `graphs`).
+On the CPU: every loss reads nothing back to the host while a capture is simulated
+(``simulated_capture``: the library's capture path taken, a host read raises capture's error), the
+checks it skips then are the ones a GraphedStep runs before each replay, and the GraphedStep's plumbing
+(warm-up undone, static inputs, replays, its errors) runs with ``simulate=True``
+(``SimulatedGraph``: each replay re-runs the step under the simulation). The real capture is the
+``-m gpu`` tests at the bottom (bench/gpu_session.sh `graphs`).
 """
 import copy
 import functools
@@ -16,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import jsigr_fast
 from jsigr_fast import _checks
-from jsigr_fast.cuda_graphs import GraphedStep
+from jsigr_fast.cuda_graphs import GraphedStep, SimulatedGraph, simulated_capture
 from jsigr_fast.testing import tiny_input, tiny_model
 
 
@@ -58,6 +59,9 @@ def _losses():
 
 
 LOSSES = _losses()
+# these wind the random state back (fd's perturbed forwards replay the forward's draws; the fused Hutchinson
+# estimator shares the training forward), which a capture cannot: refused with a message saying what to use
+REFUSED = {"jsigr-fd-reference", "jsigr-fd-fused", "jsigr-hutchinson-fused"}
 
 
 def _xy(name, n, seed=1):
@@ -74,19 +78,22 @@ def _step(model, loss_fn, x, y):
 
 @pytest.mark.parametrize("model_name", ["residual_bn_relu", "conv_tanh"])
 @pytest.mark.parametrize("name,loss_fn", LOSSES, ids=[n for n, _ in LOSSES])
-def test_no_host_reads_while_capturing(monkeypatch, model_name, name, loss_fn):
-    """While a capture is simulated, a whole step (loss, backward) reads nothing back to the host; the
-    loss and gradients are those of the uncaptured call (only checks are skipped)."""
+def test_no_host_reads_while_capturing(model_name, name, loss_fn):
+    """Under a simulated capture a whole step (loss, backward) reads nothing back to the host (a read
+    raises); the loss and gradients are those of the uncaptured call (only checks are skipped)."""
     x, y = _xy(model_name, 3)
     model = tiny_model(model_name)
     torch.manual_seed(0)
     want_loss, want_grads = _step(model, loss_fn, x, y)
 
-    monkeypatch.setattr(_checks, "capturing", lambda t: True)
     torch.manual_seed(0)
-    with _CountSyncs() as c:
+    if name in REFUSED:
+        with simulated_capture(), pytest.raises(RuntimeError, match="winds the random-number state back.*"
+                                                                    "mode='autograd' and jacobian='projection'"):
+            _step(model, loss_fn, x, y.clone())
+        return
+    with simulated_capture():
         got_loss, got_grads = _step(model, loss_fn, x, y.clone())  # fresh labels: no cached range check
-    assert c.syncs == 0
     # to rounding, not bitwise: a batch norm keeps grad_y under capture where the CPU's policy rebuilds it
     # from grad_x after a host-side range check (ops.BN_REBUILD_GRAD_Y)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
@@ -119,38 +126,20 @@ def test_label_check_sees_in_place_writes():
 
 
 # ---- GraphedStep's plumbing, on the CPU with a stand-in graph ----
-class _RefuseSyncs(TorchDispatchMode):
-    """A host read fails, as it fails a CUDA graph capture."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
-        return func(*args, **(kwargs or {}))
-
-
-class _RerunGraph:
-    """Stand-in for torch.cuda.CUDAGraph: capture runs the step once as a capture would see it (the
-    library's ``capturing`` answers True, a host read fails); each replay runs it again the same way and
-    writes its loss into the captured output, as a replay rewrites the graph's static tensors."""
-
-    def _as_captured(self):
-        with pytest.MonkeyPatch.context() as mp, _RefuseSyncs():
-            mp.setattr(_checks, "capturing", lambda t: True)
-            return self.fn()
-
-    def capture(self, fn):
-        self.fn = fn
-        self.out = self._as_captured()
-        return self.out
-
-    def replay(self):
-        for old, new in zip(self.out, self._as_captured()):
-            if old is not None:  # (a parameter the loss does not reach has no gradient)
-                old.copy_(new)
+def test_simulated_capture_refuses_host_reads():
+    x = torch.randn(4, 3)
+    for read in (lambda: x.sum().item(), lambda: bool(x.sum() > 0), lambda: x.nonzero(), lambda: x[x > 0],
+                 lambda: torch.unique(x), lambda: torch.equal(x, x)):
+        with simulated_capture(), pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+            read()
+    with simulated_capture():
+        assert _checks.capturing(x)
+        torch.where(x > 0, x, 0).sum()  # device-side selections are fine
+    assert not _checks.capturing(x)
 
 
 def _graphed(model, opt, loss_fn, x, y, **kw):
-    return GraphedStep(model, opt, loss_fn, x, y, _graph_factory=_RerunGraph, **kw)
+    return jsigr_fast.graphed_step(model, opt, loss_fn, x, y, simulate=True, **kw)
 
 
 def _batches(n, name="residual_bn_relu"):
@@ -273,7 +262,7 @@ def test_capture_failure_names_the_cause():
         def forward(self, x):
             return self.lin(x)
 
-    class FailingGraph(_RerunGraph):
+    class FailingGraph(SimulatedGraph):
         def capture(self, fn):
             raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -323,13 +312,14 @@ def test_cuda_graph_steps_match_eager(backend, captured_optimizer):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("jacobian", ["projection", "hutchinson"])
-def test_cuda_graph_jsigr_draws_fresh_noise(jacobian):
+@pytest.mark.parametrize("backend,jacobian", [("fused", "projection"), ("reference", "projection"),
+                                              ("reference", "hutchinson")])
+def test_cuda_graph_jsigr_draws_fresh_noise(backend, jacobian):
     """J-SIGR's random draws are fresh at each replay: the same batch gives different losses, all finite."""
     model = tiny_model("residual_bn_relu", dtype=torch.float32).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the model stays; only the draws change
     x, y = (t.cuda() for t in _batches(1)[0])
-    loss_fn = functools.partial(jsigr_fast.loss, backend="fused", jacobian=jacobian)
+    loss_fn = functools.partial(jsigr_fast.loss, backend=backend, jacobian=jacobian)
     step = jsigr_fast.graphed_step(model, opt, loss_fn, x.float(), y)
     losses = torch.stack([step(x.float(), y) for _ in range(4)])
     assert torch.isfinite(losses).all()
