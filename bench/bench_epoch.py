@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", default="", help="suffix for the record's file names")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="each method's step captured as a CUDA graph (jsigr_fast.graphed_step); a method that "
+                        "cannot be captured runs eagerly and says so in its row")
     a = p.parse_args(argv)
     for k, v in PRESETS[a.preset].items():
         if getattr(a, k, None) is None:
@@ -150,8 +153,46 @@ def make_run(a, name, model0, ds, shape, device):
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, weight_decay=5e-4)
     loader = make_loader(ds, a.batch, train=True, workers=a.workers, seed=0)
     return dict(model=model, opt=opt, stream=_batches(loader, {"epoch": 0}), method=all_methods(shape, device)[name],
-                times=[], device=device, memory_format=memory_format,
-                amp=torch.autocast(device.type, dtype=torch.bfloat16) if a.precision == "bf16" else None)
+                times=[], device=device, memory_format=memory_format, precision=a.precision,
+                amp=torch.autocast(device.type, dtype=torch.bfloat16) if a.precision == "bf16" else None,
+                cuda_graph=bool(getattr(a, "cuda_graph", False)), graph=None, graph_error=None)
+
+
+# the graph class GraphedStep captures with (None: torch.cuda.CUDAGraph); tests set a CPU stand-in
+GRAPH_FACTORY = None
+
+
+def _graph_loss(r):
+    """The method's loss as the graph runs it: under bf16 autocast without its weight cache (a capture
+    would keep the cast weights of the capture's step)."""
+    loss = r["method"].loss
+    if r["precision"] != "bf16":
+        return loss
+
+    def under_autocast(model, x, y):
+        with torch.autocast(r["device"].type, dtype=torch.bfloat16, cache_enabled=False):
+            return loss(model, x, y)
+    return under_autocast
+
+
+def _graphed_batch(r, x, y, t0, record):
+    """train_batch through the method's CUDA graph (captured at its first batch, untimed then); None when
+    the method cannot be captured (it then runs eagerly: graph_error says why)."""
+    from jsigr_fast.cuda_graphs import GraphedStep
+
+    if r["graph"] is None:
+        try:
+            r["graph"] = GraphedStep(r["model"], r["opt"], _graph_loss(r), x, y, _graph_factory=GRAPH_FACTORY)
+        except RuntimeError as e:
+            r["graph_error"] = str(e).split(". A capturable step")[0]
+            print(f"  {r['method'].label}: {r['graph_error']}; runs eagerly", flush=True)
+            return None
+        record = False  # the capture's warm-up steps are in this batch's time
+    loss = r["graph"](x, y)
+    sync(r["device"])
+    if record:
+        r["times"].append(time.perf_counter() - t0)
+    return float(loss)
 
 
 def train_batch(r, record: bool = True) -> float:
@@ -161,6 +202,11 @@ def train_batch(r, record: bool = True) -> float:
     x, y = next(r["stream"])
     x = x.to(r["device"], non_blocking=True).contiguous(memory_format=r["memory_format"])
     y = y.to(r["device"], non_blocking=True)
+    if r["cuda_graph"] and r["graph_error"] is None:
+        out = _graphed_batch(r, x, y, t0, record)
+        if out is not None:
+            return out
+        record = False  # this batch's time includes the failed capture's warm-up steps
     r["opt"].zero_grad(set_to_none=True)
     if r["amp"] is not None:
         with r["amp"]:
@@ -217,6 +263,11 @@ def run_bench(a, methods_wanted):
                          "min_s_per_batch": float(t.min()), "p20_s": float(t.quantile(0.2)),
                          "p80_s": float(t.quantile(0.8)), "mean_s_per_batch": float(t.mean()), "s_per_epoch": med * per_epoch,
                          "images_per_s": a.batch / med, "final_loss": runs[name].get("last_loss")}
+        if runs[name]["cuda_graph"]:
+            results[name]["cuda_graph"] = runs[name]["graph_error"] is None
+            if runs[name]["graph_error"]:
+                results[name]["graph_error"] = runs[name]["graph_error"]
+                results[name]["label"] += " (eager: not capturable)"
     std = results["standard"]["s_per_batch"]
     pgd = results.get("pgd_at7", {}).get("s_per_batch")
     for name, r in results.items():
@@ -251,7 +302,10 @@ def format_markdown(a, cond, results, targets, info) -> str:
         f"torch {cond['torch']}, triton {cond['triton']}, threads {cond['threads']}, commit {cond['commit']}, "
         f"{cond['date']}. Each method: its own copy of the same initial model, SGD, the same loader and batches; "
         f"{a.warmup} warm-up batch(es), then {a.rounds} round(s) x {info['timed_batches_per_round']} timed batch(es), "
-        "round-robin; a batch's time includes loading it. Load average (1 min) before / after: "
+        "round-robin; a batch's time includes loading it"
+        + ("; **each step replays a CUDA graph** (jsigr_fast.graphed_step: the batch checked, copied in, one "
+           "launch; captured at the method's first batch, untimed)" if getattr(a, "cuda_graph", False) else "")
+        + ". Load average (1 min) before / after: "
         f"{cond['loadavg_before'][0]:.1f} / {cond['loadavg_after'][0]:.1f}"
         + (f" — **the machine was busy** (more runnable threads than the {cond['threads']} used here): "
            "read the p20 column too" if max(cond['loadavg_before'][0], cond['loadavg_after'][0]) > cond['threads'] + 0.75
@@ -320,6 +374,8 @@ def main(argv=None):
     wanted = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
     if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available (use --preset cpu)")
+    if a.cuda_graph and torch.device(a.device).type != "cuda" and GRAPH_FACTORY is None:
+        p.error("--cuda-graph needs --device cuda")
     load_before = os.getloadavg()
     try:
         results, targets, info = run_bench(a, wanted)
@@ -330,6 +386,7 @@ def main(argv=None):
     cond.update({"model": a.model, "dataset": a.dataset, "batch": a.batch, "precision": a.precision,
                  "dtype": "bfloat16 autocast (fp32 weights)" if a.precision == "bf16" else "float32",
                  "channels_last": bool(a.channels_last), "workers": a.workers, "warmup": a.warmup,
+                 "cuda_graph": bool(a.cuda_graph),
                  "rounds": a.rounds, "timed_batches_per_round": info["timed_batches_per_round"],
                  "steps_timed_per_method": a.rounds * info["timed_batches_per_round"],
                  "extrapolated": a.batches != 0, "statistic": a.stat, "preset": a.preset, "optimizer": f"SGD lr {a.lr} momentum 0.9",
@@ -340,7 +397,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     dev = torch.device(a.device).type
     stem = os.path.join(a.out, f"epoch_{dev}_{a.model}_{a.dataset}_b{a.batch}_{a.precision}" +
-                        (f"_{a.tag}" if a.tag else ""))
+                        ("_graphs" if a.cuda_graph else "") + (f"_{a.tag}" if a.tag else ""))
     record = {"conditions": cond, "results": results, "targets": targets,
               "floor_units": {n: r["floor_units"] for n, r in results.items()},
               "jarn_table4_s_per_epoch": JARN_TABLE4}

@@ -8,7 +8,7 @@
 #   bash bench/gpu_session.sh step     # fused vs reference steps, BN/VJP/probes/loss-head/mask (~8 min)
 #   bash bench/gpu_session.sh memory   # peak memory vs the standard step (R20, R18), fd accuracy (~2 min)
 #   bash bench/gpu_session.sh epoch    # Table-4 epoch bench (CIFAR ResNet-20) + ImageNet R18 throughput
-#   bash bench/gpu_session.sh graphs   # whole steps as CUDA graphs: their GPU tests, eager vs graphed (~4 min)
+#   bash bench/gpu_session.sh graphs   # whole steps as CUDA graphs: GPU tests, eager vs graphed (~5 min)
 #
 # What comes back. The device tool returns at most 8 files from $OUT, so each stage writes its logs
 # and benchmark records to a scratch folder and leaves in $OUT only: gpu_<stage>.tar.gz (everything),
@@ -188,6 +188,8 @@ case "$stage" in
       --methods standard,double_backprop_fused,jsigr,jsigr_fused,jsigr_fd_fused,jsigr_hutchinson_fused,pgd_at7
     run step_r18_graphs "$PY" bench/bench_step.py --device cuda --model resnet18 --batch 256 --dtype bfloat16 \
       --channels-last --repeats 5 --cuda-graph --methods standard,jsigr,jsigr_fused,pgd_at7 --out "$RES"
+    # Table 4 with every capturable method graphed (JARN's GAN steps run eagerly, said in its row)
+    run epoch_cifar_graphs "$PY" bench/bench_epoch.py --preset cifar-gpu --rounds 3 --cuda-graph --out "$RES"
     ;;
   selftest)  # the machinery above, for tests/test_gpu_session_script.py (no GPU, nothing built)
     run ok true
