@@ -133,9 +133,10 @@ def _batches(loader, state):
         state["epoch"] += 1
 
 
-def all_methods(shape, device) -> dict:
-    """Fresh method closures (each keeps its own state: JARN's adaptor, PGD's generator)."""
-    return make_methods(shape, device=device)
+def all_methods(shape, device, default_rng: bool = False) -> dict:
+    """Fresh method closures (each keeps its own state: JARN's adaptor, PGD's generator; with
+    ``default_rng``, for --cuda-graph, the attacks draw from the global generator)."""
+    return make_methods(shape, device=device, default_rng=default_rng)
 
 
 def default_method_names(shape, device) -> list[str]:
@@ -152,10 +153,12 @@ def make_run(a, name, model0, ds, shape, device):
     model = copy.deepcopy(model0).to(device=device, memory_format=memory_format).train()
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, weight_decay=5e-4)
     loader = make_loader(ds, a.batch, train=True, workers=a.workers, seed=0)
-    return dict(model=model, opt=opt, stream=_batches(loader, {"epoch": 0}), method=all_methods(shape, device)[name],
+    graphs = bool(getattr(a, "cuda_graph", False))
+    return dict(model=model, opt=opt, stream=_batches(loader, {"epoch": 0}),
+                method=all_methods(shape, device, default_rng=graphs)[name],
                 times=[], device=device, memory_format=memory_format, precision=a.precision,
                 amp=torch.autocast(device.type, dtype=torch.bfloat16) if a.precision == "bf16" else None,
-                cuda_graph=bool(getattr(a, "cuda_graph", False)), graph=None, graph_error=None)
+                cuda_graph=graphs, graph=None, graph_error=None)
 
 
 # the graph class GraphedStep captures with (None: torch.cuda.CUDAGraph); tests set a CPU stand-in

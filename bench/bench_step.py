@@ -111,7 +111,7 @@ def main(argv=None):
 
     dtype = apply_step_arguments(a)
     model, opt, x, y = make_setup(a.model, a.batch, device=a.device, dtype=dtype, channels_last=a.channels_last)
-    methods = make_methods(model.input_shape, backend=a.backend, device=a.device)
+    methods = make_methods(model.input_shape, backend=a.backend, device=a.device, default_rng=a.cuda_graph)
     names = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = [n for n in names if n not in methods]
     if unknown:

@@ -231,10 +231,12 @@ def fused_jsigr_eager_penalty(m, x, y, *, generator=None):
 
 
 def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_EPS,
-                 at_alpha: float = AT_ALPHA, device="cpu") -> dict[str, Method]:
+                 at_alpha: float = AT_ALPHA, device="cpu", default_rng: bool = False) -> dict[str, Method]:
     """The timed methods, including the fused backend's when it is built for ``device`` and the
     finite-difference mode. Stateful ones (JARN's adaptor and discriminator, PGD's generator) live
-    in the closures, built on the first batch's device; build a fresh dict per model."""
+    in the closures, built on the first batch's device; build a fresh dict per model. ``default_rng``:
+    the attacks draw from the global generator instead of their own seeded one (a CUDA graph capture
+    takes only the default CUDA generator: --cuda-graph)."""
     from jsigr_fast.attacks import pgd
 
     disc = "cifar" if len(input_shape) == 3 and input_shape[0] == 3 else "mnist"
@@ -243,7 +245,7 @@ def make_methods(input_shape, *, backend: str = "reference", at_eps: float = AT_
                                                                                               dtype=x.dtype))
 
     jarn, jarn_f = _jarn(backend), _jarn("fused")  # own adaptor/discriminator state per timed method
-    gen = _Lazy(lambda x: torch.Generator(device=x.device).manual_seed(0))
+    gen = (lambda x: None) if default_rng else _Lazy(lambda x: torch.Generator(device=x.device).manual_seed(0))
 
     def pgd_at7(m, x, y):
         x_adv = pgd(m, x, y, at_eps, alpha=at_alpha, steps=7, generator=gen(x))

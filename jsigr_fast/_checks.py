@@ -190,10 +190,18 @@ def as_generator(generator, device: torch.device):
     return generator
 
 
+def _no_generator_under_capture(generator, like: torch.Tensor) -> None:
+    if _capturing_on(like.device):
+        raise RuntimeError(f"a loss given its own generator ({generator.device} torch.Generator) cannot be captured "
+                           "in a CUDA graph, which draws from the default CUDA generator only: pass generator=None "
+                           "(seed with torch.manual_seed instead)")
+
+
 def randn(shape, *, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard normal noise on like's device and dtype, drawn from generator's device if one is given."""
     if generator is None:
         return torch.randn(shape, device=like.device, dtype=like.dtype)
+    _no_generator_under_capture(generator, like)
     z = torch.randn(shape, device=generator.device, dtype=like.dtype, generator=generator)
     return z.to(like.device)
 
@@ -202,6 +210,7 @@ def rand(shape, *, like: torch.Tensor, generator: torch.Generator | None) -> tor
     """Uniform [0, 1) noise on like's device and dtype (see :func:`randn`)."""
     if generator is None:
         return torch.rand(shape, device=like.device, dtype=like.dtype)
+    _no_generator_under_capture(generator, like)
     return torch.rand(shape, device=generator.device, dtype=like.dtype, generator=generator).to(like.device)
 
 

@@ -101,6 +101,19 @@ def test_no_host_reads_while_capturing(model_name, name, loss_fn):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
 
 
+def test_own_generator_is_refused_under_capture():
+    # a capture draws from the default CUDA generator only: a loss (or attack) given its own is refused,
+    # naming the fix, rather than failing inside PyTorch or copying CPU draws to the device
+    model = tiny_model("conv_tanh")
+    x, y = _xy("conv_tanh", 3)
+    g = torch.Generator().manual_seed(0)
+    for call in (lambda: jsigr_fast.loss(model, x, y, generator=g),
+                 lambda: jsigr_fast.attacks.pgd(model, x, y, 0.03, generator=g)):
+        with simulated_capture(), pytest.raises(RuntimeError, match="own generator .*pass generator=None"):
+            call()
+    jsigr_fast.loss(model, x, y, generator=g)  # outside a capture: fine
+
+
 def test_eager_loss_reads_back_twice():
     """Outside a capture the fused J-SIGR step checks x (one read) and the labels once, not per forward (a
     model without batch norms: on the CPU those add a read for the grad_y rebuild's range check)."""
