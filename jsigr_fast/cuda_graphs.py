@@ -96,7 +96,8 @@ class GraphedStep:
             raise ValueError(f"x is on {x.device}: CUDA graphs need the model and the batch on a CUDA device "
                              "(call the loss directly elsewhere)")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self._modes = [m.training for m in model.modules()]
+        self._modules = list(model.modules())  # walked once: each call compares their modes
+        self._modes = [m.training for m in self._modules]
         self._hyper = _hyperparameters(optimizer) if optimizer is not None else []
         self._static_x = x.detach().clone()
         self._static_y = y.detach().clone()
@@ -202,7 +203,7 @@ class GraphedStep:
                              "fixed shapes: capture another step for another batch size, or drop the last batch)")
 
     def _check_unchanged(self):
-        modes = [m.training for m in self.model.modules()]
+        modes = [m.training for m in self._modules]
         if modes != self._modes:
             raise RuntimeError("the model's train/eval modes changed since the capture; the graph replays the "
                                "captured ones: call model.train() / model.eval() back, or capture a new step")
@@ -211,7 +212,8 @@ class GraphedStep:
             changed = sorted({k for a, b in zip(now, self._hyper) for k in a if a.get(k) != b.get(k)})
             raise RuntimeError(f"the optimizer's {', '.join(changed) or 'param groups'} changed since the capture; "
                                "the graph replays the captured values: change a tensor lr in place (capturable "
-                               "optimizers take lr=torch.tensor(...)) or capture a new step")
+                               "optimizers take lr=torch.tensor(...)), capture a new step, or graph the loss and "
+                               "backward only (optimizer=None) and step the optimizer eagerly")
 
     def _check_values(self, x, y):
         k = self._num_classes  # None where the model's output was not (N, K) logits: the lower bound only
@@ -288,8 +290,9 @@ def simulated_capture():
     """Run a block as a CUDA graph capture sees it, on any device: the library's losses take their
     capture path (their host-side checks skipped, as under a real capture), and an op that reads a value
     back to the host (``.item()``, ``bool(t)``, ``nonzero``, boolean-mask indexing, ``unique``...) raises
-    capture's error. What it cannot see: copies between host and device (all tensors are on one device
-    here), non-default CUDA streams and generators, ops whose CUDA kernel alone syncs."""
+    capture's error, as does a random draw from a generator of the loss's own or a wind-back of the
+    random state (the library's helpers check). What it cannot see: copies between host and device (all
+    tensors are on one device here), other CUDA streams, ops whose CUDA kernel alone syncs."""
     _checks.SIMULATED_CAPTURE.depth += 1
     try:
         with _RefuseHostReads():
