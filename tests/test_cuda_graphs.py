@@ -138,7 +138,7 @@ def test_label_check_sees_in_place_writes():
         jsigr_fast.loss(model, x, y2)
 
 
-# ---- GraphedStep's plumbing, on the CPU with a stand-in graph ----
+# ---- GraphedStep's plumbing, on the CPU: simulate=True ----
 def test_simulated_capture_refuses_host_reads():
     x = torch.randn(4, 3)
     for read in (lambda: x.sum().item(), lambda: bool(x.sum() > 0), lambda: x.nonzero(), lambda: x[x > 0],
@@ -159,14 +159,19 @@ def _batches(n, name="residual_bn_relu"):
     return [_xy(name, 4, seed=100 + i) for i in range(n)]
 
 
+def _twins(device="cpu"):
+    """A tiny batch-norm model to graph and a copy to train eagerly, each with SGD and momentum."""
+    model = tiny_model("residual_bn_relu").to(device)
+    eager = copy.deepcopy(model)
+    return (model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            eager, torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9))
+
+
 def test_graphed_steps_train_as_eager_steps():
     """The warm-up is undone (parameters, BN statistics, momentum): replays from the example batch on give
     the eager steps' parameters and losses (a deterministic loss, float64)."""
     loss_fn = functools.partial(jsigr_fast.double_backprop, backend="fused")
-    model = tiny_model("residual_bn_relu")
-    eager = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    model, opt, eager, eager_opt = _twins()
     batches = _batches(4)
     step = _graphed(model, opt, loss_fn, *batches[0], warmup=2)
     for x, y in batches:
@@ -184,10 +189,7 @@ def test_graphed_gradients_for_an_eager_optimizer_step():
     """Without an optimizer the graph is the loss and its backward: each call leaves that batch's gradients
     in .grad (fresh, not accumulated; also after zero_grad(set_to_none=True)), the caller steps eagerly."""
     loss_fn = functools.partial(jsigr_fast.double_backprop, backend="fused")
-    model = tiny_model("residual_bn_relu")
-    eager = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    model, opt, eager, eager_opt = _twins()
     batches = _batches(3)
     step = _graphed(model, None, loss_fn, *batches[0])
     assert all(p.grad is None for p in model.parameters())  # the warm-up's gradients are not left behind
@@ -304,10 +306,7 @@ def test_cuda_graph_steps_match_eager(backend, captured_optimizer):
     """float64 on the GPU: graphed double-backprop steps give the eager steps' losses and parameters (the
     optimizer step inside the graph, or run eagerly on the graph's gradients)."""
     loss_fn = functools.partial(jsigr_fast.double_backprop, backend=backend)
-    model = tiny_model("residual_bn_relu").cuda()
-    eager = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    model, opt, eager, eager_opt = _twins("cuda")
     batches = [(x.cuda(), y.cuda()) for x, y in _batches(3)]
     step = jsigr_fast.graphed_step(model, opt if captured_optimizer else None, loss_fn, *batches[0])
     for x, y in batches:
