@@ -181,13 +181,13 @@ def _graph_loss(r):
 def _graphed_batch(r, x, y, t0, record):
     """train_batch through the method's CUDA graph (captured at its first batch, untimed then); None when
     the method cannot be captured (it then runs eagerly: graph_error says why)."""
-    from jsigr_fast.cuda_graphs import GraphedStep
+    from jsigr_fast.cuda_graphs import CaptureError, GraphedStep
 
     if r["graph"] is None:
         try:
             r["graph"] = GraphedStep(r["model"], r["opt"], _graph_loss(r), x, y, _graph_factory=GRAPH_FACTORY)
-        except RuntimeError as e:
-            r["graph_error"] = str(e).split(". A capturable step")[0]
+        except CaptureError as e:
+            r["graph_error"] = e.reason
             print(f"  {r['method'].label}: {r['graph_error']}; runs eagerly", flush=True)
             return None
         record = False  # the capture's warm-up steps are in this batch's time
@@ -307,7 +307,7 @@ def format_markdown(a, cond, results, targets, info) -> str:
         f"{a.warmup} warm-up batch(es), then {a.rounds} round(s) x {info['timed_batches_per_round']} timed batch(es), "
         "round-robin; a batch's time includes loading it"
         + ("; **each step replays a CUDA graph** (jsigr_fast.graphed_step: the batch checked, copied in, one "
-           "launch; captured at the method's first batch, untimed)" if getattr(a, "cuda_graph", False) else "")
+           "launch; captured at the method's first batch, untimed)" if a.cuda_graph else "")
         + ". Load average (1 min) before / after: "
         f"{cond['loadavg_before'][0]:.1f} / {cond['loadavg_after'][0]:.1f}"
         + (f" — **the machine was busy** (more runnable threads than the {cond['threads']} used here): "

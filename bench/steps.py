@@ -422,15 +422,15 @@ def time_graphed_steps(model, opt, loss_fn, x, y, *, repeats=5, device="cpu", _g
     """:func:`time_steps` for the step captured as a CUDA graph (jsigr_fast.graphed_step): its warm-up and
     capture are not timed; each timed call copies the batch in, checks it (one host read) and replays.
     A step that cannot be captured gives ``{"error": message}`` instead of stopping the benchmark."""
-    from jsigr_fast.cuda_graphs import GraphedStep
+    from jsigr_fast.cuda_graphs import CaptureError, GraphedStep
 
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
         step = GraphedStep(model, opt, loss_fn, x, y, _graph_factory=_graph_factory)
-    except RuntimeError as e:
-        return {"error": str(e).split(". A capturable step")[0]}
+    except CaptureError as e:
+        return {"error": e.reason}
     step(x, y)
     sync(device)
     times = []

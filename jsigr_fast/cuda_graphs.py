@@ -45,7 +45,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _checks
 
-__all__ = ["GraphedStep", "graphed_step", "simulated_capture", "SimulatedGraph"]
+__all__ = ["GraphedStep", "graphed_step", "simulated_capture", "SimulatedGraph", "CaptureError"]
+
+
+class CaptureError(RuntimeError):
+    """The step could not be captured; ``reason`` is the underlying error, in one line."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(
+            f"{reason}. A capturable step reads nothing back to the host while it runs: no .item(), bool(tensor) "
+            "or printing of tensors, no GradScaler, Adam/AdamW with capturable=True, the default CUDA generator; "
+            "jsigr_fast's losses skip their host-side checks while capturing")
 
 
 def graphed_step(model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -164,11 +175,7 @@ class GraphedStep:
                 graph = graph_factory()
                 self._outputs = graph.capture(self._run)
         except Exception as e:
-            raise RuntimeError(
-                f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}). A capturable step "
-                "reads nothing back to the host while it runs: no .item(), bool(tensor) or printing of tensors, "
-                "no GradScaler, Adam/AdamW with capturable=True, the default CUDA generator; jsigr_fast's losses "
-                "skip their host-side checks while capturing") from e
+            raise CaptureError(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {e})") from e
         return graph
 
     def _record_classes(self, module, args, out):
